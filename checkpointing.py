@@ -1,0 +1,199 @@
+"""Resumable checkpoints that survive preemption: written atomically, found again with `--resume`.
+
+Layout inside `--save-model-dir`:
+  .finetune_run.json            marks the folder as ours (we never touch a folder without it, unless empty)
+  metrics.jsonl                 one row per logged step
+  checkpoints/step-00000040/    complete checkpoints only: PyTorch distributed checkpoint (each rank writes
+                                its shard of model and optimiser), trainer_state.json, rng_rank<r>.pt
+  checkpoints/step-00000050.partial/   a checkpoint being written; ignored on resume
+
+A checkpoint becomes visible by one rename, after every rank has finished writing, so a job killed in the
+middle of a save leaves the previous checkpoint as the newest complete one.
+"""
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import threading
+
+import numpy as np
+import torch
+
+RUN_MARKER = ".finetune_run.json"
+CHECKPOINT_PATTERN = re.compile(r"^step-(\d{8})$")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The run folder
+# ----------------------------------------------------------------------------------------------------------
+
+def list_checkpoints(save_dir):
+    """Complete checkpoints, oldest first."""
+    root = os.path.join(save_dir, "checkpoints")
+    if not os.path.isdir(root):
+        return []
+    found = [(int(m.group(1)), os.path.join(root, name))
+             for name in os.listdir(root) if (m := CHECKPOINT_PATTERN.match(name))]
+    return [path for _, path in sorted(found)]
+
+
+def check_save_dir(save_dir, resume, overwrite):
+    """Refuse a folder that is unsafe to write into; returns the checkpoint to resume from (or None).
+
+    Every rank calls this before anything is written, so all of them reach the same verdict.
+    """
+    if os.path.exists(save_dir) and not os.path.isdir(save_dir):
+        raise SystemExit(f"error: --save-model-dir {save_dir!r} exists and is not a folder")
+    ours = os.path.isfile(os.path.join(save_dir, RUN_MARKER))
+    if os.path.isdir(save_dir) and os.listdir(save_dir) and not ours:
+        raise SystemExit(f"error: --save-model-dir {save_dir!r} holds files this script did not write; "
+                         f"choose an empty or new folder")
+    checkpoints = list_checkpoints(save_dir) if ours else []
+    if resume:
+        if not checkpoints:
+            raise SystemExit(f"error: --resume: no complete checkpoint in {save_dir!r}")
+        return checkpoints[-1]
+    if checkpoints and not overwrite:
+        raise SystemExit(f"error: {save_dir!r} holds checkpoints of an earlier run; pass --resume to continue "
+                         f"it or --overwrite to start over")
+    return None
+
+
+def start_run_dir(save_dir, script_name):
+    """Mark `save_dir` as ours and start a fresh run in it (rank 0 only). Removes only files we wrote."""
+    shutil.rmtree(os.path.join(save_dir, "checkpoints"), ignore_errors=True)
+    os.makedirs(save_dir, exist_ok=True)
+    with open(os.path.join(save_dir, RUN_MARKER), "w") as f:
+        json.dump({"written_by": script_name}, f)
+    open(os.path.join(save_dir, "metrics.jsonl"), "w").close()
+
+
+def truncate_metrics(save_dir, last_step):
+    """Drop metric rows logged after `last_step` (by a run that died before its next checkpoint)."""
+    path = os.path.join(save_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        rows = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(rows)
+    os.replace(path + ".tmp", path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Save and load
+# ----------------------------------------------------------------------------------------------------------
+
+def _rng_state():
+    numpy_state = np.random.get_state()
+    return {
+        "python": list(random.getstate()[1]), "python_pos": random.getstate()[2],
+        "numpy": torch.from_numpy(numpy_state[1].astype(np.int64)), "numpy_pos": int(numpy_state[2]),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def _set_rng_state(state):
+    random.setstate((3, tuple(state["python"]), state["python_pos"]))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def model_fingerprint(model):
+    """Parameter names and full shapes: enough to tell a checkpoint of another model apart."""
+    config = model.config
+    return {"model_type": config.model_type, "vocab_size": config.vocab_size,
+            "hidden_size": config.hidden_size, "num_hidden_layers": config.num_hidden_layers,
+            "num_parameters": sum(int(np.prod(p.shape)) for p in model.parameters())}
+
+
+def save_checkpoint(save_dir, step, model, optimizer, scheduler, trainer_state, backend, keep_last):
+    """Write a resumable checkpoint for `step` (every rank calls this), then prune old ones."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    root = os.path.join(save_dir, "checkpoints")
+    final = os.path.join(root, f"step-{step:08d}")
+    partial = final + ".partial"
+    try:
+        if backend.is_main:
+            shutil.rmtree(partial, ignore_errors=True)  # left by a run killed while saving
+            os.makedirs(partial)
+        backend.barrier()
+        model_state, optim_state = get_state_dict(model, optimizer)
+        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=partial)
+        torch.save(_rng_state(), os.path.join(partial, f"rng_rank{backend.rank}.pt"))
+        backend.barrier()
+        if backend.is_main:
+            state = dict(trainer_state, step=step, world_size=backend.world_size,
+                         model=model_fingerprint(model), scheduler=scheduler.state_dict())
+            with open(os.path.join(partial, "trainer_state.json"), "w") as f:
+                json.dump(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.rename(partial, final)
+            for old in list_checkpoints(save_dir)[:-keep_last] if keep_last > 0 else []:
+                shutil.rmtree(old, ignore_errors=True)
+        backend.barrier()
+    except OSError as exc:
+        previous = [c for c in list_checkpoints(save_dir) if c != final]
+        kept = f"the previous checkpoint {previous[-1]!r} is intact" if previous else "no earlier checkpoint exists"
+        raise SystemExit(f"error: could not write the checkpoint for step {step} ({exc.strerror or exc}); {kept}")
+    return final
+
+
+def load_checkpoint(path, model, optimizer, scheduler, backend):
+    """Restore model, optimiser, schedule and RNG from `path`; returns its trainer state."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    try:
+        with open(os.path.join(path, "trainer_state.json")) as f:
+            state = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"error: checkpoint {path!r} is unreadable ({exc.__class__.__name__}); nothing was deleted")
+    if state.get("model") != model_fingerprint(model):
+        raise SystemExit(f"error: checkpoint {path!r} was written for another model "
+                         f"({state.get('model')}); nothing was deleted")
+    model_state, optim_state = get_state_dict(model, optimizer)
+    try:
+        dcp.load({"model": model_state, "optimizer": optim_state}, checkpoint_id=path)
+    except Exception as exc:  # DCP wraps storage and format errors in several exception types
+        raise SystemExit(f"error: checkpoint {path!r} is corrupt or incomplete ({exc.__class__.__name__}); "
+                         f"nothing was deleted")
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
+    scheduler.load_state_dict(state["scheduler"])
+    rng_file = os.path.join(path, f"rng_rank{backend.rank}.pt")
+    if os.path.isfile(rng_file):  # absent when resuming on more ranks than wrote the checkpoint
+        _set_rng_state(torch.load(rng_file, weights_only=True))
+    return state
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Preemption
+# ----------------------------------------------------------------------------------------------------------
+
+class StopRequest:
+    """Set by SIGTERM/SIGINT (what schedulers send before a kill); the loop checks it after each step."""
+
+    def __init__(self):
+        self.event = threading.Event()
+        self.signal_name = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.event.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        self.signal_name = signal.Signals(signum).name
+        self.event.set()
+
+    def requested(self):
+        return self.event.is_set()

@@ -1,0 +1,213 @@
+"""Data helpers shared by the training scripts: load a prepared dataset, plan batches, build masks and labels.
+
+A prepared dataset (see prepare_dataset.py) holds one tokenised example per row: `input_ids`, and `labels`
+with -100 where no loss is taken. Everything here works from each example's true length, never from a pad
+id, so a real token that happens to share the pad id is never masked.
+
+Batching modes (one optimiser step = `batch_size` rows of at most `block_size` tokens):
+  packed       several examples per row (best-fit bin packing); attention never crosses examples.
+  longest      one example per row, each micro-batch padded to its longest row.
+  block        one example per row, padded to `block_size` (the tutorial's batching).
+"""
+import bisect
+import math
+import os
+
+import numpy as np
+import torch
+
+IGNORE_INDEX = -100
+BATCHING_MODES = ("packed", "longest", "block")
+
+
+def load_prepared_dataset(path):
+    """The DatasetDict written by prepare_dataset.py, with a one-line error for anything else."""
+    from datasets import load_from_disk
+
+    if not os.path.isdir(path):
+        raise SystemExit(f"error: dataset folder {path!r} not found; run prepare_dataset.py first")
+    try:
+        dataset = load_from_disk(path)
+    except Exception as exc:  # datasets raises several types for a folder it cannot read
+        raise SystemExit(f"error: {path!r} is not a prepare_dataset.py output folder ({exc.__class__.__name__})")
+    if not hasattr(dataset, "keys") or "train" not in dataset:
+        raise SystemExit(f"error: {path!r} has no 'train' split; run prepare_dataset.py to make one")
+    for name in dataset:
+        missing = {"input_ids", "labels"} - set(dataset[name].column_names)
+        if missing:
+            raise SystemExit(f"error: split {name!r} of {path!r} lacks column(s) {sorted(missing)}")
+    return dataset
+
+
+class TokenTable:
+    """All examples of one split as flat int arrays plus offsets: fast to slice from data-loader workers."""
+
+    def __init__(self, split):
+        table = split.with_format("arrow")[:] if len(split) else None
+        if table is None:
+            raise SystemExit("error: the dataset split is empty")
+        ids = table.column("input_ids").combine_chunks()
+        labels = table.column("labels").combine_chunks()
+        self.offsets = ids.offsets.to_numpy().astype(np.int64)
+        self.input_ids = ids.values.to_numpy().astype(np.int64)
+        self.labels = labels.values.to_numpy().astype(np.int64)
+        if not np.array_equal(self.offsets, labels.offsets.to_numpy()):
+            raise SystemExit("error: input_ids and labels differ in length in some example")
+        self.lengths = np.diff(self.offsets)
+        if (self.lengths == 0).any():
+            raise SystemExit("error: the dataset has empty examples")
+        # Targets an example contributes: its first label is never predicted (nothing precedes it in the row).
+        has_target = self.labels != IGNORE_INDEX
+        has_target[self.offsets[:-1]] = False
+        self.num_targets = np.add.reduceat(has_target, self.offsets[:-1]).astype(np.int64)
+
+    def __len__(self):
+        return len(self.lengths)
+
+    def example(self, index):
+        start, end = self.offsets[index], self.offsets[index + 1]
+        return self.input_ids[start:end], self.labels[start:end]
+
+
+def pack_examples(lengths, block_size, order):
+    """Best-fit packing of examples (taken in `order`) into rows of at most `block_size` tokens.
+
+    Returns a list of rows, each a list of example indices. Deterministic for a given order.
+    """
+    rows = []
+    open_rows = []  # sorted (space_left, row_index): the tightest row that still fits is a bisect away
+    smallest = int(lengths.min())
+    for index in order:
+        length = int(lengths[index])
+        at = bisect.bisect_left(open_rows, (length, -1))
+        if at < len(open_rows):
+            space, row = open_rows.pop(at)
+        else:
+            space, row = block_size, len(rows)
+            rows.append([])
+        rows[row].append(int(index))
+        space -= length
+        if space >= smallest:  # rows that can take nothing more are closed for good
+            bisect.insort(open_rows, (space, row))
+    return rows
+
+
+def plan_epoch(lengths, batch_size, block_size, batching, seed, epoch):
+    """The rows of every optimiser step of one epoch: a list of steps, each `batch_size` rows of example indices.
+
+    Same seed and epoch give the same plan on every process, which is what lets ranks split a global batch
+    without talking to each other and lets a resumed run replay the exact order.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(lengths))
+    if batching == "packed":
+        rows = pack_examples(lengths, block_size, order)
+        rows = [rows[i] for i in rng.permutation(len(rows))]  # mix long and short rows across steps
+    else:
+        rows = [[int(i)] for i in order]
+    num_steps = len(rows) // batch_size  # drop_last, as in the tutorial
+    return [rows[s * batch_size:(s + 1) * batch_size] for s in range(num_steps)]
+
+
+def rank_micro_batches(step_rows, rank, world_size, micro_batch_size):
+    """This rank's share of one global batch, cut into micro-batches (lists of rows)."""
+    per_rank = len(step_rows) // world_size
+    mine = step_rows[rank * per_rank:(rank + 1) * per_rank]
+    return [mine[i:i + micro_batch_size] for i in range(0, per_rank, micro_batch_size)]
+
+
+def collate_rows(table, rows, pad_id, pad_to=None):
+    """Tensors for a micro-batch of rows; each row is a list of example indices laid end to end.
+
+    Returns input_ids, labels, position_ids (restarting at 0 for every example, and for the padding tail) and
+    segment_ids (1, 2, ... per example in the row, 0 on padding), plus plain-int counts for logging.
+    """
+    row_lengths = [int(sum(table.lengths[i] for i in row)) for row in rows]
+    width = pad_to or max(row_lengths)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    segment_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    attended_pairs = 0
+    for r, row in enumerate(rows):
+        start = 0
+        for segment, index in enumerate(row, start=1):
+            ids, labs = table.example(index)
+            end = start + len(ids)
+            input_ids[r, start:end] = torch.from_numpy(ids)
+            labels[r, start:end] = torch.from_numpy(labs)
+            # The first token of an example would be "predicted" from the previous example's last token.
+            labels[r, start] = IGNORE_INDEX
+            position_ids[r, start:end] = torch.arange(len(ids))
+            segment_ids[r, start:end] = segment
+            attended_pairs += len(ids) * (len(ids) + 1) // 2
+            start = end
+        position_ids[r, start:] = torch.arange(width - start)
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "position_ids": position_ids,
+        "segment_ids": segment_ids,
+        "num_tokens": sum(row_lengths),
+        "num_targets": int((labels[:, 1:] != IGNORE_INDEX).sum()),
+        "attended_pairs": attended_pairs,
+    }
+
+
+class StepDataset(torch.utils.data.Dataset):
+    """Item s = this rank's micro-batches for optimiser step s of an epoch plan (built in loader workers)."""
+
+    def __init__(self, table, plan, rank, world_size, micro_batch_size, pad_id, pad_to):
+        self.table, self.plan = table, plan
+        self.rank, self.world_size, self.micro_batch_size = rank, world_size, micro_batch_size
+        self.pad_id, self.pad_to = pad_id, pad_to
+
+    def __len__(self):
+        return len(self.plan)
+
+    def __getitem__(self, step):
+        rows = self.plan[step]
+        micro_batches = [
+            collate_rows(self.table, micro, self.pad_id, self.pad_to)
+            for micro in rank_micro_batches(rows, self.rank, self.world_size, self.micro_batch_size)
+        ]
+        # Whole-step counts over all ranks, computed from the plan alone so no process has to ask another.
+        examples = [i for row in rows for i in row]
+        step_info = {
+            "step_tokens": int(self.table.lengths[examples].sum()),
+            "step_targets": int(self.table.num_targets[examples].sum()),
+        }
+        return micro_batches, step_info
+
+
+def make_step_loader(table, plan, rank, world_size, micro_batch_size, pad_id, pad_to, start_step=0, workers=1,
+                     pin_memory=False):
+    """A DataLoader over the steps of one epoch plan, starting at `start_step` (for exact resume)."""
+    dataset = StepDataset(table, plan, rank, world_size, micro_batch_size, pad_id, pad_to)
+    steps = list(range(start_step, len(plan)))
+    return torch.utils.data.DataLoader(
+        dataset,
+        sampler=steps,
+        batch_size=None,  # each item is already a full step
+        num_workers=workers,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+        prefetch_factor=4 if workers else None,
+    )
+
+
+def lr_lambda(total_steps, warmup_ratio, min_lr_ratio):
+    """Linear warmup, then cosine decay to `min_lr_ratio` of the peak."""
+    warmup = max(1, int(total_steps * warmup_ratio))
+
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+def move_to(batch, device):
+    """Tensors of a micro-batch on `device` (non-blocking from pinned memory); plain ints stay as they are."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}

@@ -1,0 +1,92 @@
+"""Test setup: import the top-level scripts from the repo root and never touch the network."""
+import os
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import subprocess
+
+import pytest
+
+PYTHON = sys.executable
+
+
+def run_script(*args, cwd=None, timeout=300, env=None):
+    """Run a repo script (or `torchrun ...`) in a fresh process; returns the CompletedProcess."""
+    full_env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", **(env or {}))
+    return subprocess.run(list(args), cwd=cwd or REPO_ROOT, env=full_env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def torchrun(nproc, script, *args, **kwargs):
+    return run_script(PYTHON, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                      str(script), *args, **kwargs)
+
+
+def assert_one_line_error(result):
+    """A bad input must end with one `error: ...` line on stderr, a non-zero exit and no traceback."""
+    assert result.returncode != 0, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: "), result.stderr
+    return last
+
+
+def _word_tokenizer(vocab_size):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(vocab_size)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="w0", bos_token="w1", eos_token="w2")
+
+
+def make_random_dataset(folder, num_train=96, num_valid=12, vocab_size=128, min_len=8, max_len=60, seed=0):
+    """A prepared dataset of random token examples: BOS + tokens + EOS, loss on the tail."""
+    import numpy as np
+    from datasets import Dataset, DatasetDict
+
+    rng = np.random.default_rng(seed)
+
+    def examples(n):
+        ids, labels = [], []
+        for _ in range(n):
+            length = int(rng.integers(min_len, max_len))
+            prompt = int(rng.integers(2, length - 2))
+            tokens = [1] + rng.integers(3, vocab_size, length - 2).tolist() + [2]
+            ids.append(tokens)
+            labels.append([-100] * prompt + tokens[prompt:])
+        return Dataset.from_dict({"input_ids": ids, "labels": labels})
+
+    DatasetDict(train=examples(num_train), validation=examples(num_valid)).save_to_disk(str(folder))
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """Tiny Llama and Baichuan folders (word-level tokenizer) and a prepared random dataset."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import modeling_baichuan
+
+    root = tmp_path_factory.mktemp("tiny")
+    tokenizer = _word_tokenizer(128)
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512))
+    llama.save_pretrained(root / "llama")
+    tokenizer.save_pretrained(root / "llama")
+    torch.manual_seed(0)
+    baichuan = modeling_baichuan.BaichuanForCausalLM(modeling_baichuan.BaichuanConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        model_max_length=512))
+    baichuan.save_pretrained(root / "baichuan")
+    tokenizer.save_pretrained(root / "baichuan")
+    return {"llama": str(root / "llama"), "baichuan": str(root / "baichuan"),
+            "data": make_random_dataset(root / "data"), "root": root}

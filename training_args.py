@@ -1,0 +1,75 @@
+"""Command-line flags shared by the training scripts (names follow the project's CLI contract)."""
+import argparse
+import math
+
+from finetune_utils import BATCHING_MODES
+
+
+def parse_training_args(description, defaults, demo_defaults, argv=None):
+    """Parse the flags of a training script; `defaults` hold the tutorial's values, `demo_defaults` those of
+    --demo. A flag the user gives always wins over both."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-name-or-path", help=f"hub id or local folder (default {defaults['model']})")
+    p.add_argument("--dataset-name-or-path", help=f"a prepare_dataset.py output folder (default {defaults['dataset']})")
+    p.add_argument("--epochs", type=int, help=f"passes over the data (default {defaults['epochs']})")
+    p.add_argument("--batch-size", type=int,
+                   help=f"rows of --block-size tokens per optimiser step, across all processes (default {defaults['batch_size']})")
+    p.add_argument("--block-size", type=int, default=1024, help="tokens per row (default 1024)")
+    p.add_argument("--lr", type=float, help=f"peak learning rate (default {defaults['lr']})")
+    p.add_argument("--log-interval", type=int, help=f"steps between log lines (default {defaults['log_interval']})")
+    p.add_argument("--save-model-dir", help=f"output folder: final model, tokenizer, metrics, checkpoints "
+                                            f"(default {defaults['save_dir']})")
+    p.add_argument("--seed", type=int, default=0, help="all randomness, data order included (default 0)")
+    p.add_argument("--max-steps", type=int, help="stop after this many optimiser steps (overrides --epochs)")
+    p.add_argument("--save-every", type=int, help="steps between resumable checkpoints (default: none; a stop "
+                                                   "signal still writes one)")
+    p.add_argument("--keep-last", type=int, default=2, help="resumable checkpoints to keep (default 2)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --save-model-dir")
+    p.add_argument("--overwrite", action="store_true", help="start over in a --save-model-dir that holds an earlier "
+                                                             "run's checkpoints (deletes only files this script wrote)")
+    p.add_argument("--batching", choices=BATCHING_MODES, default="packed",
+                   help="packed: several examples per row, no attention across them (default); longest: one example "
+                        "per row padded to the longest in its micro-batch; block: one per row padded to --block-size")
+    p.add_argument("--pad-to-block-size", action="store_true", help="the tutorial's batching (same as --batching block)")
+    p.add_argument("--micro-batch-size", type=int, help="rows per forward pass on each process (default: chosen "
+                                                         "automatically; the rest is gradient accumulation)")
+    p.add_argument("--eval-every", type=int, help="steps between validation passes (also at the end of each epoch)")
+    p.add_argument("--warmup-ratio", type=float, default=0.03, help="fraction of steps of linear warmup (default 0.03)")
+    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine decay ends at this fraction of --lr (default 0.1)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm (default 1.0)")
+    p.add_argument("--skip-nonfinite", type=int, default=0,
+                   help="steps with a non-finite loss or gradient to skip before stopping (default 0)")
+    p.add_argument("--mixed-precision", choices=("auto", "bf16", "no"), default="auto",
+                   help="auto: bf16 compute on GPUs, fp32 on CPU; master weights are always fp32")
+    p.add_argument("--activation-checkpointing", choices=("auto", "on", "off"), default="auto",
+                   help="recompute activations in backward to save memory (auto: when the plan needs it)")
+    p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
+    p.add_argument("--num-workers", type=int, default=1, help="data-loader worker processes (default 1)")
+    p.add_argument("--peak-tflops", type=float, help="device peak TFLOP/s for MFU (default: table for GPUs, measured on CPU)")
+    p.add_argument("--plan-only", action="store_true", help="print the parallel plan for --num-devices and exit "
+                                                             "without loading weights")
+    p.add_argument("--num-devices", type=int, help="devices for --plan-only (default: this job's world size)")
+    p.add_argument("--device-memory-gb", type=float, default=80.0, help="device memory for --plan-only (default 80)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the checkpoint folder")
+    p.add_argument("--demo", action="store_true", help="embedded tiny model, tokenizer and prepared sample data; "
+                                                        "offline, CPU-friendly")
+    args = p.parse_args(argv)
+
+    defaults = dict(defaults, **demo_defaults) if args.demo else dict(defaults, eval_every=None)
+    for name, key in [("epochs", "epochs"), ("batch_size", "batch_size"), ("lr", "lr"),
+                      ("log_interval", "log_interval"), ("save_model_dir", "save_dir"), ("eval_every", "eval_every")]:
+        if getattr(args, name) is None:
+            setattr(args, name, defaults[key])
+    if args.pad_to_block_size:
+        args.batching = "block"
+    for name in ("epochs", "batch_size", "block_size", "log_interval", "keep_last", "max_steps", "save_every",
+                 "micro_batch_size", "eval_every", "num_devices"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be positive (got {value})")
+    if args.lr <= 0 or not math.isfinite(args.lr):
+        raise SystemExit(f"error: --lr must be a positive number (got {args.lr})")
+    if args.num_workers < 0 or args.skip_nonfinite < 0:
+        raise SystemExit("error: --num-workers and --skip-nonfinite cannot be negative")
+    return args
