@@ -172,9 +172,10 @@ def load_model(backend, model_class, model_path, gradient_checkpointing=False, c
         fully_shard(layer, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
     # Gradients are summed over ranks, not averaged: the loss is already normalised by the global token count.
-    # (force_sum keeps the reduction a plain SUM, which gloo supports, instead of a pre-multiplied sum.)
-    model.set_gradient_divide_factor(1.0)
-    model.set_force_sum_reduction_for_comms(True)
+    # Each FSDP unit keeps its own setting; force_sum keeps the reduction a plain SUM, which gloo supports.
+    for unit in [*layers, model]:
+        unit.set_gradient_divide_factor(1.0)
+        unit.set_force_sum_reduction_for_comms(True)
 
     model.to_empty(device=backend.device)
     set_model_state_dict(model, full_state,

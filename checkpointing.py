@@ -39,7 +39,7 @@ def list_checkpoints(save_dir):
     return [path for _, path in sorted(found)]
 
 
-def check_save_dir(save_dir, resume, overwrite):
+def check_save_dir(save_dir, resume, overwrite, resume_if_possible=False):
     """Refuse a folder that is unsafe to write into; returns the checkpoint to resume from (or None).
 
     Every rank calls this before anything is written, so all of them reach the same verdict.
@@ -51,6 +51,8 @@ def check_save_dir(save_dir, resume, overwrite):
         raise SystemExit(f"error: --save-model-dir {save_dir!r} holds files this script did not write; "
                          f"choose an empty or new folder")
     checkpoints = list_checkpoints(save_dir) if ours else []
+    if resume_if_possible and checkpoints:
+        return checkpoints[-1]
     if resume:
         if not checkpoints:
             raise SystemExit(f"error: --resume: no complete checkpoint in {save_dir!r}")
@@ -165,7 +167,8 @@ def load_checkpoint(path, model, optimizer, scheduler, backend):
     model_state, optim_state = get_state_dict(model, optimizer)
     try:
         dcp.load({"model": model_state, "optimizer": optim_state}, checkpoint_id=path)
-    except Exception as exc:  # DCP wraps storage and format errors in several exception types
+    # DCP wraps storage and format errors in several exception types; its CheckpointException is a BaseException.
+    except (Exception, dcp.api.CheckpointException) as exc:
         raise SystemExit(f"error: checkpoint {path!r} is corrupt or incomplete ({exc.__class__.__name__}); "
                          f"nothing was deleted")
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)

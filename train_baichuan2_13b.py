@@ -65,7 +65,8 @@ def main(argv=None):
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    resume_from = checkpointing.check_save_dir(args.save_model_dir, args.resume, args.overwrite)
+    resume_from = checkpointing.check_save_dir(args.save_model_dir, args.resume, args.overwrite,
+                                                 args.resume_if_possible)
 
     # ---- data -------------------------------------------------------------------------------------------
     try:

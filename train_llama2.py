@@ -61,7 +61,8 @@ def main(argv=None):
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    resume_from = checkpointing.check_save_dir(args.save_model_dir, args.resume, args.overwrite)
+    resume_from = checkpointing.check_save_dir(args.save_model_dir, args.resume, args.overwrite,
+                                                 args.resume_if_possible)
 
     # ---- data -------------------------------------------------------------------------------------------
     try:
@@ -179,7 +180,8 @@ def main(argv=None):
                 micro = fu.move_to(micro, device)
                 with backend.autocast():
                     # No attention_mask: position ids that restart at 0 mark where each packed example begins,
-                    # and transformers builds the block-diagonal causal mask from them.
+                    # and transformers builds the block-diagonal causal mask from them (only without a cache,
+                    # hence use_cache=False).
                     outputs = model(
                         input_ids=micro["input_ids"],
                         position_ids=micro["position_ids"],

@@ -25,6 +25,8 @@ def parse_training_args(description, defaults, demo_defaults, argv=None):
                                                    "signal still writes one)")
     p.add_argument("--keep-last", type=int, default=2, help="resumable checkpoints to keep (default 2)")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --save-model-dir")
+    p.add_argument("--resume-if-possible", action="store_true",
+                   help="like --resume, but start fresh when there is no checkpoint yet (for requeued jobs)")
     p.add_argument("--overwrite", action="store_true", help="start over in a --save-model-dir that holds an earlier "
                                                              "run's checkpoints (deletes only files this script wrote)")
     p.add_argument("--batching", choices=BATCHING_MODES, default="packed",

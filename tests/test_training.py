@@ -1,0 +1,279 @@
+"""The training scripts end to end: batching, masks, loss normalisation, parallel equivalence, demo, reload."""
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from conftest import PYTHON, REPO_ROOT, run_script, torchrun
+from safetensors.torch import load_file
+
+import backend
+import finetune_utils as fu
+
+TRAIN = {"llama": REPO_ROOT / "train_llama2.py", "baichuan": REPO_ROOT / "train_baichuan2_13b.py"}
+
+
+def read_metrics(folder):
+    with open(f"{folder}/metrics.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Batching and masks
+# ---------------------------------------------------------------------------------------------------------
+
+def test_packing_fills_rows_without_losing_or_repeating_examples():
+    lengths = np.random.default_rng(0).integers(5, 300, 500)
+    rows = fu.pack_examples(lengths, 512, np.random.default_rng(1).permutation(500))
+    flat = sorted(i for row in rows for i in row)
+    assert flat == list(range(500))
+    assert all(sum(lengths[i] for i in row) <= 512 for row in rows)
+    # Best-fit keeps rows nearly full: within 10% of the ideal row count.
+    assert len(rows) <= 1.1 * lengths.sum() / 512 + 1
+    again = fu.pack_examples(lengths, 512, np.random.default_rng(1).permutation(500))
+    assert again == rows
+
+
+def test_plan_is_deterministic_per_seed_and_epoch_and_drops_the_last_partial_batch():
+    lengths = np.random.default_rng(0).integers(5, 100, 103)
+    one_per_row = fu.plan_epoch(lengths, 10, 128, "block", seed=3, epoch=0)
+    assert len(one_per_row) == 10 and all(len(step) == 10 for step in one_per_row)
+    assert one_per_row == fu.plan_epoch(lengths, 10, 128, "block", seed=3, epoch=0)
+    assert one_per_row != fu.plan_epoch(lengths, 10, 128, "block", seed=3, epoch=1)
+    assert one_per_row != fu.plan_epoch(lengths, 10, 128, "block", seed=4, epoch=0)
+    packed = fu.plan_epoch(lengths, 4, 128, "packed", seed=3, epoch=0)
+    assert len(packed) < len(fu.plan_epoch(lengths, 4, 128, "block", seed=3, epoch=0)) / 2
+
+
+def test_ranks_take_disjoint_shares_of_each_global_batch():
+    rows = [[i] for i in range(8)]
+    shares = [fu.rank_micro_batches(rows, r, 2, 2) for r in range(2)]
+    assert shares[0] == [[[0], [1]], [[2], [3]]] and shares[1] == [[[4], [5]], [[6], [7]]]
+
+
+class _Table:
+    """A TokenTable stand-in holding given examples."""
+
+    def __init__(self, examples):
+        self.examples = examples
+        self.lengths = np.array([len(ids) for ids, _ in examples])
+
+    def example(self, index):
+        ids, labels = self.examples[index]
+        return np.array(ids), np.array(labels)
+
+
+def test_collate_marks_examples_and_padding_from_true_lengths():
+    pad_id = 0
+    # The second example contains token 0, which equals the pad id: it must stay a real, trained token.
+    table = _Table([([1, 5, 6, 2], [-100, -100, 6, 2]), ([1, 0, 7, 2], [-100, 0, 7, 2])])
+    batch = fu.collate_rows(table, [[0, 1]], pad_id, pad_to=10)
+    assert batch["input_ids"].tolist() == [[1, 5, 6, 2, 1, 0, 7, 2, 0, 0]]
+    assert batch["segment_ids"].tolist() == [[1, 1, 1, 1, 2, 2, 2, 2, 0, 0]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 2, 3, 0, 1]]
+    # The first token of each example is never a target (it would be predicted from the previous example).
+    assert batch["labels"].tolist() == [[-100, -100, 6, 2, -100, 0, 7, 2, -100, -100]]
+    assert batch["num_tokens"] == 8 and batch["num_targets"] == 5
+    assert batch["attended_pairs"] == 2 * (4 * 5 // 2)
+    longest = fu.collate_rows(table, [[0], [1]], pad_id)
+    assert longest["input_ids"].shape == (2, 4)
+
+
+def test_token_table_counts_targets_after_the_first_token(tiny_run):
+    dataset = fu.load_prepared_dataset(tiny_run["data"])
+    table = fu.TokenTable(dataset["train"])
+    row = dataset["train"][0]
+    assert table.lengths[0] == len(row["input_ids"])
+    assert table.num_targets[0] == sum(1 for label in row["labels"][1:] if label != -100)
+
+
+def _packed_vs_separate_losses(model, examples, packed_kwargs):
+    table = _Table(examples)
+    packed = fu.collate_rows(table, [list(range(len(examples)))], pad_id=0, pad_to=64)
+    total = packed["num_targets"]
+    with torch.no_grad():
+        loss_packed = model(input_ids=packed["input_ids"], labels=packed["labels"], num_items_in_batch=total,
+                            use_cache=False, **packed_kwargs(packed)).loss
+        summed = 0.0
+        for ids, labels in examples:
+            out = model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels]), num_items_in_batch=1)
+            summed += out.loss.item()
+    return loss_packed.item(), summed / total
+
+
+@pytest.mark.parametrize("kind", ["llama", "baichuan"])
+def test_packed_row_loss_equals_token_weighted_loss_of_examples_run_one_by_one(tiny_run, kind):
+    from transformers import AutoModelForCausalLM
+
+    import modeling_baichuan  # noqa: F401
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_run[kind], dtype=torch.float32).eval()
+    rng = np.random.default_rng(0)
+    examples = []
+    for length in (13, 21, 9, 17):
+        ids = [1] + rng.integers(3, 128, length - 2).tolist() + [2]
+        examples.append((ids, [-100] * (length // 2) + ids[length // 2:]))
+    if kind == "llama":  # position ids restarting per example, no attention mask
+        kwargs = lambda b: {"position_ids": b["position_ids"]}  # noqa: E731
+    else:  # segment ids in attention_mask
+        kwargs = lambda b: {"attention_mask": b["segment_ids"], "position_ids": b["position_ids"]}  # noqa: E731
+    packed, separate = _packed_vs_separate_losses(model, examples, kwargs)
+    assert packed == pytest.approx(separate, abs=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Plan arithmetic
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, params", [
+    ("meta-llama/Llama-2-7b-hf", 6_738_415_616),
+    ("meta-llama/Llama-2-13b-hf", 13_015_864_320),
+    ("baichuan-inc/Baichuan2-13B-Base", 13_896_668_160),
+])
+def test_parameter_counts_of_known_models(name, params):
+    assert backend.count_parameters(backend.KNOWN_CONFIGS[name]) == params
+
+
+def test_global_batch_split_into_micro_batches_and_accumulation():
+    assert backend.split_global_batch(256, 8, None, "cuda") == (32, 1)
+    assert backend.split_global_batch(256, 8, 4, "cuda") == (4, 8)
+    assert backend.split_global_batch(24, 2, None, "cpu") == (12, 1)
+    assert backend.split_global_batch(24, 1, None, "cuda") == (8, 3)
+    with pytest.raises(SystemExit):
+        backend.split_global_batch(10, 4)
+    with pytest.raises(SystemExit):
+        backend.split_global_batch(16, 2, 3)
+
+
+def test_memory_plan_for_llama2_13b_on_8_gpus():
+    cfg = backend.KNOWN_CONFIGS["meta-llama/Llama-2-13b-hf"]
+    memory = backend.estimate_memory(cfg, 8, 1, 1024, False, "bf16")
+    params = 13_015_864_320
+    # fp32 weights, grads and two AdamW moments, each sharded over 8 ranks: 16 bytes a parameter in all.
+    assert memory["gradients"] == pytest.approx(params * 4 / 8)
+    assert memory["optimizer"] == pytest.approx(params * 8 / 8)
+    micro, accumulation, checkpointing = backend.plan_for_budget(cfg, 8, 256, 1024, 80)
+    assert micro * accumulation * 8 == 256
+    total = sum(v for k, v in backend.estimate_memory(cfg, 8, micro, 1024, checkpointing, "bf16").items()
+                if k != "parameters")
+    assert total / 2 ** 30 <= 80
+    # One 80 GB GPU cannot hold 13B parameters of fp32 training state, whatever the micro-batch.
+    single = backend.estimate_memory(cfg, 1, 1, 1024, True, "bf16")
+    assert sum(v for k, v in single.items() if k != "parameters") / 2 ** 30 > 80
+
+
+def test_plan_only_prints_the_plan_without_loading_weights():
+    result = run_script(PYTHON, str(TRAIN["llama"]), "--plan-only", "--num-devices", "8", "--device-memory-gb", "80")
+    assert result.returncode == 0, result.stderr
+    assert "[parallel plan]" in result.stdout and "world_size: 8" in result.stdout
+    assert "parameters: 13015864320" in result.stdout and "micro_batch_size" in result.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Runs: one process vs two, micro-batch split, batching modes
+# ---------------------------------------------------------------------------------------------------------
+
+COMMON = ["--block-size", "128", "--batch-size", "8", "--max-steps", "4", "--lr", "1e-2", "--log-interval", "1",
+          "--seed", "0", "--num-workers", "0"]
+
+
+def _train(kind, tiny_run, out, *extra, nproc=1):
+    args = ["--model-name-or-path", tiny_run[kind], "--dataset-name-or-path", tiny_run["data"],
+            "--save-model-dir", str(out), *COMMON, *extra]
+    result = torchrun(nproc, TRAIN[kind], *args) if nproc > 1 else run_script(PYTHON, str(TRAIN[kind]), *args)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def _assert_same_run(a, b, tol):
+    losses_a = [r["loss"] for r in read_metrics(a)]
+    losses_b = [r["loss"] for r in read_metrics(b)]
+    assert len(losses_a) == len(losses_b) == 4
+    assert losses_a == pytest.approx(losses_b, abs=tol)
+    assert [r["tokens"] for r in read_metrics(a)] == [r["tokens"] for r in read_metrics(b)]
+    weights_a, weights_b = load_file(f"{a}/model.safetensors"), load_file(f"{b}/model.safetensors")
+    assert weights_a.keys() == weights_b.keys()
+    for name in weights_a:
+        torch.testing.assert_close(weights_a[name], weights_b[name], atol=tol, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def single_llama_run(tiny_run):
+    out = tiny_run["root"] / "single_llama"
+    result = _train("llama", tiny_run, out)
+    return out, result
+
+
+@pytest.mark.parametrize("kind", ["llama", "baichuan"])
+def test_two_processes_match_one_process(tiny_run, single_llama_run, kind):
+    if kind == "llama":
+        single = single_llama_run[0]
+    else:
+        single = tiny_run["root"] / "single_baichuan"
+        _train(kind, tiny_run, single)
+    double = tiny_run["root"] / f"double_{kind}"
+    _train(kind, tiny_run, double, nproc=2)
+    _assert_same_run(single, double, 1e-4)
+    # The two-process folder is an ordinary model folder.
+    from transformers import AutoModelForCausalLM
+
+    import modeling_baichuan  # noqa: F401
+    model = AutoModelForCausalLM.from_pretrained(str(double))
+    assert model.config.architectures[0] in ("LlamaForCausalLM", "BaichuanForCausalLM")
+
+
+def test_micro_batches_with_accumulation_give_the_same_update(tiny_run, single_llama_run):
+    split = tiny_run["root"] / "micro2"
+    result = _train("llama", tiny_run, split, "--micro-batch-size", "2")
+    assert "accumulation_steps: 4" in result.stdout
+    _assert_same_run(single_llama_run[0], split, 1e-5)
+
+
+def test_log_line_and_metrics_rows(single_llama_run):
+    out, result = single_llama_run
+    lines = [line for line in result.stdout.splitlines() if line.startswith("[Step")]
+    assert re.fullmatch(r"\[Step 1/4\] \| Loss: \d+\.\d+ \| Duration: \d+\.\d+ \| Throughput: \d+\.\d+ tokens/sec.*",
+                        lines[0])
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for row in rows:
+        assert {"step", "epoch", "loss", "lr", "tokens", "step_time", "tokens_per_sec", "mfu",
+                "peak_memory_gib"} <= row.keys()
+        assert row["tokens"] > 0 and row["tokens_per_sec"] > 0
+    assert "val_loss" in rows[-1]  # validation at the end of the (shortened) epoch
+
+
+def test_batching_modes_count_only_real_tokens(tiny_run, single_llama_run):
+    packed_tokens = [r["tokens"] for r in read_metrics(single_llama_run[0])]
+    block = tiny_run["root"] / "block"
+    _train("llama", tiny_run, block, "--pad-to-block-size")
+    block_rows = read_metrics(block)
+    # One example per row: a step holds 8 examples, far fewer real tokens than 8 packed rows of 128.
+    assert all(r["tokens"] < 8 * 60 for r in block_rows)
+    assert all(t > 8 * 60 for t in packed_tokens)
+    longest = tiny_run["root"] / "longest"
+    _train("llama", tiny_run, longest, "--batching", "longest")
+    # Same rows in the same order as the tutorial's batching: only the padding differs, so the losses agree.
+    assert [r["loss"] for r in read_metrics(longest)] == pytest.approx([r["loss"] for r in block_rows], abs=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The demo: trains, learns, saves, reloads, generates
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind, recipe", [("llama", "llama2"), ("baichuan", "baichuan2")])
+def test_demo_learns_saves_and_generates(tmp_path, kind, recipe):
+    out = tmp_path / "demo"
+    result = run_script(PYTHON, str(TRAIN[kind]), "--demo", "--max-steps", "10", "--batch-size", "2",
+                        "--block-size", "512", "--save-model-dir", str(out), "--num-workers", "0", timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = read_metrics(out)
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.5, [r["loss"] for r in rows]
+    assert "val_loss" in rows[-1]
+    for name in ("model.safetensors", "config.json", "tokenizer_config.json"):
+        assert (out / name).is_file()
+    generated = run_script(PYTHON, str(REPO_ROOT / "inference.py"), "--model-dir", str(out), "--recipe", recipe,
+                           "--max-new-tokens", "8")
+    assert generated.returncode == 0, generated.stderr[-3000:]
+    assert "--- greedy ---" in generated.stdout and "--- sampled ---" in generated.stdout
