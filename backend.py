@@ -304,16 +304,23 @@ def model_shape(model_name_or_path):
                      f"{sorted(KNOWN_CONFIGS)}")
 
 
-def probe_micro_batch(model, make_batch, run_step, per_rank, backend):
-    """On a GPU: the largest micro-batch whose forward+backward fits, halving on out-of-memory.
+def probe_micro_batch(model, backend, micro_batch_size, per_rank, block_size):
+    """On a GPU: run a real forward+backward at full width and halve the micro-batch until it fits.
 
-    All ranks agree on the smallest size any of them could run. Returns None when even 1 row fails.
+    Memory for the optimiser state (allocated only at the first step) is held aside while probing. Every rank
+    probes the same synthetic rows, so all of them run out of memory at the same point and agree on the size.
     """
-    micro = per_rank
-    while micro >= 1:
-        fits = True
+    params = sum(p.numel() for p in model.parameters())  # local shard sizes under FSDP
+    reserve = torch.empty(8 * params, dtype=torch.uint8, device=backend.device)  # two fp32 AdamW moments
+    generator = torch.Generator(device=backend.device).manual_seed(0)
+    micro = micro_batch_size
+    while True:
         try:
-            run_step(model, make_batch(micro))
+            ids = torch.randint(model.config.vocab_size, (micro, block_size), device=backend.device,
+                                generator=generator)
+            with backend.autocast():
+                model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+            fits = True
         except torch.OutOfMemoryError:
             fits = False
         model.zero_grad(set_to_none=True)
@@ -322,7 +329,13 @@ def probe_micro_batch(model, make_batch, run_step, per_rank, backend):
             flag = torch.tensor([0 if fits else 1], device=backend.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             fits = flag.item() == 0
-        if fits and per_rank % micro == 0:
-            return micro
+        if fits or micro == 1:
+            break
         micro //= 2
-    return None
+        while per_rank % micro:
+            micro -= 1
+    del reserve
+    if not fits:
+        raise SystemExit(f"error: one row of {block_size} tokens does not fit in GPU memory; use "
+                         f"--activation-checkpointing on, a smaller --block-size, or more GPUs")
+    return micro

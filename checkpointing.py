@@ -20,6 +20,7 @@ import threading
 
 import numpy as np
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
 RUN_MARKER = ".finetune_run.json"
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d{8})$")
@@ -144,10 +145,11 @@ def save_checkpoint(save_dir, step, model, optimizer, scheduler, trainer_state, 
             for old in list_checkpoints(save_dir)[:-keep_last] if keep_last > 0 else []:
                 shutil.rmtree(old, ignore_errors=True)
         backend.barrier()
-    except OSError as exc:
+    except (OSError, CheckpointException) as exc:
         previous = [c for c in list_checkpoints(save_dir) if c != final]
         kept = f"the previous checkpoint {previous[-1]!r} is intact" if previous else "no earlier checkpoint exists"
-        raise SystemExit(f"error: could not write the checkpoint for step {step} ({exc.strerror or exc}); {kept}")
+        reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
+        raise SystemExit(f"error: could not write the checkpoint for step {step} ({reason}); {kept}")
     return final
 
 

@@ -109,6 +109,10 @@ def main(argv=None):
     if model.config.max_position_embeddings < args.block_size:
         raise SystemExit(f"error: --block-size {args.block_size} exceeds the model's "
                          f"max_position_embeddings {model.config.max_position_embeddings}")
+    if device.type == "cuda" and args.micro_batch_size is None:
+        micro_batch_size = parallel.probe_micro_batch(model, backend, micro_batch_size,
+                                                      args.batch_size // backend.world_size, args.block_size)
+        accumulation = args.batch_size // backend.world_size // micro_batch_size
     plan_info, plan_lines = parallel.describe_plan(
         model.config.to_dict(), backend.engine, backend.world_size, args.batch_size, micro_batch_size, accumulation,
         args.block_size, checkpointing_on, backend.mixed_precision, str(device))
