@@ -109,6 +109,19 @@ def plan_epoch(lengths, batch_size, block_size, batching, seed, epoch):
     return [rows[s * batch_size:(s + 1) * batch_size] for s in range(num_steps)]
 
 
+def plan_run(lengths, batch_size, block_size, batching, seed, epochs, max_steps=None):
+    """Plans for every epoch of the run and its total optimiser steps (`max_steps` overrides `epochs`)."""
+    plans, total_steps = [], 0
+    while (total_steps < max_steps) if max_steps else (len(plans) < epochs):
+        plan = plan_epoch(lengths, batch_size, block_size, batching, seed, len(plans))
+        if not plan:
+            raise SystemExit(f"error: the training split makes fewer than --batch-size {batch_size} rows; "
+                             f"use a smaller --batch-size or more data")
+        plans.append(plan)
+        total_steps += len(plan)
+    return plans, min(total_steps, max_steps or total_steps)
+
+
 def rank_micro_batches(step_rows, rank, world_size, micro_batch_size):
     """This rank's share of one global batch, cut into micro-batches (lists of rows)."""
     per_rank = len(step_rows) // world_size

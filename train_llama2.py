@@ -82,16 +82,8 @@ def main(argv=None):
     pad_to = args.block_size if args.batching in ("packed", "block") else None
 
     # Every epoch's plan, so the schedule knows the total and a resumed run can find its place.
-    plans, total_steps, epoch = [], 0, 0
-    while (args.max_steps and total_steps < args.max_steps) or (not args.max_steps and epoch < args.epochs):
-        plan = fu.plan_epoch(train_table.lengths, args.batch_size, args.block_size, args.batching, args.seed, epoch)
-        if not plan:
-            raise SystemExit(f"error: the training split makes fewer than --batch-size {args.batch_size} rows; "
-                             f"use a smaller --batch-size or more data")
-        plans.append(plan)
-        total_steps += len(plan)
-        epoch += 1
-    total_steps = min(total_steps, args.max_steps or total_steps)
+    plans, total_steps = fu.plan_run(train_table.lengths, args.batch_size, args.block_size, args.batching, args.seed,
+                                     args.epochs, args.max_steps)
 
     # ---- model ------------------------------------------------------------------------------------------
     checkpointing_on = args.activation_checkpointing == "on"
@@ -169,11 +161,9 @@ def main(argv=None):
     progress = tqdm(total=total_steps, initial=step, disable=not backend.is_main, desc="train", dynamic_ncols=True)
     nonfinite_skipped = 0
     interval_tokens, interval_flops, interval_steps, interval_start = 0, 0.0, 0, time.perf_counter()
-    first_epoch = 0
-    while first_epoch < len(plans) and step >= sum(len(p) for p in plans[:first_epoch + 1]):
-        first_epoch += 1
-    for epoch in range(first_epoch, len(plans)):
-        epoch_start_step = sum(len(p) for p in plans[:epoch])
+    epoch_starts = np.cumsum([0] + [len(p) for p in plans])
+    for epoch in range(int(np.searchsorted(epoch_starts, step, side="right")) - 1, len(plans)):
+        epoch_start_step = int(epoch_starts[epoch])
         loader = fu.make_step_loader(train_table, plans[epoch], backend.rank, backend.world_size, micro_batch_size,
                                      pad_id, pad_to, start_step=step - epoch_start_step, workers=args.num_workers,
                                      pin_memory=device.type == "cuda")
