@@ -125,7 +125,9 @@ def save_checkpoint(save_dir, step, model, optimizer, scheduler, trainer_state, 
     partial = final + ".partial"
     try:
         if backend.is_main:
-            shutil.rmtree(partial, ignore_errors=True)  # left by a run killed while saving
+            for name in os.listdir(root) if os.path.isdir(root) else []:
+                if name.endswith(".partial"):  # left by a run killed while saving
+                    shutil.rmtree(os.path.join(root, name), ignore_errors=True)
             os.makedirs(partial)
         backend.barrier()
         model_state, optim_state = get_state_dict(model, optimizer)
@@ -142,6 +144,7 @@ def save_checkpoint(save_dir, step, model, optimizer, scheduler, trainer_state, 
             if os.path.exists(final):
                 shutil.rmtree(final)
             os.rename(partial, final)
+            _fsync_dir(root)  # the rename itself must survive a power loss
             for old in list_checkpoints(save_dir)[:-keep_last] if keep_last > 0 else []:
                 shutil.rmtree(old, ignore_errors=True)
         backend.barrier()
@@ -151,6 +154,14 @@ def save_checkpoint(save_dir, step, model, optimizer, scheduler, trainer_state, 
         reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
         raise SystemExit(f"error: could not write the checkpoint for step {step} ({reason}); {kept}")
     return final
+
+
+def _fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def load_checkpoint(path, model, optimizer, scheduler, backend):
@@ -166,6 +177,8 @@ def load_checkpoint(path, model, optimizer, scheduler, backend):
     if state.get("model") != model_fingerprint(model):
         raise SystemExit(f"error: checkpoint {path!r} was written for another model "
                          f"({state.get('model')}); nothing was deleted")
+    if not os.path.isfile(os.path.join(path, ".metadata")):  # DCP would print tracebacks while looking for it
+        raise SystemExit(f"error: checkpoint {path!r} is corrupt or incomplete (no .metadata); nothing was deleted")
     model_state, optim_state = get_state_dict(model, optimizer)
     try:
         dcp.load({"model": model_state, "optimizer": optim_state}, checkpoint_id=path)

@@ -42,7 +42,8 @@ def main(argv=None):
     if args.demo:
         import demo_assets
         args.model_name_or_path = args.model_name_or_path or demo_assets.ensure_demo_model(RECIPE)
-        args.dataset_name_or_path = args.dataset_name_or_path or demo_assets.ensure_demo_dataset(RECIPE, args.block_size)
+        args.dataset_name_or_path = (args.dataset_name_or_path
+                                     or demo_assets.ensure_demo_dataset(RECIPE, args.block_size))
     args.model_name_or_path = args.model_name_or_path or DEFAULTS["model"]
     args.dataset_name_or_path = args.dataset_name_or_path or DEFAULTS["dataset"]
 
@@ -96,7 +97,7 @@ def main(argv=None):
         model = parallel.load_model(backend, AutoModelForCausalLM, args.model_name_or_path,
                                     gradient_checkpointing=checkpointing_on, compile_layers=args.compile,
                                     trust_remote_code=args.trust_remote_code)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         raise SystemExit(f"error: cannot load the model {args.model_name_or_path!r}: {str(exc).splitlines()[0]}")
     if model.config.max_position_embeddings < args.block_size:
         raise SystemExit(f"error: --block-size {args.block_size} exceeds the model's "
@@ -113,7 +114,8 @@ def main(argv=None):
 
     optim = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                               fused=device.type == "cuda")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optim, fu.lr_lambda(total_steps, args.warmup_ratio, args.min_lr_ratio))
+    schedule = fu.lr_lambda(total_steps, args.warmup_ratio, args.min_lr_ratio)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optim, schedule)
 
     step = 0
     if resume_from:
@@ -158,100 +160,101 @@ def main(argv=None):
 
     # ---- training loop ----------------------------------------------------------------------------------
     model.train()
-    progress = tqdm(total=total_steps, initial=step, disable=not backend.is_main, desc="train", dynamic_ncols=True)
-    nonfinite_skipped = 0
-    interval_tokens, interval_flops, interval_steps, interval_start = 0, 0.0, 0, time.perf_counter()
-    epoch_starts = np.cumsum([0] + [len(p) for p in plans])
-    for epoch in range(int(np.searchsorted(epoch_starts, step, side="right")) - 1, len(plans)):
-        epoch_start_step = int(epoch_starts[epoch])
-        loader = fu.make_step_loader(train_table, plans[epoch], backend.rank, backend.world_size, micro_batch_size,
-                                     pad_id, pad_to, start_step=step - epoch_start_step, workers=args.num_workers,
-                                     pin_memory=device.type == "cuda")
-        for micro_batches, info in loader:
-            step_loss = torch.zeros((), device=device)
-            attended_pairs = 0
-            for micro in micro_batches:
-                micro = fu.move_to(micro, device)
-                with backend.autocast():
-                    # No attention_mask: position ids that restart at 0 mark where each packed example begins,
-                    # and transformers builds the block-diagonal causal mask from them (only without a cache,
-                    # hence use_cache=False).
-                    outputs = model(
-                        input_ids=micro["input_ids"],
-                        position_ids=micro["position_ids"],
-                        labels=micro["labels"],
-                        # Summed token loss over the targets of the whole global step (all micro-batches, all
-                        # ranks): the update is the same however the batch is split.
-                        num_items_in_batch=info["step_targets"],
-                        use_cache=False,
-                    )
-                loss = outputs.loss
-                loss.backward()
-                step_loss += loss.detach()
-                attended_pairs += micro["attended_pairs"]
+    # The bar closes before any error line, so the error stays the last line printed.
+    with tqdm(total=total_steps, initial=step, disable=not backend.is_main, desc="train",
+              dynamic_ncols=True) as progress:
+        nonfinite_skipped = 0
+        interval_tokens, interval_flops, interval_steps, interval_start = 0, 0.0, 0, time.perf_counter()
+        epoch_starts = np.cumsum([0] + [len(p) for p in plans])
+        for epoch in range(int(np.searchsorted(epoch_starts, step, side="right")) - 1, len(plans)):
+            epoch_start_step = int(epoch_starts[epoch])
+            loader = fu.make_step_loader(train_table, plans[epoch], backend.rank, backend.world_size, micro_batch_size,
+                                         pad_id, pad_to, start_step=step - epoch_start_step, workers=args.num_workers,
+                                         pin_memory=device.type == "cuda")
+            for micro_batches, info in loader:
+                step_loss = torch.zeros((), device=device)
+                attended_pairs = 0
+                for micro in micro_batches:
+                    micro = fu.move_to(micro, device)
+                    with backend.autocast():
+                        # No attention_mask: position ids that restart at 0 mark where each packed example begins,
+                        # and transformers builds the block-diagonal causal mask from them (only without a cache,
+                        # hence use_cache=False).
+                        outputs = model(
+                            input_ids=micro["input_ids"],
+                            position_ids=micro["position_ids"],
+                            labels=micro["labels"],
+                            # Summed token loss over the targets of the whole global step (all micro-batches, all
+                            # ranks): the update is the same however the batch is split.
+                            num_items_in_batch=info["step_targets"],
+                            use_cache=False,
+                        )
+                    loss = outputs.loss
+                    loss.backward()
+                    step_loss += loss.detach()
+                    attended_pairs += micro["attended_pairs"]
 
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-            if hasattr(grad_norm, "full_tensor"):
-                grad_norm = grad_norm.full_tensor()
-            finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(step_loss))
-            if backend.any_rank(not finite):
-                model.zero_grad(set_to_none=True)
-                nonfinite_skipped += 1
-                if nonfinite_skipped > args.skip_nonfinite:
-                    last = checkpointing.list_checkpoints(args.save_model_dir)
-                    kept = f"; the last good checkpoint is {last[-1]}" if last else ""
-                    raise SystemExit(f"error: non-finite loss or gradient norm at step {step + 1}{kept}")
-                if backend.is_main:
-                    tqdm.write(f"warning: skipped step {step + 1}: non-finite loss or gradient norm")
-                continue
-            optim.step()
-            scheduler.step()
-            model.zero_grad(set_to_none=True)
-            step += 1
-            progress.update(1)
-
-            interval_tokens += info["step_tokens"]
-            interval_steps += 1
-            # Attention pairs are counted per rank; scale by world size for the global figure.
-            interval_flops += throughput.step_flops(model.config, info["step_tokens"], attended_pairs * backend.world_size)
-            is_eval_step = args.eval_every and step % args.eval_every == 0 and eval_table is not None
-            epoch_done = step == epoch_start_step + len(plans[epoch]) or step == total_steps
-            if step % args.log_interval == 0 or step == total_steps or is_eval_step or epoch_done:
-                mean_loss = (backend.all_reduce_sum(step_loss.clone())).item()
-                elapsed = time.perf_counter() - interval_start
-                row = {
-                    "step": step, "epoch": epoch, "loss": mean_loss, "lr": scheduler.get_last_lr()[0],
-                    "tokens": info["step_tokens"], "step_time": elapsed / interval_steps,
-                    "tokens_per_sec": interval_tokens / elapsed, "grad_norm": float(grad_norm),
-                    "mfu": interval_flops / elapsed / (peak_flops * backend.world_size) if peak_flops else None,
-                    "peak_memory_gib": throughput.peak_memory_gib(device),
-                }
-                if is_eval_step or (epoch_done and eval_table is not None):
-                    row["val_loss"] = evaluate()
-                if backend.is_main:
-                    tqdm.write(f"[Step {step}/{total_steps}] | Loss: {mean_loss:.4f} | Duration: {elapsed:.2f} | "
-                               f"Throughput: {row['tokens_per_sec']:.2f} tokens/sec"
-                               + (f" | Val loss: {row['val_loss']:.4f}" if "val_loss" in row else ""))
-                    metrics_file.write(json.dumps(row) + "\n")
-                    metrics_file.flush()
-                interval_tokens, interval_flops, interval_steps, interval_start = 0, 0.0, 0, time.perf_counter()
-
-            stopping = backend.any_rank(stop.requested())
-            if (args.save_every and step % args.save_every == 0) or stopping:
-                path = checkpointing.save_checkpoint(args.save_model_dir, step, model, optim, scheduler,
-                                                     trainer_state(epoch), backend, args.keep_last)
-                if stopping:
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                if hasattr(grad_norm, "full_tensor"):
+                    grad_norm = grad_norm.full_tensor()
+                finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(step_loss))
+                if backend.any_rank(not finite):
+                    model.zero_grad(set_to_none=True)
+                    nonfinite_skipped += 1
+                    if nonfinite_skipped > args.skip_nonfinite:
+                        last = checkpointing.list_checkpoints(args.save_model_dir)
+                        kept = f"; the last good checkpoint is {last[-1]}" if last else ""
+                        raise SystemExit(f"error: non-finite loss or gradient norm at step {step + 1}{kept}")
                     if backend.is_main:
-                        tqdm.write(f"stopped by {stop.signal_name or 'a signal'} after step {step}; checkpoint "
-                                   f"{path} written. Continue with the same command plus --resume.")
-                    progress.close()
-                    backend.shutdown()
-                    return 0
+                        tqdm.write(f"warning: skipped step {step + 1}: non-finite loss or gradient norm")
+                    continue
+                optim.step()
+                scheduler.step()
+                model.zero_grad(set_to_none=True)
+                step += 1
+                progress.update(1)
+
+                interval_tokens += info["step_tokens"]
+                interval_steps += 1
+                # Attention pairs are counted per rank; scale by world size for the global figure.
+                interval_flops += throughput.step_flops(model.config, info["step_tokens"],
+                                                        attended_pairs * backend.world_size)
+                is_eval_step = args.eval_every and step % args.eval_every == 0 and eval_table is not None
+                epoch_done = step == epoch_start_step + len(plans[epoch]) or step == total_steps
+                if step % args.log_interval == 0 or step == total_steps or is_eval_step or epoch_done:
+                    mean_loss = (backend.all_reduce_sum(step_loss.clone())).item()
+                    elapsed = time.perf_counter() - interval_start
+                    row = {
+                        "step": step, "epoch": epoch, "loss": mean_loss, "lr": scheduler.get_last_lr()[0],
+                        "tokens": info["step_tokens"], "step_time": elapsed / interval_steps,
+                        "tokens_per_sec": interval_tokens / elapsed, "grad_norm": float(grad_norm),
+                        "mfu": interval_flops / elapsed / (peak_flops * backend.world_size) if peak_flops else None,
+                        "peak_memory_gib": throughput.peak_memory_gib(device),
+                    }
+                    if is_eval_step or (epoch_done and eval_table is not None):
+                        row["val_loss"] = evaluate()
+                    if backend.is_main:
+                        tqdm.write(f"[Step {step}/{total_steps}] | Loss: {mean_loss:.4f} | Duration: {elapsed:.2f} | "
+                                   f"Throughput: {row['tokens_per_sec']:.2f} tokens/sec"
+                                   + (f" | Val loss: {row['val_loss']:.4f}" if "val_loss" in row else ""))
+                        metrics_file.write(json.dumps(row) + "\n")
+                        metrics_file.flush()
+                    interval_tokens, interval_flops, interval_steps, interval_start = 0, 0.0, 0, time.perf_counter()
+
+                stopping = backend.any_rank(stop.requested())
+                if (args.save_every and step % args.save_every == 0) or stopping:
+                    path = checkpointing.save_checkpoint(args.save_model_dir, step, model, optim, scheduler,
+                                                         trainer_state(epoch), backend, args.keep_last)
+                    if stopping:
+                        if backend.is_main:
+                            tqdm.write(f"stopped by {stop.signal_name or 'a signal'} after step {step}; checkpoint "
+                                       f"{path} written. Continue with the same command plus --resume.")
+                        backend.shutdown()
+                        return 0
+                if step >= total_steps:
+                    break
             if step >= total_steps:
                 break
-        if step >= total_steps:
-            break
-    progress.close()
 
     # ---- save -------------------------------------------------------------------------------------------
     state_dict = parallel.full_state_dict_on_rank0(model, backend)
