@@ -132,8 +132,9 @@ def rank_micro_batches(step_rows, rank, world_size, micro_batch_size):
 def collate_rows(table, rows, pad_id, pad_to=None):
     """Tensors for a micro-batch of rows; each row is a list of example indices laid end to end.
 
-    Returns input_ids, labels, position_ids (restarting at 0 for every example, and for the padding tail) and
-    segment_ids (1, 2, ... per example in the row, 0 on padding), plus plain-int counts for logging.
+    Returns input_ids, labels, position_ids (restarting at 0 for every example, and for the padding tail),
+    segment_ids (1, 2, ... per example in the row, 0 on padding) and segment_spans (per row, the (start, end)
+    of each example and of the padding tail, as plain ints), plus plain-int counts for logging.
     """
     row_lengths = [int(sum(table.lengths[i] for i in row)) for row in rows]
     width = pad_to or max(row_lengths)
@@ -141,8 +142,10 @@ def collate_rows(table, rows, pad_id, pad_to=None):
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)
     segment_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    segment_spans = []  # per row, (start, end) of each example and of the padding tail
     attended_pairs = 0
     for r, row in enumerate(rows):
+        spans = []
         start = 0
         for segment, index in enumerate(row, start=1):
             ids, labs = table.example(index)
@@ -154,13 +157,18 @@ def collate_rows(table, rows, pad_id, pad_to=None):
             position_ids[r, start:end] = torch.arange(len(ids))
             segment_ids[r, start:end] = segment
             attended_pairs += len(ids) * (len(ids) + 1) // 2
+            spans.append((start, end))
             start = end
         position_ids[r, start:] = torch.arange(width - start)
+        if start < width:
+            spans.append((start, width))
+        segment_spans.append(spans)
     return {
         "input_ids": input_ids,
         "labels": labels,
         "position_ids": position_ids,
         "segment_ids": segment_ids,
+        "segment_spans": segment_spans,
         "num_tokens": sum(row_lengths),
         "num_targets": int((labels[:, 1:] != IGNORE_INDEX).sum()),
         "attended_pairs": attended_pairs,

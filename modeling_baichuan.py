@@ -245,6 +245,23 @@ class BaichuanMLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+def attend_within_spans(query, key, value, causal_bias, segment_spans):
+    """Causal attention inside each (start, end) span of each row, nothing across (packed training rows).
+
+    Only the pairs inside a span are computed, where a block-diagonal mask would compute the whole row and
+    discard most of it. `causal_bias` is the ALiBi bias for positions 0..n (already causal), or None for rotary
+    models, which then use SDPA's own causal mask.
+    """
+    out = torch.empty_like(query)
+    for row, spans in enumerate(segment_spans):
+        for start, end in spans:
+            bias = None if causal_bias is None else causal_bias[:, :, :end - start, :end - start]
+            out[row:row + 1, :, start:end] = F.scaled_dot_product_attention(
+                query[row:row + 1, :, start:end], key[row:row + 1, :, start:end], value[row:row + 1, :, start:end],
+                attn_mask=bias, is_causal=bias is None)
+    return out
+
+
 class BaichuanAttention(nn.Module):
     def __init__(self, config: BaichuanConfig, layer_idx: int):
         super().__init__()
@@ -256,7 +273,8 @@ class BaichuanAttention(nn.Module):
         self.W_pack = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=False)
         self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
 
-    def forward(self, hidden_states, attention_mask=None, rotary=None, past_key_values=None, is_causal=False):
+    def forward(self, hidden_states, attention_mask=None, rotary=None, past_key_values=None, is_causal=False,
+                segment_spans=None):
         batch, length, _ = hidden_states.shape
         qkv = self.W_pack(hidden_states).view(batch, length, 3, self.num_heads, self.head_dim)
         query, key, value = (t.transpose(1, 2) for t in qkv.unbind(dim=2))  # (batch, heads, length, head_dim)
@@ -271,7 +289,10 @@ class BaichuanAttention(nn.Module):
 
         if attention_mask is not None and attention_mask.dtype != torch.bool and attention_mask.dtype != query.dtype:
             attention_mask = attention_mask.to(query.dtype)  # only under autocast
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, is_causal=is_causal)
+        if segment_spans is not None:
+            out = attend_within_spans(query, key, value, attention_mask, segment_spans)
+        else:
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, is_causal=is_causal)
         out = out.transpose(1, 2).reshape(batch, length, self.hidden_size)
         return self.o_proj(out)
 
@@ -285,13 +306,14 @@ class BaichuanDecoderLayer(GradientCheckpointingLayer):
         self.post_attention_layernorm = BaichuanRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(self, hidden_states, attention_mask=None, rotary=None, past_key_values=None, is_causal=False,
-                use_cache=False, **kwargs):
+                use_cache=False, segment_spans=None, **kwargs):
         hidden_states = hidden_states + self.self_attn(
             self.input_layernorm(hidden_states),
             attention_mask=attention_mask,
             rotary=rotary,
             past_key_values=past_key_values,
             is_causal=is_causal,
+            segment_spans=segment_spans,
         )
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
@@ -433,9 +455,26 @@ class BaichuanModel(BaichuanPreTrainedModel):
         mask_dtype = inputs_embeds.dtype
         if torch.is_autocast_enabled(device_type):
             mask_dtype = torch.get_autocast_dtype(device_type)
-        mask, is_causal, rotary = self._attention_inputs(
-            attention_mask, position_ids, past_length, query_length, batch, inputs_embeds.device, mask_dtype
-        )
+        segment_spans = kwargs.get("segment_spans")
+        if segment_spans is not None and past_length == 0:
+            # Packed training rows with known spans: each layer attends within spans, no whole-row mask needed.
+            if position_ids is None:
+                position_ids = torch.zeros((batch, query_length), dtype=torch.long)
+                for row, spans in enumerate(segment_spans):
+                    for start, end in spans:
+                        position_ids[row, start:end] = torch.arange(end - start)
+                position_ids = position_ids.to(inputs_embeds.device)
+            rotary = None
+            if self.config.uses_rope:
+                rotary = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
+            mask = None if self.config.uses_rope else self._cached_alibi(query_length, inputs_embeds.device,
+                                                                           mask_dtype)[None]
+            is_causal = False
+        else:
+            segment_spans = None
+            mask, is_causal, rotary = self._attention_inputs(
+                attention_mask, position_ids, past_length, query_length, batch, inputs_embeds.device, mask_dtype
+            )
 
         hidden_states = inputs_embeds
         all_hidden = [] if output_hidden_states else None
@@ -449,6 +488,7 @@ class BaichuanModel(BaichuanPreTrainedModel):
                 past_key_values=past_key_values,
                 is_causal=is_causal,
                 use_cache=use_cache,
+                segment_spans=segment_spans,
             )
         hidden_states = self.norm(hidden_states)
         if all_hidden is not None:
@@ -510,6 +550,7 @@ class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
+            segment_spans=kwargs.get("segment_spans"),
         )
         hidden_states = outputs.last_hidden_state
         if isinstance(logits_to_keep, int):

@@ -108,7 +108,11 @@ def tokenize_examples(batch, build_prompt, tokenizer, block_size, train_on_promp
     size = len(next(iter(batch.values())))
     parts = [build_prompt({name: values[index] for name, values in batch.items()}) for index in range(size)]
 
+    fast = tokenizer.backend_tokenizer if getattr(tokenizer, "is_fast", False) else None
+
     def encode(texts):
+        if fast is not None:  # straight to the Rust tokenizer: no offsets, no per-text dicts
+            return [e.ids for e in fast.encode_batch_fast(texts, add_special_tokens=False)]
         return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
     full_ids = encode([full_text(p) for p in parts])

@@ -83,7 +83,7 @@ def main(argv=None):
         raise SystemExit(f"error: {too_long} examples are longer than --block-size {args.block_size}; run "
                          f"prepare_dataset.py with --block-size {args.block_size}")
     micro_batch_size, accumulation = parallel.split_global_batch(args.batch_size, backend.world_size,
-                                                                 args.micro_batch_size, device.type)
+                                                                 args.micro_batch_size, device.type, args.block_size)
     pad_to = args.block_size if args.batching in ("packed", "block") else None
 
     # Every epoch's plan, so the schedule knows the total and a resumed run can find its place.
@@ -155,7 +155,7 @@ def main(argv=None):
                 batch = fu.move_to(fu.collate_rows(eval_table, mine or rows[:1], pad_id, pad_to), device)
                 with backend.autocast():
                     out = model(input_ids=batch["input_ids"], attention_mask=batch["segment_ids"],
-                                position_ids=batch["position_ids"],
+                                segment_spans=batch["segment_spans"], position_ids=batch["position_ids"],
                                 labels=batch["labels"], num_items_in_batch=1, use_cache=False)
                 loss_sum += weight * out.loss.float()
                 targets += weight * batch["num_targets"]
@@ -182,11 +182,12 @@ def main(argv=None):
                 for micro in micro_batches:
                     micro = fu.move_to(micro, device)
                     with backend.autocast():
-                        # Baichuan reads segment ids (1, 2, ... per packed example, 0 on padding) from attention_mask
-                        # and lets a token attend only to earlier tokens of its own example.
+                        # A token attends only to earlier tokens of its own example: the segment ids (1, 2, ... per
+                        # packed example, 0 on padding) say so, and the spans let the model skip the pairs across.
                         outputs = model(
                             input_ids=micro["input_ids"],
                             attention_mask=micro["segment_ids"],
+                            segment_spans=micro["segment_spans"],
                             position_ids=micro["position_ids"],
                             labels=micro["labels"],
                             # Summed token loss over the targets of the whole global step (all micro-batches, all

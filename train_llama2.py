@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import backend as parallel
 import checkpointing
 import finetune_utils as fu
+import packed_attention  # noqa: F401  (registers the "packed_sdpa" attention)
 import throughput
 from training_args import parse_training_args
 
@@ -79,7 +80,7 @@ def main(argv=None):
         raise SystemExit(f"error: {too_long} examples are longer than --block-size {args.block_size}; run "
                          f"prepare_dataset.py with --block-size {args.block_size}")
     micro_batch_size, accumulation = parallel.split_global_batch(args.batch_size, backend.world_size,
-                                                                 args.micro_batch_size, device.type)
+                                                                 args.micro_batch_size, device.type, args.block_size)
     pad_to = args.block_size if args.batching in ("packed", "block") else None
 
     # Every epoch's plan, so the schedule knows the total and a resumed run can find its place.
@@ -96,7 +97,7 @@ def main(argv=None):
     try:
         model = parallel.load_model(backend, AutoModelForCausalLM, args.model_name_or_path,
                                     gradient_checkpointing=checkpointing_on, compile_layers=args.compile,
-                                    trust_remote_code=args.trust_remote_code)
+                                    trust_remote_code=args.trust_remote_code, attn_implementation="packed_sdpa")
     except (OSError, ValueError) as exc:
         raise SystemExit(f"error: cannot load the model {args.model_name_or_path!r}: {str(exc).splitlines()[0]}")
     if model.config.max_position_embeddings < args.block_size:
@@ -151,6 +152,7 @@ def main(argv=None):
                 batch = fu.move_to(fu.collate_rows(eval_table, mine or rows[:1], pad_id, pad_to), device)
                 with backend.autocast():
                     out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                                segment_spans=batch["segment_spans"],
                                 labels=batch["labels"], num_items_in_batch=1, use_cache=False)
                 loss_sum += weight * out.loss.float()
                 targets += weight * batch["num_targets"]
@@ -177,12 +179,12 @@ def main(argv=None):
                 for micro in micro_batches:
                     micro = fu.move_to(micro, device)
                     with backend.autocast():
-                        # No attention_mask: position ids that restart at 0 mark where each packed example begins,
-                        # and transformers builds the block-diagonal causal mask from them (only without a cache,
-                        # hence use_cache=False).
+                        # No attention_mask: each example attends causally within its own span
+                        # (packed_attention.py), and its rotary positions restart at 0, as if it were alone.
                         outputs = model(
                             input_ids=micro["input_ids"],
                             position_ids=micro["position_ids"],
+                            segment_spans=micro["segment_spans"],
                             labels=micro["labels"],
                             # Summed token loss over the targets of the whole global step (all micro-batches, all
                             # ranks): the update is the same however the batch is split.

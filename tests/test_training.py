@@ -74,6 +74,7 @@ def test_collate_marks_examples_and_padding_from_true_lengths():
     assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 2, 3, 0, 1]]
     # The first token of each example is never a target (it would be predicted from the previous example).
     assert batch["labels"].tolist() == [[-100, -100, 6, 2, -100, 0, 7, 2, -100, -100]]
+    assert batch["segment_spans"] == [[(0, 4), (4, 8), (8, 10)]]
     assert batch["num_tokens"] == 8 and batch["num_targets"] == 5
     assert batch["attended_pairs"] == 2 * (4 * 5 // 2)
     longest = fu.collate_rows(table, [[0], [1]], pad_id)
@@ -102,21 +103,28 @@ def _packed_vs_separate_losses(model, examples, packed_kwargs):
     return loss_packed.item(), summed / total
 
 
-@pytest.mark.parametrize("kind", ["llama", "baichuan"])
-def test_packed_row_loss_equals_token_weighted_loss_of_examples_run_one_by_one(tiny_run, kind):
+@pytest.mark.parametrize("kind, attention", [("llama", "packed_sdpa"), ("llama", "sdpa"), ("baichuan", "spans"),
+                                             ("baichuan", None)])
+def test_packed_row_loss_equals_token_weighted_loss_of_examples_run_one_by_one(tiny_run, kind, attention):
     from transformers import AutoModelForCausalLM
 
     import modeling_baichuan  # noqa: F401
+    import packed_attention  # noqa: F401
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_run[kind], dtype=torch.float32).eval()
+    extra = {"attn_implementation": attention} if kind == "llama" else {}
+    model = AutoModelForCausalLM.from_pretrained(tiny_run[kind], dtype=torch.float32, **extra).eval()
     rng = np.random.default_rng(0)
     examples = []
     for length in (13, 21, 9, 17):
         ids = [1] + rng.integers(3, 128, length - 2).tolist() + [2]
         examples.append((ids, [-100] * (length // 2) + ids[length // 2:]))
-    if kind == "llama":  # position ids restarting per example, no attention mask
+    if attention == "packed_sdpa":  # what train_llama2.py does: attention within each example's span
+        kwargs = lambda b: {"position_ids": b["position_ids"], "segment_spans": b["segment_spans"]}  # noqa: E731
+    elif kind == "llama":  # transformers' own route: a block-diagonal mask built from restarting positions
         kwargs = lambda b: {"position_ids": b["position_ids"]}  # noqa: E731
-    else:  # segment ids in attention_mask
+    elif attention == "spans":  # what train_baichuan2_13b.py does: segment ids and their spans
+        kwargs = lambda b: {"attention_mask": b["segment_ids"], "segment_spans": b["segment_spans"]}  # noqa: E731
+    else:  # segment ids in attention_mask alone: the model's block-diagonal mask
         kwargs = lambda b: {"attention_mask": b["segment_ids"], "position_ids": b["position_ids"]}  # noqa: E731
     packed, separate = _packed_vs_separate_losses(model, examples, kwargs)
     assert packed == pytest.approx(separate, abs=1e-5)
@@ -138,7 +146,10 @@ def test_parameter_counts_of_known_models(name, params):
 def test_global_batch_split_into_micro_batches_and_accumulation():
     assert backend.split_global_batch(256, 8, None, "cuda") == (32, 1)
     assert backend.split_global_batch(256, 8, 4, "cuda") == (4, 8)
-    assert backend.split_global_batch(24, 2, None, "cpu") == (12, 1)
+    # On CPU about 2048 tokens per forward: 2 rows of 1024; rows of 128 up to the whole share.
+    assert backend.split_global_batch(24, 2, None, "cpu", 1024) == (2, 6)
+    assert backend.split_global_batch(24, 2, None, "cpu", 128) == (12, 1)
+    assert backend.split_global_batch(8, 1, None, "cpu", 128) == (8, 1)
     assert backend.split_global_batch(24, 1, None, "cuda") == (8, 3)
     with pytest.raises(SystemExit):
         backend.split_global_batch(10, 4)
