@@ -130,6 +130,19 @@ def test_packed_row_loss_equals_token_weighted_loss_of_examples_run_one_by_one(t
     assert packed == pytest.approx(separate, abs=1e-5)
 
 
+def test_packed_rows_for_the_rotary_baichuan_variant_match_separate_runs():
+    import modeling_baichuan
+
+    torch.manual_seed(0)
+    config = modeling_baichuan.BaichuanConfig(vocab_size=128, hidden_size=32, intermediate_size=64,
+                                              num_hidden_layers=2, num_attention_heads=4, position_embedding="rope")
+    model = modeling_baichuan.BaichuanForCausalLM(config).eval()
+    examples = [([1, 5, 9, 14, 2], [-100, -100, 9, 14, 2]), ([1, 7, 3, 3, 8, 11, 2], [-100, 7, 3, 3, 8, 11, 2])]
+    spans = lambda b: {"attention_mask": b["segment_ids"], "segment_spans": b["segment_spans"]}  # noqa: E731
+    packed, separate = _packed_vs_separate_losses(model, examples, spans)
+    assert packed == pytest.approx(separate, abs=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Plan arithmetic
 # ---------------------------------------------------------------------------------------------------------
