@@ -31,24 +31,27 @@ def step_flops(config, tokens, attended_pairs):
     return 6 * matmul_parameters(config) * tokens + 12 * config.num_hidden_layers * config.hidden_size * attended_pairs
 
 
-_cpu_peak_cache = {}
-
-
-def measure_cpu_peak_flops(size=1024, seconds=0.5):
-    """Best fp32 matmul rate of this CPU with PyTorch's threads, measured once per process."""
-    if size in _cpu_peak_cache:
-        return _cpu_peak_cache[size]
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def matmul_rate(m, k, n, seconds=0.5):
+    """Best fp32 FLOP/s of an (m x k) @ (k x n) matmul with PyTorch's current threads."""
+    a, b = torch.randn(m, k), torch.randn(k, n)
     for _ in range(3):
         a @ b
     best, start = 0.0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         t0 = time.perf_counter()
-        for _ in range(4):
-            a @ b
-        best = max(best, 4 * 2 * size ** 3 / (time.perf_counter() - t0))
-    _cpu_peak_cache[size] = best
+        a @ b
+        best = max(best, 2 * m * k * n / (time.perf_counter() - t0))
     return best
+
+
+_cpu_peak_cache = {}
+
+
+def measure_cpu_peak_flops(size=1024, seconds=0.5):
+    """The CPU's fp32 matmul peak as MFU's denominator: a square matmul, measured once per process."""
+    if size not in _cpu_peak_cache:
+        _cpu_peak_cache[size] = matmul_rate(size, size, size, seconds)
+    return _cpu_peak_cache[size]
 
 
 def device_peak_flops(device, override_tflops=None):

@@ -103,19 +103,6 @@ def load_average():
 # ----------------------------------------------------------------------------------------------------------
 # Peak
 # ----------------------------------------------------------------------------------------------------------
-def matmul_rate(m, k, n, seconds):
-    """Best fp32 FLOP/s of an (m x k) @ (k x n) matmul with the current threads (same method as throughput.py)."""
-    a, b = torch.randn(m, k), torch.randn(k, n)
-    for _ in range(2):
-        a @ b
-    best, start = 0.0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        t0 = time.perf_counter()
-        a @ b
-        best = max(best, 2 * m * k * n / (time.perf_counter() - t0))
-    return best
-
-
 def measure_peaks(config, rows, block_size, seconds, use_cache=True):
     """The square-matmul peak of throughput.py plus the model's own matmul shapes at this batch
     (tokens x hidden times hidden x out, for the attention, MLP and output-head weights).
@@ -125,12 +112,12 @@ def measure_peaks(config, rows, block_size, seconds, use_cache=True):
     h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
     rates = {
         "square 1024 (throughput.measure_cpu_peak_flops)": (throughput.measure_cpu_peak_flops(1024, seconds) if use_cache
-                                                            else matmul_rate(1024, 1024, 1024, seconds)),
-        "square 2048": matmul_rate(2048, 2048, 2048, seconds),
-        f"attn proj {tokens}x{h}x{h}": matmul_rate(tokens, h, h, seconds),
-        f"mlp up {tokens}x{h}x{i}": matmul_rate(tokens, h, i, seconds),
-        f"mlp down {tokens}x{i}x{h}": matmul_rate(tokens, i, h, seconds),
-        f"lm head {tokens}x{h}x{v}": matmul_rate(tokens, h, v, seconds),
+                                                            else throughput.matmul_rate(1024, 1024, 1024, seconds)),
+        "square 2048": throughput.matmul_rate(2048, 2048, 2048, seconds),
+        f"attn proj {tokens}x{h}x{h}": throughput.matmul_rate(tokens, h, h, seconds),
+        f"mlp up {tokens}x{h}x{i}": throughput.matmul_rate(tokens, h, i, seconds),
+        f"mlp down {tokens}x{i}x{h}": throughput.matmul_rate(tokens, i, h, seconds),
+        f"lm head {tokens}x{h}x{v}": throughput.matmul_rate(tokens, h, v, seconds),
     }
     return max(rates.values()), rates
 

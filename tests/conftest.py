@@ -67,6 +67,14 @@ def make_random_dataset(folder, num_train=96, num_valid=12, vocab_size=128, min_
     return str(folder)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def demo_cache(tmp_path_factory):
+    """One demo-asset cache for the whole session; subprocesses inherit it through the environment."""
+    if not os.environ.get("FINETUNE_DEMO_CACHE"):
+        os.environ["FINETUNE_DEMO_CACHE"] = str(tmp_path_factory.mktemp("demo_cache"))
+    return os.environ["FINETUNE_DEMO_CACHE"]
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """Tiny Llama and Baichuan folders (word-level tokenizer) and a prepared random dataset."""

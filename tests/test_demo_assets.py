@@ -13,14 +13,6 @@ import demo_assets
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="session", autouse=True)
-def demo_cache(tmp_path_factory):
-    """One demo cache for the whole test session (shared with test_prepare_dataset.py through the env var)."""
-    if not os.environ.get("FINETUNE_DEMO_CACHE"):
-        os.environ["FINETUNE_DEMO_CACHE"] = str(tmp_path_factory.mktemp("demo_cache"))
-    return os.environ["FINETUNE_DEMO_CACHE"]
-
-
 def test_llama_demo_tokenizer_behaves_like_llama2():
     tokenizer = AutoTokenizer.from_pretrained(demo_assets.ensure_demo_tokenizer("llama2"))
     assert type(tokenizer).__name__ == "LlamaTokenizer"

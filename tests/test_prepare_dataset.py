@@ -14,14 +14,6 @@ from prepare_dataset import IGNORE_INDEX, PrepareError
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="session", autouse=True)
-def demo_cache(tmp_path_factory):
-    """One demo cache for the whole test session (shared with test_demo_assets.py through the env var)."""
-    if not os.environ.get("FINETUNE_DEMO_CACHE"):
-        os.environ["FINETUNE_DEMO_CACHE"] = str(tmp_path_factory.mktemp("demo_cache"))
-    return os.environ["FINETUNE_DEMO_CACHE"]
-
-
 @pytest.fixture(scope="session")
 def llama_tokenizer(demo_cache):
     import demo_assets
