@@ -65,8 +65,13 @@ def check_save_dir(save_dir, resume, overwrite, resume_if_possible=False):
 
 
 def start_run_dir(save_dir, script_name):
-    """Mark `save_dir` as ours and start a fresh run in it (rank 0 only). Removes only files we wrote."""
+    """Mark `save_dir` as ours and start a fresh run in it (rank 0 only). Removes only files we wrote: old
+    checkpoints and the earlier final weights, so a new run that dies never leaves a folder that looks finished."""
     shutil.rmtree(os.path.join(save_dir, "checkpoints"), ignore_errors=True)
+    if os.path.isfile(os.path.join(save_dir, RUN_MARKER)):
+        for name in os.listdir(save_dir):
+            if name.startswith("model") and (name.endswith(".safetensors") or name.endswith(".safetensors.index.json")):
+                os.remove(os.path.join(save_dir, name))
     os.makedirs(save_dir, exist_ok=True)
     with open(os.path.join(save_dir, RUN_MARKER), "w") as f:
         json.dump({"written_by": script_name}, f)

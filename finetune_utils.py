@@ -39,6 +39,18 @@ def load_prepared_dataset(path):
     return dataset
 
 
+def require_local_or_reachable(model_name_or_path):
+    """A hub id with no way to reach the hub fails at once with one line, not after transformers' retries."""
+    if os.path.isdir(model_name_or_path):
+        return
+    from prepare_dataset import PrepareError, require_hub
+
+    try:
+        require_hub("model", model_name_or_path)
+    except PrepareError as exc:
+        raise SystemExit(f"error: {exc}") from None
+
+
 class TokenTable:
     """All examples of one split as flat int arrays plus offsets: fast to slice from data-loader workers."""
 

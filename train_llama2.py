@@ -67,6 +67,7 @@ def main(argv=None):
                                                  args.resume_if_possible)
 
     # ---- data -------------------------------------------------------------------------------------------
+    fu.require_local_or_reachable(args.model_name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
     except (OSError, ValueError) as exc:

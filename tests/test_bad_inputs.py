@@ -102,6 +102,10 @@ CASES = [
      ["another model"]),
     ("baichuan-block-beyond-model-length", BAICHUAN, nothing, dict(model="baichuan", block_size=1024),
      ["exceeds"]),
+    ("hub-model-while-offline", LLAMA, nothing, dict(model_name_or_path="no-such-org/no-such-model"),
+     ["no-such-org/no-such-model"]),
+    ("missing-model-folder", BAICHUAN, nothing, dict(model="baichuan", model_name_or_path="{folder}/no_model"),
+     ["no_model"]),
 ]
 
 
