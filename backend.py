@@ -309,8 +309,12 @@ def model_shape(model_name_or_path):
             return json.load(f)
     if model_name_or_path in KNOWN_CONFIGS:
         return dict(KNOWN_CONFIGS[model_name_or_path])
-    raise SystemExit(f"error: no config.json in {model_name_or_path!r} and it is not one of "
-                     f"{sorted(KNOWN_CONFIGS)}")
+    try:  # another hub model: its config.json is a small download
+        from transformers import AutoConfig
+        return AutoConfig.from_pretrained(model_name_or_path).to_dict()
+    except (OSError, ValueError):
+        raise SystemExit(f"error: no config.json in {model_name_or_path!r}, it could not be downloaded, and it is "
+                         f"not one of {sorted(KNOWN_CONFIGS)}") from None
 
 
 def probe_micro_batch(model, backend, micro_batch_size, per_rank, block_size):

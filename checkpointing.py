@@ -169,8 +169,12 @@ def _fsync_dir(path):
         os.close(fd)
 
 
-def load_checkpoint(path, model, optimizer, scheduler, backend):
-    """Restore model, optimiser, schedule and RNG from `path`; returns its trainer state."""
+def load_checkpoint(path, model, optimizer, scheduler, backend, expected_state=None):
+    """Restore model, optimiser, schedule and RNG from `path`; returns its trainer state.
+
+    `expected_state` holds the settings that decide the data order (seed, batch size, batching): a resumed run
+    must use the same ones, or it would replay a different order.
+    """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -179,6 +183,10 @@ def load_checkpoint(path, model, optimizer, scheduler, backend):
             state = json.load(f)
     except (OSError, ValueError) as exc:
         raise SystemExit(f"error: checkpoint {path!r} is unreadable ({exc.__class__.__name__}); nothing was deleted")
+    for key, value in (expected_state or {}).items():
+        if key != "epoch" and state.get(key) != value:
+            raise SystemExit(f"error: checkpoint {path!r} was written with {key} {state.get(key)!r}, this run has "
+                             f"{value!r}; resume with the same settings. Nothing was deleted")
     if state.get("model") != model_fingerprint(model):
         raise SystemExit(f"error: checkpoint {path!r} was written for another model "
                          f"({state.get('model')}); nothing was deleted")

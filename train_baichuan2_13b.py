@@ -79,7 +79,7 @@ def main(argv=None):
     dataset = fu.load_prepared_dataset(args.dataset_name_or_path)
     train_table = fu.TokenTable(dataset["train"])
     eval_table = fu.TokenTable(dataset["validation"]) if len(dataset.get("validation", [])) else None
-    too_long = int((train_table.lengths > args.block_size).sum())
+    too_long = sum(int((table.lengths > args.block_size).sum()) for table in (train_table, eval_table) if table)
     if too_long:
         raise SystemExit(f"error: {too_long} examples are longer than --block-size {args.block_size}; run "
                          f"prepare_dataset.py with --block-size {args.block_size}")
@@ -122,9 +122,13 @@ def main(argv=None):
     schedule = fu.lr_lambda(total_steps, args.warmup_ratio, args.min_lr_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optim, schedule)
 
+    def trainer_state(epoch):
+        return {"epoch": epoch, "seed": args.seed, "batch_size": args.batch_size, "batching": args.batching,
+                "block_size": args.block_size}
+
     step = 0
     if resume_from:
-        state = checkpointing.load_checkpoint(resume_from, model, optim, scheduler, backend)
+        state = checkpointing.load_checkpoint(resume_from, model, optim, scheduler, backend, trainer_state(0))
         step = state["step"]
         if backend.is_main:
             checkpointing.truncate_metrics(args.save_model_dir, step)
@@ -137,9 +141,6 @@ def main(argv=None):
     peak_flops, peak_source = throughput.device_peak_flops(device, args.peak_tflops)
     stop = checkpointing.StopRequest()
     metrics_file = open(os.path.join(args.save_model_dir, "metrics.jsonl"), "a") if backend.is_main else None
-
-    def trainer_state(epoch):
-        return {"epoch": epoch, "seed": args.seed, "batch_size": args.batch_size, "batching": args.batching}
 
     def evaluate():
         """Token-weighted validation loss over the whole split, every rank taking its share of rows."""

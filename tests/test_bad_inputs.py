@@ -102,6 +102,7 @@ CASES = [
      ["another model"]),
     ("baichuan-block-beyond-model-length", BAICHUAN, nothing, dict(model="baichuan", block_size=1024),
      ["exceeds"]),
+    ("resume-with-another-batch-size", LLAMA, earlier_run, dict(resume=True, batch_size=8), ["batch_size"]),
     ("hub-model-while-offline", LLAMA, nothing, dict(model_name_or_path="no-such-org/no-such-model"),
      ["no-such-org/no-such-model"]),
     ("missing-model-folder", BAICHUAN, nothing, dict(model="baichuan", model_name_or_path="{folder}/no_model"),
@@ -133,7 +134,9 @@ def earlier_run_folder(tiny_run, tmp_path_factory):
     optim = torch.optim.AdamW(model.parameters(), lr=1e-3)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optim, finetune_utils.lr_lambda(10, 0.03, 0.1))
     checkpointing.start_run_dir(str(folder), "train_llama2.py")
-    checkpointing.save_checkpoint(str(folder), 2, model, optim, scheduler, {"epoch": 0, "seed": 0},
+    # The settings that fix the data order, as args_for() passes them.
+    settings = {"epoch": 0, "seed": 0, "batch_size": 4, "batching": "packed", "block_size": 128}
+    checkpointing.save_checkpoint(str(folder), 2, model, optim, scheduler, settings,
                                   backend.Backend(engine="single", device=torch.device("cpu")), 2)
     return folder
 
