@@ -205,18 +205,19 @@ def main(argv=None):
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                 if hasattr(grad_norm, "full_tensor"):
                     grad_norm = grad_norm.full_tensor()
-                finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(step_loss))
+                # The one host sync of a step: a non-finite update must never reach the weights.
+                finite = bool(torch.isfinite(grad_norm) & torch.isfinite(step_loss))
                 if backend.any_rank(not finite):
-                    model.zero_grad(set_to_none=True)
                     nonfinite_skipped += 1
                     if nonfinite_skipped > args.skip_nonfinite:
                         last = checkpointing.list_checkpoints(args.save_model_dir)
                         kept = f"; the last good checkpoint is {last[-1]}" if last else ""
                         raise SystemExit(f"error: non-finite loss or gradient norm at step {step + 1}{kept}")
                     if backend.is_main:
-                        tqdm.write(f"warning: skipped step {step + 1}: non-finite loss or gradient norm")
-                    continue
-                optim.step()
+                        tqdm.write(f"warning: skipped the update of step {step + 1}: non-finite loss or gradient norm")
+                else:
+                    optim.step()
+                # A skipped step still counts, so the step number keeps matching the data consumed.
                 scheduler.step()
                 model.zero_grad(set_to_none=True)
                 step += 1

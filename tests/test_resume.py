@@ -200,8 +200,9 @@ def test_sigterm_then_sigint_stop_cleanly_and_resume_matches(tiny_run, reference
 
 
 def test_nonfinite_loss_stops_naming_the_step_after_skipping_the_allowed_ones(tiny_run, tmp_path):
-    """NaN losses on the 3rd and 6th forward passes with --skip-nonfinite 1: the first is skipped, the
-    second stops the run at step 5 (two good steps came in between), and checkpoint step 4 stays."""
+    """NaN losses on the 3rd and 6th forward passes (one per step) with --skip-nonfinite 1: step 3's update is
+    skipped (the step still counts, so data and step numbers stay aligned), step 6 stops the run, and the
+    checkpoint of step 4 stays."""
     nan_loss = wrapper_script(tmp_path, "nan_loss.py", """
         from transformers import LlamaForCausalLM
         real_forward, calls = LlamaForCausalLM.forward, []
@@ -219,13 +220,13 @@ def test_nonfinite_loss_stops_naming_the_step_after_skipping_the_allowed_ones(ti
                         "128", "--batch-size", "4", "--log-interval", "1", "--num-workers", "0", "--save-every", "2",
                         "--skip-nonfinite", "1")
     last = assert_one_line_error(result)
-    assert "non-finite" in last and "step 5" in last, last
+    assert "non-finite" in last and "step 6" in last, last
     assert "step-00000004" in last, last
-    assert "skipped step 3" in result.stdout
+    assert "skipped the update of step 3" in result.stdout
     assert checkpoint_names(save_dir) == ["step-00000002", "step-00000004"]
     state = json.loads((save_dir / "checkpoints" / "step-00000004" / "trainer_state.json").read_text())
     assert state["step"] == 4
-    assert [row[0] for row in metric_rows(save_dir)] == [1, 2, 3, 4]
+    assert [row[0] for row in metric_rows(save_dir)] == [1, 2, 3, 4, 5]
     assert not (save_dir / "model.safetensors").exists()
 
 
