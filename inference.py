@@ -64,7 +64,7 @@ def prompt_ids(tokenizer, recipe, example, chat):
     """Token ids of the prompt, exactly as the training data laid them out before the response."""
     columns = RECIPES[recipe]["columns"]
     prompt_columns, response_column = columns[:-1], columns[-1]
-    missing = [c for c in prompt_columns if c not in example]
+    missing = [c for c in (prompt_columns[:1] if chat else prompt_columns) if c not in example]
     if missing:
         raise SystemExit(f"error: the example lacks column(s) {missing} needed by the {recipe} recipe")
     if chat:

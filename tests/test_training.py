@@ -301,3 +301,25 @@ def test_demo_learns_saves_and_generates(tmp_path, kind, recipe):
                            "--max-new-tokens", "8")
     assert generated.returncode == 0, generated.stderr[-3000:]
     assert "--- greedy ---" in generated.stdout and "--- sampled ---" in generated.stdout
+
+
+def test_inference_rejects_bad_examples_with_one_line(tiny_run):
+    import inference
+
+    with pytest.raises(SystemExit, match="not valid JSON"):
+        inference.main(["--model-dir", tiny_run["llama"], "--recipe", "llama2", "--example", '{"article": '])
+    with pytest.raises(SystemExit, match=r"lacks column\(s\) \['category', 'intent'\]"):
+        inference.main(["--model-dir", tiny_run["baichuan"], "--recipe", "baichuan2",
+                        "--example", '{"instruction": "Where is my parcel?"}'])
+
+
+def test_inference_chat_prompt_uses_the_baichuan_chat_tokens(tiny_run):
+    import inference
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_run["baichuan"])
+    ids = inference.prompt_ids(tokenizer, "baichuan2", {"instruction": "w5 w6"}, chat=True)
+    assert ids[0] == 195 and ids[-1] == 196
+    recipe_ids = inference.prompt_ids(tokenizer, "baichuan2",
+                                      {"instruction": "w5", "category": "w7", "intent": "w8"}, chat=False)
+    assert 195 not in recipe_ids
