@@ -19,7 +19,7 @@ import importlib.util
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -53,7 +53,6 @@ class Backend:
     world_size: int = 1
     mixed_precision: str = "no"  # "bf16" or "no"
     control_group: object = None  # a gloo group for small host-side agreements (stop flags)
-    plan: dict = field(default_factory=dict)
 
     @property
     def is_main(self):

@@ -142,19 +142,22 @@ def main(argv=None):
     stop = checkpointing.StopRequest()
     metrics_file = open(os.path.join(args.save_model_dir, "metrics.jsonl"), "a") if backend.is_main else None
 
+    # Validation rows are packed once; every evaluation reuses them.
+    eval_rows = [row for step_rows in fu.plan_epoch(eval_table.lengths, 1, args.block_size, args.batching, args.seed, 0)
+                 for row in step_rows] if eval_table is not None else []
+
     def evaluate():
         """Token-weighted validation loss over the whole split, every rank taking its share of rows."""
         model.eval()
-        rows = [row for step_rows in fu.plan_epoch(eval_table.lengths, 1, args.block_size, args.batching, args.seed, 0)
-                for row in step_rows]
         chunk = backend.world_size * micro_batch_size
         loss_sum = torch.zeros((), device=device)
         targets = torch.zeros((), device=device)
         with torch.no_grad():
-            for start in range(0, len(rows), chunk):
-                mine = rows[start:start + chunk][backend.rank * micro_batch_size:(backend.rank + 1) * micro_batch_size]
+            for start in range(0, len(eval_rows), chunk):
+                share = eval_rows[start:start + chunk]
+                mine = share[backend.rank * micro_batch_size:(backend.rank + 1) * micro_batch_size]
                 weight = 1.0 if mine else 0.0  # a rank with no rows left still joins the sharded forward
-                batch = fu.move_to(fu.collate_rows(eval_table, mine or rows[:1], pad_id, pad_to), device)
+                batch = fu.move_to(fu.collate_rows(eval_table, mine or eval_rows[:1], pad_id, pad_to), device)
                 with backend.autocast():
                     out = model(input_ids=batch["input_ids"], attention_mask=batch["segment_ids"],
                                 segment_spans=batch["segment_spans"], position_ids=batch["position_ids"],
