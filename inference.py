@@ -17,7 +17,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import modeling_baichuan  # noqa: F401  (registers Baichuan with the Auto classes)
-from prepare_dataset import RECIPES, leading_special_ids
+from finetune.demo import DEMO_SAMPLE_FILES
+from finetune.preparation import leading_special_ids
+from prepare_dataset import RECIPES
 
 
 def parse_args(argv=None):
@@ -47,8 +49,9 @@ def load_example(args):
         except ValueError as exc:
             raise SystemExit(f"error: --example is not valid JSON ({exc})")
     else:
-        import demo_assets
-        path = args.example_file or str(demo_assets.DEMO_SAMPLE_FILES[args.recipe])
+        path = args.example_file or DEMO_SAMPLE_FILES.get(args.recipe)
+        if path is None:
+            raise SystemExit(f"error: no bundled examples for recipe {args.recipe!r}; pass --example or --example-file")
         try:
             with open(path) as f:
                 lines = [line for line in f if line.strip()]

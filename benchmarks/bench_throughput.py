@@ -3,7 +3,7 @@
     HF_HUB_OFFLINE=1 python benchmarks/bench_throughput.py            # about 3 minutes on a 2-core CPU
     HF_HUB_OFFLINE=1 python benchmarks/bench_throughput.py --quick    # smoke run, seconds
 
-Model: the demo Llama (demo_assets.ensure_demo_model("llama2")). Data: the bundled customer-support chat
+Model: the demo Llama (finetune.demo.ensure_demo_model("llama2")). Data: the bundled customer-support chat
 sample (prepare_dataset's baichuan2 recipe, typical example 150-300 tokens), tokenized with the Llama demo
 tokenizer; --recipe-data llama2 uses the bundled news-summary sample instead.
 
@@ -14,10 +14,10 @@ optimiser step, `--warmup-steps` untimed steps, then `--steps` timed ones; `--re
   hf_trainer  transformers.Trainer, its out-of-the-box settings for a tokenized causal-LM set with labels:
               DataCollatorForSeq2Seq (pads each batch to its longest example, labels with -100),
               random sampling (no length grouping), no packing, per_device_train_batch_size = --batch-size
-Useful tokens/s counts real (non-pad) tokens only. MFU = model FLOPs of those tokens (throughput.step_flops)
+Useful tokens/s counts real (non-pad) tokens only. MFU = model FLOPs of those tokens (finetune.metrics.step_flops)
 / time / the fp32 matmul peak measured here in the same run.
 
-Preparation: prepare_dataset.prepare (batched tokenization) against the tutorial's preprocessing (a
+Preparation: finetune.preparation.prepare (batched tokenization) against the tutorial's preprocessing (a
 datasets.map without batching: build the prompt, call the tokenizer per example, pad to --block-size).
 
 The last line printed is one JSON object with the ratios and the raw figures (also written to --json-out).
@@ -42,12 +42,14 @@ sys.path.insert(0, str(REPO_ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import backend as parallel  # noqa: E402
-import demo_assets  # noqa: E402
-import finetune_utils as fu  # noqa: E402
-import packed_attention  # noqa: F401,E402  (registers "packed_sdpa")
+import finetune.data as fu  # noqa: E402
+import finetune.metrics as throughput  # noqa: E402
+import finetune.packed_attention  # noqa: F401,E402  (registers "packed_sdpa")
+import finetune.preparation as preparation  # noqa: E402
 import prepare_dataset  # noqa: E402
-import throughput  # noqa: E402
+from finetune import demo as demo_assets  # noqa: E402
+from finetune import parallel  # noqa: E402
+from finetune.training import warmup_cosine_schedule  # noqa: E402
 
 MODEL_RECIPE = "llama2"  # the demo Llama model and tokenizer are used for every data recipe
 LR = 2e-3  # train_llama2.py --demo's learning rate; any value gives the same speed
@@ -104,7 +106,7 @@ def load_average():
 # Peak
 # ----------------------------------------------------------------------------------------------------------
 def measure_peaks(config, rows, block_size, seconds, use_cache=True):
-    """The square-matmul peak of throughput.py plus the model's own matmul shapes at this batch
+    """The square-matmul peak of finetune/metrics.py plus the model's own matmul shapes at this batch
     (tokens x hidden times hidden x out, for the attention, MLP and output-head weights).
 
     The peak used for MFU is the best of them, so MFU is never flattered by a slow reference shape."""
@@ -157,7 +159,7 @@ def run_our_loop(model_path, table, pad_id, batching, args):
     pad_to = args.block_size if batching in ("packed", "block") else None
     plan = plans_for(table, args.batch_size, args.block_size, batching, 0, total)
     optim = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0, fused=device.type == "cuda")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optim, fu.lr_lambda(total, 0.03, 0.1))
+    scheduler = warmup_cosine_schedule(optim, total, 0.03, 0.1)
     # Workers 0 for every run (the Trainer's default too): on 2 cores a loader process only competes for them.
     loader = fu.make_step_loader(table, plan, 0, 1, micro_batch_size, pad_id, pad_to, workers=0)
 
@@ -299,17 +301,17 @@ def run_prepare(recipe, tokenizer, block_size, repeat):
     examples = len(raw["train"])
     timings = {}
 
-    # prepare_dataset.prepare end to end: train/validation split, batched tokenization, report statistics.
+    # finetune.preparation.prepare end to end: train/validation split, batched tokenization, report statistics.
     start = time.perf_counter()
-    _, report = prepare_dataset.prepare(recipe, tokenizer, raw, block_size=block_size)
+    _, report = preparation.prepare(recipe, prepare_dataset.RECIPES[recipe], tokenizer, raw, block_size=block_size)
     timings["prepare"] = (time.perf_counter() - start, sum(split["tokens"] for split in report["splits"].values()))
 
     # Its tokenization step alone (what report["tokenize_seconds"] times), on the whole set at once.
     start = time.perf_counter()
     tokenized = raw["train"].map(
-        prepare_dataset.tokenize_examples, batched=True, batch_size=1000,
+        preparation.tokenize_examples, batched=True, batch_size=1000,
         fn_kwargs=dict(build_prompt=prepare_dataset.RECIPES[recipe]["build_prompt"], tokenizer=tokenizer,
-                       block_size=block_size, prefix_ids=prepare_dataset.leading_special_ids(tokenizer)),
+                       block_size=block_size, prefix_ids=preparation.leading_special_ids(tokenizer)),
         remove_columns=raw["train"].column_names)
     seconds = time.perf_counter() - start
     lengths = tokenized.with_format("arrow")["input_ids"]
@@ -345,8 +347,9 @@ def main(argv=None):
     model_path = demo_assets.ensure_demo_model(MODEL_RECIPE)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    raw = prepare_dataset.load_raw_dataset(demo_assets.DEMO_SAMPLE_FILES[args.recipe_data])
-    dataset, _ = prepare_dataset.prepare(args.recipe_data, tokenizer, raw, block_size=args.block_size)
+    raw = preparation.load_raw_dataset(demo_assets.DEMO_SAMPLE_FILES[args.recipe_data])
+    dataset, _ = preparation.prepare(args.recipe_data, prepare_dataset.RECIPES[args.recipe_data], tokenizer, raw,
+                                     block_size=args.block_size)
     train = dataset["train"]
     table = fu.TokenTable(train)
     from transformers import AutoConfig
@@ -420,7 +423,7 @@ def main(argv=None):
     if prep:
         print(f"\n{'prepare':<14} {'real tok/s':>11} {'seconds':>8} {'real tokens':>12}  "
               f"({prep['examples']} examples, block {args.block_size})")
-        prep_how = {"prepare": "prepare_dataset.prepare end to end (split, batched map, report)",
+        prep_how = {"prepare": "finetune.preparation.prepare end to end (split, batched map, report)",
                     "tokenize_only": "its datasets.map(tokenize_examples, batched=True) alone",
                     "tutorial": f"tutorial: with_format('torch').map(preprocess), per example, padded to {args.block_size}"}
         for name, how_text in prep_how.items():

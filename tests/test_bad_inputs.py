@@ -125,19 +125,17 @@ def earlier_run_folder(tiny_run, tmp_path_factory):
     import torch
     from transformers import AutoModelForCausalLM
 
-    import backend
-    import checkpointing
-    import finetune_utils
+    from finetune import checkpoints, parallel, training
 
     folder = tmp_path_factory.mktemp("earlier") / "run"
     model = AutoModelForCausalLM.from_pretrained(tiny_run["llama"], dtype=torch.float32)
     optim = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optim, finetune_utils.lr_lambda(10, 0.03, 0.1))
-    checkpointing.start_run_dir(str(folder), "train_llama2.py")
+    scheduler = training.warmup_cosine_schedule(optim, 10, 0.03, 0.1)
+    checkpoints.start_run_dir(str(folder), "train_llama2.py")
     # The settings that fix the data order, as args_for() passes them.
     settings = {"epoch": 0, "seed": 0, "batch_size": 4, "batching": "packed", "block_size": 128}
-    checkpointing.save_checkpoint(str(folder), 2, model, optim, scheduler, settings,
-                                  backend.Backend(engine="single", device=torch.device("cpu")), 2)
+    checkpoints.save_checkpoint(str(folder), 2, model, optim, scheduler, settings,
+                                  parallel.Backend(engine="single", device=torch.device("cpu")), 2)
     return folder
 
 

@@ -1,4 +1,4 @@
-"""Tests of demo_assets.py: demo tokenizers, tiny models, cached prepared data, concurrent builds."""
+"""Tests of finetune/demo.py: demo tokenizers, tiny models, cached prepared data, concurrent builds."""
 import os
 import subprocess
 import sys
@@ -8,7 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import demo_assets
+import prepare_dataset
+from finetune import demo as demo_assets
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,8 +64,8 @@ def test_demo_model_reloads_with_identical_weights(recipe):
 def test_demo_dataset_is_cached_per_block_size():
     from datasets import load_from_disk
 
-    folder = demo_assets.ensure_demo_dataset("baichuan2", block_size=512)
-    assert demo_assets.ensure_demo_dataset("baichuan2", block_size=512) == folder
+    folder = prepare_dataset.demo_dataset("baichuan2", block_size=512)
+    assert prepare_dataset.demo_dataset("baichuan2", block_size=512) == folder
     dataset = load_from_disk(folder)
     assert set(dataset) == {"train", "validation"} and dataset["train"].column_names == ["input_ids", "labels"]
     assert max(len(ids) for ids in dataset["train"]["input_ids"]) <= 512
@@ -80,7 +81,7 @@ def test_cache_key_changes_with_version(monkeypatch):
 def test_two_processes_building_at_once_agree(tmp_path):
     """Both callers succeed and see one complete folder; the build happens once (lock + rename)."""
     env = {**os.environ, "FINETUNE_DEMO_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
-    code = "import demo_assets; print(demo_assets.ensure_demo_model('llama2'))"
+    code = "from finetune import demo; print(demo.ensure_demo_model('llama2'))"
     workers = [subprocess.Popen([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True) for _ in range(2)]
     results = [worker.communicate(timeout=300) for worker in workers]

@@ -8,29 +8,30 @@ from pathlib import Path
 import pytest
 from datasets import Dataset, DatasetDict, load_from_disk
 
+import finetune.preparation as prep
 import prepare_dataset as pd
-from prepare_dataset import IGNORE_INDEX, PrepareError
+from finetune.preparation import IGNORE_INDEX, PrepareError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
 def llama_tokenizer(demo_cache):
-    import demo_assets
+    from finetune import demo as demo_assets
 
     return demo_assets.load_demo_tokenizer("llama2")
 
 
 @pytest.fixture(scope="session")
 def baichuan_tokenizer(demo_cache):
-    import demo_assets
+    from finetune import demo as demo_assets
 
     return demo_assets.load_demo_tokenizer("baichuan2")
 
 
 def tokenize_one(recipe, tokenizer, example, block_size=1024, train_on_prompt=False):
     batch = {name: [value] for name, value in example.items()}
-    out = pd.tokenize_examples(batch, pd.RECIPES[recipe]["build_prompt"], tokenizer, block_size, train_on_prompt)
+    out = prep.tokenize_examples(batch, pd.RECIPES[recipe]["build_prompt"], tokenizer, block_size, train_on_prompt)
     return {name: values[0] for name, values in out.items()}
 
 
@@ -41,8 +42,8 @@ SUPPORT = {"instruction": "Where is my order #123456?", "category": "ORDER", "in
 
 
 def test_prompt_formats_are_the_tutorials():
-    assert pd.full_text(pd.build_llama2_prompt(NEWS)) == f"[SUMMARIZE] {NEWS['article']} [/SUMMARIZE]\n{NEWS['highlights']}"
-    assert pd.full_text(pd.build_baichuan2_prompt(SUPPORT)) == (
+    assert prep.full_text(pd.build_llama2_prompt(NEWS)) == f"[SUMMARIZE] {NEWS['article']} [/SUMMARIZE]\n{NEWS['highlights']}"
+    assert prep.full_text(pd.build_baichuan2_prompt(SUPPORT)) == (
         f"[INST] {SUPPORT['instruction']} \n Category is ORDER \n Intent is track_order [/INST]\n{SUPPORT['response']}")
 
 
@@ -52,7 +53,7 @@ def test_llama2_ids_and_label_mask(llama_tokenizer):
     assert ids[0] == llama_tokenizer.bos_token_id == 1
     assert ids[-1] == llama_tokenizer.eos_token_id == 2 and labels[-1] == 2
     # Exactly the intended text, with the real EOS id rather than the string "</s>".
-    assert llama_tokenizer.decode(ids[1:-1]) == pd.full_text(pd.build_llama2_prompt(NEWS))
+    assert llama_tokenizer.decode(ids[1:-1]) == prep.full_text(pd.build_llama2_prompt(NEWS))
     prompt_ids = llama_tokenizer(f"[SUMMARIZE] {NEWS['article']} [/SUMMARIZE]\n")["input_ids"]
     assert ids[:len(prompt_ids)] == prompt_ids
     assert labels[:len(prompt_ids)] == [IGNORE_INDEX] * len(prompt_ids)
@@ -64,25 +65,25 @@ def test_llama2_ids_and_label_mask(llama_tokenizer):
 def test_baichuan2_ids_and_label_mask(baichuan_tokenizer):
     row = tokenize_one("baichuan2", baichuan_tokenizer, SUPPORT)
     ids, labels = row["input_ids"], row["labels"]
-    prompt_ids = baichuan_tokenizer(pd.full_text(pd.build_baichuan2_prompt({**SUPPORT, "response": ""})))["input_ids"]
+    prompt_ids = baichuan_tokenizer(prep.full_text(pd.build_baichuan2_prompt({**SUPPORT, "response": ""})))["input_ids"]
     assert ids[0] != baichuan_tokenizer.bos_token_id  # Baichuan adds no BOS
     assert ids[:len(prompt_ids)] == prompt_ids and ids[-1] == baichuan_tokenizer.eos_token_id
     assert labels == [IGNORE_INDEX] * len(prompt_ids) + ids[len(prompt_ids):]
-    assert baichuan_tokenizer.decode(ids[:-1]) == pd.full_text(pd.build_baichuan2_prompt(SUPPORT))
+    assert baichuan_tokenizer.decode(ids[:-1]) == prep.full_text(pd.build_baichuan2_prompt(SUPPORT))
 
 
 def test_parts_tokenized_separately_match_whole_text_on_sample_data(llama_tokenizer, baichuan_tokenizer):
     """Guards the dummy-prefix pitfall: every bundled example decodes back exactly and its labels are the response."""
-    import demo_assets
+    from finetune import demo as demo_assets
 
     for recipe, tokenizer in [("llama2", llama_tokenizer), ("baichuan2", baichuan_tokenizer)]:
         rows = [json.loads(line) for line in open(demo_assets.DEMO_SAMPLE_FILES[recipe], encoding="utf-8")][:60]
         batch = {name: [row[name] for row in rows] for name in rows[0]}
-        out = pd.tokenize_examples(batch, pd.RECIPES[recipe]["build_prompt"], tokenizer, block_size=100_000)
+        out = prep.tokenize_examples(batch, pd.RECIPES[recipe]["build_prompt"], tokenizer, block_size=100_000)
         assert sum(out["stat_misaligned"]) == 0
         for row, ids, labels in zip(rows, out["input_ids"], out["labels"]):
             parts = pd.RECIPES[recipe]["build_prompt"](row)
-            assert tokenizer.decode(ids[:-1], skip_special_tokens=True) == pd.full_text(parts)
+            assert tokenizer.decode(ids[:-1], skip_special_tokens=True) == prep.full_text(parts)
             target = [label for label in labels if label != IGNORE_INDEX]
             assert tokenizer.decode(target[:-1]) == parts["response"] and target[-1] == tokenizer.eos_token_id
 
@@ -96,7 +97,7 @@ def test_real_baichuan2_tokenizer_boundaries_align():
     tokenizer = BaichuanTokenizer(vocab_file=str(reference))
     row = tokenize_one("baichuan2", tokenizer, SUPPORT)
     assert not row["stat_misaligned"]
-    assert tokenizer.decode(row["input_ids"][:-1]) == pd.full_text(pd.build_baichuan2_prompt(SUPPORT))
+    assert tokenizer.decode(row["input_ids"][:-1]) == prep.full_text(pd.build_baichuan2_prompt(SUPPORT))
     assert tokenizer.decode([t for t in row["labels"] if t != IGNORE_INDEX][:-1]) == SUPPORT["response"]
 
 
@@ -143,14 +144,14 @@ def make_raw(rows_count, with_validation=False):
 
 
 def test_split_sizes_seeded_and_kept_validation(llama_tokenizer):
-    dataset, report = pd.prepare("llama2", llama_tokenizer, make_raw(100), block_size=64)
+    dataset, report = prep.prepare("llama2", pd.RECIPES["llama2"], llama_tokenizer, make_raw(100), block_size=64)
     assert (len(dataset["train"]), len(dataset["validation"])) == (95, 5)
     assert dataset.column_names == {"train": ["input_ids", "labels"], "validation": ["input_ids", "labels"]}
-    again, _ = pd.prepare("llama2", llama_tokenizer, make_raw(100), block_size=64)
-    other_seed, _ = pd.prepare("llama2", llama_tokenizer, make_raw(100), block_size=64, seed=1)
+    again, _ = prep.prepare("llama2", pd.RECIPES["llama2"], llama_tokenizer, make_raw(100), block_size=64)
+    other_seed, _ = prep.prepare("llama2", pd.RECIPES["llama2"], llama_tokenizer, make_raw(100), block_size=64, seed=1)
     assert again["validation"]["input_ids"] == dataset["validation"]["input_ids"]
     assert other_seed["validation"]["input_ids"] != dataset["validation"]["input_ids"]
-    kept, _ = pd.prepare("llama2", llama_tokenizer, make_raw(100, with_validation=True), block_size=64)
+    kept, _ = prep.prepare("llama2", pd.RECIPES["llama2"], llama_tokenizer, make_raw(100, with_validation=True), block_size=64)
     assert (len(kept["train"]), len(kept["validation"])) == (100, 7)
     assert report["splits"]["train"]["examples"] == 95 and report["splits"]["train"]["target_tokens"] > 0
 
@@ -166,7 +167,7 @@ def test_cli_demo_end_to_end(tmp_path, capsys):
         assert split.column_names == ["input_ids", "labels"]
         for ids, labels in zip(split["input_ids"], split["labels"]):
             assert len(ids) == len(labels) <= 256
-    report = json.loads((save_path / pd.REPORT_FILE).read_text())
+    report = json.loads((save_path / prep.REPORT_FILE).read_text())
     assert report["splits"]["train"]["prompt_truncated"] > 0  # demo articles are longer than 256 tokens
     # Running again replaces our own previous output.
     pd.main(["baichuan2", "--demo", "--save-path", str(save_path), "--max-examples", "20"])

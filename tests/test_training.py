@@ -8,8 +8,9 @@ import torch
 from conftest import PYTHON, REPO_ROOT, run_script, torchrun
 from safetensors.torch import load_file
 
-import backend
-import finetune_utils as fu
+import finetune.data as fu
+import finetune.parallel as parallel
+import finetune.plan as plan
 
 TRAIN = {"llama": REPO_ROOT / "train_llama2.py", "baichuan": REPO_ROOT / "train_baichuan2_13b.py"}
 
@@ -109,7 +110,7 @@ def test_packed_row_loss_equals_token_weighted_loss_of_examples_run_one_by_one(t
     from transformers import AutoModelForCausalLM
 
     import modeling_baichuan  # noqa: F401
-    import packed_attention  # noqa: F401
+    import finetune.packed_attention  # noqa: F401
 
     extra = {"attn_implementation": attention} if kind == "llama" else {}
     model = AutoModelForCausalLM.from_pretrained(tiny_run[kind], dtype=torch.float32, **extra).eval()
@@ -153,37 +154,37 @@ def test_packed_rows_for_the_rotary_baichuan_variant_match_separate_runs():
     ("baichuan-inc/Baichuan2-13B-Base", 13_896_668_160),
 ])
 def test_parameter_counts_of_known_models(name, params):
-    assert backend.count_parameters(backend.KNOWN_CONFIGS[name]) == params
+    assert plan.count_parameters(plan.KNOWN_CONFIGS[name]) == params
 
 
 def test_global_batch_split_into_micro_batches_and_accumulation():
-    assert backend.split_global_batch(256, 8, None, "cuda") == (32, 1)
-    assert backend.split_global_batch(256, 8, 4, "cuda") == (4, 8)
+    assert parallel.split_global_batch(256, 8, None, "cuda") == (32, 1)
+    assert parallel.split_global_batch(256, 8, 4, "cuda") == (4, 8)
     # On CPU about 2048 tokens per forward: 2 rows of 1024; rows of 128 up to the whole share.
-    assert backend.split_global_batch(24, 2, None, "cpu", 1024) == (2, 6)
-    assert backend.split_global_batch(24, 2, None, "cpu", 128) == (12, 1)
-    assert backend.split_global_batch(8, 1, None, "cpu", 128) == (8, 1)
-    assert backend.split_global_batch(24, 1, None, "cuda") == (8, 3)
+    assert parallel.split_global_batch(24, 2, None, "cpu", 1024) == (2, 6)
+    assert parallel.split_global_batch(24, 2, None, "cpu", 128) == (12, 1)
+    assert parallel.split_global_batch(8, 1, None, "cpu", 128) == (8, 1)
+    assert parallel.split_global_batch(24, 1, None, "cuda") == (8, 3)
     with pytest.raises(SystemExit):
-        backend.split_global_batch(10, 4)
+        parallel.split_global_batch(10, 4)
     with pytest.raises(SystemExit):
-        backend.split_global_batch(16, 2, 3)
+        parallel.split_global_batch(16, 2, 3)
 
 
 def test_memory_plan_for_llama2_13b_on_8_gpus():
-    cfg = backend.KNOWN_CONFIGS["meta-llama/Llama-2-13b-hf"]
-    memory = backend.estimate_memory(cfg, 8, 1, 1024, False, "bf16")
+    cfg = plan.KNOWN_CONFIGS["meta-llama/Llama-2-13b-hf"]
+    memory = plan.estimate_memory(cfg, 8, 1, 1024, False, "bf16")
     params = 13_015_864_320
     # fp32 weights, grads and two AdamW moments, each sharded over 8 ranks: 16 bytes a parameter in all.
     assert memory["gradients"] == pytest.approx(params * 4 / 8)
     assert memory["optimizer"] == pytest.approx(params * 8 / 8)
-    micro, accumulation, checkpointing = backend.plan_for_budget(cfg, 8, 256, 1024, 80)
+    micro, accumulation, checkpointing = plan.plan_for_budget(cfg, 8, 256, 1024, 80)
     assert micro * accumulation * 8 == 256
-    total = sum(v for k, v in backend.estimate_memory(cfg, 8, micro, 1024, checkpointing, "bf16").items()
+    total = sum(v for k, v in plan.estimate_memory(cfg, 8, micro, 1024, checkpointing, "bf16").items()
                 if k != "parameters")
     assert total / 2 ** 30 <= 80
     # One 80 GB GPU cannot hold 13B parameters of fp32 training state, whatever the micro-batch.
-    single = backend.estimate_memory(cfg, 1, 1, 1024, True, "bf16")
+    single = plan.estimate_memory(cfg, 1, 1, 1024, True, "bf16")
     assert sum(v for k, v in single.items() if k != "parameters") / 2 ** 30 > 80
 
 

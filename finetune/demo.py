@@ -6,10 +6,14 @@ processes ask at once: each asset is built under a lock in a temporary folder th
 
     ensure_demo_tokenizer("llama2")  -> folder loadable with AutoTokenizer
     ensure_demo_model("baichuan2")   -> folder loadable with AutoModelForCausalLM (after `import modeling_baichuan`)
-    ensure_demo_dataset("llama2", block_size=1024) -> prepare_dataset.py output folder (load_from_disk)
+    ensure_demo_dataset("llama2", recipe, block_size=1024) -> prepare_dataset.py output folder (load_from_disk)
+
+"llama2" and "baichuan2" name a model family here: its tokenizer style and model class. Any recipe can use
+the tokenizer of its family (`family_of`), so a newly added recipe works with `--demo` too.
 """
 import fcntl
 import hashlib
+import inspect
 import io
 import json
 import os
@@ -18,7 +22,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent
+REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_SAMPLE_FILES = {
     "llama2": str(REPO_ROOT / "data" / "llama2_sample.jsonl"),
     "baichuan2": str(REPO_ROOT / "data" / "baichuan2_sample.jsonl"),
@@ -43,9 +47,17 @@ def demo_cache_root() -> Path:
     return Path(os.environ.get("FINETUNE_DEMO_CACHE") or REPO_ROOT / ".demo_cache")
 
 
-def _check_recipe(recipe):
-    if recipe not in DEMO_SAMPLE_FILES:
-        raise ValueError(f"unknown demo recipe {recipe!r}; expected one of {sorted(DEMO_SAMPLE_FILES)}")
+FAMILIES = ("llama2", "baichuan2")
+
+
+def family_of(model_name):
+    """The demo model family standing in for a hub model: Baichuan's for Baichuan models, Llama's otherwise."""
+    return "baichuan2" if "baichuan" in str(model_name).lower() else "llama2"
+
+
+def _check_family(family):
+    if family not in FAMILIES:
+        raise ValueError(f"unknown demo model family {family!r}; expected one of {FAMILIES}")
 
 
 def _fingerprint(*parts) -> str:
@@ -156,29 +168,29 @@ def _build_baichuan_tokenizer(folder: Path):
     tokenizer.save_pretrained(str(folder))
 
 
-def ensure_demo_tokenizer(recipe: str) -> str:
-    """Folder of the demo tokenizer for `recipe` ("llama2" or "baichuan2"), built on first use."""
-    _check_recipe(recipe)
+def ensure_demo_tokenizer(family: str) -> str:
+    """Folder of the demo tokenizer of `family` ("llama2" or "baichuan2"), built on first use."""
+    _check_family(family)
     sources = list(DEMO_SAMPLE_FILES.values())
-    if recipe == "llama2":
+    if family == "llama2":
         return _build_once(f"tokenizer-llama2-{_fingerprint(*sources)}", _build_llama_tokenizer)
     return _build_once(f"tokenizer-baichuan2-{_fingerprint(*sources, REPO_ROOT / 'modeling_baichuan.py')}",
                        _build_baichuan_tokenizer)
 
 
-def load_demo_tokenizer(recipe: str):
+def load_demo_tokenizer(family: str):
     from transformers import AutoTokenizer
 
-    if recipe == "baichuan2":
+    if family == "baichuan2":
         import modeling_baichuan  # noqa: F401  (registers BaichuanTokenizer with AutoTokenizer)
-    return AutoTokenizer.from_pretrained(ensure_demo_tokenizer(recipe))
+    return AutoTokenizer.from_pretrained(ensure_demo_tokenizer(family))
 
 
 # ----------------------------------------------------------------------------------------------
 # Models
 # ----------------------------------------------------------------------------------------------
-def _demo_model_config(recipe: str, vocab_size: int):
-    if recipe == "llama2":
+def _demo_model_config(family: str, vocab_size: int):
+    if family == "llama2":
         from transformers import LlamaConfig
 
         return LlamaConfig(vocab_size=vocab_size, num_key_value_heads=DEMO_MODEL_SIZES["num_attention_heads"],
@@ -190,43 +202,48 @@ def _demo_model_config(recipe: str, vocab_size: int):
                           norm_head=True, pad_token_id=0, bos_token_id=1, eos_token_id=2, **DEMO_MODEL_SIZES)
 
 
-def _build_model(recipe: str, folder: Path):
+def _build_model(family: str, folder: Path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    tokenizer = load_demo_tokenizer(recipe)
-    config = _demo_model_config(recipe, vocab_size=len(tokenizer))
+    tokenizer = load_demo_tokenizer(family)
+    config = _demo_model_config(family, vocab_size=len(tokenizer))
     torch.manual_seed(DEMO_SEED)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(str(folder))  # safetensors is the only format transformers 5 writes
     tokenizer.save_pretrained(str(folder))
 
 
-def ensure_demo_model(recipe: str) -> str:
-    """Folder with a tiny randomly initialised model (fixed seed, fp32) and its tokenizer."""
-    _check_recipe(recipe)
-    tokenizer_folder = ensure_demo_tokenizer(recipe)
-    code = [REPO_ROOT / "modeling_baichuan.py"] if recipe == "baichuan2" else []
+def ensure_demo_model(family: str) -> str:
+    """Folder with a tiny randomly initialised model (fixed seed, fp32) of `family` and its tokenizer."""
+    _check_family(family)
+    tokenizer_folder = ensure_demo_tokenizer(family)
+    code = [REPO_ROOT / "modeling_baichuan.py"] if family == "baichuan2" else []
     key = _fingerprint(Path(tokenizer_folder).name, json.dumps(DEMO_MODEL_SIZES), DEMO_MAX_LENGTH, DEMO_SEED, *code)
-    return _build_once(f"model-{recipe}-{key}", lambda folder: _build_model(recipe, folder))
+    return _build_once(f"model-{family}-{key}", lambda folder: _build_model(family, folder))
 
 
 # ----------------------------------------------------------------------------------------------
 # Prepared data set
 # ----------------------------------------------------------------------------------------------
-def _build_dataset(recipe: str, block_size: int, folder: Path):
-    import prepare_dataset
+def _build_dataset(recipe_name: str, recipe: dict, block_size: int, folder: Path):
+    from finetune import preparation
 
-    tokenizer = load_demo_tokenizer(recipe)
-    raw = prepare_dataset.load_raw_dataset(DEMO_SAMPLE_FILES[recipe])
-    dataset, report = prepare_dataset.prepare(recipe, tokenizer, raw, block_size=block_size)
-    prepare_dataset.save_dataset_and_report(dataset, report, folder)
+    tokenizer = load_demo_tokenizer(family_of(recipe["model"]))
+    raw = preparation.load_raw_dataset(DEMO_SAMPLE_FILES[recipe_name])
+    dataset, report = preparation.prepare(recipe_name, recipe, tokenizer, raw, block_size=block_size)
+    preparation.save_dataset_and_report(dataset, report, folder)
 
 
-def ensure_demo_dataset(recipe: str, block_size: int = 1024) -> str:
-    """prepare_dataset.py output (train/validation, input_ids/labels) for the bundled sample data."""
-    _check_recipe(recipe)
-    tokenizer_folder = ensure_demo_tokenizer(recipe)
-    key = _fingerprint(Path(tokenizer_folder).name, DEMO_SAMPLE_FILES[recipe], REPO_ROOT / "prepare_dataset.py")
-    return _build_once(f"dataset-{recipe}-b{int(block_size)}-{key}",
-                       lambda folder: _build_dataset(recipe, int(block_size), folder))
+def ensure_demo_dataset(recipe_name: str, recipe: dict, block_size: int = 1024) -> str:
+    """The bundled sample data of `recipe_name`, prepared with `recipe` (a prepare_dataset.RECIPES entry) and
+    the demo tokenizer of its family: a prepare_dataset.py output folder (train/validation, input_ids/labels)."""
+    if recipe_name not in DEMO_SAMPLE_FILES:
+        raise SystemExit(f"error: --demo has no bundled sample data for recipe {recipe_name!r}; pass "
+                         f"--dataset-name-or-path with a prepare_dataset.py output folder")
+    tokenizer_folder = ensure_demo_tokenizer(family_of(recipe["model"]))
+    # The prompt function's source is part of the key, so editing a recipe rebuilds its demo data.
+    key = _fingerprint(Path(tokenizer_folder).name, DEMO_SAMPLE_FILES[recipe_name], inspect.getsource(
+        recipe["build_prompt"]), REPO_ROOT / "finetune" / "preparation.py")
+    return _build_once(f"dataset-{recipe_name}-b{int(block_size)}-{key}",
+                       lambda folder: _build_dataset(recipe_name, recipe, int(block_size), folder))

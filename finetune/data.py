@@ -1,4 +1,4 @@
-"""Data helpers shared by the training scripts: load a prepared dataset, plan batches, build masks and labels.
+"""Data helpers for the training scripts: load a prepared dataset, plan batches, build masks and labels, loaders.
 
 A prepared dataset (see prepare_dataset.py) holds one tokenised example per row: `input_ids`, and `labels`
 with -100 where no loss is taken. Everything here works from each example's true length, never from a pad
@@ -10,7 +10,6 @@ Batching modes (one optimiser step = `batch_size` rows of at most `block_size` t
   block        one example per row, padded to `block_size` (the tutorial's batching).
 """
 import bisect
-import math
 import os
 
 import numpy as np
@@ -39,16 +38,39 @@ def load_prepared_dataset(path):
     return dataset
 
 
-def require_local_or_reachable(model_name_or_path):
-    """A hub id with no way to reach the hub fails at once with one line, not after transformers' retries."""
-    if os.path.isdir(model_name_or_path):
-        return
-    from prepare_dataset import PrepareError, require_hub
+def load_tokenizer(model_name_or_path, trust_remote_code=False):
+    """(tokenizer, pad id): the model's tokenizer, with EOS standing in as padding where it has no pad token
+    (Llama 2). Padding is masked by true lengths, never by this id."""
+    from transformers import AutoTokenizer
 
+    from finetune.hub import require_local_or_reachable
+
+    require_local_or_reachable(model_name_or_path)
     try:
-        require_hub("model", model_name_or_path)
-    except PrepareError as exc:
-        raise SystemExit(f"error: {exc}") from None
+        tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"error: cannot load the tokenizer of {model_name_or_path!r}: {str(exc).splitlines()[0]}")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return tokenizer, pad_id
+
+
+def check_block_size(config, block_size):
+    """Rows longer than the model's positions would train on positions it never had."""
+    max_length = getattr(config, "model_max_length", None) or config.max_position_embeddings
+    if max_length < block_size:
+        raise SystemExit(f"error: --block-size {block_size} exceeds the model's length limit {max_length}")
+
+
+def load_token_tables(path, block_size):
+    """(train, validation or None) TokenTables of a prepared dataset whose examples all fit in `block_size`."""
+    dataset = load_prepared_dataset(path)
+    train = TokenTable(dataset["train"])
+    validation = TokenTable(dataset["validation"]) if len(dataset.get("validation", [])) else None
+    too_long = sum(int((table.lengths > block_size).sum()) for table in (train, validation) if table)
+    if too_long:
+        raise SystemExit(f"error: {too_long} examples are longer than --block-size {block_size}; run "
+                         f"prepare_dataset.py with --block-size {block_size}")
+    return train, validation
 
 
 class TokenTable:
@@ -209,15 +231,16 @@ class StepDataset(torch.utils.data.Dataset):
         step_info = {
             "step_tokens": int(self.table.lengths[examples].sum()),
             "step_targets": int(self.table.num_targets[examples].sum()),
+            "last_in_epoch": step == len(self.plan) - 1,
         }
         return micro_batches, step_info
 
 
 def make_step_loader(table, plan, rank, world_size, micro_batch_size, pad_id, pad_to, start_step=0, workers=1,
-                     pin_memory=False):
-    """A DataLoader over the steps of one epoch plan, starting at `start_step` (for exact resume)."""
+                     pin_memory=False, stop_step=None):
+    """A DataLoader over steps `start_step` (for exact resume) to `stop_step` (default: all) of one epoch plan."""
     dataset = StepDataset(table, plan, rank, world_size, micro_batch_size, pad_id, pad_to)
-    steps = list(range(start_step, len(plan)))
+    steps = list(range(start_step, len(plan) if stop_step is None else min(stop_step, len(plan))))
     return torch.utils.data.DataLoader(
         dataset,
         sampler=steps,
@@ -229,16 +252,24 @@ def make_step_loader(table, plan, rank, world_size, micro_batch_size, pad_id, pa
     )
 
 
-def lr_lambda(total_steps, warmup_ratio, min_lr_ratio):
-    """Linear warmup, then cosine decay to `min_lr_ratio` of the peak."""
-    warmup = max(1, int(total_steps * warmup_ratio))
+def epoch_loaders(table, plans, start_step, total_steps, backend, micro_batch_size, pad_id, pad_to, workers=1):
+    """(epoch, loader) for each epoch that has steps in [start_step, total_steps); together the loaders yield
+    exactly those steps, in order, so a resumed run continues where it stopped and a finished one trains nothing."""
+    epoch_start = 0
+    for epoch, plan in enumerate(plans):
+        if start_step < epoch_start + len(plan) and epoch_start < total_steps:
+            yield epoch, make_step_loader(table, plan, backend.rank, backend.world_size, micro_batch_size, pad_id,
+                                          pad_to, start_step=max(0, start_step - epoch_start), workers=workers,
+                                          pin_memory=backend.device.type == "cuda",
+                                          stop_step=total_steps - epoch_start)
+        epoch_start += len(plan)
 
-    def factor(step):
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    return factor
+
+def validation_rows(table, block_size, batching, seed):
+    """Rows of the validation split, packed (or not) like training rows; computed once per run."""
+    if table is None:
+        return []
+    return [row for step_rows in plan_epoch(table.lengths, 1, block_size, batching, seed, 0) for row in step_rows]
 
 
 def move_to(batch, device):

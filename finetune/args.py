@@ -2,13 +2,18 @@
 import argparse
 import math
 
-from finetune_utils import BATCHING_MODES
+from finetune.data import BATCHING_MODES
 
 
 def parse_training_args(description, defaults, demo_defaults, argv=None):
     """Parse the flags of a training script; `defaults` hold the tutorial's values, `demo_defaults` those of
     --demo. A flag the user gives always wins over both."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    flag_names = {"save_dir": "save-model-dir"}
+    demo_summary = ", ".join(f"--{flag_names.get(name, name.replace('_', '-'))} {value}"
+                             for name, value in demo_defaults.items())
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=f"--demo defaults (any flag given still wins): {demo_summary}; the model, "
+                                       f"tokenizer and prepared data are the embedded tiny ones.")
     p.add_argument("--model-name-or-path", help=f"hub id or local folder (default {defaults['model']})")
     p.add_argument("--dataset-name-or-path", help=f"a prepare_dataset.py output folder (default {defaults['dataset']})")
     p.add_argument("--epochs", type=int, help=f"passes over the data (default {defaults['epochs']})")
@@ -63,6 +68,9 @@ def parse_training_args(description, defaults, demo_defaults, argv=None):
                       ("log_interval", "log_interval"), ("save_model_dir", "save_dir"), ("eval_every", "eval_every")]:
         if getattr(args, name) is None:
             setattr(args, name, defaults[key])
+    if not args.demo:  # with --demo the script fills these with the embedded tiny model and data
+        args.model_name_or_path = args.model_name_or_path or defaults["model"]
+        args.dataset_name_or_path = args.dataset_name_or_path or defaults["dataset"]
     if args.pad_to_block_size:
         args.batching = "block"
     for name in ("epochs", "batch_size", "block_size", "log_interval", "keep_last", "max_steps", "save_every",

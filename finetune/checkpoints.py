@@ -8,7 +8,8 @@ Layout inside `--save-model-dir`:
   checkpoints/step-00000050.partial/   a checkpoint being written; ignored on resume
 
 A checkpoint becomes visible by one rename, after every rank has finished writing, so a job killed in the
-middle of a save leaves the previous checkpoint as the newest complete one.
+middle of a save leaves the previous checkpoint as the newest complete one. `Checkpointer` is what the training
+scripts use: it checks the folder, resumes or starts the run, and saves when due or when a stop signal came.
 """
 import json
 import os
@@ -21,6 +22,7 @@ import threading
 import numpy as np
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
+from tqdm import tqdm
 
 RUN_MARKER = ".finetune_run.json"
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d{8})$")
@@ -228,3 +230,77 @@ class StopRequest:
 
     def requested(self):
         return self.event.is_set()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What the training scripts call
+# ----------------------------------------------------------------------------------------------------------
+
+class Checkpointer:
+    """The run folder's checkpoints for one training run: resume, save every `--save-every` steps or on a stop
+    signal, keep the last `--keep-last`. Made before the model is loaded, so a bad folder fails fast."""
+
+    def __init__(self, args, backend, script_name):
+        self.save_dir, self.save_every, self.keep_last = args.save_model_dir, args.save_every, args.keep_last
+        self.backend, self.script_name = backend, script_name
+        # Settings that fix the data order: a resumed run must use the same ones.
+        self.run_settings = {"seed": args.seed, "batch_size": args.batch_size, "batching": args.batching,
+                             "block_size": args.block_size}
+        self.resume_from = check_save_dir(args.save_model_dir, args.resume, args.overwrite, args.resume_if_possible)
+        self.stop = StopRequest()
+
+    def start(self, model, optimizer, scheduler):
+        """Restore the newest checkpoint (when resuming) or start a fresh run folder; returns the step reached."""
+        step = 0
+        if self.resume_from:
+            state = load_checkpoint(self.resume_from, model, optimizer, scheduler, self.backend,
+                                    dict(self.run_settings, epoch=0))
+            step = state["step"]
+            if self.backend.is_main:
+                truncate_metrics(self.save_dir, step)
+                print(f"resumed from {self.resume_from} at step {step}", flush=True)
+        self.backend.barrier()
+        if self.backend.is_main and not self.resume_from:
+            start_run_dir(self.save_dir, self.script_name)
+        self.backend.barrier()
+        return step
+
+    def after_step(self, step, epoch, model, optimizer, scheduler):
+        """Save when due or when any rank got a stop signal; True means stop now (the checkpoint is written)."""
+        stopping = self.backend.any_rank(self.stop.requested())
+        if not (stopping or (self.save_every and step % self.save_every == 0)):
+            return False
+        path = save_checkpoint(self.save_dir, step, model, optimizer, scheduler, dict(self.run_settings, epoch=epoch),
+                               self.backend, self.keep_last)
+        if stopping and self.backend.is_main:
+            tqdm.write(f"stopped by {self.stop.signal_name or 'a signal'} after step {step}; checkpoint {path} "
+                       f"written. Continue with the same command plus --resume.")
+        return stopping
+
+
+def _usual_file_modes(folder):
+    """Weights are written through private temporary files (mode 0600); give them the mode of any new file."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            os.chmod(path, 0o666 & ~umask)
+
+
+def save_final_model(model, tokenizer, backend, save_dir, plan):
+    """The finished model as `save_pretrained` (safetensors) plus its tokenizer and the parallel plan (rank 0)."""
+    from finetune.parallel import full_state_dict_on_rank0
+
+    state_dict = full_state_dict_on_rank0(model, backend)
+    if backend.is_main:
+        try:
+            model.save_pretrained(save_dir, state_dict=state_dict, safe_serialization=True)
+            tokenizer.save_pretrained(save_dir)
+            with open(os.path.join(save_dir, "parallel_plan.json"), "w") as f:
+                json.dump(plan, f, indent=2)
+            _usual_file_modes(save_dir)
+        except OSError as exc:
+            raise SystemExit(f"error: could not save the model to {save_dir!r} ({exc.strerror or exc})")
+        print(f"saved model and tokenizer to {save_dir}", flush=True)
+    backend.barrier()

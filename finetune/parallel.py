@@ -16,7 +16,6 @@ import contextlib
 import datetime
 import importlib
 import importlib.util
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -24,23 +23,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-# Shapes of the models this collection targets, so `--plan-only` works offline and without downloading.
-KNOWN_CONFIGS = {
-    "meta-llama/Llama-2-7b-hf": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
-                                     num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32),
-    "meta-llama/Llama-2-13b-hf": dict(vocab_size=32000, hidden_size=5120, intermediate_size=13824,
-                                      num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=40),
-    "meta-llama/Llama-2-70b-hf": dict(vocab_size=32000, hidden_size=8192, intermediate_size=28672,
-                                      num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8),
-    "baichuan-inc/Baichuan2-7B-Base": dict(vocab_size=125696, hidden_size=4096, intermediate_size=11008,
-                                           num_hidden_layers=32, num_attention_heads=32),
-    "baichuan-inc/Baichuan2-13B-Base": dict(vocab_size=125696, hidden_size=5120, intermediate_size=13696,
-                                            num_hidden_layers=40, num_attention_heads=40),
-}
-KNOWN_CONFIGS["baichuan-inc/Baichuan2-13B-Chat"] = KNOWN_CONFIGS["baichuan-inc/Baichuan2-13B-Base"]
-KNOWN_CONFIGS["meta-llama/Llama-2-13b-chat-hf"] = KNOWN_CONFIGS["meta-llama/Llama-2-13b-hf"]
-
-GIB = 1024 ** 3
 
 
 @dataclass
@@ -133,6 +115,15 @@ def decoder_layers(model):
 def load_model(backend, model_class, model_path, gradient_checkpointing=False, compile_layers=False,
                attn_implementation=None, trust_remote_code=False):
     """Load fp32 master weights and place them: whole on one device, or sharded per layer under torchrun."""
+    try:
+        return _load_and_place(backend, model_class, model_path, gradient_checkpointing, compile_layers,
+                               attn_implementation, trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"error: cannot load the model {model_path!r}: {str(exc).splitlines()[0]}") from None
+
+
+def _load_and_place(backend, model_class, model_path, gradient_checkpointing, compile_layers, attn_implementation,
+                    trust_remote_code):
     from transformers import AutoConfig
 
     kwargs = {"trust_remote_code": trust_remote_code}
@@ -226,94 +217,6 @@ def split_global_batch(batch_size, world_size, micro_batch_size=None, device_typ
         raise SystemExit(f"error: --micro-batch-size {micro_batch_size} does not divide the {per_rank} rows "
                          f"each process takes per step")
     return micro_batch_size, per_rank // micro_batch_size
-
-
-def count_parameters(cfg):
-    """Parameters of a Llama-style decoder from its shape (Baichuan's fused W_pack has the same count)."""
-    h, i, layers, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
-    heads = cfg["num_attention_heads"]
-    kv_dim = h // heads * cfg.get("num_key_value_heads", heads)
-    per_layer = 2 * h * h + 2 * h * kv_dim + 3 * h * i + 2 * h
-    head = 0 if cfg.get("tie_word_embeddings") else vocab * h
-    return vocab * h + layers * per_layer + h + head
-
-
-def estimate_memory(cfg, world_size, micro_batch_size, block_size, checkpointing, mixed_precision):
-    """Bytes per device: fp32 master weights, gradients and AdamW state sharded over ranks, plus activations."""
-    params = count_parameters(cfg)
-    h, i, layers, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
-    act_bytes = 2 if mixed_precision == "bf16" else 4
-    tokens = micro_batch_size * block_size
-    # Saved tensors per token in one decoder layer: ~10 hidden-sized (norms, q/k/v, attention out, residuals)
-    # and 4 intermediate-sized (gate, up, activation, product) tensors; checkpointing keeps only layer inputs.
-    per_layer_token = (10 * h + 4 * i) * act_bytes
-    if checkpointing:
-        activations = tokens * (layers * h * act_bytes + per_layer_token)
-    else:
-        activations = tokens * layers * per_layer_token
-    activations += tokens * vocab * 4 * 2  # fp32 logits and their gradient
-    shard = params / world_size
-    gathered_layer = 2 * (params - 2 * vocab * h) / layers * act_bytes  # two unsharded layers in flight
-    return {
-        "parameters": params,
-        "weights": shard * 4 + (gathered_layer if world_size > 1 else 0),
-        "gradients": shard * 4,
-        "optimizer": shard * 8,
-        "activations": activations,
-    }
-
-
-def describe_plan(cfg, engine, world_size, batch_size, micro_batch_size, accumulation, block_size,
-                  checkpointing, mixed_precision, device_name, device_memory_gb=None):
-    """The plan as a dict (also written to the run folder) and as printable lines."""
-    memory = estimate_memory(cfg, world_size, micro_batch_size, block_size, checkpointing, mixed_precision)
-    total = sum(v for k, v in memory.items() if k != "parameters")
-    plan = {
-        "engine": engine, "world_size": world_size, "device": device_name,
-        "sharding": "FSDP2 per decoder layer" if world_size > 1 else "none (one device)",
-        "global_batch_rows": batch_size, "micro_batch_size": micro_batch_size,
-        "accumulation_steps": accumulation, "block_size": block_size,
-        "activation_checkpointing": bool(checkpointing),
-        "dtype": "bf16 compute, fp32 master weights and reduction" if mixed_precision == "bf16" else "fp32",
-        "parameters": memory["parameters"],
-        "memory_gib_per_device": {k: round(v / GIB, 2) for k, v in memory.items() if k != "parameters"},
-        "memory_gib_per_device_total": round(total / GIB, 2),
-    }
-    if device_memory_gb:
-        plan["fits"] = total / GIB <= device_memory_gb * 0.92
-    lines = ["[parallel plan]"] + [f"  {k}: {v}" for k, v in plan.items()]
-    return plan, lines
-
-
-def plan_for_budget(cfg, world_size, batch_size, block_size, device_memory_gb, mixed_precision="bf16",
-                    micro_batch_size=None):
-    """Largest micro-batch (power of two dividing the per-rank rows) that fits, switching on checkpointing if
-    that is what it takes; the arithmetic behind `--plan-only`."""
-    per_rank = split_global_batch(batch_size, world_size, 1)[1]
-    candidates = [micro_batch_size] if micro_batch_size else [m for m in (2 ** k for k in range(12, -1, -1))
-                                                               if m <= per_rank and per_rank % m == 0]
-    for checkpointing in (False, True):
-        for micro in candidates:
-            memory = estimate_memory(cfg, world_size, micro, block_size, checkpointing, mixed_precision)
-            if sum(v for k, v in memory.items() if k != "parameters") / GIB <= device_memory_gb * 0.92:
-                return micro, per_rank // micro, checkpointing
-    return candidates[-1], per_rank // candidates[-1], True
-
-
-def model_shape(model_name_or_path):
-    """The config fields the plan needs, from a local folder or the table of known hub models."""
-    local = os.path.join(model_name_or_path, "config.json")
-    if os.path.isfile(local):
-        with open(local) as f:
-            return json.load(f)
-    if model_name_or_path in KNOWN_CONFIGS:
-        return dict(KNOWN_CONFIGS[model_name_or_path])
-    try:  # another hub model: its config.json is a small download
-        from transformers import AutoConfig
-        return AutoConfig.from_pretrained(model_name_or_path).to_dict()
-    except (OSError, ValueError):
-        raise SystemExit(f"error: no config.json in {model_name_or_path!r}, it could not be downloaded, and it is "
-                         f"not one of {sorted(KNOWN_CONFIGS)}") from None
 
 
 def probe_micro_batch(model, backend, micro_batch_size, per_rank, block_size):

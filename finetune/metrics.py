@@ -1,13 +1,17 @@
-"""Honest speed figures: model FLOPs per step, device peak, MFU and peak memory.
+"""Honest speed figures and the training log: model FLOPs per step, device peak, MFU, peak memory, the log line
+and metrics.jsonl.
 
 FLOPs count only useful work: 6 x (weights used in matmuls) per real token, plus 12 x layers x hidden per
 (query, key) pair that attention actually computes for real tokens (block-diagonal when packed). Padding
 counts for nothing.
 """
+import json
+import os
 import resource
 import time
 
 import torch
+from tqdm import tqdm
 
 # Dense peak TFLOP/s per GPU for bf16 (fp32 is taken as tf32 where the chip has it). Override with --peak-tflops.
 GPU_PEAK_TFLOPS = {
@@ -74,3 +78,50 @@ def peak_memory_gib(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux reports KiB
+
+
+class MetricsLog:
+    """The tutorial-shaped log line and one metrics.jsonl row per logged step (rank 0 writes; all ranks call)."""
+
+    def __init__(self, save_dir, backend, config, log_interval, total_steps, peak_tflops=None):
+        self.backend, self.config = backend, config
+        self.log_interval, self.total_steps = log_interval, total_steps
+        self.peak_flops, self.peak_source = device_peak_flops(backend.device, peak_tflops)
+        self.file = open(os.path.join(save_dir, "metrics.jsonl"), "a") if backend.is_main else None
+        self._start_interval()
+
+    def _start_interval(self):
+        self.tokens, self.flops, self.steps, self.started = 0, 0.0, 0, time.perf_counter()
+
+    def add_step(self, step_tokens, attended_pairs):
+        """Count a finished step: its real tokens (all ranks) and this rank's attended (query, key) pairs."""
+        self.tokens += step_tokens
+        self.last_step_tokens = step_tokens
+        self.steps += 1
+        self.flops += step_flops(self.config, step_tokens, attended_pairs * self.backend.world_size)
+
+    def due(self, step, epoch_end):
+        return step % self.log_interval == 0 or step == self.total_steps or epoch_end
+
+    def log(self, step, epoch, step_loss, grad_norm, lr, val_loss=None):
+        """Write the row and the line for `step` (every rank calls this: the loss is summed across ranks)."""
+        loss = self.backend.all_reduce_sum(step_loss.clone()).item()
+        elapsed = time.perf_counter() - self.started
+        world_peak = self.peak_flops * self.backend.world_size if self.peak_flops else None
+        row = {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "tokens": self.last_step_tokens,
+               "step_time": elapsed / self.steps, "tokens_per_sec": self.tokens / elapsed,
+               "grad_norm": float(grad_norm), "mfu": self.flops / elapsed / world_peak if world_peak else None,
+               "peak_memory_gib": peak_memory_gib(self.backend.device)}
+        if val_loss is not None:
+            row["val_loss"] = val_loss
+        if self.file:
+            tqdm.write(f"[Step {step}/{self.total_steps}] | Loss: {loss:.4f} | Duration: {elapsed:.2f} | "
+                       f"Throughput: {row['tokens_per_sec']:.2f} tokens/sec"
+                       + (f" | Val loss: {val_loss:.4f}" if val_loss is not None else ""))
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+        self._start_interval()
+
+    def close(self):
+        if self.file:
+            self.file.close()

@@ -1,0 +1,17 @@
+"""Helpers behind the training scripts, one module per concern.
+
+    parallel          the backend hook `enable_advanced_parallelization()`, model loading and FSDP2 sharding
+    plan              micro-batch, accumulation, checkpointing and memory: the printed parallel plan
+    data              prepared datasets, packing, masks and labels, data loaders
+    training          schedule, clipping, the non-finite guard, validation
+    checkpoints       resumable checkpoints, stop signals, the run folder, the final save
+    metrics           FLOPs, MFU, peak memory, the log line and metrics.jsonl
+    args              the training scripts' command-line flags
+    preparation       the engine behind prepare_dataset.py
+    demo              the embedded offline default: tiny tokenizers, models and sample data
+    packed_attention  attention inside each packed example's span (Llama)
+    hub               failing fast when the Hugging Face Hub cannot be reached
+"""
+from finetune.parallel import enable_advanced_parallelization
+
+__all__ = ["enable_advanced_parallelization"]

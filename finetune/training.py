@@ -1,0 +1,87 @@
+"""Pieces of the training loop that are the same for every model: the schedule, clipping, the non-finite
+guard and the validation pass. The loop itself stays in the training scripts."""
+import math
+import random
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from finetune.checkpoints import list_checkpoints
+from finetune.data import collate_rows, move_to
+
+
+def set_seed(seed):
+    """Seed Python, NumPy and PyTorch (every device): weight init of new layers, dropout, sampling."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def warmup_cosine_schedule(optimizer, total_steps, warmup_ratio, min_lr_ratio):
+    """Linear warmup over `warmup_ratio` of the steps, then cosine decay to `min_lr_ratio` of the peak."""
+    warmup = max(1, int(total_steps * warmup_ratio))
+
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def clip_grad_norm(model, max_norm):
+    """Clip to `max_norm` and return the total norm as a plain tensor (gathered across shards under FSDP2)."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+class NonFiniteGuard:
+    """Keeps a non-finite loss or gradient from reaching the weights; stops the run after `allowed` skips."""
+
+    def __init__(self, allowed, save_dir, backend):
+        self.allowed, self.save_dir, self.backend = allowed, save_dir, backend
+        self.skipped = 0
+
+    def update_is_finite(self, step_loss, grad_norm, step):
+        """True when the update of `step` may be applied (on every rank alike). The one host sync of a step."""
+        finite = bool(torch.isfinite(grad_norm) & torch.isfinite(step_loss))
+        if not self.backend.any_rank(not finite):
+            return True
+        self.skipped += 1
+        if self.skipped > self.allowed:
+            last = list_checkpoints(self.save_dir)
+            kept = f"; the last good checkpoint is {last[-1]}" if last else ""
+            raise SystemExit(f"error: non-finite loss or gradient norm at step {step}{kept}")
+        if self.backend.is_main:
+            tqdm.write(f"warning: skipped the update of step {step}: non-finite loss or gradient norm")
+        return False
+
+
+class Validation:
+    """Token-weighted loss over the whole validation split; every rank takes its share of the rows."""
+
+    def __init__(self, table, rows, forward, backend, micro_batch_size, pad_id, pad_to, every=None):
+        self.table, self.rows, self.forward, self.backend = table, rows, forward, backend
+        self.micro_batch_size, self.pad_id, self.pad_to, self.every = micro_batch_size, pad_id, pad_to, every
+
+    def due(self, step, epoch_end):
+        return bool(self.rows) and (epoch_end or bool(self.every and step % self.every == 0))
+
+    def loss(self, model):
+        backend, device, micro = self.backend, self.backend.device, self.micro_batch_size
+        model.eval()
+        loss_sum = torch.zeros((), device=device)
+        targets = torch.zeros((), device=device)
+        chunk = backend.world_size * micro
+        with torch.no_grad():
+            for start in range(0, len(self.rows), chunk):
+                mine = self.rows[start:start + chunk][backend.rank * micro:(backend.rank + 1) * micro]
+                weight = 1.0 if mine else 0.0  # a rank with no rows left still joins the sharded forward
+                batch = move_to(collate_rows(self.table, mine or self.rows[:1], self.pad_id, self.pad_to), device)
+                with backend.autocast():
+                    loss_sum += weight * self.forward(model, batch, num_items_in_batch=1).float()
+                targets += weight * batch["num_targets"]
+        model.train()
+        totals = backend.all_reduce_sum(torch.stack([loss_sum, targets]))
+        return (totals[0] / totals[1].clamp(min=1)).item()
