@@ -21,8 +21,8 @@ prepare_report.json with the numbers printed at the end.
 import argparse
 
 from finetune import demo
-from finetune.preparation import (PrepareError, check_save_path, format_report, load_raw_dataset, load_tokenizer,
-                                  prepare, write_output)
+from finetune.preparation import (PrepareError, claim_save_path, format_report, load_raw_dataset, load_tokenizer,
+                                  prepare, require, write_output)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -121,14 +121,19 @@ def build_parser():
     return parser
 
 
+def parse_args(argv=None):
+    args = build_parser().parse_args(argv)
+    require(args.block_size >= 1, f"--block-size must be a positive integer, got {args.block_size}")
+    require(args.seed >= 0, f"--seed must be a non-negative integer, got {args.seed}")
+    require(0 <= args.validation_fraction < 1,
+            f"--validation-fraction must be in [0, 1), got {args.validation_fraction}")
+    require(args.max_examples is None or args.max_examples >= 1,
+            f"--max-examples must be a positive integer, got {args.max_examples}")
+    return args
+
+
 def run(args):
     recipe = RECIPES[args.recipe]
-    if args.block_size < 1:
-        raise PrepareError(f"--block-size must be positive, got {args.block_size}")
-    if not 0 <= args.validation_fraction < 1:
-        raise PrepareError(f"--validation-fraction must be in [0, 1), got {args.validation_fraction}")
-    if args.max_examples is not None and args.max_examples < 1:
-        raise PrepareError(f"--max-examples must be positive, got {args.max_examples}")
     save_path = args.save_path or recipe["save_path"]
     if args.demo:  # the tiny demo tokenizer of the recipe's model family serves any recipe
         model = args.model_name_or_path or demo.ensure_demo_tokenizer(demo.family_of(recipe["model"]))
@@ -140,27 +145,29 @@ def run(args):
     if config_name is None and dataset_name == recipe["dataset"]:
         config_name = recipe["dataset_config"]
 
-    check_save_path(save_path)  # refuse a foreign folder before spending time on tokenization
-
-    tokenizer = load_tokenizer(model)
-    raw = load_raw_dataset(dataset_name, config_name)
-    dataset, report = prepare(args.recipe, recipe, tokenizer, raw, block_size=args.block_size,
-                              train_on_prompt=args.train_on_prompt, seed=args.seed,
-                              validation_fraction=args.validation_fraction, max_examples=args.max_examples)
-    report["tokenizer"] = str(model)
-    report["dataset"] = str(dataset_name)
-    written = write_output(dataset, report, save_path)
+    # Claimed before tokenization: a foreign folder or a concurrent run into the same path fails at once.
+    with claim_save_path(save_path) as target:
+        tokenizer = load_tokenizer(model)
+        raw = load_raw_dataset(dataset_name, config_name)
+        dataset, report = prepare(args.recipe, recipe, tokenizer, raw, block_size=args.block_size,
+                                  train_on_prompt=args.train_on_prompt, seed=args.seed,
+                                  validation_fraction=args.validation_fraction, max_examples=args.max_examples)
+        report["tokenizer"] = str(model)
+        report["dataset"] = str(dataset_name)
+        written = write_output(dataset, report, target)
     print(format_report(report))
     print(f"saved to {written}")
     return written
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         return run(args)
     except PrepareError as problem:
         raise SystemExit(f"error: {problem}") from None
+    except KeyboardInterrupt:  # the output folder is already back as it was (see write_output)
+        raise SystemExit("error: interrupted; --save-path is unchanged") from None
 
 
 if __name__ == "__main__":

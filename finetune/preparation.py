@@ -5,11 +5,15 @@ head, body, tail and response strings, and `columns`, the text columns it reads.
 recipe-agnostic: tokenisation that keeps the response, label masks, the train/validation split, loading local
 or hub data, and an atomic write of the output folder.
 """
+import ctypes
+import errno
+import fcntl
 import json
 import os
+import re
 import shutil
-import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from finetune.hub import HubUnreachable, hub_offline, looks_like_path, require_hub, root_cause_message
@@ -22,6 +26,12 @@ LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "
 
 class PrepareError(Exception):
     """A problem with the user's input; prepare_dataset.py prints it as one `error: ...` line."""
+
+
+def require(ok, message):
+    """A command-line check in one line: stop with `error: message` unless `ok`."""
+    if not ok:
+        raise SystemExit(f"error: {message}")
 
 
 def require_hub_or_fail(what, name):
@@ -257,6 +267,8 @@ def load_raw_dataset(name_or_path, config_name=None):
                                    f"use one of {', '.join(sorted(LOCAL_FORMATS))}")
             return datasets.load_dataset(file_format, data_files={"train": str(path)})
         if path.is_dir():
+            if not any(entry.is_file() for entry in path.rglob("*")):
+                raise PrepareError(f"data folder {path} holds no files")
             if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
                 loaded = datasets.load_from_disk(str(path))
                 return loaded if isinstance(loaded, DatasetDict) else DatasetDict(train=loaded)
@@ -282,6 +294,8 @@ def load_tokenizer(name_or_path):
 
     import modeling_baichuan  # noqa: F401  (registers BaichuanTokenizer so AutoTokenizer finds it)
     is_local = Path(name_or_path).expanduser().exists()
+    if is_local and not Path(name_or_path).expanduser().is_dir():
+        raise PrepareError(f"tokenizer {name_or_path} is a file; pass the folder that holds it")
     if not is_local:
         if looks_like_path(name_or_path):
             raise PrepareError(f"no such tokenizer folder: {name_or_path}")
@@ -312,6 +326,21 @@ def save_dataset_and_report(dataset, report, folder):
     (Path(folder) / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
 
 
+def output_folder(save_path):
+    """--save-path as an absolute folder path, and the folders above it that had to be created for it."""
+    target = Path(save_path).expanduser().resolve()
+    if not target.name:
+        raise PrepareError(f"--save-path {save_path} names no folder")
+    if target.exists() and not target.is_dir():
+        raise PrepareError(f"--save-path {save_path} exists and is not a folder; not touching it")
+    created = [folder for folder in target.parents if not folder.exists()]  # deepest first
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as problem:  # a file on the way, no permission, a read-only disk
+        raise PrepareError(f"--save-path {save_path}: cannot create its parent folder ({problem.strerror})") from None
+    return target, created
+
+
 def check_save_path(save_path):
     """Refuse a --save-path we would have to clobber: a file, or a folder this script did not write."""
     target = Path(save_path).expanduser()
@@ -323,22 +352,110 @@ def check_save_path(save_path):
                                "choose another path or remove it yourself")
 
 
-def write_output(dataset, report, save_path):
-    """Save into save_path atomically: write a temporary sibling folder, then rename it into place.
-    An existing folder is replaced only if it is empty or a previous output of this script."""
-    check_save_path(save_path)
-    target = Path(save_path).expanduser().resolve()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    old = None
+# The new output is written into .NAME.tmp beside NAME and swapped in; without an atomic swap the previous output
+# waits in .NAME.old between two renames. Every run holds .NAME.lock meanwhile, so such folders found by the
+# holder are an interrupted run's (".NAME.tmp-xxxx" / ".NAME.old-PID": from versions without the lock).
+def _work_paths(target):
+    return target.parent / f".{target.name}.tmp", target.parent / f".{target.name}.old"
+
+
+def _leftovers(target):
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(tmp|old)(-\w+)?")
+    found = [path for path in target.parent.iterdir() if pattern.fullmatch(path.name) and path.is_dir()]
+    return sorted(found, key=lambda path: path.stat().st_mtime, reverse=True)  # newest first
+
+
+def recover_leftovers(target):
+    """Finish what an interrupted write left beside `target`: put a previous output that was moved aside but
+    never replaced back in place, and delete half-written or replaced folders. Returns what it did, or None."""
+    leftovers = _leftovers(target)
+    restored = None
+    if not target.exists():
+        restored = next((path for path in leftovers if path.name.startswith(f".{target.name}.old")), None)
+        if restored is not None:
+            os.replace(restored, target)
+    for path in leftovers:
+        if path != restored:
+            shutil.rmtree(path, ignore_errors=True)
+    if restored is not None:
+        return f"restored the previous output from {restored.name}, left by an interrupted run"
+    if leftovers:
+        return f"removed {', '.join(path.name for path in leftovers)}, left by an interrupted run"
+    return None
+
+
+def _exchange(first, second):
+    """Swap two existing paths in one step (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_cwd, rename_exchange = -100, 2
+    if renameat2(at_cwd, os.fsencode(first), at_cwd, os.fsencode(second), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):  # old kernel, or a file system without it
+        return False
+    raise OSError(code, os.strerror(code), str(first))
+
+
+@contextmanager
+def claim_save_path(save_path):
+    """Hold --save-path for one run: refuse a file, a foreign folder, or a folder another run is writing; recover
+    what an interrupted run left. Yields the absolute folder to pass to write_output."""
+    target, created = output_folder(save_path)
+    lock_path = target.parent / f".{target.name}.lock"
+    while True:
+        try:
+            handle = open(lock_path, "a")
+        except OSError as problem:
+            raise PrepareError(f"--save-path {save_path}: cannot create {lock_path} ({problem.strerror})") from None
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise PrepareError(f"another prepare_dataset.py run is writing --save-path {save_path}; wait for it to "
+                               "finish or choose another path") from None
+        try:  # the lock file may have been removed by the run that held it just before; take the new one then
+            if os.stat(lock_path).st_ino == os.fstat(handle.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        handle.close()
     try:
-        save_dataset_and_report(dataset, report, tmp)
-        if target.exists():
-            old = target.parent / f".{target.name}.old-{os.getpid()}"
-            os.replace(target, old)
-        os.replace(tmp, target)
+        note = recover_leftovers(target)
+        if note:
+            print(f"note: --save-path {save_path}: {note}")
+        check_save_path(save_path)
+        yield target
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        try:  # unlinked before unlocking: a run that opened the file meanwhile sees it is gone and starts over
+            if os.stat(lock_path).st_ino == os.fstat(handle.fileno()).st_ino:
+                os.unlink(lock_path)
+        except FileNotFoundError:
+            pass
+        handle.close()
+        for folder in created if not target.exists() else []:  # a failed run leaves no empty folders behind
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+
+
+def write_output(dataset, report, target):
+    """Save into `target` (from claim_save_path, still held) so that a kill at any moment leaves the previous
+    output or the new one there (or, where paths cannot be swapped atomically, beside it until the next run)."""
+    tmp, old = _work_paths(target)
+    try:
+        try:
+            save_dataset_and_report(dataset, report, tmp)
+        except OSError as problem:  # a full disk, a quota, a read-only file system
+            raise PrepareError(f"could not write the new output for {target}: {problem.strerror or problem}") from None
+        if not target.exists():
+            os.replace(tmp, target)
+        elif not _exchange(tmp, target):
+            os.replace(target, old)
+            os.replace(tmp, target)
+    finally:  # on success this deletes the replaced output; after an error it puts the previous one back
+        recover_leftovers(target)
     return str(target)
