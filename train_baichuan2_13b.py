@@ -90,7 +90,7 @@ def main(argv=None):
     step = checkpoints.start(model, optim, scheduler)  # 0, or the step of the checkpoint resumed from
 
     guard = NonFiniteGuard(args.skip_nonfinite, args.save_model_dir, backend)
-    metrics = MetricsLog(args.save_model_dir, backend, model.config, args.log_interval, total_steps,
+    metrics = MetricsLog(args.save_model_dir, backend, model, args.log_interval, total_steps,
                          args.peak_tflops)
     validation = Validation(eval_table, data.validation_rows(eval_table, args.block_size, args.batching, args.seed),
                             forward, backend, micro_batch_size, pad_id, pad_to, args.eval_every)

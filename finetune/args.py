@@ -4,6 +4,8 @@ import math
 
 from finetune.data import BATCHING_MODES
 
+LORA_LR = 2e-4  # the default --lr with --lora / --qlora
+
 
 def parse_training_args(description, defaults, demo_defaults, argv=None):
     """Parse the flags of a training script; `defaults` hold the tutorial's values, `demo_defaults` those of
@@ -20,7 +22,8 @@ def parse_training_args(description, defaults, demo_defaults, argv=None):
     p.add_argument("--batch-size", type=int,
                    help=f"rows of --block-size tokens per optimiser step, across all processes (default {defaults['batch_size']})")
     p.add_argument("--block-size", type=int, default=1024, help="tokens per row (default 1024)")
-    p.add_argument("--lr", type=float, help=f"peak learning rate (default {defaults['lr']})")
+    p.add_argument("--lr", type=float, help=f"peak learning rate (default {defaults['lr']}; {LORA_LR} with --lora "
+                                            f"or --qlora)")
     p.add_argument("--log-interval", type=int, help=f"steps between log lines (default {defaults['log_interval']})")
     p.add_argument("--save-model-dir", help=f"output folder: final model, tokenizer, metrics, checkpoints "
                                             f"(default {defaults['save_dir']})")
@@ -77,6 +80,7 @@ def parse_training_args(description, defaults, demo_defaults, argv=None):
                            f"{defaults.get('lora_target_modules', 'every linear layer of the blocks')})")
     args = p.parse_args(argv)
 
+    lr_given = args.lr is not None
     defaults = dict(defaults, **demo_defaults) if args.demo else dict(defaults, eval_every=None)
     for name, key in [("epochs", "epochs"), ("batch_size", "batch_size"), ("lr", "lr"),
                       ("log_interval", "log_interval"), ("save_model_dir", "save_dir"), ("eval_every", "eval_every")]:
@@ -96,11 +100,11 @@ def parse_training_args(description, defaults, demo_defaults, argv=None):
         raise SystemExit(f"error: --lr must be a positive number (got {args.lr})")
     if args.num_workers < 0 or args.skip_nonfinite < 0:
         raise SystemExit("error: --num-workers and --skip-nonfinite cannot be negative")
-    _check_lora_args(args, defaults)
+    _check_lora_args(args, defaults, lr_given)
     return args
 
 
-def _check_lora_args(args, defaults):
+def _check_lora_args(args, defaults, lr_given):
     """Fill the adapter defaults for --lora / --qlora; adapter flags without either are a mistake."""
     given = [f"--{name.replace('_', '-')}" for name in ("lora_rank", "lora_alpha", "lora_dropout",
                                                           "lora_target_modules") if getattr(args, name) is not None]
@@ -109,6 +113,8 @@ def _check_lora_args(args, defaults):
             raise SystemExit(f"error: {' '.join(given)} needs --lora or --qlora")
         return
     args.lora = True  # --qlora is LoRA on a 4-bit base
+    if not lr_given and not args.demo:  # adapters start from zero and need a far larger step than full weights
+        args.lr = LORA_LR
     args.lora_rank = 16 if args.lora_rank is None else args.lora_rank
     args.lora_alpha = 32.0 if args.lora_alpha is None else args.lora_alpha
     args.lora_dropout = 0.0 if args.lora_dropout is None else args.lora_dropout

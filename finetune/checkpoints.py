@@ -261,9 +261,9 @@ class Checkpointer:
         # Settings that fix the data order: a resumed run must use the same ones.
         self.run_settings = {"seed": args.seed, "batch_size": args.batch_size, "batching": args.batching,
                              "block_size": args.block_size}
+        # A LoRA checkpoint holds adapters of one shape and no base: resume only into the same adapters.
         adapters = lora.settings(args)
-        if adapters:  # a LoRA checkpoint holds adapters of one shape: resume only into the same ones
-            self.run_settings["adapters"] = adapters.describe()
+        self.run_settings["adapters"] = adapters.describe() if adapters else None
         self.resume_from = check_save_dir(args.save_model_dir, args.resume, args.overwrite, args.resume_if_possible)
         self.stop = StopRequest()
 

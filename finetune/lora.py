@@ -34,10 +34,9 @@ class LoraSettings:
     trust_remote_code: bool = False
 
     def describe(self):
-        """One line, stored in checkpoints: a resumed run must train the same adapters."""
+        """One line, stored in checkpoints: a resumed run must train adapters of the same shape and scale."""
         kind = "qlora (4-bit NF4 base)" if self.quantize_4bit else "lora"
-        return (f"{kind} rank {self.rank} alpha {self.alpha:g} dropout {self.dropout:g} "
-                f"on {','.join(self.targets)}")
+        return f"{kind} rank {self.rank} alpha {self.alpha:g} on {','.join(self.targets)}"
 
 
 def settings(args):

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import PYTHON, REPO_ROOT, run_script, torchrun
+from conftest import PYTHON, REPO_ROOT, assert_one_line_error, run_script, torchrun
 from safetensors.torch import load_file
 
 from finetune import lora, parallel, plan
@@ -77,7 +77,8 @@ def test_lora_flags_defaults_per_model_and_bad_values():
         return parse_training_args("", script.DEFAULTS, script.DEMO_DEFAULTS, list(argv))
 
     args = parse(train_llama2, "--lora")
-    assert (args.lora_rank, args.lora_alpha, args.lora_dropout) == (16, 32.0, 0.0)
+    assert (args.lora_rank, args.lora_alpha, args.lora_dropout, args.lr) == (16, 32.0, 0.0, 2e-4)
+    assert parse(train_llama2, "--lora", "--lr", "1e-3").lr == 1e-3 and parse(train_llama2).lr == 1e-5
     assert args.lora_target_modules == "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
     assert lora.settings(args).quantize_4bit is False
     args = parse(train_baichuan2_13b, "--qlora", "--lora-target-modules", "W_pack, o_proj", "--lora-rank", "8")
@@ -105,6 +106,17 @@ def test_unknown_target_module_and_qlora_under_torchrun_are_refused(tiny_run):
     with pytest.raises(SystemExit, match="--qlora runs on one device"):
         parallel.load_model(sharded, AutoModelForCausalLM, tiny_run["llama"],
                             adapters=lora_settings(tiny_run, "llama", ["q_proj"], quantize=True))
+
+
+def test_lora_flops_leave_out_weight_gradients_of_the_frozen_base(tiny_run):
+    from transformers import AutoConfig
+
+    from finetune.metrics import matmul_parameters, step_flops
+
+    config = AutoConfig.from_pretrained(tiny_run["llama"])
+    weights = matmul_parameters(config)
+    assert step_flops(config, 10, 0) == 6 * weights * 10
+    assert step_flops(config, 10, 0, adapter_parameters=7) == (4 * weights + 6 * 7) * 10
 
 
 @pytest.mark.parametrize("kind, targets", [("llama", "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"),
@@ -202,11 +214,16 @@ def test_lora_outputs_merged_model_and_adapter_and_small_checkpoints(tiny_run, l
     assert all(".lora_" in k for k in keys if k.startswith("optimizer.state."))
 
 
-def resume_from_step_2(script, reference, resumed, *args):
+def resume_from_step_2(script, reference, resumed, *args, other_adapters=None):
     """Resume a copy of `reference` from its step-2 checkpoint (as if stopped there); it must end bit for bit
-    where the uninterrupted run did."""
+    where the uninterrupted run did. A try with `other_adapters` flags first must be refused, leaving all."""
     shutil.copytree(reference, resumed)
     shutil.rmtree(resumed / "checkpoints" / "step-00000004")
+    if other_adapters:
+        refused = run_script(PYTHON, str(script), *args, *other_adapters, "--save-model-dir", str(resumed), "--resume",
+                             env=ENV)
+        assert "was written with adapters 'lora rank 16" in assert_one_line_error(refused)
+        assert (resumed / "checkpoints" / "step-00000002" / ".metadata").is_file()
     result = run_script(PYTHON, str(script), *args, "--save-model-dir", str(resumed), "--resume", env=ENV)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "at step 2" in result.stdout
@@ -218,7 +235,8 @@ def resume_from_step_2(script, reference, resumed, *args):
 
 def test_llama_lora_resumes_bit_for_bit(tiny_run, lora_run, tmp_path):
     resume_from_step_2(TRAIN["llama"], lora_run, tmp_path / "resumed", "--model-name-or-path", tiny_run["llama"],
-                       "--dataset-name-or-path", tiny_run["data"], *COMMON, "--lora")
+                       "--dataset-name-or-path", tiny_run["data"], *COMMON, "--lora",
+                       other_adapters=["--lora-rank", "8"])
 
 
 def test_baichuan_demo_lora_resumes_bit_for_bit(tmp_path, capsys):
