@@ -27,7 +27,10 @@ from prepare_dataset import RECIPES
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-dir", required=True, help="a folder written by a training script (or any HF model folder)")
+    p.add_argument("--model-dir", required=True, help="a folder written by a training script (or any HF model folder); "
+                                                      "with --adapter, the base model")
+    p.add_argument("--adapter", help="a LoRA adapter folder (a training script's <save dir>/adapter) to apply to "
+                                     "--model-dir")
     p.add_argument("--recipe", choices=sorted(RECIPES), default="llama2", help="prompt format (default llama2)")
     p.add_argument("--example", help="the example as JSON, with the recipe's prompt columns")
     p.add_argument("--example-file", help="a .jsonl file of examples (default: the bundled sample data)")
@@ -134,6 +137,12 @@ def main(argv=None):
     tokenizer, model = load_model(args.model_dir)
     require(not args.chat or model.config.model_type == "baichuan",
             f"--chat is Baichuan2's chat format; {args.model_dir!r} holds a {model.config.model_type} model")
+    if args.adapter:
+        from peft import PeftModel
+        try:
+            model = PeftModel.from_pretrained(model, args.adapter)
+        except (OSError, ValueError, RuntimeError) as exc:  # RuntimeError: an adapter made for another model
+            raise SystemExit(f"error: cannot apply the adapter {args.adapter!r}: {str(exc).splitlines()[0]}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
 

@@ -26,7 +26,7 @@ from transformers import AutoModelForCausalLM
 
 import modeling_baichuan  # noqa: F401  (registers Baichuan with the Auto classes)
 import prepare_dataset
-from finetune import data, demo, enable_advanced_parallelization, parallel, plan
+from finetune import data, demo, enable_advanced_parallelization, lora, parallel, plan
 from finetune.args import parse_training_args
 from finetune.checkpoints import Checkpointer, save_final_model
 from finetune.metrics import MetricsLog
@@ -34,7 +34,8 @@ from finetune.training import NonFiniteGuard, Validation, clip_grad_norm, set_se
 
 RECIPE = "baichuan2"
 DEFAULTS = dict(model="baichuan-inc/Baichuan2-13B-Base", dataset="./baichuan2_dataset",
-                save_dir="./baichuan2_13b_finetuned", epochs=1, batch_size=256, lr=1e-5, log_interval=10)
+                save_dir="./baichuan2_13b_finetuned", epochs=1, batch_size=256, lr=1e-5, log_interval=10,
+                lora_target_modules="W_pack,o_proj,gate_proj,up_proj,down_proj")
 DEMO_DEFAULTS = dict(save_dir="./baichuan2_demo_output", epochs=3, batch_size=4, lr=2e-3, log_interval=2,
                      eval_every=10)
 
@@ -77,18 +78,19 @@ def main(argv=None):
     # ---- model and optimiser ------------------------------------------------------------------------------
     model = parallel.load_model(backend, AutoModelForCausalLM, args.model_name_or_path,
                                 gradient_checkpointing=checkpointing, compile_layers=args.compile,
-                                trust_remote_code=args.trust_remote_code)
+                                trust_remote_code=args.trust_remote_code,
+                                adapters=lora.settings(args))  # --lora / --qlora: frozen base plus adapters
     data.check_block_size(model.config, args.block_size)
     micro_batch_size, accumulation = plan.confirm_on_device(model, backend, args, micro_batch_size, accumulation)
     run_plan = plan.print_and_save_plan(model, backend, args, micro_batch_size, accumulation, checkpointing)
 
-    optim = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
-                              fused=device.type == "cuda")
+    optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],  # with LoRA: the adapters
+                              lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
     scheduler = warmup_cosine_schedule(optim, total_steps, args.warmup_ratio, args.min_lr_ratio)
     step = checkpoints.start(model, optim, scheduler)  # 0, or the step of the checkpoint resumed from
 
     guard = NonFiniteGuard(args.skip_nonfinite, args.save_model_dir, backend)
-    metrics = MetricsLog(args.save_model_dir, backend, model.config, args.log_interval, total_steps,
+    metrics = MetricsLog(args.save_model_dir, backend, model, args.log_interval, total_steps,
                          args.peak_tflops)
     validation = Validation(eval_table, data.validation_rows(eval_table, args.block_size, args.batching, args.seed),
                             forward, backend, micro_batch_size, pad_id, pad_to, args.eval_every)

@@ -5,6 +5,7 @@
     data              prepared datasets, packing, masks and labels, data loaders
     training          schedule, clipping, the non-finite guard, validation
     checkpoints       resumable checkpoints, stop signals, the run folder, the final save
+    lora              --lora / --qlora: adapters (peft) on a frozen or 4-bit base, the merged save
     metrics           FLOPs, MFU, peak memory, the log line and metrics.jsonl
     args              the training scripts' command-line flags
     preparation       the engine behind prepare_dataset.py

@@ -4,6 +4,8 @@ import math
 
 from finetune.data import BATCHING_MODES
 
+LORA_LR = 2e-4  # the default --lr with --lora / --qlora
+
 
 def parse_training_args(description, defaults, demo_defaults, argv=None):
     """Parse the flags of a training script; `defaults` hold the tutorial's values, `demo_defaults` those of
@@ -20,7 +22,8 @@ def parse_training_args(description, defaults, demo_defaults, argv=None):
     p.add_argument("--batch-size", type=int,
                    help=f"rows of --block-size tokens per optimiser step, across all processes (default {defaults['batch_size']})")
     p.add_argument("--block-size", type=int, default=1024, help="tokens per row (default 1024)")
-    p.add_argument("--lr", type=float, help=f"peak learning rate (default {defaults['lr']})")
+    p.add_argument("--lr", type=float, help=f"peak learning rate (default {defaults['lr']}; {LORA_LR} with --lora "
+                                            f"or --qlora)")
     p.add_argument("--log-interval", type=int, help=f"steps between log lines (default {defaults['log_interval']})")
     p.add_argument("--save-model-dir", help=f"output folder: final model, tokenizer, metrics, checkpoints "
                                             f"(default {defaults['save_dir']})")
@@ -61,8 +64,23 @@ def parse_training_args(description, defaults, demo_defaults, argv=None):
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the checkpoint folder")
     p.add_argument("--demo", action="store_true", help="embedded tiny model, tokenizer and prepared sample data; "
                                                         "offline, CPU-friendly")
+    lora = p.add_argument_group("LoRA / QLoRA (train low-rank adapters on a frozen base; the output is the merged "
+                                "model plus adapter/)")
+    lora.add_argument("--lora", action="store_true", help="train LoRA adapters (peft); the base stays frozen "
+                                                          "(bf16 under bf16 compute)")
+    lora.add_argument("--qlora", action="store_true", help="--lora on a base loaded in 4-bit NF4 with bf16 compute "
+                                                           "(bitsandbytes); one device")
+    lora.add_argument("--lora-rank", type=int, help="rank r of each adapter (default 16)")
+    lora.add_argument("--lora-alpha", type=float, help="adapter scale alpha; updates are scaled by alpha/r "
+                                                       "(default 32)")
+    lora.add_argument("--lora-dropout", type=float, help="dropout on the adapter input, 0 <= p < 1 (default 0: "
+                                                         "runs on any number of processes then agree)")
+    lora.add_argument("--lora-target-modules",
+                      help=f"comma-separated names of the decoder-block linear layers that get adapters (default "
+                           f"{defaults.get('lora_target_modules', 'every linear layer of the blocks')})")
     args = p.parse_args(argv)
 
+    lr_given = args.lr is not None
     defaults = dict(defaults, **demo_defaults) if args.demo else dict(defaults, eval_every=None)
     for name, key in [("epochs", "epochs"), ("batch_size", "batch_size"), ("lr", "lr"),
                       ("log_interval", "log_interval"), ("save_model_dir", "save_dir"), ("eval_every", "eval_every")]:
@@ -82,4 +100,35 @@ def parse_training_args(description, defaults, demo_defaults, argv=None):
         raise SystemExit(f"error: --lr must be a positive number (got {args.lr})")
     if args.num_workers < 0 or args.skip_nonfinite < 0:
         raise SystemExit("error: --num-workers and --skip-nonfinite cannot be negative")
+    _check_lora_args(args, defaults, lr_given)
     return args
+
+
+def _check_lora_args(args, defaults, lr_given):
+    """Fill the adapter defaults for --lora / --qlora; adapter flags without either are a mistake."""
+    given = [f"--{name.replace('_', '-')}" for name in ("lora_rank", "lora_alpha", "lora_dropout",
+                                                          "lora_target_modules") if getattr(args, name) is not None]
+    if not (args.lora or args.qlora):
+        if given:
+            raise SystemExit(f"error: {' '.join(given)} needs --lora or --qlora")
+        return
+    args.lora = True  # --qlora is LoRA on a 4-bit base
+    if not lr_given and not args.demo:  # adapters start from zero and need a far larger step than full weights
+        args.lr = LORA_LR
+    args.lora_rank = 16 if args.lora_rank is None else args.lora_rank
+    args.lora_alpha = 32.0 if args.lora_alpha is None else args.lora_alpha
+    args.lora_dropout = 0.0 if args.lora_dropout is None else args.lora_dropout
+    if args.lora_target_modules is None:
+        args.lora_target_modules = defaults.get("lora_target_modules", "q_proj,k_proj,v_proj,o_proj,gate_proj,"
+                                                                       "up_proj,down_proj")
+    if args.lora_rank <= 0:
+        raise SystemExit(f"error: --lora-rank must be positive (got {args.lora_rank})")
+    if not (args.lora_alpha > 0 and math.isfinite(args.lora_alpha)):
+        raise SystemExit(f"error: --lora-alpha must be a positive number (got {args.lora_alpha})")
+    if not 0 <= args.lora_dropout < 1:
+        raise SystemExit(f"error: --lora-dropout must be at least 0 and below 1 (got {args.lora_dropout})")
+    names = [name.strip() for name in args.lora_target_modules.split(",")]
+    if not all(name.isidentifier() for name in names) or len(set(names)) != len(names):
+        raise SystemExit(f"error: --lora-target-modules must be distinct layer names separated by commas, like "
+                         f"q_proj,v_proj (got {args.lora_target_modules!r})")
+    args.lora_target_modules = ",".join(names)

@@ -4,7 +4,8 @@ Layout inside `--save-model-dir`:
   .finetune_run.json            marks the folder as ours (we never touch a folder without it, unless empty)
   metrics.jsonl                 one row per logged step
   checkpoints/step-00000040/    complete checkpoints only: PyTorch distributed checkpoint (each rank writes
-                                its shard of model and optimiser), trainer_state.json, rng_rank<r>.pt
+                                its shard of model and optimiser; with LoRA only the adapters and their
+                                optimiser state), trainer_state.json, rng_rank<r>.pt
   checkpoints/step-00000050.partial/   a checkpoint being written; ignored on resume
 
 A checkpoint becomes visible by one rename, after every rank has finished writing, so a job killed in the
@@ -23,6 +24,8 @@ import numpy as np
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
 from tqdm import tqdm
+
+from finetune import lora
 
 RUN_MARKER = ".finetune_run.json"
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d{8})$")
@@ -71,6 +74,7 @@ def start_run_dir(save_dir, script_name):
     checkpoints and the earlier final weights, so a new run that dies never leaves a folder that looks finished."""
     shutil.rmtree(os.path.join(save_dir, "checkpoints"), ignore_errors=True)
     if os.path.isfile(os.path.join(save_dir, RUN_MARKER)):
+        shutil.rmtree(os.path.join(save_dir, lora.ADAPTER_DIR), ignore_errors=True)
         for name in os.listdir(save_dir):
             if name.startswith("model") and (name.endswith(".safetensors") or name.endswith(".safetensors.index.json")):
                 os.remove(os.path.join(save_dir, name))
@@ -125,7 +129,6 @@ def model_fingerprint(model):
 def save_checkpoint(save_dir, step, model, optimizer, scheduler, trainer_state, backend, keep_last):
     """Write a resumable checkpoint for `step` (every rank calls this), then prune old ones."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
 
     root = os.path.join(save_dir, "checkpoints")
     final = os.path.join(root, f"step-{step:08d}")
@@ -137,7 +140,7 @@ def save_checkpoint(save_dir, step, model, optimizer, scheduler, trainer_state, 
                     shutil.rmtree(os.path.join(root, name), ignore_errors=True)
             os.makedirs(partial)
         backend.barrier()
-        model_state, optim_state = get_state_dict(model, optimizer)
+        model_state, optim_state = _trained_state(model, optimizer)
         dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=partial)
         torch.save(_rng_state(), os.path.join(partial, f"rng_rank{backend.rank}.pt"))
         backend.barrier()
@@ -163,6 +166,16 @@ def save_checkpoint(save_dir, step, model, optimizer, scheduler, trainer_state, 
     return final
 
 
+def _trained_state(model, optimizer):
+    """(model state, optimiser state) of what trains: every weight in full fine-tuning, only the adapters with
+    LoRA (a frozen or 4-bit base, and its quantisation constants, are left to the model files)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    keep = {name for name, p in model.named_parameters() if p.requires_grad} | {n for n, _ in model.named_buffers()}
+    return {k: v for k, v in model_state.items() if k in keep}, optim_state
+
+
 def _fsync_dir(path):
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -178,7 +191,7 @@ def load_checkpoint(path, model, optimizer, scheduler, backend, expected_state=N
     must use the same ones, or it would replay a different order.
     """
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
     try:
         with open(os.path.join(path, "trainer_state.json")) as f:
@@ -194,14 +207,16 @@ def load_checkpoint(path, model, optimizer, scheduler, backend, expected_state=N
                          f"({state.get('model')}); nothing was deleted")
     if not os.path.isfile(os.path.join(path, ".metadata")):  # DCP would print tracebacks while looking for it
         raise SystemExit(f"error: checkpoint {path!r} is corrupt or incomplete (no .metadata); nothing was deleted")
-    model_state, optim_state = get_state_dict(model, optimizer)
+    model_state, optim_state = _trained_state(model, optimizer)
     try:
         dcp.load({"model": model_state, "optimizer": optim_state}, checkpoint_id=path)
     # DCP wraps storage and format errors in several exception types; its CheckpointException is a BaseException.
     except (Exception, dcp.api.CheckpointException) as exc:
         raise SystemExit(f"error: checkpoint {path!r} is corrupt or incomplete ({exc.__class__.__name__}); "
                          f"nothing was deleted")
-    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
+    # Only what trains was saved (LoRA: the adapters); the frozen base came from the model files.
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
+                   options=StateDictOptions(ignore_frozen_params=True, strict=False))
     scheduler.load_state_dict(state["scheduler"])
     rng_file = os.path.join(path, f"rng_rank{backend.rank}.pt")
     if os.path.isfile(rng_file):  # absent when resuming on more ranks than wrote the checkpoint
@@ -246,6 +261,9 @@ class Checkpointer:
         # Settings that fix the data order: a resumed run must use the same ones.
         self.run_settings = {"seed": args.seed, "batch_size": args.batch_size, "batching": args.batching,
                              "block_size": args.block_size}
+        # A LoRA checkpoint holds adapters of one shape and no base: resume only into the same adapters.
+        adapters = lora.settings(args)
+        self.run_settings["adapters"] = adapters.describe() if adapters else None
         self.resume_from = check_save_dir(args.save_model_dir, args.resume, args.overwrite, args.resume_if_possible)
         self.stop = StopRequest()
 
@@ -289,17 +307,24 @@ def _usual_file_modes(folder):
 
 
 def save_final_model(model, tokenizer, backend, save_dir, plan):
-    """The finished model as `save_pretrained` (safetensors) plus its tokenizer and the parallel plan (rank 0)."""
+    """The finished model as `save_pretrained` (safetensors) plus its tokenizer and the parallel plan (rank 0).
+    With LoRA: the adapter in `adapter/` and, as the model, the adapter merged into the base."""
     from finetune.parallel import full_state_dict_on_rank0
 
-    state_dict = full_state_dict_on_rank0(model, backend)
+    adapters = lora.is_lora(model)
+    state_dict = full_state_dict_on_rank0(model, backend, trainable_only=adapters)
     if backend.is_main:
         try:
-            model.save_pretrained(save_dir, state_dict=state_dict, safe_serialization=True)
+            if adapters:
+                lora.save_adapter_and_merged(model, state_dict, save_dir)
+            else:
+                model.save_pretrained(save_dir, state_dict=state_dict, safe_serialization=True)
             tokenizer.save_pretrained(save_dir)
             with open(os.path.join(save_dir, "parallel_plan.json"), "w") as f:
                 json.dump(plan, f, indent=2)
             _usual_file_modes(save_dir)
+            if adapters:
+                _usual_file_modes(os.path.join(save_dir, lora.ADAPTER_DIR))
         except OSError as exc:
             raise SystemExit(f"error: could not save the model to {save_dir!r} ({exc.strerror or exc})")
         print(f"saved model and tokenizer to {save_dir}", flush=True)

@@ -3,7 +3,7 @@ and metrics.jsonl.
 
 FLOPs count only useful work: 6 x (weights used in matmuls) per real token, plus 12 x layers x hidden per
 (query, key) pair that attention actually computes for real tokens (block-diagonal when packed). Padding
-counts for nothing.
+counts for nothing. With LoRA a frozen weight gets no weight gradient: 4 x per token, and 6 x per adapter weight.
 """
 import json
 import os
@@ -30,9 +30,13 @@ def matmul_parameters(config):
     return config.num_hidden_layers * per_layer + config.vocab_size * h
 
 
-def step_flops(config, tokens, attended_pairs):
-    """Training FLOPs (forward + backward) for `tokens` real tokens and the attention pairs among them."""
-    return 6 * matmul_parameters(config) * tokens + 12 * config.num_hidden_layers * config.hidden_size * attended_pairs
+def step_flops(config, tokens, attended_pairs, adapter_parameters=None):
+    """Training FLOPs (forward + backward) for `tokens` real tokens and the attention pairs among them; with
+    `adapter_parameters` (LoRA) the base weights are frozen: forward and input gradient only."""
+    attention = 12 * config.num_hidden_layers * config.hidden_size * attended_pairs
+    if adapter_parameters:
+        return (4 * matmul_parameters(config) + 6 * adapter_parameters) * tokens + attention
+    return 6 * matmul_parameters(config) * tokens + attention
 
 
 def matmul_rate(m, k, n, seconds=0.5):
@@ -83,8 +87,11 @@ def peak_memory_gib(device):
 class MetricsLog:
     """The tutorial-shaped log line and one metrics.jsonl row per logged step (rank 0 writes; all ranks call)."""
 
-    def __init__(self, save_dir, backend, config, log_interval, total_steps, peak_tflops=None):
-        self.backend, self.config = backend, config
+    def __init__(self, save_dir, backend, model, log_interval, total_steps, peak_tflops=None):
+        from finetune import lora
+
+        self.backend, self.config = backend, model.config
+        self.adapter_parameters = lora.count_trainable(model) if lora.is_lora(model) else None
         self.log_interval, self.total_steps = log_interval, total_steps
         self.peak_flops, self.peak_source = device_peak_flops(backend.device, peak_tflops)
         self.file = open(os.path.join(save_dir, "metrics.jsonl"), "a") if backend.is_main else None
@@ -98,7 +105,8 @@ class MetricsLog:
         self.tokens += step_tokens
         self.last_step_tokens = step_tokens
         self.steps += 1
-        self.flops += step_flops(self.config, step_tokens, attended_pairs * self.backend.world_size)
+        self.flops += step_flops(self.config, step_tokens, attended_pairs * self.backend.world_size,
+                                 self.adapter_parameters)
 
     def due(self, step, epoch_end):
         return step % self.log_interval == 0 or step == self.total_steps or epoch_end

@@ -113,30 +113,49 @@ def decoder_layers(model):
 
 
 def load_model(backend, model_class, model_path, gradient_checkpointing=False, compile_layers=False,
-               attn_implementation=None, trust_remote_code=False):
-    """Load fp32 master weights and place them: whole on one device, or sharded per layer under torchrun."""
+               attn_implementation=None, trust_remote_code=False, adapters=None):
+    """Load fp32 master weights and place them: whole on one device, or sharded per layer under torchrun.
+
+    With `adapters` (finetune.lora.settings: --lora / --qlora) the base is frozen (bf16 or 4-bit) and LoRA
+    adapters are added before placing, on every rank, so FSDP2 shards base and adapters alike.
+    """
+    from finetune import lora
+
+    lora.check_backend(adapters, backend)
     try:
         return _load_and_place(backend, model_class, model_path, gradient_checkpointing, compile_layers,
-                               attn_implementation, trust_remote_code)
+                               attn_implementation, trust_remote_code, adapters)
     except (OSError, ValueError) as exc:
         raise SystemExit(f"error: cannot load the model {model_path!r}: {str(exc).splitlines()[0]}") from None
+    except (RuntimeError, NotImplementedError, ImportError) as exc:
+        if not (adapters and adapters.quantize_4bit):
+            raise
+        raise SystemExit(f"error: --qlora: bitsandbytes cannot load a 4-bit model on {backend.device} here "
+                         f"({str(exc).splitlines()[0]})") from None
 
 
 def _load_and_place(backend, model_class, model_path, gradient_checkpointing, compile_layers, attn_implementation,
-                    trust_remote_code):
+                    trust_remote_code, adapters):
     from transformers import AutoConfig
 
-    kwargs = {"trust_remote_code": trust_remote_code}
+    from finetune import lora
+
+    kwargs = {"trust_remote_code": trust_remote_code, "dtype": torch.float32}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    if adapters:
+        kwargs.update(lora.base_load_kwargs(adapters, backend))
     if backend.engine != "fsdp2":
-        model = model_class.from_pretrained(model_path, dtype=torch.float32, **kwargs)
+        model = model_class.from_pretrained(model_path, **kwargs)
         if gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if adapters:
+            model = lora.add_adapters(model, adapters)
         if compile_layers:
             for layer in decoder_layers(model):
                 layer.compile()
-        return model.to(backend.device)
+        # A 4-bit base is already on its device (quantised while loading) and refuses .to().
+        return model if adapters and adapters.quantize_4bit else model.to(backend.device)
 
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -144,15 +163,20 @@ def _load_and_place(backend, model_class, model_path, gradient_checkpointing, co
     # Only rank 0 reads the checkpoint into host memory; every rank builds an empty (meta) copy to shard.
     full_state, buffers = {}, {}
     if backend.is_main:
-        full_model = model_class.from_pretrained(model_path, dtype=torch.float32, **kwargs)
+        full_model = model_class.from_pretrained(model_path, **kwargs)
+        if adapters:  # rank 0's initial adapters go out with the base weights
+            full_model = lora.add_adapters(full_model, adapters)
         full_state = full_model.state_dict()
         buffers = {name: b.clone() for name, b in full_model.named_buffers()}
         del full_model
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
-        model = model_class.from_config(config, dtype=torch.float32, **kwargs)
+        model = model_class.from_config(config, **kwargs)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if adapters:
+        with torch.device("meta"):
+            model = lora.add_adapters(model, adapters)
 
     policy = MixedPrecisionPolicy()
     if backend.mixed_precision == "bf16" and backend.device.type == "cuda":
@@ -183,13 +207,18 @@ def _load_and_place(backend, model_class, model_path, gradient_checkpointing, co
     return model
 
 
-def full_state_dict_on_rank0(model, backend):
-    """The whole model's weights as ordinary CPU tensors on rank 0 (empty elsewhere), for save_pretrained."""
+def full_state_dict_on_rank0(model, backend, trainable_only=False):
+    """The whole model's weights as ordinary CPU tensors on rank 0 (empty elsewhere), for save_pretrained;
+    with `trainable_only`, just the parameters that train (LoRA adapters), gathered the same way."""
+    from finetune import lora
+
     if backend.engine != "fsdp2":
-        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        keep = lora.trainable_names(model) if trainable_only else None
+        return {k: v.detach().cpu() for k, v in model.state_dict().items() if keep is None or k in keep}
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                ignore_frozen_params=trainable_only))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -225,7 +254,7 @@ def probe_micro_batch(model, backend, micro_batch_size, per_rank, block_size):
     Memory for the optimiser state (allocated only at the first step) is held aside while probing. Every rank
     probes the same synthetic rows, so all of them run out of memory at the same point and agree on the size.
     """
-    params = sum(p.numel() for p in model.parameters())  # local shard sizes under FSDP
+    params = sum(p.numel() for p in model.parameters() if p.requires_grad)  # local shards under FSDP
     reserve = torch.empty(8 * params, dtype=torch.uint8, device=backend.device)  # two fp32 AdamW moments
     generator = torch.Generator(device=backend.device).manual_seed(0)
     micro = micro_batch_size

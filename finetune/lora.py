@@ -1,0 +1,179 @@
+"""LoRA and QLoRA: train low-rank adapters (peft) on a frozen base, optionally loaded in 4-bit NF4 (bitsandbytes).
+
+`--lora` freezes the base (bf16 under bf16 compute, fp32 otherwise) and adds adapters to the chosen linear layers
+of every decoder block; `--qlora` loads the base's decoder linear layers in 4-bit NF4 with bf16 compute (one
+device only). Adapters always keep fp32 master weights and AdamW state. `parallel.load_model` adds them on every
+rank before FSDP2 shards the model, so rank 0's initial adapters reach all ranks with the base weights.
+
+The final save writes `adapter/` (a peft adapter naming its base) and, in the save folder itself, the adapter
+merged into a copy of the base in the dtype the base trained in (bf16 for QLoRA: the merge goes into the
+unquantised base): an ordinary model folder that loads with AutoModelForCausalLM and no peft.
+"""
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+ADAPTER_DIR = "adapter"
+# bitsandbytes (imported by peft) warns on every CPU start that an optional faster 4-bit kernel is missing;
+# its own fallback works, so the warning is only noise in the log.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """The adapter shape and how the base is held; made from the training flags by `settings(args)`."""
+    rank: int
+    alpha: float
+    dropout: float
+    targets: tuple
+    quantize_4bit: bool
+    base: str                 # hub id or folder of the base model, named in the saved adapter
+    trust_remote_code: bool = False
+
+    def describe(self):
+        """One line, stored in checkpoints: a resumed run must train adapters of the same shape and scale."""
+        kind = "qlora (4-bit NF4 base)" if self.quantize_4bit else "lora"
+        return f"{kind} rank {self.rank} alpha {self.alpha:g} on {','.join(self.targets)}"
+
+
+def settings(args):
+    """The LoraSettings of `--lora` / `--qlora`, or None for full fine-tuning."""
+    if not (getattr(args, "lora", False) or getattr(args, "qlora", False)):
+        return None
+    return LoraSettings(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                        targets=tuple(args.lora_target_modules.split(",")), quantize_4bit=bool(args.qlora),
+                        base=args.model_name_or_path, trust_remote_code=args.trust_remote_code)
+
+
+def base_dtype(settings, mixed_precision):
+    """The frozen base needs no fp32 master copy: bf16 whenever compute is bf16, and always for QLoRA."""
+    return torch.bfloat16 if settings.quantize_4bit or mixed_precision == "bf16" else torch.float32
+
+
+def check_backend(settings, backend):
+    """QLoRA's 4-bit base is not sharded: it runs on one device (one GPU, or a CPU bitsandbytes supports)."""
+    if settings and settings.quantize_4bit and backend.engine != "single":
+        raise SystemExit(f"error: --qlora runs on one device (one GPU or the CPU), not under {backend.engine}; "
+                         f"use --lora to shard a bf16 base over several GPUs")
+
+
+def base_load_kwargs(settings, backend):
+    """from_pretrained arguments for the frozen base: its dtype, and for QLoRA the 4-bit quantisation."""
+    kwargs = {"dtype": base_dtype(settings, backend.mixed_precision)}
+    if settings.quantize_4bit:
+        try:
+            import bitsandbytes  # noqa: F401
+            from transformers import BitsAndBytesConfig
+        except ImportError as exc:
+            raise SystemExit(f"error: --qlora needs bitsandbytes ({exc}); pip install bitsandbytes") from None
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16)
+        kwargs["device_map"] = {"": backend.device}  # quantised while loading, straight onto its device
+    return kwargs
+
+
+def decoder_linear_names(model):
+    """Names (last part) of the linear layers inside the decoder blocks: what adapters can target."""
+    from finetune.parallel import decoder_layers
+
+    return sorted({name.rsplit(".", 1)[-1] for layer in decoder_layers(model)
+                   for name, module in layer.named_modules() if isinstance(module, torch.nn.Linear)})
+
+
+def add_adapters(model, settings):
+    """Freeze `model` and wrap it in a peft model with LoRA adapters on `settings.targets` in every block.
+
+    Adapters start as peft initialises them (A random, B zero), from the current torch RNG: every process that
+    calls this after the same seed gets the same adapters, and under FSDP2 rank 0's are broadcast anyway.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    available = decoder_linear_names(model)
+    missing = [name for name in settings.targets if name not in available]
+    if missing:
+        raise SystemExit(f"error: --lora-target-modules names {missing}, not linear layers of this model's "
+                         f"decoder blocks (they are: {','.join(available)})")
+    config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                        target_modules=list(settings.targets), bias="none", task_type="CAUSAL_LM",
+                        base_model_name_or_path=settings.base)
+    with warnings.catch_warnings():  # peft still calls a transformers method deprecated in v5
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        model = get_peft_model(model, config)  # freezes every base parameter; adapters in fp32
+    model.lora_settings = settings
+    if settings.quantize_4bit:
+        # On a CPU, bitsandbytes repacks a 4-bit layer for its fast inference kernel the first time the layer
+        # runs in eval mode without grad (validation), and that kernel has no backward: later training steps
+        # would silently pass no gradient through the base. Keep the trainable layout.
+        for module in model.modules():
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
+    return model
+
+
+def is_lora(model):
+    return getattr(model, "lora_settings", None) is not None
+
+
+def trainable_names(model):
+    """Parameters the optimiser updates (all of them in full fine-tuning, the adapters with LoRA)."""
+    return {name for name, p in model.named_parameters() if p.requires_grad}
+
+
+def count_trainable(model):
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def save_adapter_and_merged(model, adapter_state, save_dir):
+    """Rank 0: `adapter/` from the gathered adapter weights, then the merge into a fresh copy of the base."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    settings = model.lora_settings
+    adapter_dir = os.path.join(save_dir, ADAPTER_DIR)
+    model.save_pretrained(adapter_dir, state_dict=adapter_state, safe_serialization=True)
+    # peft's own merge, into the base as it is on disk (not the 4-bit copy): what a user loading the adapter gets.
+    dtype = torch.bfloat16 if settings.quantize_4bit else next(
+        p.dtype for name, p in model.named_parameters() if not p.requires_grad)
+    base = AutoModelForCausalLM.from_pretrained(settings.base, dtype=dtype,
+                                                trust_remote_code=settings.trust_remote_code)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    merged.save_pretrained(save_dir, safe_serialization=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sizes for the memory plan (no model loaded)
+# ----------------------------------------------------------------------------------------------------------
+
+def linear_shapes(cfg):
+    """(in, out) features of each decoder-block linear layer of the Llama and Baichuan families, by name."""
+    h, i = cfg["hidden_size"], cfg["intermediate_size"]
+    heads = cfg["num_attention_heads"]
+    kv = h // heads * (cfg.get("num_key_value_heads") or heads)
+    return {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h), "W_pack": (h, 3 * h),
+            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+
+def adapter_parameters(cfg, rank, targets):
+    """Adapter parameters: rank x (in + out) per targeted layer, in every block. Names it does not know count
+    nothing (adapters are well under 1% of the memory; loading the model checks the names)."""
+    shapes = linear_shapes(cfg)
+    return cfg["num_hidden_layers"] * sum(rank * sum(shapes[t]) for t in targets if t in shapes)
+
+
+def quantized_linear_parameters(cfg):
+    """Parameters that --qlora holds in 4-bit: every linear layer of the decoder blocks."""
+    h, i = cfg["hidden_size"], cfg["intermediate_size"]
+    heads = cfg["num_attention_heads"]
+    kv = h // heads * (cfg.get("num_key_value_heads") or heads)
+    return cfg["num_hidden_layers"] * (2 * h * h + 2 * h * kv + 3 * h * i)
+
+
+NF4_BYTES_PER_PARAMETER = 0.5 + 0.127 / 8  # 4 bits plus double-quantised block constants (~0.127 bits)
+ADAPTER_BYTES_PER_PARAMETER = 16  # fp32 weight, fp32 gradient, two fp32 AdamW moments
+
