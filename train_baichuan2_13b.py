@@ -52,6 +52,7 @@ def forward(model, batch, num_items_in_batch):
     return outputs.loss
 
 
+@parallel.errors_from_rank0  # under torchrun, one error line (rank 0's), not one per process
 def main(argv=None):
     args = parse_training_args(__doc__, DEFAULTS, DEMO_DEFAULTS, argv)
     if args.demo:  # tiny model, tokenizer and prepared sample data, built once and cached
@@ -69,9 +70,11 @@ def main(argv=None):
     # ---- data ---------------------------------------------------------------------------------------------
     tokenizer, pad_id = data.load_tokenizer(args.model_name_or_path, args.trust_remote_code)
     train_table, eval_table = data.load_token_tables(args.dataset_name_or_path, args.block_size)
-    # Every epoch's order of rows, fixed by the seed: the schedule knows the total, a resumed run its place.
-    epoch_plans, total_steps = data.plan_run(train_table.lengths, args.batch_size, args.block_size, args.batching,
-                                             args.seed, args.epochs, args.max_steps)
+    # Every epoch's order of rows, fixed by the seed and built when the epoch is reached: the schedule knows the
+    # total, a resumed run its place.
+    train_plan = data.plan_run(train_table.lengths, args.batch_size, args.block_size, args.batching, args.seed,
+                               args.epochs, args.max_steps)
+    total_steps = train_plan.total_steps
     micro_batch_size, accumulation, checkpointing = plan.choose_layout(args, backend)
     pad_to = None if args.batching == "longest" else args.block_size
 
@@ -81,13 +84,14 @@ def main(argv=None):
                                 trust_remote_code=args.trust_remote_code,
                                 adapters=lora.settings(args))  # --lora / --qlora: frozen base plus adapters
     data.check_block_size(model.config, args.block_size)
+    data.check_token_ids(model.config, train_table, eval_table)  # data prepared with another tokenizer
     micro_batch_size, accumulation = plan.confirm_on_device(model, backend, args, micro_batch_size, accumulation)
     run_plan = plan.print_and_save_plan(model, backend, args, micro_batch_size, accumulation, checkpointing)
 
     optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],  # with LoRA: the adapters
                               lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
     scheduler = warmup_cosine_schedule(optim, total_steps, args.warmup_ratio, args.min_lr_ratio)
-    step = checkpoints.start(model, optim, scheduler)  # 0, or the step of the checkpoint resumed from
+    step = checkpoints.start(model, optim, scheduler, train_plan)  # 0, or the step of the checkpoint resumed from
 
     guard = NonFiniteGuard(args.skip_nonfinite, args.save_model_dir, backend)
     metrics = MetricsLog(args.save_model_dir, backend, model, args.log_interval, total_steps,
@@ -99,8 +103,8 @@ def main(argv=None):
     model.train()
     # The progress bar closes before any error line, so the error stays the last line printed.
     with tqdm(total=total_steps, initial=step, disable=not backend.is_main, desc="train", dynamic_ncols=True) as bar:
-        for epoch, loader in data.epoch_loaders(train_table, epoch_plans, step, total_steps, backend,
-                                                micro_batch_size, pad_id, pad_to, args.num_workers):
+        for epoch, loader in data.epoch_loaders(train_table, train_plan, step, backend, micro_batch_size, pad_id,
+                                                pad_to, args.num_workers):
             for micro_batches, info in loader:  # one global batch: this process's micro-batches
                 step_loss = torch.zeros((), device=device)
                 attended_pairs = 0
@@ -132,7 +136,8 @@ def main(argv=None):
                     return 0
 
     # ---- save ---------------------------------------------------------------------------------------------
-    save_final_model(model, tokenizer, backend, args.save_model_dir, run_plan)
+    with checkpoints.final_save():  # if the save fails, a checkpoint of the last step is left for --resume
+        save_final_model(model, tokenizer, backend, args.save_model_dir, run_plan)
     metrics.close()
     backend.shutdown()
     return 0

@@ -1,6 +1,8 @@
 """Command-line flags shared by the training scripts (names follow the project's CLI contract)."""
 import argparse
 import math
+import os
+import sys
 
 from finetune.data import BATCHING_MODES
 
@@ -13,9 +15,9 @@ def parse_training_args(description, defaults, demo_defaults, argv=None):
     flag_names = {"save_dir": "save-model-dir"}
     demo_summary = ", ".join(f"--{flag_names.get(name, name.replace('_', '-'))} {value}"
                              for name, value in demo_defaults.items())
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=f"--demo defaults (any flag given still wins): {demo_summary}; the model, "
-                                       f"tokenizer and prepared data are the embedded tiny ones.")
+    p = _Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                epilog=f"--demo defaults (any flag given still wins): {demo_summary}; the model, "
+                       f"tokenizer and prepared data are the embedded tiny ones.")
     p.add_argument("--model-name-or-path", help=f"hub id or local folder (default {defaults['model']})")
     p.add_argument("--dataset-name-or-path", help=f"a prepare_dataset.py output folder (default {defaults['dataset']})")
     p.add_argument("--epochs", type=int, help=f"passes over the data (default {defaults['epochs']})")
@@ -91,17 +93,54 @@ def parse_training_args(description, defaults, demo_defaults, argv=None):
         args.dataset_name_or_path = args.dataset_name_or_path or defaults["dataset"]
     if args.pad_to_block_size:
         args.batching = "block"
-    for name in ("epochs", "batch_size", "block_size", "log_interval", "keep_last", "max_steps", "save_every",
-                 "micro_batch_size", "eval_every", "num_devices"):
-        value = getattr(args, name)
-        if value is not None and value <= 0:
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be positive (got {value})")
-    if args.lr <= 0 or not math.isfinite(args.lr):
-        raise SystemExit(f"error: --lr must be a positive number (got {args.lr})")
-    if args.num_workers < 0 or args.skip_nonfinite < 0:
-        raise SystemExit("error: --num-workers and --skip-nonfinite cannot be negative")
+    check_numbers(args)
     _check_lora_args(args, defaults, lr_given)
     return args
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """argparse's own complaints (unknown flag, not a number) as our one line, printed by rank 0 only."""
+        if int(os.environ.get("RANK", "0")) == 0:
+            self.print_usage(sys.stderr)
+        raise SystemExit(f"error: {message}")
+
+
+# (flag, lowest, highest, lowest allowed itself): every numeric flag, checked at parse time.
+NUMBER_RANGES = [
+    ("epochs", 1, None, True), ("batch_size", 1, None, True), ("block_size", 1, None, True),
+    ("log_interval", 1, None, True), ("max_steps", 1, None, True), ("save_every", 1, None, True),
+    ("keep_last", 1, None, True), ("micro_batch_size", 1, None, True), ("eval_every", 1, None, True),
+    ("num_devices", 1, None, True), ("num_workers", 0, None, True), ("skip_nonfinite", 0, None, True),
+    ("seed", 0, 2 ** 32 - 1, True),  # NumPy's seeding takes no more
+    ("lr", 0, None, False), ("warmup_ratio", 0, 1, True), ("min_lr_ratio", 0, 1, True),
+    ("weight_decay", 0, None, True),
+    ("max_grad_norm", 0, None, False),  # 0 would clip every update to nothing, a negative norm flips it
+    ("peak_tflops", 0, None, False), ("device_memory_gb", 0, None, False),
+]
+
+
+def check_numbers(args):
+    """One line for the first numeric flag outside its range (NaN and infinity included), and for a global
+    batch that the torchrun processes cannot share: caught before any process group starts. (Under torchrun
+    every rank reaches the same verdict; `parallel.errors_from_rank0` lets only rank 0 print it.)"""
+    for name, low, high, low_ok in NUMBER_RANGES:
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if not math.isfinite(value):
+            raise SystemExit(f"error: {flag} must be a finite number (got {value})")
+        if value < low or (value == low and not low_ok) or (high is not None and value > high):
+            bound = (f"from {low} to {high}" if high is not None else
+                     f"at least {low}" if low_ok else f"greater than {low}")
+            raise SystemExit(f"error: {flag} must be {bound} (got {value})")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if not args.plan_only and args.batch_size % world_size:
+        raise SystemExit(f"error: --batch-size {args.batch_size} is not divisible by the {world_size} processes")
+    if not args.plan_only and args.micro_batch_size and (args.batch_size // world_size) % args.micro_batch_size:
+        raise SystemExit(f"error: --micro-batch-size {args.micro_batch_size} does not divide the "
+                         f"{args.batch_size // world_size} rows each process takes per step")
 
 
 def _check_lora_args(args, defaults, lr_given):

@@ -70,7 +70,26 @@ def load_token_tables(path, block_size):
     if too_long:
         raise SystemExit(f"error: {too_long} examples are longer than --block-size {block_size}; run "
                          f"prepare_dataset.py with --block-size {block_size}")
+    if not train.num_targets.sum():  # else every step's loss is 0/0, reported as a non-finite loss
+        raise SystemExit(f"error: no targets to learn in {path!r}: every label of the training split is -100 "
+                         f"(an example's first token never counts); prepare it with labels on the responses")
     return train, validation
+
+
+def check_token_ids(config, *tables):
+    """Token ids beyond the model's vocabulary (data prepared with another tokenizer) and labels that are neither
+    -100 nor a token id would fail deep inside the forward pass: say so once, before training."""
+    vocab = config.vocab_size
+    for table in (t for t in tables if t is not None):
+        if table.input_ids.min() < 0 or table.input_ids.max() >= vocab:
+            found = table.input_ids.max() if table.input_ids.max() >= vocab else table.input_ids.min()
+            raise SystemExit(f"error: the dataset holds token id {found}, but the model's vocabulary has {vocab} "
+                             f"ids (0 to {vocab - 1}); was it prepared with another model's tokenizer?")
+        labels = table.labels[table.labels != IGNORE_INDEX]
+        if len(labels) and (labels.min() < 0 or labels.max() >= vocab):
+            found = labels.max() if labels.max() >= vocab else labels.min()
+            raise SystemExit(f"error: the dataset holds label {found}; a label must be -100 (no loss) or a token "
+                             f"id below the model's vocabulary size {vocab}")
 
 
 class TokenTable:
@@ -143,17 +162,68 @@ def plan_epoch(lengths, batch_size, block_size, batching, seed, epoch):
     return [rows[s * batch_size:(s + 1) * batch_size] for s in range(num_steps)]
 
 
-def plan_run(lengths, batch_size, block_size, batching, seed, epochs, max_steps=None):
-    """Plans for every epoch of the run and its total optimiser steps (`max_steps` overrides `epochs`)."""
-    plans, total_steps = [], 0
-    while (total_steps < max_steps) if max_steps else (len(plans) < epochs):
-        plan = plan_epoch(lengths, batch_size, block_size, batching, seed, len(plans))
-        if not plan:
+# Counting the steps of packed epochs means packing each of them; a run may ask for at most this many example
+# placements (epochs x examples; under a minute of packing) before it starts.
+PACKING_COUNT_BUDGET = 10 ** 7
+
+
+class RunPlan:
+    """The run's optimiser steps, epoch after epoch; an epoch's plan is built only when it is reached.
+
+    With one example per row every epoch has the same number of steps. A packed epoch's row count depends on
+    its order, so its steps are counted by packing it (the plan itself is not kept). `total_steps` is
+    `max_steps` when given (it overrides `epochs`), else the steps of `epochs` epochs.
+    """
+
+    def __init__(self, lengths, batch_size, block_size, batching, seed, epochs, max_steps=None):
+        self.lengths, self.batch_size, self.block_size = lengths, batch_size, block_size
+        self.batching, self.seed = batching, seed
+        self._counts, self._latest = {}, (None, None)
+        if not self.steps_in_epoch(0):
             raise SystemExit(f"error: the training split makes fewer than --batch-size {batch_size} rows; "
                              f"use a smaller --batch-size or more data")
-        plans.append(plan)
-        total_steps += len(plan)
-    return plans, min(total_steps, max_steps or total_steps)
+        if max_steps:
+            self.total_steps = max_steps
+        elif batching != "packed":
+            self.total_steps = epochs * self.steps_in_epoch(0)
+        elif epochs * len(lengths) > PACKING_COUNT_BUDGET:
+            raise SystemExit(f"error: --epochs {epochs}: counting the steps would mean packing "
+                             f"{epochs * len(lengths):.3g} examples; give --max-steps instead (one epoch is about "
+                             f"{self.steps_in_epoch(0)} steps)")
+        else:
+            self.total_steps = sum(self.steps_in_epoch(epoch) for epoch in range(epochs))
+
+    def steps_in_epoch(self, epoch):
+        if self.batching != "packed":
+            return len(self.lengths) // self.batch_size
+        if epoch not in self._counts:
+            self._counts[epoch] = len(self.epoch_plan(epoch))
+        return self._counts[epoch]
+
+    def epoch_plan(self, epoch):
+        """The rows of every step of `epoch` (see `plan_epoch`); the latest one is kept."""
+        if self._latest[0] != epoch:
+            self._latest = (epoch, plan_epoch(self.lengths, self.batch_size, self.block_size, self.batching,
+                                              self.seed, epoch))
+        return self._latest[1]
+
+    def epochs(self, start_step=0):
+        """(epoch, its plan, its first step) for each epoch with steps in [start_step, total_steps)."""
+        epoch = first = 0
+        if self.batching != "packed":  # equal epochs: jump straight to the one holding start_step
+            epoch = start_step // self.steps_in_epoch(0)
+            first = epoch * self.steps_in_epoch(0)
+        while first < self.total_steps:
+            count = self.steps_in_epoch(epoch)
+            if start_step < first + count:
+                yield epoch, self.epoch_plan(epoch), first
+            first += count
+            epoch += 1
+
+
+def plan_run(lengths, batch_size, block_size, batching, seed, epochs, max_steps=None):
+    """The run's plan (epochs built lazily) with its `total_steps` (`max_steps` overrides `epochs`)."""
+    return RunPlan(lengths, batch_size, block_size, batching, seed, epochs, max_steps)
 
 
 def rank_micro_batches(step_rows, rank, world_size, micro_batch_size):
@@ -252,17 +322,14 @@ def make_step_loader(table, plan, rank, world_size, micro_batch_size, pad_id, pa
     )
 
 
-def epoch_loaders(table, plans, start_step, total_steps, backend, micro_batch_size, pad_id, pad_to, workers=1):
+def epoch_loaders(table, run_plan, start_step, backend, micro_batch_size, pad_id, pad_to, workers=1):
     """(epoch, loader) for each epoch that has steps in [start_step, total_steps); together the loaders yield
     exactly those steps, in order, so a resumed run continues where it stopped and a finished one trains nothing."""
-    epoch_start = 0
-    for epoch, plan in enumerate(plans):
-        if start_step < epoch_start + len(plan) and epoch_start < total_steps:
-            yield epoch, make_step_loader(table, plan, backend.rank, backend.world_size, micro_batch_size, pad_id,
-                                          pad_to, start_step=max(0, start_step - epoch_start), workers=workers,
-                                          pin_memory=backend.device.type == "cuda",
-                                          stop_step=total_steps - epoch_start)
-        epoch_start += len(plan)
+    for epoch, plan, first in run_plan.epochs(start_step):
+        yield epoch, make_step_loader(table, plan, backend.rank, backend.world_size, micro_batch_size, pad_id,
+                                      pad_to, start_step=max(0, start_step - first), workers=workers,
+                                      pin_memory=backend.device.type == "cuda",
+                                      stop_step=run_plan.total_steps - first)
 
 
 def validation_rows(table, block_size, batching, seed):

@@ -13,6 +13,8 @@ import time
 import torch
 from tqdm import tqdm
 
+from finetune.checkpoints import writing
+
 # Dense peak TFLOP/s per GPU for bf16 (fp32 is taken as tf32 where the chip has it). Override with --peak-tflops.
 GPU_PEAK_TFLOPS = {
     "H200": 989.0, "H100 SXM": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 989.0, "H800": 989.0,
@@ -94,7 +96,11 @@ class MetricsLog:
         self.adapter_parameters = lora.count_trainable(model) if lora.is_lora(model) else None
         self.log_interval, self.total_steps = log_interval, total_steps
         self.peak_flops, self.peak_source = device_peak_flops(backend.device, peak_tflops)
-        self.file = open(os.path.join(save_dir, "metrics.jsonl"), "a") if backend.is_main else None
+        self.save_dir, self.path = save_dir, os.path.join(save_dir, "metrics.jsonl")
+        self.file = None
+        if backend.is_main:
+            with writing(self.path, save_dir):  # unbuffered: a failed write leaves nothing to flush at exit
+                self.file = open(self.path, "ab", buffering=0)
         self._start_interval()
 
     def _start_interval(self):
@@ -126,8 +132,10 @@ class MetricsLog:
             tqdm.write(f"[Step {step}/{self.total_steps}] | Loss: {loss:.4f} | Duration: {elapsed:.2f} | "
                        f"Throughput: {row['tokens_per_sec']:.2f} tokens/sec"
                        + (f" | Val loss: {val_loss:.4f}" if val_loss is not None else ""))
-            self.file.write(json.dumps(row) + "\n")
-            self.file.flush()
+            with writing(self.path, self.save_dir):  # a full disk: one line, and which checkpoint is there
+                line = memoryview((json.dumps(row) + "\n").encode())
+                while line:
+                    line = line[self.file.write(line):]
         self._start_interval()
 
     def close(self):

@@ -14,10 +14,12 @@ shards) and shards the model with FSDP2 `fully_shard`, one unit per decoder laye
 """
 import contextlib
 import datetime
+import functools
 import importlib
 import importlib.util
 import math
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -63,6 +65,14 @@ class Backend:
         dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.control_group)
         return bool(value.item())
 
+    def all_gather(self, obj):
+        """Every rank's `obj` (small, picklable), in rank order, on every rank."""
+        if not self.distributed:
+            return [obj]
+        gathered = [None] * self.world_size
+        dist.all_gather_object(gathered, obj, group=self.control_group)
+        return gathered
+
     def barrier(self):
         if self.distributed:
             dist.barrier(group=self.control_group)
@@ -70,6 +80,22 @@ class Backend:
     def shutdown(self):
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def errors_from_rank0(main):
+    """Decorate a script's main(): under torchrun every rank meets the same bad input, so only rank 0 prints the
+    `error:` line and the other ranks just exit non-zero (torchrun adds its own failure report after it)."""
+    @functools.wraps(main)
+    def run(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except SystemExit as exc:
+            if isinstance(exc.code, str) and int(os.environ.get("RANK", "0")) != 0:
+                # torchrun stops every worker once one has failed: leave rank 0 the time to say why.
+                time.sleep(10)
+                raise SystemExit(1) from None
+            raise
+    return run
 
 
 def enable_advanced_parallelization(mixed_precision="auto", timeout_minutes=30):

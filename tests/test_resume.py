@@ -267,8 +267,9 @@ def test_two_processes_sigterm_checkpoint_on_every_rank_and_resume_matches(tiny_
     assert reference_proc.returncode == 0, ref_err[-3000:]
 
     # torchrun passes the signal on to both workers; each finishes its step and they write one checkpoint.
-    # (torchrun itself then exits 1 with its own SignalException; the workers must end without a traceback
-    # and without torchrun having to kill them.)
+    # torchrun itself then exits 1 with its own SignalException, as the README says; the workers must end
+    # without a traceback and without torchrun having to kill them.
+    assert code == 1, err[-3000:]
     assert "Continue with the same command plus --resume" in out, out[-2000:] + err[-3000:]
     assert f'File "{SCRIPT}"' not in err and err.count("Traceback") == err.count("SignalException: Process"), err
     assert "forcefully" not in err, err[-3000:]
