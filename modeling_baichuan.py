@@ -636,7 +636,10 @@ class BaichuanModel(BaichuanPreTrainedModel):
         if implementation == "flex_attention":
             block_mask = flex_attention_mask(batch, query_length, key_length, query_offset, key_offset,
                                              mask_function=may_attend, device=device)
-            extra = {} if slopes is None else {"alibi_slopes": slopes, "alibi_query_shift": query_offset - key_offset}
+            # The shift goes in as a tensor: a Python int that changes between calls becomes a symbolic int,
+            # which the CPU flex kernel fails to compile (torch 2.13).
+            shift = torch.as_tensor(query_offset - key_offset, device=device)
+            extra = {} if slopes is None else {"alibi_slopes": slopes, "alibi_query_shift": shift}
             return block_mask, extra
 
         skip_causal = implementation == "sdpa" and not uses_alibi and segment_ids is None
