@@ -28,9 +28,13 @@ Which query may attend which key:
   attends earlier keys of its own segment, so ``[1, 1, 1, 2, 2, 3, 3, 0, 0]`` packs three independent
   examples followed by padding. A padding query attends only to itself: its output is finite and does not
   depend on how much padding there is.
-* no ``attention_mask`` but ``position_ids`` that restart (packed rows, no cache): every run of increasing
-  positions is one example, as in transformers' own models. FlashAttention gets the matching
-  ``cu_seq_lens_*`` from these (or takes them as keyword arguments).
+* no ``attention_mask`` but ``position_ids`` that restart (packed rows, empty or no cache): every run of
+  increasing positions is one example, as in transformers' own models. FlashAttention gets the matching
+  ``cu_seq_lens_*`` from these (or takes them as keyword arguments, as Llama needs for more than one row).
+  This is the packed form Llama and Baichuan share:
+  ``model(input_ids=..., position_ids=..., labels=..., num_items_in_batch=..., use_cache=False)``.
+* ``segment_spans=`` (per-row lists of (start, end)): the older per-span path, one SDPA call per example;
+  kept for the training scripts until they pass position_ids alone.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import json
 import math
 import os
 import re
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -564,13 +569,93 @@ class BaichuanPreTrainedModel(PreTrainedModel):
             init.ones_(module.weight)
 
 
-def cache_sizes(past_key_values, query_length: int):
-    """(query offset, key length, key offset) the masks need; the offset is a tensor for static caches."""
-    if past_key_values is None:
-        return 0, query_length, 0
-    query_offset = past_key_values.get_seq_length()
-    key_length, key_offset = past_key_values.get_mask_sizes(query_length, 0)
-    return query_offset, key_length, key_offset
+class Sizes(NamedTuple):
+    """What the masks need to know: the query block sits at query_offset, the keys at key_offset (both 0
+    without a cache; query_offset is a tensor for static caches)."""
+
+    batch: int
+    query_length: int
+    key_length: int
+    query_offset: int | torch.Tensor
+    key_offset: int
+
+    @classmethod
+    def of(cls, past_key_values, batch: int, query_length: int) -> "Sizes":
+        if past_key_values is None:
+            return cls(batch, query_length, query_length, 0, 0)
+        key_length, key_offset = past_key_values.get_mask_sizes(query_length, 0)
+        return cls(batch, query_length, key_length, past_key_values.get_seq_length(), key_offset)
+
+    @property
+    def is_prefill(self) -> bool:
+        return isinstance(self.query_offset, int) and self.query_offset == 0 and self.key_length == self.query_length
+
+    def query_positions(self, device) -> torch.Tensor:
+        return torch.arange(self.query_length, device=device) + self.query_offset
+
+    def key_positions(self, device) -> torch.Tensor:
+        return torch.arange(self.key_length, device=device) + self.key_offset
+
+
+def mask_function_for(segment_ids, sizes: Sizes):
+    """Plain causal without segment ids; else the segment rule over ids padded to whole flex blocks (ids past
+    the end read as padding)."""
+    if segment_ids is None:
+        return causal_mask_function
+    block = 128
+    longest = sizes.key_length + sizes.key_offset
+    if isinstance(sizes.query_offset, int):
+        longest = max(longest, sizes.query_length + sizes.query_offset)
+    return segment_mask_function(pad_segment_ids(segment_ids, -(-longest // block) * block))
+
+
+def flash_inputs(segment_ids, slopes, sizes: Sizes, caller_varlen: bool):
+    """No mask when nothing is masked or the caller passed cu_seq_lens; varlen keywords for a prefill with
+    segments or padding; the 2-D padding mask for cached decoding (flash unpads it)."""
+    extra = {} if slopes is None else {"alibi_slopes": slopes}
+    if segment_ids is None or caller_varlen:
+        return None, extra
+    if sizes.is_prefill:
+        return None, {**extra, **varlen_from_segments(segment_ids)}
+    return segment_ids > 0, extra
+
+
+def flex_inputs(may_attend, slopes, sizes: Sizes, device):
+    block_mask = flex_attention_mask(sizes.batch, sizes.query_length, sizes.key_length, sizes.query_offset,
+                                     sizes.key_offset, mask_function=may_attend, device=device)
+    if slopes is None:
+        return block_mask, {}
+    # The shift goes in as a tensor: a Python int that changes between calls becomes a symbolic int, which the
+    # CPU flex kernel fails to compile (torch 2.13).
+    shift = torch.as_tensor(sizes.query_offset - sizes.key_offset, device=device)
+    return block_mask, {"alibi_slopes": slopes, "alibi_query_shift": shift}
+
+
+def dense_inputs(implementation, may_attend, has_segments, slopes, sizes: Sizes, dtype, device):
+    """sdpa: a bool mask (None = its causal flag); eager and registered functions: an additive float mask. With
+    ALiBi always the additive bias, -inf-like where attention is not allowed."""
+    skip_causal = implementation == "sdpa" and slopes is None and not has_segments
+    allowed = sdpa_mask(sizes.batch if has_segments else 1, sizes.query_length, sizes.key_length, sizes.query_offset,
+                        sizes.key_offset, mask_function=may_attend, allow_is_causal_skip=skip_causal, device=device)
+    if allowed is None:
+        return None
+    if slopes is not None:
+        bias = alibi_bias(slopes, sizes.query_positions(device), sizes.key_positions(device), dtype)
+        return torch.where(allowed, bias, torch.finfo(dtype).min)
+    if implementation == "sdpa":
+        return allowed
+    return torch.where(allowed, torch.zeros((), dtype=dtype, device=device), torch.finfo(dtype).min)
+
+
+def with_alibi(attention_mask, slopes, sizes: Sizes, dtype, device):
+    """A caller-built 4-D mask (bool "may attend" or additive float) plus the ALiBi bias, if any."""
+    if slopes is None:
+        return attention_mask
+    bias = alibi_bias(slopes, sizes.query_positions(device), sizes.key_positions(device), dtype)
+    bias = bias[..., : attention_mask.shape[-1]]
+    if attention_mask.dtype == torch.bool:
+        return torch.where(attention_mask, bias, torch.finfo(dtype).min)
+    return bias + attention_mask.to(dtype)
 
 
 class BaichuanModel(BaichuanPreTrainedModel):
@@ -588,9 +673,9 @@ class BaichuanModel(BaichuanPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
-    def _segments_and_positions(self, attention_mask, position_ids, past_key_values, batch, query_length,
-                                query_offset, device):
+    def _segments_and_positions(self, attention_mask, position_ids, sizes: Sizes, device):
         """Segment ids over past + current keys (None: plain causal) and the current tokens' positions."""
+        batch, query_length, query_offset = sizes.batch, sizes.query_length, sizes.query_offset
         segment_ids = None
         if attention_mask is not None and attention_mask.dim() == 2:
             if isinstance(query_offset, int) and attention_mask.shape[-1] != query_offset + query_length:
@@ -603,68 +688,29 @@ class BaichuanModel(BaichuanPreTrainedModel):
             # skipped while tracing (export, compile), which then keeps the general mask.
             if not is_tracing(segment_ids) and bool(fast_all(segment_ids == 1)):
                 segment_ids = None
-        elif attention_mask is None and position_ids is not None and past_key_values is None:
-            # Packed rows in transformers' padding-free form: positions restart at every example.
+        elif attention_mask is None and position_ids is not None and sizes.is_prefill:
+            # Packed rows in transformers' padding-free form: positions restart at every example. (Llama looks
+            # only without a cache object, so it needs use_cache=False; an empty cache is enough here.)
             packed = find_packed_sequence_indices(position_ids.expand(batch, -1))
             segment_ids = None if packed is None else packed + 1
         if position_ids is None:
             position_ids = (torch.arange(query_length, device=device) + query_offset)[None].expand(batch, -1)
         return segment_ids, position_ids
 
-    def _attention_inputs(self, implementation, attention_mask, segment_ids, batch, query_length, key_length,
-                          query_offset, key_offset, dtype, device):
-        """The mask in the form the backend takes (and extra keywords for it), built once for all layers."""
-        uses_alibi = not self.config.uses_rope
-        slopes = torch.tensor(alibi_slopes(self.config.num_attention_heads), device=device) if uses_alibi else None
+    def _attention_inputs(self, implementation, attention_mask, segment_ids, sizes: Sizes, dtype, device,
+                          caller_varlen=False):
+        """The mask in the form the backend takes, and extra keywords for it; built once for all layers."""
+        slopes = None
+        if not self.config.uses_rope:
+            slopes = torch.tensor(alibi_slopes(self.config.num_attention_heads), device=device)
         if attention_mask is not None and attention_mask.dim() == 4:
-            return self._caller_mask(attention_mask, slopes, query_length, key_length, query_offset, key_offset,
-                                     dtype, device)
+            return with_alibi(attention_mask, slopes, sizes, dtype, device), {}
         if is_flash_implementation(implementation):
-            extra = {} if slopes is None else {"alibi_slopes": slopes}
-            if segment_ids is None:
-                return None, extra
-            if isinstance(query_offset, int) and query_offset == 0 and key_length == query_length:
-                return None, {**extra, **varlen_from_segments(segment_ids)}
-            return segment_ids > 0, extra  # cached decoding: flash handles left padding from the 2-D mask
-
-        may_attend = causal_mask_function
-        if segment_ids is not None:
-            block = 128  # flex evaluates whole blocks; ids past the end read as padding
-            longest = max(key_length + key_offset, query_length + query_offset) if isinstance(query_offset, int) \
-                else key_length + key_offset
-            may_attend = segment_mask_function(pad_segment_ids(segment_ids, -(-int(longest) // block) * block))
+            return flash_inputs(segment_ids, slopes, sizes, caller_varlen)
+        may_attend = mask_function_for(segment_ids, sizes)
         if implementation == "flex_attention":
-            block_mask = flex_attention_mask(batch, query_length, key_length, query_offset, key_offset,
-                                             mask_function=may_attend, device=device)
-            # The shift goes in as a tensor: a Python int that changes between calls becomes a symbolic int,
-            # which the CPU flex kernel fails to compile (torch 2.13).
-            shift = torch.as_tensor(query_offset - key_offset, device=device)
-            extra = {} if slopes is None else {"alibi_slopes": slopes, "alibi_query_shift": shift}
-            return block_mask, extra
-
-        skip_causal = implementation == "sdpa" and not uses_alibi and segment_ids is None
-        allowed = sdpa_mask(batch if segment_ids is not None else 1, query_length, key_length, query_offset,
-                            key_offset, mask_function=may_attend, allow_is_causal_skip=skip_causal, device=device)
-        if allowed is None:
-            return None, {}  # SDPA's own causal flag
-        if uses_alibi:
-            bias = alibi_bias(slopes, torch.arange(query_length, device=device) + query_offset,
-                              torch.arange(key_length, device=device) + key_offset, dtype)
-            return torch.where(allowed, bias, torch.finfo(dtype).min), {}
-        if implementation == "sdpa":
-            return allowed, {}
-        return torch.where(allowed, torch.zeros((), dtype=dtype, device=device), torch.finfo(dtype).min), {}
-
-    def _caller_mask(self, attention_mask, slopes, query_length, key_length, query_offset, key_offset, dtype, device):
-        """A caller-built 4-D mask (bool "may attend" or additive float) is used as is, plus ALiBi when needed."""
-        if slopes is None:
-            return attention_mask, {}
-        bias = alibi_bias(slopes, torch.arange(query_length, device=device) + query_offset,
-                          torch.arange(key_length, device=device) + key_offset, dtype)
-        bias = bias[..., : attention_mask.shape[-1]]
-        if attention_mask.dtype == torch.bool:
-            return torch.where(attention_mask, bias, torch.finfo(dtype).min), {}
-        return bias + attention_mask.to(dtype), {}
+            return flex_inputs(may_attend, slopes, sizes, device)
+        return dense_inputs(implementation, may_attend, segment_ids is not None, slopes, sizes, dtype, device), {}
 
     def _legacy_span_inputs(self, segment_spans, position_ids, batch, query_length, dtype, device):
         """Mask and positions of the legacy per-span path: the causal ALiBi bias of the longest span, if any."""
@@ -724,11 +770,10 @@ class BaichuanModel(BaichuanPreTrainedModel):
                                                           mask_dtype, device)
             extra = {"segment_spans": segment_spans}
         else:
-            query_offset, key_length, key_offset = cache_sizes(past_key_values, query_length)
-            segment_ids, position_ids = self._segments_and_positions(
-                attention_mask, position_ids, past_key_values, batch, query_length, query_offset, device)
-            mask, extra = self._attention_inputs(implementation, attention_mask, segment_ids, batch, query_length,
-                                                 key_length, query_offset, key_offset, mask_dtype, device)
+            sizes = Sizes.of(past_key_values, batch, query_length)
+            segment_ids, position_ids = self._segments_and_positions(attention_mask, position_ids, sizes, device)
+            mask, extra = self._attention_inputs(implementation, attention_mask, segment_ids, sizes, mask_dtype,
+                                                 device, caller_varlen=kwargs.get("cu_seq_lens_q") is not None)
         position_embeddings = None
         if self.config.uses_rope:
             position_embeddings = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
