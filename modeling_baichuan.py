@@ -320,14 +320,6 @@ def pad_segment_ids(segment_ids: torch.Tensor, length: int) -> torch.Tensor:
     return F.pad(segment_ids, (0, missing)) if missing > 0 else segment_ids
 
 
-def segment_ids_from_spans(segment_spans, length: int, device) -> torch.Tensor:
-    segment_ids = torch.zeros((len(segment_spans), length), dtype=torch.long)
-    for row, spans in enumerate(segment_spans):
-        for number, (start, end) in enumerate(spans, start=1):
-            segment_ids[row, start:end] = number
-    return segment_ids.to(device)
-
-
 def varlen_from_segments(segment_ids: torch.Tensor) -> dict:
     """FlashAttention varlen keywords for rows laid end to end: a sequence starts at every row start, every
     change of segment id and every padding token (so padding attends to itself only, as in the other backends)."""
