@@ -49,6 +49,7 @@ try:  # registers Llama's per-span function "packed_sdpa" (moving into the finet
 except ImportError:
     import packed_attention  # noqa: F401
 
+MODELS = ("baichuan_alibi", "baichuan_rope", "llama")
 SIZES = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4)
 VOCAB_SIZE = 4000
 
@@ -61,14 +62,19 @@ def parse_args(argv=None):
     p.add_argument("--repeat", type=int, default=5, help="timed rounds over all options (default 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls per option first (default 1)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
-    p.add_argument("--models", default="baichuan_alibi,baichuan_rope,llama", help="comma-separated subset")
+    p.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ",".join(MODELS))
     p.add_argument("--no-flex", action="store_true", help="skip flex_attention (it compiles, ~1 minute)")
     p.add_argument("--quick", action="store_true", help="smoke run: 2 rows x 128 tokens, 1 round")
     args = p.parse_args(argv)
     if args.quick:
         args.row_length, args.examples_per_row, args.repeat = 128, 3, 1
     if args.rows < 1 or args.row_length < 8 or not 1 <= args.examples_per_row <= args.row_length // 4:
-        p.error("need rows >= 1, row-length >= 8 and 1 <= examples-per-row <= row-length / 4")
+        raise SystemExit("error: need --rows >= 1, --row-length >= 8 and 1 <= --examples-per-row <= row length / 4")
+    unknown = set(args.models.split(",")) - set(MODELS)
+    if unknown:
+        raise SystemExit(f"error: unknown --models {sorted(unknown)}; choose from {','.join(MODELS)}")
+    if args.repeat < 1 or args.warmup < 1:
+        raise SystemExit("error: --repeat and --warmup must be at least 1")
     return args
 
 

@@ -213,10 +213,14 @@ def test_flash_attention_plumbing(variant, reference_flash_kernel):
         eager = logits_with(model, "eager", ids, attention_mask=am)
         flash = logits_with(model, "flash_attention_2", ids, attention_mask=am)
         assert (flash - eager).abs().max() < TOLERANCE, mask_name
-    batch, _ = packed_batch()  # padding-free rows, batch of 2 (cu_seq_lens derived from the positions)
-    eager = logits_with(model, "eager", batch["input_ids"], position_ids=batch["position_ids"])
-    flash = logits_with(model, "flash_attention_2", batch["input_ids"], position_ids=batch["position_ids"])
-    assert (flash - eager).abs().max() < TOLERANCE
+    batch, _ = packed_batch()  # padding-free rows, batch of 2: cu_seq_lens derived here or passed (Llama's way)
+    positions = {"position_ids": batch["position_ids"]}
+    (cu_q, cu_k), (max_q, max_k) = flash_utils.prepare_fa_kwargs_from_position_ids(batch["position_ids"])
+    varlen = dict(positions, cu_seq_lens_q=cu_q, cu_seq_lens_k=cu_k, max_length_q=int(max_q), max_length_k=int(max_k))
+    eager = logits_with(model, "eager", batch["input_ids"], **positions)
+    for implementation, kwargs in (("flash_attention_2", positions), ("flash_attention_2", varlen), ("sdpa", varlen)):
+        got = logits_with(model, implementation, batch["input_ids"], **kwargs)
+        assert (got - eager).abs().max() < TOLERANCE, (implementation, list(kwargs))
     prompts = torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12]])  # cached decoding with left padding
     kwargs = dict(attention_mask=(prompts > 0).long(), max_new_tokens=5, do_sample=False, pad_token_id=0,
                   eos_token_id=None)
