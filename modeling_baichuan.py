@@ -13,23 +13,45 @@ format, written from the facts in ``shared/reference/baichuan2/SPEC.md``:
 Importing the module registers all three classes with the Auto classes, so an unmodified release folder
 loads with ``AutoConfig/AutoTokenizer/AutoModelForCausalLM.from_pretrained(folder)`` and no
 ``trust_remote_code``: transformers prefers a registered local class and then ignores ``auto_map``.
+``save_pretrained`` copies this file into the output folder and points ``auto_map`` at it, so the folder
+also loads elsewhere with ``trust_remote_code=True``. The file therefore imports nothing but the standard
+library, torch and transformers.
 
-``attention_mask`` semantics (2-D, covering past + current tokens): 0 is padding; any positive integer is a
-segment id. A query attends a key only when both are non-padding, carry the same id and the key is not in the
-future, so ``[1, 1, 1, 2, 2, 3, 3, 0, 0]`` packs three independent examples followed by padding.
+Attention follows ``config._attn_implementation`` (``attn_implementation=`` at load time) through
+transformers' ``AttentionInterface``: "eager", "sdpa", "flex_attention", "flash_attention_*" or any registered
+function. ALiBi reaches each backend in its own form: an additive bias (eager, sdpa, registered functions), a
+score modifier (flex) or slopes (FlashAttention 2).
+
+Which query may attend which key:
+
+* ``attention_mask`` (2-D, past + current tokens): 0 is padding, any positive integer a segment id. A query
+  attends earlier keys of its own segment, so ``[1, 1, 1, 2, 2, 3, 3, 0, 0]`` packs three independent
+  examples followed by padding. A padding query attends only to itself: its output is finite and does not
+  depend on how much padding there is.
+* no ``attention_mask`` but ``position_ids`` that restart (packed rows, empty or no cache): every run of
+  increasing positions is one example, as in transformers' own models. FlashAttention gets the matching
+  ``cu_seq_lens_*`` from these (or takes them as keyword arguments, as Llama needs for more than one row).
+  This is the packed form Llama and Baichuan share:
+  ``model(input_ids=..., position_ids=..., labels=..., num_items_in_batch=..., use_cache=False)``.
+* ``segment_spans=`` (per-row lists of (start, end)): the older per-span path, one SDPA call per example;
+  kept for the training scripts until they pass position_ids alone.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
+import re
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import (
     AutoConfig,
+    AutoModel,
     AutoModelForCausalLM,
     AutoTokenizer,
     GenerationMixin,
@@ -38,9 +60,26 @@ from transformers import (
 )
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.integrations.flash_attention import get_target_dtype
+from transformers.integrations.flex_attention import compile_friendly_flex_attention
+from transformers.masking_utils import (
+    causal_mask_function,
+    fast_all,
+    find_packed_sequence_indices,
+    flex_attention_mask,
+    sdpa_mask,
+)
+from transformers.modeling_flash_attention_utils import _upad_input, lazy_import_flash_attention
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
+from transformers.utils import logging
+from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
+from transformers.utils.import_utils import is_tracing
+from transformers.utils.output_capturing import capture_outputs
+
+logger = logging.get_logger(__name__)
 
 USER_TOKEN_ID = 195  # <reserved_106>
 ASSISTANT_TOKEN_ID = 196  # <reserved_107>
@@ -59,6 +98,10 @@ RELEASE_GENERATION_DEFAULTS = {
 
 ROTARY_HIDDEN_SIZE = 4096  # the 7B checkpoint is the one with rotary embeddings
 NORM_HEAD_VOCAB_SIZE = 125696  # Baichuan2 vocabulary; v1 (64000) has a plain head
+RELEASE_CODE_FILE = "modeling_baichuan.py"
+# Present in this file (and in its copies in saved folders), never in the release code: the variant scan must
+# not read this implementation, which mentions both position encodings, as a release file.
+IMPLEMENTATION_TAG = "baichuan-transformers5-without-remote-code"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -66,12 +109,82 @@ NORM_HEAD_VOCAB_SIZE = 125696  # Baichuan2 vocabulary; v1 (64000) has a plain he
 # --------------------------------------------------------------------------------------------------------------
 
 
+def variant_from_sizes(hidden_size: int, vocab_size: int) -> dict:
+    """The release code's own rule: hidden 4096 is the rotary 7B; vocabulary 125696 has the NormHead."""
+    return {
+        "position_embedding": ("rope" if hidden_size == ROTARY_HIDDEN_SIZE else "alibi", f"hidden_size {hidden_size}"),
+        "norm_head": (vocab_size == NORM_HEAD_VOCAB_SIZE, f"vocab_size {vocab_size}"),
+    }
+
+
+def variant_from_code(text: str, source: str) -> dict:
+    """What a release modelling file shows, read as text (never executed): a ``NormHead`` class or not, and
+    ALiBi or a rotary embedding class. Fields the text does not settle are left out."""
+    found = {"norm_head": (re.search(r"^class\s+NormHead\b", text, re.M) is not None, source)}
+    alibi = re.search(r"alibi", text, re.I) is not None
+    rotary = re.search(r"^class\s+\w*Rotary\w*", text, re.M) is not None
+    if alibi != rotary:
+        found["position_embedding"] = ("alibi" if alibi else "rope", source)
+    return found
+
+
+def release_code_text(folder, auto_map) -> tuple[str, str] | None:
+    """(text, path) of the modelling file a local folder ships, or None (hub ids, no file, or this very file)."""
+    if not folder:
+        return None
+    folder = str(folder)
+    if os.path.isfile(folder):
+        folder = os.path.dirname(folder)
+    name = RELEASE_CODE_FILE
+    model_ref = (auto_map or {}).get("AutoModelForCausalLM")
+    if isinstance(model_ref, str) and "--" not in model_ref and "." in model_ref:
+        name = model_ref.rsplit(".", 1)[0] + ".py"
+    path = os.path.join(folder, name)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    if IMPLEMENTATION_TAG in text:
+        return None
+    return text, path
+
+
+def resolve_variant(position_embedding, norm_head, hidden_size, vocab_size, folder=None, auto_map=None):
+    """Fill the variant fields a config leaves out: from the folder's release code if it has any, else from the
+    sizes. Logs which rule decided; a guess from the sizes is a warning (a resized vocabulary fools it)."""
+    missing = [name for name, value in (("position_embedding", position_embedding), ("norm_head", norm_head))
+               if value is None]
+    if not missing:
+        return position_embedding, norm_head
+    decided = variant_from_sizes(hidden_size, vocab_size)
+    code = release_code_text(folder, auto_map)
+    from_code = variant_from_code(*code) if code is not None else {}
+    decided.update(from_code)
+    values = {"position_embedding": position_embedding, "norm_head": norm_head}
+    notes = []
+    for name in missing:
+        values[name], reason = decided[name]
+        notes.append(f"{name}={values[name]!r} (from {reason})")
+    message = "Baichuan config has no " + " / ".join(missing) + ": " + ", ".join(notes)
+    if all(name in from_code for name in missing):
+        logger.info(message)
+    else:
+        logger.warning(message + "; a guess from sizes, write the field into config.json if it is wrong")
+    return values["position_embedding"], bool(values["norm_head"])
+
+
+def code_module_name(cls) -> str:
+    """The module name under which a saved folder's auto_map finds the copy of this file."""
+    return cls.__module__.rsplit(".", 1)[-1]
+
+
 class BaichuanConfig(PreTrainedConfig):
     """Config of Baichuan / Baichuan2. Defaults are those of Baichuan2-13B.
 
-    ``position_embedding`` ("alibi" | "rope") and ``norm_head`` (bool) default to ``None``, meaning "infer from
-    the sizes the way the released checkpoints do": hidden_size 4096 -> rope, else ALiBi; vocab 125696 ->
-    NormHead, else a plain head. Set them explicitly for tiny test models.
+    ``position_embedding`` ("alibi" | "rope") and ``norm_head`` (bool) are resolved when the config is built:
+    from the value given, else from the loading folder's release code (``modeling_baichuan.py``, read as text),
+    else from the sizes the way the released checkpoints do (hidden_size 4096 -> rope, else ALiBi; vocab
+    125696 -> NormHead, else a plain head). The resolved values are what every saved config holds.
     """
 
     model_type = "baichuan"
@@ -101,13 +214,14 @@ class BaichuanConfig(PreTrainedConfig):
         gradient_checkpointing=False,
         **kwargs,
     ):
-        # Release configs point auto_map at remote code we do not use; keeping it would make our own saves
-        # look like they need remote code again.
-        kwargs.pop("auto_map", None)
+        # A release auto_map points at remote code that is not in our saved folders; save_pretrained writes our own.
+        auto_map = kwargs.pop("auto_map", None)
         if hidden_size % num_attention_heads != 0:
             raise ValueError(f"hidden_size {hidden_size} is not a multiple of num_attention_heads {num_attention_heads}")
         if position_embedding not in (None, "alibi", "rope"):
             raise ValueError(f"position_embedding must be 'alibi', 'rope' or None, got {position_embedding!r}")
+        position_embedding, norm_head = resolve_variant(
+            position_embedding, norm_head, hidden_size, vocab_size, kwargs.get("name_or_path"), auto_map)
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
@@ -122,7 +236,7 @@ class BaichuanConfig(PreTrainedConfig):
         self.tie_word_embeddings = tie_word_embeddings
         self.z_loss_weight = float(z_loss_weight or 0.0)
         self.position_embedding = position_embedding
-        self.norm_head = norm_head
+        self.norm_head = bool(norm_head)
         self.rope_theta = rope_theta
         # Some release configs carry `gradient_checkpointing: [false]`; a non-empty list is truthy and would
         # switch checkpointing on in PreTrainedModel, so reduce it to a plain bool.
@@ -131,21 +245,23 @@ class BaichuanConfig(PreTrainedConfig):
         self.gradient_checkpointing = bool(gradient_checkpointing)
         super().__init__(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id, **kwargs)
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        # AutoConfig passes the folder on; a direct call does not, and the variant lookup needs it.
+        kwargs.setdefault("name_or_path", str(pretrained_model_name_or_path))
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
     @property
     def uses_rope(self) -> bool:
-        if self.position_embedding is not None:
-            return self.position_embedding == "rope"
-        return self.hidden_size == ROTARY_HIDDEN_SIZE
+        return self.position_embedding == "rope"
 
     @property
     def uses_norm_head(self) -> bool:
-        if self.norm_head is not None:
-            return bool(self.norm_head)
-        return self.vocab_size == NORM_HEAD_VOCAB_SIZE
+        return bool(self.norm_head)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -167,14 +283,11 @@ def alibi_slopes(num_heads: int) -> list[float]:
     return power_of_two_slopes(p) + power_of_two_slopes(2 * p)[0::2][: num_heads - p]
 
 
-def causal_alibi_bias(num_heads: int, length: int, device, dtype) -> torch.Tensor:
-    """(heads, length, length) additive bias: slope * (j - i) for keys j <= i, the dtype minimum above the
-    diagonal. Built in float32 (relative form keeps bf16 exact near the diagonal) and cast once."""
-    slopes = torch.tensor(alibi_slopes(num_heads), dtype=torch.float32, device=device)
-    pos = torch.arange(length, device=device, dtype=torch.float32)
-    distance = pos[None, :] - pos[:, None]  # j - i
-    bias = (slopes[:, None, None] * distance[None]).to(dtype)
-    return bias.masked_fill(distance[None] > 0, torch.finfo(dtype).min)
+def alibi_bias(slopes: torch.Tensor, query_positions: torch.Tensor, key_positions: torch.Tensor, dtype) -> torch.Tensor:
+    """(1, heads, q, kv) additive bias slope * (j - i). Relative form in float32, cast once, so bf16 stays exact
+    near the diagonal."""
+    distance = (key_positions[None, :] - query_positions[:, None]).to(torch.float32)
+    return (slopes.to(torch.float32)[:, None, None] * distance)[None].to(dtype)
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -188,15 +301,36 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return torch.where(attention_mask > 0, index - run_start, torch.zeros_like(index))
 
 
-def allowed_attention(attention_mask: torch.Tensor, past_length: int, query_length: int) -> torch.Tensor:
-    """(batch, 1, q, kv) bool: causal AND both tokens real AND same segment id."""
-    kv_length = attention_mask.shape[-1]
-    keys = attention_mask[:, None, None, :]
-    queries = attention_mask[:, None, past_length : past_length + query_length, None]
-    query_pos = torch.arange(past_length, past_length + query_length, device=attention_mask.device)
-    key_pos = torch.arange(kv_length, device=attention_mask.device)
-    causal = (key_pos[None, :] <= query_pos[:, None])[None, None]
-    return causal & (keys > 0) & (queries > 0) & (keys == queries)
+def segment_mask_function(segment_ids: torch.Tensor):
+    """Mask function in transformers' masking_utils convention (True = may attend): causal within a segment
+    (ids > 0); a padding query (id 0) attends to itself only, so it never attends to nothing."""
+
+    def may_attend(batch_idx, head_idx, q_idx, kv_idx):
+        q_segment = segment_ids[batch_idx, q_idx]
+        kv_segment = segment_ids[batch_idx, kv_idx]
+        same_segment = (q_segment == kv_segment) & (kv_segment > 0) & (kv_idx <= q_idx)
+        return same_segment | (kv_idx == q_idx)
+
+    return may_attend
+
+
+def pad_segment_ids(segment_ids: torch.Tensor, length: int) -> torch.Tensor:
+    """Right-pad with 0 (padding) to `length`: static caches and flex blocks look at keys past the mask."""
+    missing = length - segment_ids.shape[-1]
+    return F.pad(segment_ids, (0, missing)) if missing > 0 else segment_ids
+
+
+def varlen_from_segments(segment_ids: torch.Tensor) -> dict:
+    """FlashAttention varlen keywords for rows laid end to end: a sequence starts at every row start, every
+    change of segment id and every padding token (so padding attends to itself only, as in the other backends)."""
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = (segment_ids[:, 1:] != segment_ids[:, :-1]) | (segment_ids[:, 1:] == 0)
+    begin = starts.flatten().nonzero().flatten().to(torch.int32)
+    end = torch.tensor([segment_ids.numel()], dtype=torch.int32, device=segment_ids.device)
+    cu_seq_lens = torch.cat([begin, end])
+    max_length = int(cu_seq_lens.diff().max())  # the varlen kernels take a host int
+    return {"cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens,
+            "max_length_q": max_length, "max_length_k": max_length}
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -210,6 +344,102 @@ def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, base: float):
     freqs = position_ids.to(torch.float32)[..., None] * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)[:, None]
     return emb.cos(), emb.sin()
+
+
+def apply_rotary(query, key, cos, sin):
+    """Rotate q and k in float32 and cast back, as the release does."""
+    rotated = [(t.float() * cos + rotate_half(t.float()) * sin).to(t.dtype) for t in (query, key)]
+    return rotated[0], rotated[1]
+
+
+def is_flash_implementation(implementation: str | None) -> bool:
+    return bool(implementation) and "flash" in implementation
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Attention functions (AttentionInterface signature: module, q, k, v, mask, ... -> (out (b, l, h, d), weights))
+# --------------------------------------------------------------------------------------------------------------
+
+
+def eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Plain attention with an additive mask; returns the weights (for output_attentions)."""
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask[..., : key.shape[-2]]
+    weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    out = torch.matmul(weights, value)
+    return out.transpose(1, 2).contiguous(), weights
+
+
+def flex_attention_with_alibi(module, query, key, value, attention_mask, scaling=None, alibi_slopes=None,
+                              alibi_query_shift=0, **kwargs):
+    """FlexAttention with ALiBi as a score modifier: slope * (key index - query index), no dense bias.
+    `attention_mask` is the BlockMask; `alibi_query_shift` = query offset - key offset (cached decoding)."""
+    if attention_mask is not None and not hasattr(attention_mask, "mask_mod"):
+        raise ValueError("flex_attention with ALiBi needs a BlockMask, not a dense 4-D mask")
+
+    def add_alibi(score, batch_idx, head_idx, q_idx, kv_idx):
+        return score + alibi_slopes[head_idx] * (kv_idx - q_idx - alibi_query_shift).to(score.dtype)
+
+    out = compile_friendly_flex_attention(query, key, value, score_mod=add_alibi, block_mask=attention_mask,
+                                          scale=scaling, training=module.training)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def flash_attention_with_alibi(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                               alibi_slopes=None, cu_seq_lens_q=None, cu_seq_lens_k=None, max_length_q=None,
+                               max_length_k=None, **kwargs):
+    """FlashAttention 2 takes ALiBi slopes natively (bias -slope * |i - j|, i.e. slope * (j - i) under the causal
+    mask). Rows are passed padding-free when cu_seq_lens are given, unpadded when a 2-D padding mask is."""
+    (flash_fn, varlen_fn, _, pad_fn, unpad_fn), _ = lazy_import_flash_attention(module.config._attn_implementation)
+    if varlen_fn is None or "alibi_slopes" not in inspect.signature(varlen_fn).parameters:
+        raise ValueError(f"{module.config._attn_implementation} takes no ALiBi slopes; use flash_attention_2, "
+                         "flex_attention or sdpa for this Baichuan variant")
+    batch, heads, q_length, head_dim = query.shape
+    out_dtype = query.dtype
+    # As transformers does for its own models: float32 activations go in the autocast / weight dtype.
+    kernel_dtype = get_target_dtype(query, module) or query.dtype
+    q, k, v = (t.transpose(1, 2).to(kernel_dtype) for t in (query, key, value))  # (batch, length, heads, head_dim)
+    options = {"softmax_scale": scaling, "causal": True, "dropout_p": dropout,
+               "alibi_slopes": alibi_slopes.to(device=q.device, dtype=torch.float32)}
+    if cu_seq_lens_q is not None:
+        out = varlen_fn(q.reshape(-1, heads, head_dim), k.reshape(-1, heads, head_dim), v.reshape(-1, heads, head_dim),
+                        cu_seqlens_q=cu_seq_lens_q, cu_seqlens_k=cu_seq_lens_k, max_seqlen_q=max_length_q,
+                        max_seqlen_k=max_length_k, **options)
+        out = out.reshape(batch, q_length, heads, head_dim)
+    elif attention_mask is not None:
+        q, k, v, indices, (cu_q, cu_k), (max_q, max_k) = _upad_input(q, k, v, attention_mask, q_length, unpad_fn)
+        out = varlen_fn(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k,
+                        **options)
+        out = pad_fn(out, indices, batch, q_length)
+    else:
+        out = flash_fn(q, k, v, **options)
+    out = out[0] if isinstance(out, tuple) else out
+    return out.to(out_dtype), None
+
+
+def attend_within_spans(query, key, value, causal_bias, segment_spans, scaling=None):
+    """Legacy packed path (``segment_spans=`` keyword): one causal SDPA call per (start, end) span of each row.
+    `causal_bias` is the ALiBi bias for positions 0..n (already causal), or None for rotary models."""
+    out = torch.empty_like(query)
+    for row, spans in enumerate(segment_spans):
+        for start, end in spans:
+            bias = None if causal_bias is None else causal_bias[:, :, :end - start, :end - start]
+            out[row:row + 1, :, start:end] = F.scaled_dot_product_attention(
+                query[row:row + 1, :, start:end], key[row:row + 1, :, start:end], value[row:row + 1, :, start:end],
+                attn_mask=bias, is_causal=bias is None, scale=scaling)
+    return out.transpose(1, 2).contiguous()
+
+
+def attention_function(implementation: str, uses_alibi: bool):
+    """The function for a backend. ALiBi needs its own flex and flash forms; everything else (and every
+    registered custom function) comes from transformers' AttentionInterface, with ALiBi inside the mask."""
+    if uses_alibi and implementation == "flex_attention":
+        return flex_attention_with_alibi
+    if uses_alibi and is_flash_implementation(implementation):
+        return flash_attention_with_alibi
+    return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -245,56 +475,41 @@ class BaichuanMLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-def attend_within_spans(query, key, value, causal_bias, segment_spans):
-    """Causal attention inside each (start, end) span of each row, nothing across (packed training rows).
-
-    Only the pairs inside a span are computed, where a block-diagonal mask would compute the whole row and
-    discard most of it. `causal_bias` is the ALiBi bias for positions 0..n (already causal), or None for rotary
-    models, which then use SDPA's own causal mask.
-    """
-    out = torch.empty_like(query)
-    for row, spans in enumerate(segment_spans):
-        for start, end in spans:
-            bias = None if causal_bias is None else causal_bias[:, :, :end - start, :end - start]
-            out[row:row + 1, :, start:end] = F.scaled_dot_product_attention(
-                query[row:row + 1, :, start:end], key[row:row + 1, :, start:end], value[row:row + 1, :, start:end],
-                attn_mask=bias, is_causal=bias is None)
-    return out
-
-
 class BaichuanAttention(nn.Module):
     def __init__(self, config: BaichuanConfig, layer_idx: int):
         super().__init__()
+        self.config = config
         self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
         self.hidden_size = config.hidden_size
+        self.num_key_value_groups = 1  # no grouped-query attention (the attention functions read this)
+        self.scaling = self.head_dim ** -0.5
+        self.is_causal = True
         # Fused projection as stored in the checkpoint: rows are the q, k and v blocks.
         self.W_pack = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=False)
         self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
 
-    def forward(self, hidden_states, attention_mask=None, rotary=None, past_key_values=None, is_causal=False,
-                segment_spans=None):
+    def forward(self, hidden_states, attention_mask=None, position_embeddings=None, past_key_values=None,
+                attention_implementation=None, segment_spans=None, **kwargs):
         batch, length, _ = hidden_states.shape
         qkv = self.W_pack(hidden_states).view(batch, length, 3, self.num_heads, self.head_dim)
         query, key, value = (t.transpose(1, 2) for t in qkv.unbind(dim=2))  # (batch, heads, length, head_dim)
-
-        if rotary is not None:
-            cos, sin = rotary
-            query = (query.float() * cos + rotate_half(query.float()) * sin).to(value.dtype)
-            key = (key.float() * cos + rotate_half(key.float()) * sin).to(value.dtype)
-
+        if position_embeddings is not None:
+            query, key = apply_rotary(query, key, *position_embeddings)
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, self.layer_idx)
 
-        if attention_mask is not None and attention_mask.dtype != torch.bool and attention_mask.dtype != query.dtype:
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dtype.is_floating_point \
+                and attention_mask.dtype != query.dtype:
             attention_mask = attention_mask.to(query.dtype)  # only under autocast
         if segment_spans is not None:
-            out = attend_within_spans(query, key, value, attention_mask, segment_spans)
+            out, weights = attend_within_spans(query, key, value, attention_mask, segment_spans, self.scaling), None
         else:
-            out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, is_causal=is_causal)
-        out = out.transpose(1, 2).reshape(batch, length, self.hidden_size)
-        return self.o_proj(out)
+            implementation = attention_implementation or self.config._attn_implementation
+            attend = attention_function(implementation, uses_alibi=not self.config.uses_rope)
+            out, weights = attend(self, query, key, value, attention_mask, scaling=self.scaling, dropout=0.0, **kwargs)
+        return self.o_proj(out.reshape(batch, length, self.hidden_size)), weights
 
 
 class BaichuanDecoderLayer(GradientCheckpointingLayer):
@@ -305,16 +520,16 @@ class BaichuanDecoderLayer(GradientCheckpointingLayer):
         self.input_layernorm = BaichuanRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = BaichuanRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, hidden_states, attention_mask=None, rotary=None, past_key_values=None, is_causal=False,
-                use_cache=False, segment_spans=None, **kwargs):
-        hidden_states = hidden_states + self.self_attn(
+    def forward(self, hidden_states, attention_mask=None, position_embeddings=None, past_key_values=None,
+                use_cache=False, **kwargs):
+        attended, _ = self.self_attn(
             self.input_layernorm(hidden_states),
             attention_mask=attention_mask,
-            rotary=rotary,
+            position_embeddings=position_embeddings,
             past_key_values=past_key_values,
-            is_causal=is_causal,
-            segment_spans=segment_spans,
+            **kwargs,
         )
+        hidden_states = hidden_states + attended
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
 
@@ -326,6 +541,11 @@ class BaichuanPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["BaichuanDecoderLayer"]
     _skip_keys_device_placement = ["past_key_values"]
     _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = True
+    _can_record_outputs = {"hidden_states": BaichuanDecoderLayer, "attentions": BaichuanAttention}
 
     def _init_weights(self, module):
         std = self.config.initializer_range
@@ -341,6 +561,95 @@ class BaichuanPreTrainedModel(PreTrainedModel):
             init.ones_(module.weight)
 
 
+class Sizes(NamedTuple):
+    """What the masks need to know: the query block sits at query_offset, the keys at key_offset (both 0
+    without a cache; query_offset is a tensor for static caches)."""
+
+    batch: int
+    query_length: int
+    key_length: int
+    query_offset: int | torch.Tensor
+    key_offset: int
+
+    @classmethod
+    def of(cls, past_key_values, batch: int, query_length: int) -> "Sizes":
+        if past_key_values is None:
+            return cls(batch, query_length, query_length, 0, 0)
+        key_length, key_offset = past_key_values.get_mask_sizes(query_length, 0)
+        return cls(batch, query_length, key_length, past_key_values.get_seq_length(), key_offset)
+
+    @property
+    def is_prefill(self) -> bool:
+        return isinstance(self.query_offset, int) and self.query_offset == 0 and self.key_length == self.query_length
+
+    def query_positions(self, device) -> torch.Tensor:
+        return torch.arange(self.query_length, device=device) + self.query_offset
+
+    def key_positions(self, device) -> torch.Tensor:
+        return torch.arange(self.key_length, device=device) + self.key_offset
+
+
+def mask_function_for(segment_ids, sizes: Sizes):
+    """Plain causal without segment ids; else the segment rule over ids padded to whole flex blocks (ids past
+    the end read as padding)."""
+    if segment_ids is None:
+        return causal_mask_function
+    block = 128
+    longest = sizes.key_length + sizes.key_offset
+    if isinstance(sizes.query_offset, int):
+        longest = max(longest, sizes.query_length + sizes.query_offset)
+    return segment_mask_function(pad_segment_ids(segment_ids, -(-longest // block) * block))
+
+
+def flash_inputs(segment_ids, slopes, sizes: Sizes, caller_varlen: bool):
+    """No mask when nothing is masked or the caller passed cu_seq_lens; varlen keywords for a prefill with
+    segments or padding; the 2-D padding mask for cached decoding (flash unpads it)."""
+    extra = {} if slopes is None else {"alibi_slopes": slopes}
+    if segment_ids is None or caller_varlen:
+        return None, extra
+    if sizes.is_prefill:
+        return None, {**extra, **varlen_from_segments(segment_ids)}
+    return segment_ids > 0, extra
+
+
+def flex_inputs(may_attend, slopes, sizes: Sizes, device):
+    block_mask = flex_attention_mask(sizes.batch, sizes.query_length, sizes.key_length, sizes.query_offset,
+                                     sizes.key_offset, mask_function=may_attend, device=device)
+    if slopes is None:
+        return block_mask, {}
+    # The shift goes in as a tensor: a Python int that changes between calls becomes a symbolic int, which the
+    # CPU flex kernel fails to compile (torch 2.13).
+    shift = torch.as_tensor(sizes.query_offset - sizes.key_offset, device=device)
+    return block_mask, {"alibi_slopes": slopes, "alibi_query_shift": shift}
+
+
+def dense_inputs(implementation, may_attend, has_segments, slopes, sizes: Sizes, dtype, device):
+    """sdpa: a bool mask (None = its causal flag); eager and registered functions: an additive float mask. With
+    ALiBi always the additive bias, -inf-like where attention is not allowed."""
+    skip_causal = implementation == "sdpa" and slopes is None and not has_segments
+    allowed = sdpa_mask(sizes.batch if has_segments else 1, sizes.query_length, sizes.key_length, sizes.query_offset,
+                        sizes.key_offset, mask_function=may_attend, allow_is_causal_skip=skip_causal, device=device)
+    if allowed is None:
+        return None
+    if slopes is not None:
+        bias = alibi_bias(slopes, sizes.query_positions(device), sizes.key_positions(device), dtype)
+        return torch.where(allowed, bias, torch.finfo(dtype).min)
+    if implementation == "sdpa":
+        return allowed
+    return torch.where(allowed, torch.zeros((), dtype=dtype, device=device), torch.finfo(dtype).min)
+
+
+def with_alibi(attention_mask, slopes, sizes: Sizes, dtype, device):
+    """A caller-built 4-D mask (bool "may attend" or additive float) plus the ALiBi bias, if any."""
+    if slopes is None:
+        return attention_mask
+    bias = alibi_bias(slopes, sizes.query_positions(device), sizes.key_positions(device), dtype)
+    bias = bias[..., : attention_mask.shape[-1]]
+    if attention_mask.dtype == torch.bool:
+        return torch.where(attention_mask, bias, torch.finfo(dtype).min)
+    return bias + attention_mask.to(dtype)
+
+
 class BaichuanModel(BaichuanPreTrainedModel):
     def __init__(self, config: BaichuanConfig):
         super().__init__(config)
@@ -348,9 +657,6 @@ class BaichuanModel(BaichuanPreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.layers = nn.ModuleList([BaichuanDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
         self.norm = BaichuanRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        # (device, dtype) -> causal ALiBi bias for the longest length seen; sliced for shorter ones. Not a
-        # buffer: nothing extra is saved, and it is rebuilt lazily after .to().
-        self._alibi_cache: dict = {}
         self.post_init()
 
     def get_input_embeddings(self):
@@ -359,68 +665,63 @@ class BaichuanModel(BaichuanPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
-    def _cached_alibi(self, length: int, device, dtype) -> torch.Tensor:
-        key = (str(device), dtype)
-        bias = self._alibi_cache.get(key)
-        if bias is None or bias.shape[-1] < length:
-            # Round up so generation (one token longer per step) rebuilds rarely.
-            size = max(length, 256)
-            size = ((size + 255) // 256) * 256
-            bias = causal_alibi_bias(self.config.num_attention_heads, size, device, dtype)
-            self._alibi_cache[key] = bias
-        return bias
-
-    def _attention_inputs(self, attention_mask, position_ids, past_length, query_length, batch, device, dtype):
-        """Build, once per forward, what every layer needs: the SDPA mask, the is_causal flag and rotary cos/sin."""
-        kv_length = past_length + query_length
-        mask_2d = None
-        mask_4d = None
-        if attention_mask is not None:
-            if attention_mask.dim() == 2:
-                if attention_mask.shape[-1] != kv_length:
-                    raise ValueError(
-                        f"attention_mask has length {attention_mask.shape[-1]}, expected past + current = {kv_length}"
-                    )
-                # An all-ones mask is plain causal attention; skip the per-batch mask then.
-                if not bool((attention_mask == 1).all()):
-                    mask_2d = attention_mask
-            elif attention_mask.dim() == 4:
-                mask_4d = attention_mask  # caller-built: bool "may attend" or additive float
-            else:
-                raise ValueError("attention_mask must be 2-D (batch, length) or 4-D")
-
-        rotary = None
-        if self.config.uses_rope:
+    def _segments_and_positions(self, attention_mask, position_ids, sizes: Sizes, device):
+        """Segment ids over past + current keys (None: plain causal) and the current tokens' positions."""
+        batch, query_length, query_offset = sizes.batch, sizes.query_length, sizes.query_offset
+        segment_ids = None
+        if attention_mask is not None and attention_mask.dim() == 2:
+            if isinstance(query_offset, int) and attention_mask.shape[-1] != query_offset + query_length:
+                raise ValueError(f"attention_mask has length {attention_mask.shape[-1]}, expected past + current = "
+                                 f"{query_offset + query_length}")
+            segment_ids = attention_mask.to(device=device, dtype=torch.long)
             if position_ids is None:
-                if mask_2d is not None:
-                    position_ids = positions_from_mask(mask_2d)[:, past_length:]
-                else:
-                    position_ids = torch.arange(past_length, kv_length, device=device)[None].expand(batch, -1)
-            rotary = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
+                position_ids = positions_from_mask(segment_ids)[:, -query_length:]
+            # An all-ones mask is plain causal attention, which needs no per-row mask. Reading the values is
+            # skipped while tracing (export, compile), which then keeps the general mask.
+            if not is_tracing(segment_ids) and bool(fast_all(segment_ids == 1)):
+                segment_ids = None
+        elif attention_mask is None and position_ids is not None and sizes.is_prefill:
+            # Packed rows in transformers' padding-free form: positions restart at every example. (Llama looks
+            # only without a cache object, so it needs use_cache=False; an empty cache is enough here.)
+            packed = find_packed_sequence_indices(position_ids.expand(batch, -1))
+            segment_ids = None if packed is None else packed + 1
+        if position_ids is None:
+            position_ids = (torch.arange(query_length, device=device) + query_offset)[None].expand(batch, -1)
+        return segment_ids, position_ids
 
-        allowed = allowed_attention(mask_2d, past_length, query_length) if mask_2d is not None else None
-        if mask_4d is not None:
-            allowed = mask_4d if mask_4d.dtype == torch.bool else None
-
+    def _attention_inputs(self, implementation, attention_mask, segment_ids, sizes: Sizes, dtype, device,
+                          caller_varlen=False):
+        """The mask in the form the backend takes, and extra keywords for it; built once for all layers."""
+        slopes = None
         if not self.config.uses_rope:
-            bias = self._cached_alibi(kv_length, device, dtype)[None, :, past_length:kv_length, :kv_length]
-            if allowed is not None:
-                bias = bias.masked_fill(~allowed, torch.finfo(dtype).min)
-            elif mask_4d is not None:
-                bias = bias + mask_4d.to(dtype)
-            return bias, False, rotary
+            slopes = torch.tensor(alibi_slopes(self.config.num_attention_heads), device=device)
+        if attention_mask is not None and attention_mask.dim() == 4:
+            return with_alibi(attention_mask, slopes, sizes, dtype, device), {}
+        if is_flash_implementation(implementation):
+            return flash_inputs(segment_ids, slopes, sizes, caller_varlen)
+        may_attend = mask_function_for(segment_ids, sizes)
+        if implementation == "flex_attention":
+            return flex_inputs(may_attend, slopes, sizes, device)
+        return dense_inputs(implementation, may_attend, segment_ids is not None, slopes, sizes, dtype, device), {}
 
-        if allowed is not None:
-            return allowed.logical_not().to(dtype) * torch.finfo(dtype).min, False, rotary
-        if mask_4d is not None:
-            return mask_4d.to(dtype), False, rotary
-        if query_length == 1:
-            return None, False, rotary
-        if past_length == 0:
-            return None, True, rotary
-        causal = torch.arange(kv_length, device=device)[None, :] <= torch.arange(past_length, kv_length, device=device)[:, None]
-        return causal[None, None], False, rotary
+    def _legacy_span_inputs(self, segment_spans, position_ids, batch, query_length, dtype, device):
+        """Mask and positions of the legacy per-span path: the causal ALiBi bias of the longest span, if any."""
+        if position_ids is None:
+            position_ids = torch.zeros((batch, query_length), dtype=torch.long)
+            for row, spans in enumerate(segment_spans):
+                for start, end in spans:
+                    position_ids[row, start:end] = torch.arange(end - start)
+            position_ids = position_ids.to(device)
+        if self.config.uses_rope:
+            return None, position_ids
+        longest = max(end - start for spans in segment_spans for start, end in spans)
+        slopes = torch.tensor(alibi_slopes(self.config.num_attention_heads), device=device)
+        positions = torch.arange(longest, device=device)
+        bias = alibi_bias(slopes, positions, positions, dtype)
+        return bias.masked_fill(positions[None, :] > positions[:, None], torch.finfo(dtype).min), position_ids
 
+    @merge_with_config_defaults
+    @capture_outputs
     def forward(
         self,
         input_ids=None,
@@ -429,16 +730,12 @@ class BaichuanModel(BaichuanPreTrainedModel):
         past_key_values=None,
         inputs_embeds=None,
         use_cache=None,
-        output_attentions=None,
-        output_hidden_states=None,
-        return_dict=None,
         **kwargs,
     ):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        use_cache = self.config.use_cache if use_cache is None else use_cache
         if self.training and any(layer.gradient_checkpointing for layer in self.layers):
             use_cache = False  # recomputation would append to the cache twice
         if past_key_values is not None and not isinstance(past_key_values, Cache):
@@ -449,56 +746,45 @@ class BaichuanModel(BaichuanPreTrainedModel):
             past_key_values = None
 
         batch, query_length = inputs_embeds.shape[:2]
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        device = inputs_embeds.device
         # Under autocast the attention runs in the autocast dtype; build the mask in it so no layer re-casts it.
-        device_type = inputs_embeds.device.type
         mask_dtype = inputs_embeds.dtype
-        if torch.is_autocast_enabled(device_type):
-            mask_dtype = torch.get_autocast_dtype(device_type)
-        segment_spans = kwargs.get("segment_spans")
-        if segment_spans is not None and past_length == 0:
-            # Packed training rows with known spans: each layer attends within spans, no whole-row mask needed.
-            if position_ids is None:
-                position_ids = torch.zeros((batch, query_length), dtype=torch.long)
-                for row, spans in enumerate(segment_spans):
-                    for start, end in spans:
-                        position_ids[row, start:end] = torch.arange(end - start)
-                position_ids = position_ids.to(inputs_embeds.device)
-            rotary = None
-            if self.config.uses_rope:
-                rotary = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
-            mask = None if self.config.uses_rope else self._cached_alibi(query_length, inputs_embeds.device,
-                                                                           mask_dtype)[None]
-            is_causal = False
+        if torch.is_autocast_enabled(device.type):
+            mask_dtype = torch.get_autocast_dtype(device.type)
+        # Attention weights exist only in the eager form; asking for them switches this call to it.
+        implementation = self.config._attn_implementation
+        if kwargs.get("output_attentions", self.config.output_attentions):
+            implementation = "eager"
+
+        segment_spans = kwargs.pop("segment_spans", None)
+        if segment_spans is not None and past_key_values is None:
+            mask, position_ids = self._legacy_span_inputs(segment_spans, position_ids, batch, query_length,
+                                                          mask_dtype, device)
+            extra = {"segment_spans": segment_spans}
         else:
-            segment_spans = None
-            mask, is_causal, rotary = self._attention_inputs(
-                attention_mask, position_ids, past_length, query_length, batch, inputs_embeds.device, mask_dtype
-            )
+            sizes = Sizes.of(past_key_values, batch, query_length)
+            segment_ids, position_ids = self._segments_and_positions(attention_mask, position_ids, sizes, device)
+            mask, extra = self._attention_inputs(implementation, attention_mask, segment_ids, sizes, mask_dtype,
+                                                 device, caller_varlen=kwargs.get("cu_seq_lens_q") is not None)
+        position_embeddings = None
+        if self.config.uses_rope:
+            position_embeddings = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
 
         hidden_states = inputs_embeds
-        all_hidden = [] if output_hidden_states else None
         for layer in self.layers:
-            if all_hidden is not None:
-                all_hidden.append(hidden_states)
             hidden_states = layer(
                 hidden_states,
                 attention_mask=mask,
-                rotary=rotary,
+                position_embeddings=position_embeddings,
                 past_key_values=past_key_values,
-                is_causal=is_causal,
                 use_cache=use_cache,
-                segment_spans=segment_spans,
+                position_ids=position_ids,
+                attention_implementation=implementation,
+                **extra,
+                **kwargs,
             )
         hidden_states = self.norm(hidden_states)
-        if all_hidden is not None:
-            all_hidden.append(hidden_states)
-        return BaseModelOutputWithPast(
-            last_hidden_state=hidden_states,
-            past_key_values=past_key_values,
-            hidden_states=tuple(all_hidden) if all_hidden is not None else None,
-            attentions=None,  # SDPA does not expose attention weights
-        )
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
 
 
 class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
@@ -526,6 +812,12 @@ class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
             return F.normalize(self.lm_head.weight, dim=-1, eps=1e-12)
         return self.lm_head.weight
 
+    def create_masks_for_generate(self, config, inputs_embeds, attention_mask, past_key_values, **kwargs):
+        # generate() would pre-build a 4-D mask for static caches without segment ids or ALiBi; the forward
+        # builds the right one from the 2-D mask itself, with no data-dependent branch.
+        return attention_mask
+
+    @can_return_tuple
     def forward(
         self,
         input_ids=None,
@@ -535,13 +827,13 @@ class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
         inputs_embeds=None,
         labels=None,
         use_cache=None,
-        output_attentions=None,
-        output_hidden_states=None,
-        return_dict=None,
         logits_to_keep=0,
         **kwargs,
     ):
+        """``labels`` are unshifted (shifted here); ``shift_labels`` are already aligned with the logits (sequence /
+        context parallel training) and win over ``labels``. ``num_items_in_batch`` divides the summed loss."""
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        shift_labels = kwargs.pop("shift_labels", None)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -549,8 +841,8 @@ class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
             past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
-            output_hidden_states=output_hidden_states,
-            segment_spans=kwargs.get("segment_spans"),
+            return_dict=True,  # the tuple form, if asked for, is made once, here
+            **kwargs,
         )
         hidden_states = outputs.last_hidden_state
         if isinstance(logits_to_keep, int):
@@ -561,36 +853,38 @@ class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
         logits = F.linear(hidden_states, self.head_weight())
 
         loss = None
-        if labels is not None:
-            loss = self.causal_lm_loss(logits, labels, num_items_in_batch)
-
-        output = CausalLMOutputWithPast(
+        if labels is not None or shift_labels is not None:
+            loss = self.causal_lm_loss(logits, labels, num_items_in_batch, shift_labels=shift_labels)
+        return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
-            attentions=None,
+            attentions=outputs.attentions,
         )
-        if return_dict is False:
-            return output.to_tuple()
-        return output
 
-    def causal_lm_loss(self, logits, labels, num_items_in_batch=None):
-        """Next-token cross entropy (labels shifted here, -100 ignored, mean over counted tokens) plus
-        z_loss_weight * mean(max_logit ** 2) over all shifted positions."""
-        shift_logits = logits[:, :-1].float()
-        shift_labels = labels[:, 1:].to(logits.device)
+    def causal_lm_loss(self, logits, labels=None, num_items_in_batch=None, shift_labels=None):
+        """Next-token cross entropy (-100 ignored, mean over counted tokens, or sum / num_items_in_batch) plus
+        z_loss_weight * mean(max_logit ** 2) over the positions that have a target slot. With ``labels`` the
+        last position has none (shifted here); with ``shift_labels`` every position has one."""
+        if shift_labels is None:
+            scored_logits = logits[:, :-1].float()
+            targets = labels[:, 1:]
+        else:
+            scored_logits = logits.float()
+            targets = shift_labels
+        targets = targets.to(logits.device)
         total = F.cross_entropy(
-            shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100,
+            scored_logits.reshape(-1, scored_logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
             reduction="sum",
         )
         if num_items_in_batch is not None:
             count = torch.as_tensor(num_items_in_batch, device=total.device, dtype=total.dtype)
         else:
-            count = (shift_labels != -100).sum().clamp(min=1).to(total.dtype)
+            count = (targets != -100).sum().clamp(min=1).to(total.dtype)
         loss = total / count
         if self.config.z_loss_weight and self.config.uses_norm_head:
-            loss = loss + self.config.z_loss_weight * shift_logits.max(dim=-1).values.pow(2).mean()
+            loss = loss + self.config.z_loss_weight * scored_logits.max(dim=-1).values.pow(2).mean()
         return loss
 
 
@@ -707,7 +1001,8 @@ class BaichuanTokenizer(SentencePieceBackend):
     def save_pretrained(self, save_directory, *args, **kwargs):
         files = super().save_pretrained(save_directory, *args, **kwargs)
         # transformers drops add_bos/eos_token from the saved config; write them (and the class) back so the
-        # folder reads like the release and reloads with the same behaviour.
+        # folder reads like the release and reloads with the same behaviour. auto_map names the copy of this file
+        # that save_pretrained puts beside it (never the release's tokenization_baichuan.py, which is not there).
         config_path = os.path.join(str(save_directory), "tokenizer_config.json")
         if os.path.isfile(config_path):
             with open(config_path, encoding="utf-8") as f:
@@ -717,7 +1012,7 @@ class BaichuanTokenizer(SentencePieceBackend):
                 add_bos_token=bool(self.add_bos_token),
                 add_eos_token=bool(self.add_eos_token),
             )
-            config.pop("auto_map", None)
+            config["auto_map"] = {"AutoTokenizer": [f"{code_module_name(type(self))}.BaichuanTokenizer", None]}
             with open(config_path, "w", encoding="utf-8") as f:
                 json.dump(config, f, indent=2, ensure_ascii=False)
                 f.write("\n")
@@ -780,8 +1075,15 @@ def build_chat_input(
 # --------------------------------------------------------------------------------------------------------------
 
 AutoConfig.register("baichuan", BaichuanConfig, exist_ok=True)
+AutoModel.register(BaichuanConfig, BaichuanModel, exist_ok=True)
 AutoModelForCausalLM.register(BaichuanConfig, BaichuanForCausalLM, exist_ok=True)
 AutoTokenizer.register(BaichuanConfig, tokenizer_class=BaichuanTokenizer, exist_ok=True)
+# save_pretrained then copies this file into the folder and writes auto_map entries naming it, so tools without
+# this repository load the folder with trust_remote_code=True.
+BaichuanConfig.register_for_auto_class("AutoConfig")
+BaichuanModel.register_for_auto_class("AutoModel")
+BaichuanForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+BaichuanTokenizer.register_for_auto_class("AutoTokenizer")
 
 __all__ = [
     "ASSISTANT_TOKEN_ID",

@@ -302,17 +302,6 @@ def test_init_weights_from_config():
     assert torch.isfinite(model(ids, labels=ids).loss)
 
 
-def test_alibi_bias_is_cached_once():
-    model = tiny_model("alibi_normhead").eval()
-    ids = torch.randint(3, 97, (1, 9))
-    with torch.no_grad():
-        model(ids)
-        first = dict(model.model._alibi_cache)
-        model(ids[:, :5])
-    assert len(model.model._alibi_cache) == 1
-    assert all(model.model._alibi_cache[k] is first[k] for k in first)
-
-
 # ------------------------------------------------------------------------------------------------------------
 # generation
 # ------------------------------------------------------------------------------------------------------------
@@ -556,7 +545,11 @@ def test_release_folder_round_trip(tiny_sp_model, tmp_path):
     model.save_pretrained(saved)
     tok.save_pretrained(saved)
     saved_config = json.loads((saved / "config.json").read_text())
-    assert saved_config["model_type"] == "baichuan" and "auto_map" not in saved_config
+    assert saved_config["model_type"] == "baichuan"
+    # our own code, not the release's remote code the source folder pointed at
+    assert saved_config["auto_map"] == {"AutoConfig": "modeling_baichuan.BaichuanConfig",
+                                        "AutoModelForCausalLM": "modeling_baichuan.BaichuanForCausalLM"}
+    assert saved_config["position_embedding"] == "alibi" and saved_config["norm_head"] is True
     reloaded = AutoModelForCausalLM.from_pretrained(saved).eval()
     for name, value in model.state_dict().items():
         assert torch.equal(reloaded.state_dict()[name], value), name
@@ -565,3 +558,264 @@ def test_release_folder_round_trip(tiny_sp_model, tmp_path):
     # lm_head is saved as trained, not normalised
     assert not torch.allclose(reloaded.lm_head.weight.norm(dim=-1), torch.ones(vocab))
     assert type(AutoTokenizer.from_pretrained(saved)) is mb.BaichuanTokenizer
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the transformers model contract
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_return_dict_false_gives_tuples():
+    model = tiny_model("alibi_normhead").eval()
+    ids = torch.randint(3, 97, (2, 7))
+    with torch.no_grad():
+        as_dict = model(ids, labels=ids, use_cache=False)
+        as_tuple = model(ids, labels=ids, use_cache=False, return_dict=False)
+        base = model.model(ids, use_cache=False, return_dict=False)
+    assert isinstance(as_tuple, tuple) and isinstance(base, tuple)
+    assert torch.equal(as_tuple[0], as_dict.loss) and torch.equal(as_tuple[1], as_dict.logits)
+    assert torch.equal(base[0], model.model(ids, use_cache=False).last_hidden_state)
+    model.config.return_dict = False  # the config default is honoured too
+    with torch.no_grad():
+        assert isinstance(model(ids, use_cache=False), tuple)
+
+
+def test_config_output_hidden_states_is_honoured():
+    model = tiny_model("rope_normhead").eval()
+    ids = torch.randint(3, 97, (2, 7))
+    with torch.no_grad():
+        assert model(ids).hidden_states is None
+        model.config.output_hidden_states = True
+        out = model(ids)
+    assert len(out.hidden_states) == model.config.num_hidden_layers + 1
+    assert torch.equal(out.hidden_states[0], model.model.embed_tokens(ids))
+    with torch.no_grad():
+        assert model(ids, output_hidden_states=False).hidden_states is None  # the keyword wins
+
+
+@pytest.mark.parametrize("variant", ["alibi_normhead", "rope_normhead"])
+def test_output_attentions_returns_weights(variant):
+    model = tiny_model(variant).eval()  # default backend: sdpa, which has no weights of its own
+    assert model.config._attn_implementation == "sdpa"
+    ids = torch.randint(3, 97, (2, 9))
+    mask = torch.tensor(MASKS["packed"])
+    with torch.no_grad():
+        plain = model(ids, attention_mask=mask).logits
+        out = model(ids, attention_mask=mask, output_attentions=True)
+    assert len(out.attentions) == model.config.num_hidden_layers
+    weights = out.attentions[0]
+    assert weights.shape == (2, model.config.num_attention_heads, 9, 9)
+    assert torch.allclose(weights.sum(-1), torch.ones(2, model.config.num_attention_heads, 9))
+    assert weights[0, :, 2, 3:].abs().max() == 0 and weights[0, :, 4, :3].abs().max() == 0  # no look across
+    assert torch.allclose(weights[0, :, 7], F.one_hot(torch.tensor(7), 9).float().expand_as(weights[0, :, 7]))
+    assert torch.allclose(out.logits, plain, atol=1e-5)
+
+
+def test_generation_with_attentions_and_assistant():
+    model = tiny_model("alibi_normhead").eval()
+    assistant = tiny_model("alibi_normhead", seed=5).eval()
+    ids = torch.randint(3, 97, (1, 5))
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
+    greedy = model.generate(ids, **kwargs)
+    assert torch.equal(model.generate(ids, assistant_model=assistant, **kwargs), greedy)
+    out = model.generate(ids, return_dict_in_generate=True, output_attentions=True, output_hidden_states=True,
+                         **kwargs)
+    assert torch.equal(out.sequences, greedy)
+    assert len(out.attentions) == 6 and len(out.attentions[0]) == model.config.num_hidden_layers
+    assert out.attentions[0][0].shape[-2:] == (5, 5) and out.attentions[1][0].shape[-2:] == (1, 6)
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("variant", ["alibi_normhead", "rope_normhead"])
+def test_padding_outputs_do_not_depend_on_padding_amount(variant, implementation):
+    model = tiny_model(variant).eval()
+    model.set_attn_implementation(implementation)
+    prompt = [5, 6, 7, 8]
+    with torch.no_grad():
+        alone = model(torch.tensor([prompt])).logits[0]
+        pad_logits = []
+        for left, right in ((1, 0), (4, 0), (0, 3), (2, 2)):
+            ids = torch.tensor([[0] * left + prompt + [0] * right])
+            mask = (ids > 0).long()
+            logits = model(ids, attention_mask=mask).logits[0]
+            assert torch.isfinite(logits).all()
+            assert torch.allclose(logits[left:left + len(prompt)], alone, atol=1e-5)
+            pad_logits.append(logits[mask[0] == 0])
+    pads = torch.cat(pad_logits)
+    assert torch.allclose(pads, pads[:1].expand_as(pads), atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["alibi_normhead", "rope_normhead"])
+def test_torch_export_and_static_cache_generation(variant):
+    model = tiny_model(variant).eval()
+    ids = torch.randint(3, 97, (2, 9))
+    mask = torch.tensor(MASKS["packed"])
+    exported = torch.export.export(model, args=(ids,), kwargs={"attention_mask": mask, "use_cache": False})
+    for m in (mask, torch.ones_like(mask), torch.tensor(MASKS["left_pad"])):
+        with torch.no_grad():
+            expected = model(ids, attention_mask=m, use_cache=False).logits
+            got = exported.module()(ids, attention_mask=m, use_cache=False).logits
+        assert torch.allclose(got, expected, atol=1e-5)
+    prompts = torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12]])
+    kwargs = dict(attention_mask=(prompts > 0).long(), max_new_tokens=5, do_sample=False, pad_token_id=0,
+                  eos_token_id=None)
+    assert torch.equal(model.generate(prompts, cache_implementation="static", **kwargs),
+                       model.generate(prompts, **kwargs))
+
+
+def test_shift_labels_equal_shifted_labels():
+    model = tiny_model("alibi_normhead").eval()
+    ids = torch.randint(3, 97, (2, 8))
+    labels = ids.clone()
+    labels[0, :3] = -100
+    shift = torch.cat([labels[:, 1:], torch.full((2, 1), -100)], dim=1)
+    with torch.no_grad():
+        from_labels = model(ids, labels=labels, use_cache=False).loss
+        from_shift = model(ids, shift_labels=shift, use_cache=False).loss
+        # shift_labels win over labels (sequence parallel passes both)
+        both = model(ids, labels=torch.full_like(ids, 3), shift_labels=shift, use_cache=False).loss
+        summed = model(ids, shift_labels=shift, num_items_in_batch=4, use_cache=False).loss
+    count = (shift != -100).sum()
+    assert torch.allclose(from_shift, from_labels) and torch.allclose(both, from_labels)
+    assert torch.allclose(summed, from_labels * count / 4)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# variant resolution and folders other tools load
+# ------------------------------------------------------------------------------------------------------------
+
+# Just the parts the variant scan reads; written for these tests, not taken from the release.
+RELEASE_CODE_13B = '''
+import torch
+from torch import nn
+
+def build_alibi_bias(num_heads, max_positions):
+    pass
+
+class NormHead(nn.Module):
+    pass
+'''
+RELEASE_CODE_7B = '''
+import torch
+
+class RotaryEmbedding(torch.nn.Module):
+    pass
+
+class NormHead(torch.nn.Module):
+    pass
+'''
+
+
+def write_config_without_variant(folder: Path, hidden_size=48, vocab_size=101, heads=6, code=None):
+    folder.mkdir(parents=True, exist_ok=True)
+    config = mb.BaichuanConfig(hidden_size=hidden_size, vocab_size=vocab_size, num_attention_heads=heads,
+                               intermediate_size=64, num_hidden_layers=1, position_embedding="alibi", norm_head=False)
+    values = config.to_dict()
+    del values["position_embedding"], values["norm_head"]
+    values["auto_map"] = {"AutoConfig": "configuration_baichuan.BaichuanConfig",
+                          "AutoModelForCausalLM": "modeling_baichuan.BaichuanForCausalLM"}
+    (folder / "config.json").write_text(json.dumps(values))
+    if code is not None:
+        (folder / "modeling_baichuan.py").write_text(code)
+    return folder
+
+
+def test_variant_read_from_release_code_file(tmp_path, caplog):
+    caplog.set_level("INFO", logger=mb.logger.name)
+    # a 13B fine-tune with a resized vocabulary: the sizes would say "plain head"
+    folder = write_config_without_variant(tmp_path / "13b", hidden_size=48, vocab_size=101, code=RELEASE_CODE_13B)
+    config = AutoConfig.from_pretrained(folder)
+    assert config.position_embedding == "alibi" and config.norm_head is True
+    assert "modeling_baichuan.py" in caplog.text and "norm_head=True" in caplog.text
+    direct = mb.BaichuanConfig.from_pretrained(folder)
+    assert direct.norm_head is True
+    # hidden 4096 would say rotary anyway; here the code says it for a size that would not
+    folder7 = write_config_without_variant(tmp_path / "7b", hidden_size=48, vocab_size=101, code=RELEASE_CODE_7B)
+    config7 = AutoConfig.from_pretrained(folder7)
+    assert config7.position_embedding == "rope" and config7.norm_head is True
+
+
+def test_variant_falls_back_to_sizes_with_a_warning(tmp_path, caplog):
+    folder = write_config_without_variant(tmp_path / "plain", hidden_size=48, vocab_size=101)
+    with caplog.at_level("WARNING", logger=mb.logger.name):
+        config = AutoConfig.from_pretrained(folder)
+    assert config.position_embedding == "alibi" and config.norm_head is False
+    assert "vocab_size 101" in caplog.text and "hidden_size 48" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger=mb.logger.name):
+        assert mb.BaichuanConfig(hidden_size=4096, num_attention_heads=32).uses_rope
+        assert mb.BaichuanConfig(vocab_size=125696).uses_norm_head
+    assert "hidden_size 4096" in caplog.text
+
+
+def test_saved_config_holds_resolved_variant(tmp_path):
+    folder = write_config_without_variant(tmp_path / "release", code=RELEASE_CODE_13B)
+    config = AutoConfig.from_pretrained(folder)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(tmp_path / "out")
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert saved["position_embedding"] == "alibi" and saved["norm_head"] is True
+    (tmp_path / "out" / "modeling_baichuan.py").unlink()  # the keys alone must carry the variant
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").config.uses_norm_head
+
+
+def test_saved_code_file_is_self_contained():
+    import ast
+    import sys
+
+    tree = ast.parse(Path(mb.__file__).read_text())
+    roots = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            roots.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, "relative import"
+            roots.add(node.module.split(".")[0])
+    allowed = {"torch", "transformers", "__future__"} | set(sys.stdlib_module_names)
+    assert roots <= allowed, roots - allowed
+
+
+def test_saved_folder_loads_with_remote_code_in_fresh_process(tiny_sp_model, tmp_path):
+    import subprocess
+    import sys
+
+    import sentencepiece as spm
+
+    vocab = spm.SentencePieceProcessor(model_file=tiny_sp_model).get_piece_size()
+    model = tiny_model("rope_normhead", vocab_size=vocab).eval()
+    folder = tmp_path / "saved model"
+    model.save_pretrained(folder)
+    mb.BaichuanTokenizer(vocab_file=tiny_sp_model).save_pretrained(folder)
+    assert (folder / "modeling_baichuan.py").read_text() == Path(mb.__file__).read_text()
+    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
+    assert tokenizer_config["auto_map"]["AutoTokenizer"][0] == "modeling_baichuan.BaichuanTokenizer"
+    ids = torch.randint(3, vocab, (2, 6))
+    with torch.no_grad():
+        torch.save({"ids": ids, "logits": model(ids).logits}, tmp_path / "expected.pt")
+
+    script = """
+import sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+try:
+    import modeling_baichuan
+    sys.exit("the repository's modeling_baichuan is importable")
+except ImportError:
+    pass
+folder, expected = sys.argv[1], torch.load(sys.argv[2])
+model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+assert model.config.uses_rope and model.config.uses_norm_head
+with torch.no_grad():
+    assert torch.allclose(model(expected["ids"]).logits, expected["logits"], atol=1e-5)
+tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+assert type(tokenizer).__name__ == "BaichuanTokenizer" and tokenizer("hello world").input_ids
+model.generate(expected["ids"][:1], max_new_tokens=2, do_sample=False)
+print("ok")
+"""
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "HF_HUB_OFFLINE": "1",
+           "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    # -I: isolated, so neither the working directory nor PYTHONPATH puts this repository on the path
+    result = subprocess.run([sys.executable, "-I", "-c", script, str(folder), str(tmp_path / "expected.pt")],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
