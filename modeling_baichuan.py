@@ -34,7 +34,7 @@ Which query may attend which key:
   This is the packed form Llama and Baichuan share:
   ``model(input_ids=..., position_ids=..., labels=..., num_items_in_batch=..., use_cache=False)``.
 * ``segment_spans=`` (per-row lists of (start, end)): the older per-span path, one SDPA call per example;
-  kept for the training scripts until they pass position_ids alone.
+  the training scripts use it: on a CPU it is faster than one masked call over the whole row.
 """
 
 from __future__ import annotations

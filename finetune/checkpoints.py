@@ -402,8 +402,12 @@ def check_same_run(path, state, settings):
         if key == "dataset":
             raise SystemExit(f"error: --dataset-name-or-path: the training split differs from the one of the run "
                              f"being resumed ({path}); resume with the same data. Nothing was deleted")
-        flag = "--" + key.replace("_", "-")
         then, now = ("not given" if v is None else v for v in (state[key], value))
+        if key == "adapters":
+            raise SystemExit(f"error: the adapter flags (--lora, --qlora, --lora-*) differ from the run being resumed "
+                             f"({path}): it has {then}, this run {now}; resume with the same ones. Nothing was "
+                             f"deleted")
+        flag = "--" + key.replace("_", "-")
         raise SystemExit(f"error: {flag} {now} differs from the run being resumed ({flag} {then}, {path}); a "
                          f"resumed run keeps the flags it started with (see README, Preemption and resume). "
                          f"Nothing was deleted")
