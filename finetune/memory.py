@@ -75,7 +75,7 @@ GROUPS = {
     "temporaries": ("Temp",),
 }
 HOST_WHEN_OFFLOADED = ("Sharded Param", "Sharded Grad", "OptState")
-FORWARD, BACKWARD, OPTIMIZER = 0, 1, 2  # phases of a step, as the tracker tells them apart
+FORWARD, BACKWARD, OPTIMIZER = "forward", "backward", "optimizer"  # the kinds of phase of a step
 SHALLOW_DEPTHS = (3, 4)  # the least depths with a layer between the first and the last in both
 
 
@@ -130,16 +130,20 @@ class Plan:
 # ----------------------------------------------------------------------------------------------------------
 
 def simulate_step_memory(model_config, world_size, micro_batch_size, block_size, checkpointing=False,
-                         cpu_offload=False, precision="bf16", adapter="none", lora=None, chunked_loss=True):
+                         cpu_offload=False, precision="bf16", adapter="none", lora=None, chunked_loss=True,
+                         accumulation_steps=1):
     """Peak memory per device of one training step of this configuration (a StepMemory).
 
     model_config: a transformers config or its dict, with `model_type` ("llama", "baichuan", ...).
+    accumulation_steps: micro-batches per optimiser step; from 2 on, the simulated step runs two, so that the
+    second one meets the gradients of the first, as every micro-batch after the first does.
     precision: "bf16" (bf16 compute, fp32 master weights) or "fp32". adapter: "none", "lora" or "qlora".
     lora: peft LoraConfig keywords (r, lora_alpha, lora_dropout, target_modules) for the adapters.
     """
     config = _config_dict(model_config)
     setup = _setup(world_size, block_size, checkpointing, cpu_offload, precision, adapter, lora, chunked_loss)
-    reading = _readings(config, [(setup, [micro_batch_size], None)])[0][micro_batch_size]
+    passes = _passes(accumulation_steps)
+    reading = _readings(config, [(setup, [(micro_batch_size, passes)], None)])[0][micro_batch_size]
     return _step_memory(reading, cpu_offload)
 
 
@@ -152,7 +156,8 @@ def plan_candidates(model_config, world_size, batch_size, block_size, device_mem
     Candidates: micro-batch sizes that are powers of two dividing the rows each device takes per step (or the
     given `micro_batch_size`), activation checkpointing off/on and CPU offload off/on (or the given values).
     Memory only grows with the micro-batch, so once a size fits in no reading the larger ones are not
-    simulated (memory None) unless `exhaustive`. `host_memory_gb` is one node's, shared by its
+    simulated (memory None) unless `exhaustive`. A candidate with accumulation runs two micro-batches in its
+    simulated step (see simulate_step_memory). `host_memory_gb` is one node's, shared by its
     `devices_per_node` devices (default: all `world_size`).
     """
     if batch_size <= 0 or batch_size % world_size:
@@ -177,7 +182,8 @@ def plan_candidates(model_config, world_size, batch_size, block_size, device_mem
                            chunked_loss)
             jobs.append((setup, served, None if exhaustive else
                          {"device": device_limit, "host": host_limit, "offloads": served}))
-    all_readings = _readings(config, [(setup, micros, stop) for setup, _, stop in jobs])
+    runs = [(micro, _passes(per_device // micro)) for micro in micros]
+    all_readings = _readings(config, [(setup, runs, stop) for setup, _, stop in jobs])
 
     candidates = []
     for (setup, served, _), readings in zip(jobs, all_readings):
@@ -189,6 +195,11 @@ def plan_candidates(model_config, world_size, batch_size, block_size, device_mem
     candidates.sort(key=lambda c: (c.cpu_offload, c.checkpointing, -c.micro_batch_size))
     chosen = next((c for c in candidates if c.fits), None)
     return Plan(chosen, candidates)
+
+
+def _passes(accumulation_steps):
+    """Micro-batches the simulated step runs: a second one meets the first one's gradients."""
+    return 2 if accumulation_steps >= 2 else 1
 
 
 def _micro_batch_sizes(rows):
@@ -229,28 +240,27 @@ def _setup(world_size, block_size, checkpointing, cpu_offload, precision, adapte
             "adapter": adapter, "lora": lora, "chunked_loss": bool(chunked_loss)}
 
 
-def _cache_key(config, setup, micro):
+def _cache_key(config, setup, micro, passes):
     import transformers
 
     # The simulating code is part of the key: a change to it must not reuse old figures.
     sources = b"".join((REPO_ROOT / "finetune" / name).read_bytes() for name in ("memory.py", "chunked_loss.py"))
-    text = json.dumps([config, setup, micro, torch.__version__, transformers.__version__,
+    text = json.dumps([config, setup, micro, passes, torch.__version__, transformers.__version__,
                        hashlib.sha256(sources).hexdigest()], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _readings(config, jobs):
-    """For each job (setup, micro-batch sizes, stop rule): {micro: reading}, smallest size first, from the cache
-    or simulated (all jobs in one child process); with a stop rule, up to the first size that fits in none of
-    the offload settings it serves."""
+    """For each job (setup, [(micro, passes)], stop rule): {micro: reading}, smallest micro-batch first, from
+    the cache or simulated (all jobs in one child process); with a stop rule, up to the first size that fits
+    in none of the offload settings it serves."""
     results, pending = [], []
-    for setup, micros, stop in jobs:
-        readings = {}
-        for micro in sorted(micros):
-            path = cache_dir() / f"{_cache_key(config, setup, micro)}.json"
+    for setup, runs, stop in jobs:
+        runs, readings = sorted(runs), {}
+        for index, (micro, passes) in enumerate(runs):
+            path = cache_dir() / f"{_cache_key(config, setup, micro, passes)}.json"
             if not path.is_file():
-                pending.append((len(results), {"setup": setup, "micros": [m for m in sorted(micros) if m >= micro],
-                                               "stop": stop}))
+                pending.append((len(results), {"setup": setup, "runs": runs[index:], "stop": stop}))
                 break
             readings[micro] = json.loads(path.read_text())
             if _exceeds(readings[micro], stop):
@@ -260,8 +270,9 @@ def _readings(config, jobs):
         fresh = _simulate_in_child(config, [job for _, job in pending])
         cache_dir().mkdir(parents=True, exist_ok=True)
         for (index, job), readings in zip(pending, fresh):
+            passes = dict(job["runs"])
             for micro, reading in readings.items():
-                path = cache_dir() / f"{_cache_key(config, job['setup'], micro)}.json"
+                path = cache_dir() / f"{_cache_key(config, job['setup'], micro, passes[micro])}.json"
                 temporary = path.with_suffix(f".{os.getpid()}.tmp")
                 temporary.write_text(json.dumps(reading))
                 temporary.replace(path)
@@ -286,8 +297,10 @@ def _simulate_in_child(config, jobs):
     done = subprocess.run([sys.executable, "-m", "finetune.memory", "--simulate"], text=True, capture_output=True,
                           input=json.dumps({"config": config, "jobs": jobs}), cwd=REPO_ROOT, env=env)
     if done.returncode:
-        lines = done.stderr.strip().splitlines() or ["no output"]
-        raise RuntimeError(f"memory simulation failed: {lines[-1]}")
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        if last.startswith("error: "):  # the configuration cannot be simulated (e.g. block size too long)
+            raise ValueError(last[len("error: "):])
+        raise RuntimeError(f"memory simulation failed: {last}")
     results = json.loads(done.stdout.strip().splitlines()[-1])
     return [{int(micro): reading for micro, reading in readings.items()} for readings in results]
 
@@ -463,16 +476,21 @@ def _fill_for_a_real_run(model):
             buffer.zero_()
 
 
-def _train_step(prepared, micro_batch_size):
-    """Forward, backward and optimiser step, as the training scripts run them."""
+def _train_step(prepared, micro_batch_size, passes=1, enter_phase=lambda phase: None):
+    """`passes` micro-batches of forward and backward, then the optimiser step, as the training scripts run
+    them; `enter_phase` is told where each phase starts."""
     model, optimizer, setup = prepared.model, prepared.optimizer, prepared.setup
     autocast = contextlib.nullcontext()
     if setup["engine"] == "single" and setup["precision"] == "bf16":
         autocast = torch.autocast("cpu", dtype=torch.bfloat16)
-    batch = training_batch(model.config.vocab_size, micro_batch_size, setup["block_size"])
-    with autocast:
-        loss = model(**batch).loss
-    loss.backward()
+    for _ in range(passes):
+        enter_phase(FORWARD)
+        batch = training_batch(model.config.vocab_size, micro_batch_size, setup["block_size"])
+        with autocast:
+            loss = model(**batch).loss
+        enter_phase(BACKWARD)
+        loss.backward()
+    enter_phase(OPTIMIZER)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
@@ -485,7 +503,7 @@ def _warm_up(prepared):
         _train_step(prepared, 1)
 
 
-def tracked_step(prepared, micro_batch_size):
+def tracked_step(prepared, micro_batch_size, passes=1):
     """One training step under the tracker; returns (split_segments of its timeline, category names)."""
     model, optimizer = prepared.model, prepared.optimizer
     single_tracker, sharded_tracker = _recording_trackers()
@@ -499,7 +517,7 @@ def tracked_step(prepared, micro_batch_size):
             tracker.track_external(model, optimizer)
         tracker.start_timeline(layer_paths)
         with tracker:
-            _train_step(prepared, micro_batch_size)
+            _train_step(prepared, micro_batch_size, passes, tracker.enter_phase)
     return split_segments(tracker.timeline, tracker.labels), tracker.category_names()
 
 
@@ -518,13 +536,16 @@ def _recording_trackers():
             self.categories = list(self._ref_class)
             self.layer_paths = layer_paths
             self.timeline, self.labels = [], []
-            self.phase, self.position, self.layer = FORWARD, -1, None
+            self.phase, self.kind, self.position, self.layer = -1, FORWARD, -1, None
+
+        def enter_phase(self, kind):
+            """The step's code marks its phases (FSDP's last gradient reduction, for one, runs after the
+            tracker itself has left backward)."""
+            self.phase, self.kind, self.position, self.layer = self.phase + 1, kind, -1, None
+            if kind == FORWARD:
+                self.reset_mod_stats()  # the trackers refuse a second forward of the root otherwise
 
         def _update_peak_stats(self, peak_state):
-            # Phases only advance: FSDP's last gradient reduction runs after the tracker has left backward.
-            now = OPTIMIZER if self._in_opt else BACKWARD if self._mod_tracker.is_bw else FORWARD
-            if now > self.phase:
-                self.phase, self.position, self.layer = now, -1, None
             layer = self._running_layer()
             if layer is not None and layer != self.layer:  # the next layer in execution order
                 self.layer, self.position = layer, self.position + 1
@@ -539,7 +560,7 @@ def _recording_trackers():
             open_layers = [index for index in open_layers if index is not None]
             if not open_layers:
                 return None
-            return max(open_layers) if self.phase == FORWARD else min(open_layers)
+            return max(open_layers) if self.kind == FORWARD else min(open_layers)
 
         def category_names(self):
             return [category.value for category in self.categories]
@@ -635,8 +656,9 @@ def _peak_rows(rows, on_host):
     return rows[[total.argmax(), (total - host).argmax(), host.argmax()]]
 
 
-def simulate_readings(config_dict, setup, micros, mesh=None, stop=None, full_depth=False):
-    """{micro: reading} for ascending micro-batch sizes of one setup (stopping as `stop` says, see _exceeds).
+def simulate_readings(config_dict, setup, runs, mesh=None, stop=None, full_depth=False):
+    """{micro: reading} for `runs` [(micro-batch size, micro-batches per step)] of one setup, smallest first,
+    stopping as `stop` says (see _exceeds).
 
     The model is simulated at its own depth up to 4 layers (or with full_depth), else at 3 and 4 layers and
     carried to its depth by deeper_segments."""
@@ -644,8 +666,8 @@ def simulate_readings(config_dict, setup, micros, mesh=None, stop=None, full_dep
     depths = [depth] if full_depth or depth <= SHALLOW_DEPTHS[-1] else list(SHALLOW_DEPTHS)
     prepared = [prepare_step(dict(config_dict, num_hidden_layers=d), setup, mesh) for d in depths]
     readings = {}
-    for micro in sorted(micros):
-        steps = [tracked_step(p, micro) for p in prepared]
+    for micro, passes in sorted(runs):
+        steps = [tracked_step(p, micro, passes) for p in prepared]
         names = steps[0][1]
         segments = steps[0][0] if len(steps) == 1 else deeper_segments(steps[0][0], steps[1][0], depth, names)
         readings[micro] = readings_from_segments(segments, names)
@@ -666,22 +688,54 @@ def _child_main(request):
         if setup["engine"] == "fsdp2" and mesh is None:
             dist.init_process_group("fake", rank=0, world_size=setup["world_size"], store=FakeStore())
             mesh = init_device_mesh("cpu", (setup["world_size"],))  # outside fake mode
-        results.append(simulate_readings(request["config"], setup, job["micros"],
+        results.append(simulate_readings(request["config"], setup, [tuple(run) for run in job["runs"]],
                                          mesh if setup["engine"] == "fsdp2" else None, job["stop"]))
     return results
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description="Simulate training-step memory (run by plan_candidates).")
-    parser.add_argument("--simulate", action="store_true", help="read a job as JSON on stdin, print readings")
-    args = parser.parse_args(argv)
-    if not args.simulate:
-        parser.error("nothing to do; this module is run by finetune.memory.plan_candidates")
+def _print_plan(args):
+    """`python -m finetune.memory --config config.json ...`: the candidate table of a target machine."""
     try:
-        results = _child_main(json.loads(sys.stdin.read()))
-    except (ValueError, KeyError) as exc:
+        config = json.loads(Path(args.config).read_text())
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"error: cannot read the model config {args.config!r}: {exc}")
+    try:
+        plan = plan_candidates(config, args.world_size, args.batch_size, args.block_size, args.device_memory_gb,
+                               args.host_memory_gb, precision=args.precision, adapter=args.adapter,
+                               chunked_loss=not args.plain_loss, exhaustive=args.exhaustive)
+    except ValueError as exc:
         raise SystemExit(f"error: {exc}")
-    print(json.dumps(results))
+    print("\n".join([f"rule: {plan.rule}", *plan.lines()]))
+    if plan.chosen:
+        print(f"chosen: {json.dumps(plan.chosen.memory.gib())}")
+    else:
+        print("chosen: none fits")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Simulated training-step memory of a model on a target machine.")
+    parser.add_argument("--config", help="the model's config.json (with model_type)")
+    parser.add_argument("--world-size", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=32, help="global rows per optimiser step")
+    parser.add_argument("--block-size", type=int, default=1024)
+    parser.add_argument("--device-memory-gb", type=float, default=80)
+    parser.add_argument("--host-memory-gb", type=float, default=512)
+    parser.add_argument("--precision", choices=PRECISIONS, default="bf16")
+    parser.add_argument("--adapter", choices=ADAPTERS, default="none")
+    parser.add_argument("--plain-loss", action="store_true", help="simulate the model's own loss, not chunked")
+    parser.add_argument("--exhaustive", action="store_true", help="simulate every candidate")
+    parser.add_argument("--simulate", action="store_true", help=argparse.SUPPRESS)  # the child process
+    args = parser.parse_args(argv)
+    if args.simulate:
+        try:
+            results = _child_main(json.loads(sys.stdin.read()))
+        except (ValueError, KeyError) as exc:
+            raise SystemExit(f"error: {exc}")
+        print(json.dumps(results))
+        return 0
+    if not args.config:
+        parser.error("--config is required")
+    _print_plan(args)
     return 0
 
 
