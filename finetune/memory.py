@@ -4,8 +4,9 @@ Instead of a formula, the step is run: the real model class is built from its co
 sharded with FSDP2 `fully_shard` per decoder layer over a fake process group of the planned world size (no
 communication happens), materialised as fake tensors (shapes and dtypes, no storage) and put through a
 forward, backward and AdamW step under `FSDPMemTracker` (`MemTracker` on one device without FSDP). The tracker
-sees every allocation and free; peaks and their breakdown are read from it. AdamW's state exists before the
-tracked step, as from the second step of a real run on.
+sees every allocation and free; peaks and their breakdown are read from it. One untracked step runs first, so
+the tracked one is a steady-state step (AdamW's state exists); with gradient accumulation it runs two
+micro-batches, the second meeting the first one's gradients.
 
     memory = simulate_step_memory(config, world_size=8, micro_batch_size=4, block_size=1024)
     plan = plan_candidates(config, world_size=8, batch_size=256, block_size=1024, device_memory_gb=80)
@@ -13,8 +14,8 @@ tracked step, as from the second step of a real run on.
 
 Depth. Decoder layers are identical, so a 40-layer step is not run op by op: steps of 3 and 4 layers are, and
 the tracker's per-op figures are carried to the full depth segment by segment (deeper_segments). This gives
-the same bytes as simulating all 40 layers (checked to the byte for the 13B models in tests and the report)
-in a fraction of the time.
+the same bytes as simulating all 40 layers (equal to the byte: tests/test_memory_plan.py on a 7-layer model,
+and the 13B models) in a fraction of the time.
 
 How the simulated step maps onto the real one:
   * bf16: FSDP2 `MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)` over fp32 master weights; on one
@@ -39,8 +40,10 @@ Sizes are bytes of tensor storage. The CUDA caching allocator rounds blocks up a
 reserved, which the 8% headroom of FIT_FRACTION is for.
 
 Results are cached on disk per configuration (FINETUNE_MEMORY_CACHE, default ~/.cache/finetune/memory). The
-simulations run in a child process: the fake process group must be the default one, which a training process
-under torchrun already has.
+simulations run in one child process per call (`python -m finetune.memory --simulate`): the fake process group
+must be the default one, which a training process under torchrun already has.
+
+    python -m finetune.memory --config config.json --world-size 8 --batch-size 256 --device-memory-gb 80
 """
 import argparse
 import contextlib
@@ -99,8 +102,9 @@ class Candidate:
     accumulation_steps: int
     checkpointing: bool
     cpu_offload: bool
-    memory: StepMemory | None  # None when not simulated: a smaller micro-batch already did not fit
+    memory: StepMemory | None  # None when not simulated, `note` says why
     fits: bool
+    note: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,7 +121,7 @@ class Plan:
             head = (f"{mark} micro {c.micro_batch_size:>4} x accumulation {c.accumulation_steps:<4} "
                     f"checkpointing {'on ' if c.checkpointing else 'off'} offload {'on ' if c.cpu_offload else 'off'}")
             if c.memory is None:
-                out.append(f"{head}  not simulated: a smaller micro-batch already does not fit")
+                out.append(f"{head}  not simulated: {c.note}")
                 continue
             g = c.memory.gib()
             host = f" host {g['host']:.1f} GiB" if c.cpu_offload else ""
@@ -142,23 +146,27 @@ def simulate_step_memory(model_config, world_size, micro_batch_size, block_size,
     """
     config = _config_dict(model_config)
     setup = _setup(world_size, block_size, checkpointing, cpu_offload, precision, adapter, lora, chunked_loss)
-    passes = _passes(accumulation_steps)
-    reading = _readings(config, [(setup, [(micro_batch_size, passes)], None)])[0][micro_batch_size]
-    return _step_memory(reading, cpu_offload)
+    with _SimulationChild() as child:
+        readings = _readings(config, setup, [(micro_batch_size, _passes(accumulation_steps))], None, child)
+    return _step_memory(readings[micro_batch_size], cpu_offload)
 
 
 def plan_candidates(model_config, world_size, batch_size, block_size, device_memory_gb, host_memory_gb=512,
                     devices_per_node=None, precision="bf16", adapter="none", lora=None, chunked_loss=True,
                     micro_batch_size=None, checkpointing=None, cpu_offload=None, exhaustive=False):
     """Candidate layouts of a global batch of `batch_size` rows with their simulated memory, and the chosen one
-    (see PREFERENCE_RULE).
+    (PREFERENCE_RULE).
 
     Candidates: micro-batch sizes that are powers of two dividing the rows each device takes per step (or the
     given `micro_batch_size`), activation checkpointing off/on and CPU offload off/on (or the given values).
-    Memory only grows with the micro-batch, so once a size fits in no reading the larger ones are not
-    simulated (memory None) unless `exhaustive`. A candidate with accumulation runs two micro-batches in its
-    simulated step (see simulate_step_memory). `host_memory_gb` is one node's, shared by its
-    `devices_per_node` devices (default: all `world_size`).
+    Memory sizes are GiB (torch's total_memory / 2**30); `host_memory_gb` is one node's, shared by its
+    `devices_per_node` devices (default: all `world_size`). A candidate with accumulation runs two
+    micro-batches in its simulated step (see simulate_step_memory).
+
+    By default only what the choice needs is simulated: settings in order of preference, each from the
+    smallest micro-batch up to the first that does not fit (memory only grows with the micro-batch), and none
+    after the first setting with a fit. Readings of other settings that come with the same run (offload on
+    and off, on several devices) are kept. The others have memory None and a note; `exhaustive` simulates all.
     """
     if batch_size <= 0 or batch_size % world_size:
         raise ValueError(f"batch size {batch_size} is not a positive multiple of the {world_size} devices")
@@ -168,31 +176,39 @@ def plan_candidates(model_config, world_size, batch_size, block_size, device_mem
         raise ValueError(f"micro-batch {micros[0]} does not divide the {per_device} rows each device takes")
     device_limit = device_memory_gb * GIB * FIT_FRACTION
     host_limit = host_memory_gb * GIB / (devices_per_node or world_size)
+    config = _config_dict(model_config)
+    runs = [(micro, _passes(per_device // micro)) for micro in micros]
+    settings = [(offload, ckpt) for offload in ([cpu_offload] if cpu_offload is not None else [False, True])
+                for ckpt in ([checkpointing] if checkpointing is not None else [False, True])]
+
+    def setup_of(offload, ckpt):
+        return _setup(world_size, block_size, ckpt, offload, precision, adapter, lora, chunked_loss)
 
     def fits(memory, offload):
         return memory.device_peak <= device_limit and (not offload or memory.host <= host_limit)
 
-    config = _config_dict(model_config)
-    jobs = []  # (setup, offload settings its readings serve, stop rule)
-    for checkpointing_on in [checkpointing] if checkpointing is not None else [False, True]:
-        offloads = [cpu_offload] if cpu_offload is not None else [False, True]
-        # One simulation serves both offload readings, except on one device (different engines).
-        for served in [offloads] if world_size > 1 else [[offload] for offload in offloads]:
-            setup = _setup(world_size, block_size, checkpointing_on, served[0], precision, adapter, lora,
-                           chunked_loss)
-            jobs.append((setup, served, None if exhaustive else
-                         {"device": device_limit, "host": host_limit, "offloads": served}))
-    runs = [(micro, _passes(per_device // micro)) for micro in micros]
-    all_readings = _readings(config, [(setup, runs, stop) for setup, _, stop in jobs])
+    readings = {}  # setup (as JSON) -> {micro: reading}; one setup serves both offloads on several devices
+    decided = False
+    with _SimulationChild() as child:
+        for offload, ckpt in settings:
+            key = json.dumps(setup_of(offload, ckpt), sort_keys=True)
+            if decided:
+                break
+            stop = None if exhaustive else {"device": device_limit, "host": host_limit, "offloads": [offload]}
+            found = _readings(config, setup_of(offload, ckpt), runs, stop, child)
+            readings.setdefault(key, {}).update(found)
+            decided = not exhaustive and any(fits(_step_memory(r, offload), offload) for r in found.values())
 
-    candidates = []
-    for (setup, served, _), readings in zip(jobs, all_readings):
-        for offload in served:
-            for micro in micros:
-                memory = _step_memory(readings[micro], offload) if micro in readings else None
-                candidates.append(Candidate(micro, per_device // micro, setup["checkpointing"], offload, memory,
-                                            memory is not None and fits(memory, offload)))
-    candidates.sort(key=lambda c: (c.cpu_offload, c.checkpointing, -c.micro_batch_size))
+    candidates, reached_fit = [], False
+    for offload, ckpt in settings:
+        found = readings.get(json.dumps(setup_of(offload, ckpt), sort_keys=True), {})
+        for micro in micros:
+            memory = _step_memory(found[micro], offload) if micro in found else None
+            note = "" if memory else ("a preferred setting fits" if reached_fit
+                                      else "a smaller micro-batch already does not fit")
+            candidates.append(Candidate(micro, per_device // micro, ckpt, offload, memory,
+                                        memory is not None and fits(memory, offload), note))
+        reached_fit = reached_fit or any(c.fits for c in candidates)
     chosen = next((c for c in candidates if c.fits), None)
     return Plan(chosen, candidates)
 
@@ -250,34 +266,26 @@ def _cache_key(config, setup, micro, passes):
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _readings(config, jobs):
-    """For each job (setup, [(micro, passes)], stop rule): {micro: reading}, smallest micro-batch first, from
-    the cache or simulated (all jobs in one child process); with a stop rule, up to the first size that fits
-    in none of the offload settings it serves."""
-    results, pending = [], []
-    for setup, runs, stop in jobs:
-        runs, readings = sorted(runs), {}
-        for index, (micro, passes) in enumerate(runs):
-            path = cache_dir() / f"{_cache_key(config, setup, micro, passes)}.json"
-            if not path.is_file():
-                pending.append((len(results), {"setup": setup, "runs": runs[index:], "stop": stop}))
-                break
-            readings[micro] = json.loads(path.read_text())
-            if _exceeds(readings[micro], stop):
-                break
-        results.append(readings)
-    if pending:
-        fresh = _simulate_in_child(config, [job for _, job in pending])
-        cache_dir().mkdir(parents=True, exist_ok=True)
-        for (index, job), readings in zip(pending, fresh):
-            passes = dict(job["runs"])
-            for micro, reading in readings.items():
-                path = cache_dir() / f"{_cache_key(config, job['setup'], micro, passes[micro])}.json"
+def _readings(config, setup, runs, stop, child):
+    """{micro: reading} for `runs` [(micro-batch size, micro-batches per step)] of one setup, smallest first,
+    from the cache or simulated by `child`; with a stop rule, up to the first size that fits in none of the
+    offload settings it names."""
+    runs, readings = sorted(runs), {}
+    for index, (micro, passes) in enumerate(runs):
+        path = cache_dir() / f"{_cache_key(config, setup, micro, passes)}.json"
+        if not path.is_file():
+            fresh = child.simulate(config, {"setup": setup, "runs": runs[index:], "stop": stop})
+            cache_dir().mkdir(parents=True, exist_ok=True)
+            for fresh_micro, reading in fresh.items():
+                path = cache_dir() / f"{_cache_key(config, setup, fresh_micro, dict(runs)[fresh_micro])}.json"
                 temporary = path.with_suffix(f".{os.getpid()}.tmp")
                 temporary.write_text(json.dumps(reading))
                 temporary.replace(path)
-                results[index][micro] = reading
-    return results
+            return {**readings, **fresh}
+        readings[micro] = json.loads(path.read_text())
+        if _exceeds(readings[micro], stop):
+            break
+    return readings
 
 
 def _exceeds(reading, stop):
@@ -291,18 +299,43 @@ def _exceeds(reading, stop):
     return True
 
 
-def _simulate_in_child(config, jobs):
-    """Runs `python -m finetune.memory --simulate` on the jobs; returns, per job, {micro: reading}."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
-    done = subprocess.run([sys.executable, "-m", "finetune.memory", "--simulate"], text=True, capture_output=True,
-                          input=json.dumps({"config": config, "jobs": jobs}), cwd=REPO_ROOT, env=env)
-    if done.returncode:
-        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        if last.startswith("error: "):  # the configuration cannot be simulated (e.g. block size too long)
-            raise ValueError(last[len("error: "):])
-        raise RuntimeError(f"memory simulation failed: {last}")
-    results = json.loads(done.stdout.strip().splitlines()[-1])
-    return [{int(micro): reading for micro, reading in readings.items()} for readings in results]
+class _SimulationChild:
+    """`python -m finetune.memory --simulate`, started on the first job and kept for the next ones (its
+    imports take several seconds); one JSON line per job in, one per result out."""
+
+    def __init__(self):
+        self.process = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.process is not None:
+            self.process.stdin.close()
+            self.process.wait()
+            self.process.stderr.close()
+            self.process.stdout.close()
+
+    def simulate(self, config, job):
+        """{micro: reading} of one job (setup, runs, stop rule)."""
+        if self.process is None:
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
+            self.process = subprocess.Popen([sys.executable, "-m", "finetune.memory", "--simulate"], cwd=REPO_ROOT,
+                                            env=env, text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                            stderr=subprocess.PIPE)
+        self.process.stdin.write(json.dumps({"config": config, **job}) + "\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        if not line:
+            self.process.stdin.close()
+            last = (self.process.stderr.read().strip().splitlines() or ["no output"])[-1]
+            self.process.wait()
+            self.process = None
+            raise RuntimeError(f"memory simulation failed: {last}")
+        answer = json.loads(line)
+        if "error" in answer:  # the configuration cannot be simulated (e.g. block size too long)
+            raise ValueError(answer["error"])
+        return {int(micro): reading for micro, reading in answer["readings"].items()}
 
 
 def _step_memory(reading, cpu_offload):
@@ -676,21 +709,29 @@ def simulate_readings(config_dict, setup, runs, mesh=None, stop=None, full_depth
     return readings
 
 
-def _child_main(request):
-    """Child-process side: every job, over a fake process group of the world size (one per plan)."""
+def _child_main(lines, out):
+    """Child-process side: one job per line, over a fake process group of the job's world size."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    results, mesh = [], None
-    for job in request["jobs"]:
+    mesh = None
+    for line in lines:
+        job = json.loads(line)
         setup = job["setup"]
-        if setup["engine"] == "fsdp2" and mesh is None:
+        if setup["engine"] == "fsdp2" and (mesh is None or mesh.size() != setup["world_size"]):
+            if dist.is_initialized():
+                dist.destroy_process_group()
             dist.init_process_group("fake", rank=0, world_size=setup["world_size"], store=FakeStore())
             mesh = init_device_mesh("cpu", (setup["world_size"],))  # outside fake mode
-        results.append(simulate_readings(request["config"], setup, [tuple(run) for run in job["runs"]],
-                                         mesh if setup["engine"] == "fsdp2" else None, job["stop"]))
-    return results
+        try:
+            readings = simulate_readings(job["config"], setup, [tuple(run) for run in job["runs"]],
+                                         mesh if setup["engine"] == "fsdp2" else None, job["stop"])
+            answer = {"readings": readings}
+        except ValueError as exc:
+            answer = {"error": str(exc)}
+        out.write(json.dumps(answer) + "\n")
+        out.flush()
 
 
 def _print_plan(args):
@@ -727,11 +768,7 @@ def main(argv=None):
     parser.add_argument("--simulate", action="store_true", help=argparse.SUPPRESS)  # the child process
     args = parser.parse_args(argv)
     if args.simulate:
-        try:
-            results = _child_main(json.loads(sys.stdin.read()))
-        except (ValueError, KeyError) as exc:
-            raise SystemExit(f"error: {exc}")
-        print(json.dumps(results))
+        _child_main(sys.stdin, sys.stdout)
         return 0
     if not args.config:
         parser.error("--config is required")

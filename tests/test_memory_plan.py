@@ -89,38 +89,49 @@ def test_depth_carried_from_three_and_four_layers_equals_full_depth(tmp_path):
         assert case["carried"] == case["full"], case["setup"]
 
 
-def test_plan_rule_prefers_no_offload_then_no_checkpointing_then_the_largest_micro_batch(monkeypatch):
-    """The rule, on made-up readings: memory grows with the micro-batch, checkpointing and offload cut it."""
-    def fake_readings(config, jobs):
-        out = []
-        for setup, runs, stop in jobs:
-            readings = {}
-            for micro, _ in sorted(runs):
-                activations = micro * (1 if setup["checkpointing"] else 10) * memory.GIB
-                readings[micro] = {
-                    "on_device": {"device_peak": 40 * memory.GIB + activations, "host_peak": 0,
-                                  "categories": {"Activation": activations}},
-                    "offloaded": {"device_peak": 5 * memory.GIB + activations, "host_peak": 35 * memory.GIB,
-                                  "categories": {"Activation": activations}}}
-                if memory._exceeds(readings[micro], stop):
-                    break
-            out.append(readings)
-        return out
+def made_up_readings(config, setup, runs, stop, child):
+    """Readings where memory grows with the micro-batch and checkpointing and offload cut it."""
+    readings = {}
+    for micro, _ in sorted(runs):
+        activations = micro * (1 if setup["checkpointing"] else 10) * memory.GIB
+        readings[micro] = {
+            "on_device": {"device_peak": 40 * memory.GIB + activations, "host_peak": 0,
+                          "categories": {"Activation": activations}},
+            "offloaded": {"device_peak": 5 * memory.GIB + activations, "host_peak": 35 * memory.GIB,
+                          "categories": {"Activation": activations}}}
+        if memory._exceeds(readings[micro], stop):
+            break
+    return readings
 
-    monkeypatch.setattr(memory, "_readings", fake_readings)
+
+def test_plan_rule_prefers_no_offload_then_no_checkpointing_then_the_largest_micro_batch(monkeypatch):
+    monkeypatch.setattr(memory, "_readings", made_up_readings)
     config = dict(DEMO["llama"])
-    chosen = memory.plan_candidates(config, 8, 128, BLOCK, 80).chosen  # 16 rows per device
-    assert (chosen.cpu_offload, chosen.checkpointing, chosen.micro_batch_size) == (False, False, 2)
-    chosen = memory.plan_candidates(config, 8, 128, BLOCK, 50).chosen
-    assert (chosen.cpu_offload, chosen.checkpointing, chosen.micro_batch_size) == (False, True, 4)
-    chosen = memory.plan_candidates(config, 8, 128, BLOCK, 40).chosen
-    assert (chosen.cpu_offload, chosen.checkpointing, chosen.micro_batch_size) == (True, False, 2)
-    plan = memory.plan_candidates(config, 8, 128, BLOCK, 40, host_memory_gb=100)  # 8 x 35 GiB do not fit
-    assert plan.chosen is None and not any(c.fits for c in plan.candidates)
-    plan = memory.plan_candidates(config, 8, 128, BLOCK, 80)
-    skipped = [c for c in plan.candidates if c.memory is None]
-    assert skipped and all(c.micro_batch_size > 4 and not c.checkpointing for c in skipped)
+
+    def chosen(device_gb, **kwargs):
+        c = memory.plan_candidates(config, 8, 128, BLOCK, device_gb, **kwargs).chosen  # 16 rows per device
+        return c and (c.cpu_offload, c.checkpointing, c.micro_batch_size)
+
+    assert chosen(80) == (False, False, 2)
+    assert chosen(50) == (False, True, 4)
+    assert chosen(40) == (True, False, 2)
+    assert chosen(40, host_memory_gb=100) is None  # 8 devices x 35 GiB of offloaded state
+    assert chosen(80, checkpointing=True) == (False, True, 16)
+    assert chosen(80, cpu_offload=True) == (True, False, 4)
+
+
+def test_plan_simulates_only_what_the_choice_needs_unless_exhaustive(monkeypatch):
+    monkeypatch.setattr(memory, "_readings", made_up_readings)
+    plan = memory.plan_candidates(dict(DEMO["llama"]), 8, 128, BLOCK, 80)
+    by_setting = {(c.cpu_offload, c.checkpointing, c.micro_batch_size): c for c in plan.candidates}
     assert all(c.accumulation_steps * c.micro_batch_size == 16 for c in plan.candidates)
+    assert [m for m in (1, 2, 4, 8, 16) if by_setting[(False, False, m)].memory] == [1, 2, 4]
+    assert by_setting[(False, False, 8)].note == "a smaller micro-batch already does not fit"
+    assert all(c.memory is None and c.note == "a preferred setting fits" for c in plan.candidates if c.checkpointing)
+    assert by_setting[(True, False, 4)].fits  # offload readings come with the same run on several devices
+    everything = memory.plan_candidates(dict(DEMO["llama"]), 8, 128, BLOCK, 80, exhaustive=True)
+    assert all(c.memory is not None for c in everything.candidates)
+    assert everything.chosen == plan.chosen
 
 
 def test_bad_requests_raise_clear_errors():
