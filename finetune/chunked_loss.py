@@ -1,0 +1,135 @@
+"""Causal-LM loss computed a chunk of tokens at a time, so the full logits tensor never exists.
+
+The plain path turns the hidden states of a whole micro-batch into logits (tokens x vocab, then an fp32 copy for
+the cross-entropy and an fp32 gradient of the same size). For Baichuan2's 125,696-token vocabulary and 4 rows of
+1024 tokens that is about 2 GiB per copy. Here the head and the cross-entropy run over `chunk_tokens` tokens at a
+time; backward recomputes each chunk's logits instead of keeping them.
+
+    loss = chunked_causal_lm_loss(hidden_states, head_weight, labels, num_items_in_batch)
+
+    use_chunked_loss(model)      # afterwards model(input_ids=..., labels=...) computes its loss this way
+
+`use_chunked_loss` keeps the call inside the model's own forward, which is where FSDP2 gathers the root
+module's parameters (embeddings, final norm and the output head); calling the decoder and the head separately
+from outside would use the sharded head.
+"""
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+DEFAULT_CHUNK_TOKENS = 1024  # fp32 logits of one chunk: 1024 x 125,696 x 4 B = 0.5 GiB for Baichuan2
+
+
+def shifted_targets(labels):
+    """Next-token targets: position t is scored against labels[t + 1]; the last position has none."""
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """Sum of token cross-entropies of (hidden @ weight.T) against targets, one chunk of rows at a time."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, scale, chunk_tokens):
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_tokens):
+            logits = (hidden[start:start + chunk_tokens] @ weight.t()).float()
+            total += F.cross_entropy(logits, targets[start:start + chunk_tokens], ignore_index=IGNORE_INDEX,
+                                     reduction="sum")
+        ctx.save_for_backward(hidden, weight, targets, scale)
+        ctx.chunk_tokens = chunk_tokens
+        return total * scale
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        hidden, weight, targets, scale = ctx.saved_tensors
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            # Accumulate in fp32 when the head computes in bf16, as one whole-batch matmul would.
+            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        factor = grad_output * scale
+        for start in range(0, hidden.shape[0], ctx.chunk_tokens):
+            rows = hidden[start:start + ctx.chunk_tokens]
+            chunk_targets = targets[start:start + ctx.chunk_tokens]
+            # d(sum of cross-entropies)/d(logits) = softmax - one_hot(target), zero for ignored positions.
+            # Masks by arithmetic, not boolean indexing: no host sync, and it runs on fake tensors.
+            counted = (chunk_targets != IGNORE_INDEX).unsqueeze(1)
+            grad_logits = torch.softmax((rows @ weight.t()).float(), dim=-1)
+            grad_logits.scatter_add_(1, chunk_targets.clamp(min=0).unsqueeze(1), -counted.float())
+            grad_logits = (grad_logits * (counted * factor)).to(hidden.dtype)
+            if grad_hidden is not None:
+                torch.matmul(grad_logits, weight, out=grad_hidden[start:start + ctx.chunk_tokens])
+            if grad_weight is not None:
+                if rows.dtype == torch.float32:
+                    grad_weight.addmm_(grad_logits.t(), rows)
+                else:
+                    grad_weight += (grad_logits.t() @ rows).float()
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None, None
+
+
+def chunked_causal_lm_loss(hidden_states, head_weight, labels, num_items_in_batch=None,
+                           chunk_tokens=DEFAULT_CHUNK_TOKENS):
+    """Next-token cross-entropy of `hidden_states @ head_weight.T`, computed `chunk_tokens` tokens at a time.
+
+    hidden_states: (batch, length, hidden) after the final norm; head_weight: (vocab, hidden), already
+    row-normalised for Baichuan's NormHead; labels: (batch, length), -100 where no loss is taken. Position t
+    predicts labels[t + 1]. The summed token losses are divided by `num_items_in_batch` (the target count of the
+    whole global batch) when given, otherwise by this batch's own target count. Under autocast the head runs in
+    the autocast dtype and the cross-entropy in fp32, as in the models' own forward.
+    """
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
+    targets = shifted_targets(labels.to(hidden_states.device)).reshape(-1)
+    if num_items_in_batch is None:
+        count = (targets != IGNORE_INDEX).sum().clamp(min=1)
+    else:
+        count = torch.as_tensor(num_items_in_batch, device=hidden_states.device)
+    scale = 1.0 / count.to(torch.float32)
+    device_type = hidden_states.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden_states, head_weight = hidden_states.to(dtype), head_weight.to(dtype)
+    elif head_weight.dtype != hidden_states.dtype:
+        head_weight = head_weight.to(hidden_states.dtype)
+    hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
+    with torch.autocast(device_type, enabled=False):
+        return _ChunkedCrossEntropy.apply(hidden, head_weight, targets, scale, chunk_tokens)
+
+
+def _head_weight(model):
+    """The output head's weight as the forward uses it (Baichuan's NormHead normalises its rows)."""
+    if hasattr(model, "head_weight"):
+        return model.head_weight()
+    head = model.get_output_embeddings()
+    if getattr(head, "bias", None) is not None:
+        raise ValueError("use_chunked_loss supports output heads without a bias")
+    return head.weight
+
+
+def use_chunked_loss(model, chunk_tokens=DEFAULT_CHUNK_TOKENS):
+    """Make `model(..., labels=...)` compute its loss with `chunked_causal_lm_loss`; returns the model.
+
+    The returned output has `loss` and no `logits`. Calls without labels (generation, logits) keep the model's
+    own forward. The model's parameters and state-dict names are unchanged, so checkpoints and FSDP2 sharding
+    are unaffected; apply it before or after `fully_shard`. `model` is a ...ForCausalLM with a `.model` decoder
+    (Llama, Baichuan); a peft wrapper reaches it through its own forward, so patch the wrapped model.
+    """
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    if getattr(model.config, "z_loss_weight", 0):
+        raise ValueError("the chunked loss has no z-loss term; keep it off for models with z_loss_weight > 0")
+    decoder = model.get_decoder()
+    plain_forward = model.forward
+
+    def forward(input_ids=None, labels=None, num_items_in_batch=None, logits_to_keep=0, **kwargs):
+        if labels is None:
+            return plain_forward(input_ids=input_ids, logits_to_keep=logits_to_keep, **kwargs)
+        outputs = decoder(input_ids=input_ids, **kwargs)
+        loss = chunked_causal_lm_loss(outputs.last_hidden_state, _head_weight(model), labels, num_items_in_batch,
+                                      chunk_tokens)
+        return CausalLMOutputWithPast(loss=loss, past_key_values=outputs.past_key_values)
+
+    model.forward = forward
+    return model
