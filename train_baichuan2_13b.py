@@ -75,18 +75,20 @@ def main(argv=None):
     train_plan = data.plan_run(train_table.lengths, args.batch_size, args.block_size, args.batching, args.seed,
                                args.epochs, args.max_steps)
     total_steps = train_plan.total_steps
-    micro_batch_size, accumulation, checkpointing = plan.choose_layout(args, backend)
+    layout = plan.choose_layout(args, backend)  # micro-batch, accumulation, checkpointing, CPU offload
     pad_to = None if args.batching == "longest" else args.block_size
 
     # ---- model and optimiser ------------------------------------------------------------------------------
     model = parallel.load_model(backend, AutoModelForCausalLM, args.model_name_or_path,
-                                gradient_checkpointing=checkpointing, compile_layers=args.compile,
+                                gradient_checkpointing=layout["activation_checkpointing"], compile_layers=args.compile,
+                                cpu_offload=layout["cpu_offload"],
                                 trust_remote_code=args.trust_remote_code,
                                 adapters=lora.settings(args))  # --lora / --qlora: frozen base plus adapters
     data.check_block_size(model.config, args.block_size)
     data.check_token_ids(model.config, train_table, eval_table)  # data prepared with another tokenizer
-    micro_batch_size, accumulation = plan.confirm_on_device(model, backend, args, micro_batch_size, accumulation)
-    run_plan = plan.print_and_save_plan(model, backend, args, micro_batch_size, accumulation, checkpointing)
+    plan.confirm_on_device(model, backend, args, layout)
+    run_plan = plan.print_and_save_plan(model, backend, args, layout)
+    micro_batch_size = layout["micro_batch_size"]
 
     optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],  # with LoRA: the adapters
                               lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda")

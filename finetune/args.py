@@ -63,6 +63,12 @@ def parse_training_args(description, defaults, demo_defaults, argv=None):
                                                              "without loading weights")
     p.add_argument("--num-devices", type=int, help="devices for --plan-only (default: this job's world size)")
     p.add_argument("--device-memory-gb", type=float, default=80.0, help="device memory for --plan-only (default 80)")
+    p.add_argument("--host-memory-gb", type=float, default=512.0,
+                   help="host memory of one node for --plan-only (default 512, a common GPU server's); a real run "
+                        "uses this machine's")
+    p.add_argument("--cpu-offload", choices=("auto", "on", "off"), default="auto",
+                   help="keep sharded master weights, gradients and optimiser state in host memory (FSDP2 "
+                        "CPUOffloadPolicy); auto: when the plan needs it to fit")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the checkpoint folder")
     p.add_argument("--demo", action="store_true", help="embedded tiny model, tokenizer and prepared sample data; "
                                                         "offline, CPU-friendly")
@@ -117,6 +123,7 @@ NUMBER_RANGES = [
     ("weight_decay", 0, None, True),
     ("max_grad_norm", 0, None, False),  # 0 would clip every update to nothing, a negative norm flips it
     ("peak_tflops", 0, None, False), ("device_memory_gb", 0, None, False),
+    ("host_memory_gb", 0, None, False),
 ]
 
 

@@ -139,7 +139,7 @@ def decoder_layers(model):
 
 
 def load_model(backend, model_class, model_path, gradient_checkpointing=False, compile_layers=False,
-               attn_implementation=None, trust_remote_code=False, adapters=None):
+               attn_implementation=None, trust_remote_code=False, adapters=None, cpu_offload=False):
     """Load fp32 master weights and place them: whole on one device, or sharded per layer under torchrun.
 
     With `adapters` (finetune.lora.settings: --lora / --qlora) the base is frozen (bf16 or 4-bit) and LoRA
@@ -150,7 +150,7 @@ def load_model(backend, model_class, model_path, gradient_checkpointing=False, c
     lora.check_backend(adapters, backend)
     try:
         return _load_and_place(backend, model_class, model_path, gradient_checkpointing, compile_layers,
-                               attn_implementation, trust_remote_code, adapters)
+                               attn_implementation, trust_remote_code, adapters, cpu_offload)
     except (OSError, ValueError) as exc:
         raise SystemExit(f"error: cannot load the model {model_path!r}: {str(exc).splitlines()[0]}") from None
     except (RuntimeError, NotImplementedError, ImportError) as exc:
@@ -161,7 +161,7 @@ def load_model(backend, model_class, model_path, gradient_checkpointing=False, c
 
 
 def _load_and_place(backend, model_class, model_path, gradient_checkpointing, compile_layers, attn_implementation,
-                    trust_remote_code, adapters):
+                    trust_remote_code, adapters, cpu_offload):
     from transformers import AutoConfig
 
     from finetune import lora
@@ -184,7 +184,7 @@ def _load_and_place(backend, model_class, model_path, gradient_checkpointing, co
         return model if adapters and adapters.quantize_4bit else model.to(backend.device)
 
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     # Only rank 0 reads the checkpoint into host memory; every rank builds an empty (meta) copy to shard.
     full_state, buffers = {}, {}
@@ -210,18 +210,25 @@ def _load_and_place(backend, model_class, model_path, gradient_checkpointing, co
     layers = decoder_layers(model)
     if not layers:
         raise SystemExit(f"error: {type(model).__name__} names no decoder layer in _no_split_modules; cannot shard it")
+    # CPU offload: sharded master weights, gradients and optimiser state stay in host memory; FSDP2 copies each
+    # unit's shard to the device for its forward and backward.
+    offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
     for layer in layers:
         if compile_layers:
             layer.compile()
-        fully_shard(layer, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
+        fully_shard(layer, mp_policy=policy, offload_policy=offload)
+    fully_shard(model, mp_policy=policy, offload_policy=offload)
     # Gradients are summed over ranks, not averaged: the loss is already normalised by the global token count.
     # Each FSDP unit keeps its own setting; force_sum keeps the reduction a plain SUM, which gloo supports.
     for unit in [*layers, model]:
         unit.set_gradient_divide_factor(1.0)
         unit.set_force_sum_reduction_for_comms(True)
 
-    model.to_empty(device=backend.device)
+    model.to_empty(device="cpu" if cpu_offload else backend.device)
+    if cpu_offload:  # buffers (rotary frequencies, ...) are not sharded or offloaded: they live on the device
+        for module in model.modules():
+            for name, buffer in module.named_buffers(recurse=False):
+                module._buffers[name] = buffer.to(backend.device)
     set_model_state_dict(model, full_state,
                          options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     del full_state

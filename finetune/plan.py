@@ -1,34 +1,38 @@
-"""The parallel plan: micro-batch, gradient accumulation, activation checkpointing and memory per device.
+"""The parallel plan: micro-batch, gradient accumulation, activation checkpointing, CPU offload, memory.
 
-MoAI's Advanced Parallelization picks these by itself; here the backend hook asks this module. `--plan-only`
-prints a plan for a target machine without loading any weights (shapes of the common hub models are known
-offline); a real run on GPUs plans against the device's memory, then probes the micro-batch for real.
+MoAI's Advanced Parallelization picks these by itself; here the backend hook asks this module, and the memory
+figures come from a simulated training step of the real model shape under PyTorch's own memory tracker
+(finetune/memory.py), not from a formula. `--plan-only` prints the candidates and the chosen plan for a target
+machine without loading any weights (shapes of the common hub models are known offline); a real run on GPUs
+plans against its own devices, then probes the micro-batch for real. A CPU run needs no memory plan: it takes
+micro-batches of about 2k tokens.
 """
 import json
 import os
 
 import torch
 
-from finetune import lora
+from finetune import lora, memory
 from finetune.parallel import probe_micro_batch, split_global_batch
 
 # Shapes of the models this collection targets, so `--plan-only` works offline and without downloading.
 KNOWN_CONFIGS = {
-    "meta-llama/Llama-2-7b-hf": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+    "meta-llama/Llama-2-7b-hf": dict(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
                                      num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32),
-    "meta-llama/Llama-2-13b-hf": dict(vocab_size=32000, hidden_size=5120, intermediate_size=13824,
+    "meta-llama/Llama-2-13b-hf": dict(model_type="llama", vocab_size=32000, hidden_size=5120, intermediate_size=13824,
                                       num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=40),
-    "meta-llama/Llama-2-70b-hf": dict(vocab_size=32000, hidden_size=8192, intermediate_size=28672,
+    "meta-llama/Llama-2-70b-hf": dict(model_type="llama", vocab_size=32000, hidden_size=8192, intermediate_size=28672,
                                       num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8),
-    "baichuan-inc/Baichuan2-7B-Base": dict(vocab_size=125696, hidden_size=4096, intermediate_size=11008,
+    "baichuan-inc/Baichuan2-7B-Base": dict(model_type="baichuan", vocab_size=125696, hidden_size=4096, intermediate_size=11008,
                                            num_hidden_layers=32, num_attention_heads=32),
-    "baichuan-inc/Baichuan2-13B-Base": dict(vocab_size=125696, hidden_size=5120, intermediate_size=13696,
+    "baichuan-inc/Baichuan2-13B-Base": dict(model_type="baichuan", vocab_size=125696, hidden_size=5120, intermediate_size=13696,
                                             num_hidden_layers=40, num_attention_heads=40),
 }
 KNOWN_CONFIGS["baichuan-inc/Baichuan2-13B-Chat"] = KNOWN_CONFIGS["baichuan-inc/Baichuan2-13B-Base"]
 KNOWN_CONFIGS["meta-llama/Llama-2-13b-chat-hf"] = KNOWN_CONFIGS["meta-llama/Llama-2-13b-hf"]
 
 GIB = 1024 ** 3
+HOST_MEMORY_GB_DEFAULT = 512  # a common 8-GPU server's host memory, for --plan-only
 
 
 def count_parameters(cfg):
@@ -39,111 +43,6 @@ def count_parameters(cfg):
     per_layer = 2 * h * h + 2 * h * kv_dim + 3 * h * i + 2 * h
     head = 0 if cfg.get("tie_word_embeddings") else vocab * h
     return vocab * h + layers * per_layer + h + head
-
-
-def estimate_memory(cfg, world_size, micro_batch_size, block_size, checkpointing, mixed_precision, adapters=None):
-    """Bytes per device: fp32 master weights, gradients and AdamW state sharded over ranks, plus activations.
-
-    With `adapters` ({"trainable": adapter parameters, "quantized": 4-bit base?}, --lora / --qlora) the base is
-    frozen: only its weights (bf16 under bf16 compute; with --qlora the decoder's linear layers in 4-bit NF4),
-    no gradients or optimiser state for it; the adapters hold fp32 weights, gradients and AdamW state.
-    Activations are taken to be those of full fine-tuning (the adapters' own are rank-sized and left out).
-    """
-    params = count_parameters(cfg)
-    h, i, layers, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
-    act_bytes = 2 if mixed_precision == "bf16" else 4
-    tokens = micro_batch_size * block_size
-    # Saved tensors per token in one decoder layer: ~10 hidden-sized (norms, q/k/v, attention out, residuals)
-    # and 4 intermediate-sized (gate, up, activation, product) tensors; checkpointing keeps only layer inputs.
-    per_layer_token = (10 * h + 4 * i) * act_bytes
-    if checkpointing:
-        activations = tokens * (layers * h * act_bytes + per_layer_token)
-    else:
-        activations = tokens * layers * per_layer_token
-    activations += tokens * vocab * 4 * 2  # fp32 logits and their gradient
-    shard = params / world_size
-    gathered_layer = 2 * (params - 2 * vocab * h) / layers * act_bytes  # two unsharded layers in flight
-    if adapters:
-        trainable = adapters["trainable"]
-        base_bytes = 2 if mixed_precision == "bf16" else 4
-        base = params * base_bytes
-        if adapters.get("quantized"):
-            quantized = lora.quantized_linear_parameters(cfg)
-            base = quantized * lora.NF4_BYTES_PER_PARAMETER + (params - quantized) * 2
-            gathered_layer = 0
-        return {
-            "parameters": params,
-            "trainable_parameters": trainable,
-            "weights": (base + trainable * 4) / world_size + (gathered_layer if world_size > 1 else 0),
-            "gradients": trainable * 4 / world_size,
-            "optimizer": trainable * 8 / world_size,
-            "activations": activations,
-        }
-    return {
-        "parameters": params,
-        "weights": shard * 4 + (gathered_layer if world_size > 1 else 0),
-        "gradients": shard * 4,
-        "optimizer": shard * 8,
-        "activations": activations,
-    }
-
-
-def describe_plan(cfg, engine, world_size, batch_size, micro_batch_size, accumulation, block_size,
-                  checkpointing, mixed_precision, device_name, device_memory_gb=None, adapters=None):
-    """The plan as a dict (also written to the run folder) and as printable lines."""
-    memory = estimate_memory(cfg, world_size, micro_batch_size, block_size, checkpointing, mixed_precision,
-                             adapters)
-    total = _total(memory)
-    plan = {
-        "engine": engine, "world_size": world_size, "device": device_name,
-        "sharding": "FSDP2 per decoder layer" if world_size > 1 else "none (one device)",
-        "global_batch_rows": batch_size, "micro_batch_size": micro_batch_size,
-        "accumulation_steps": accumulation, "block_size": block_size,
-        "activation_checkpointing": bool(checkpointing),
-        "dtype": "bf16 compute, fp32 master weights and reduction" if mixed_precision == "bf16" else "fp32",
-        "parameters": memory["parameters"],
-        "memory_gib_per_device": {k: round(v / GIB, 2) for k, v in memory.items() if k not in COUNTS},
-        "memory_gib_per_device_total": round(total / GIB, 2),
-    }
-    if adapters:
-        plan["training"] = ("QLoRA: 4-bit NF4 frozen base, bf16 compute" if adapters.get("quantized") else
-                            f"LoRA: {'bf16' if mixed_precision == 'bf16' else 'fp32'} frozen base")
-        plan["trainable_parameters"] = memory["trainable_parameters"]
-    if device_memory_gb:
-        plan["fits"] = total / GIB <= device_memory_gb * 0.92
-    lines = ["[parallel plan]"] + [f"  {k}: {v}" for k, v in plan.items()]
-    return plan, lines
-
-
-def plan_for_budget(cfg, world_size, batch_size, block_size, device_memory_gb, mixed_precision="bf16",
-                    micro_batch_size=None, adapters=None):
-    """Largest micro-batch (power of two dividing the per-rank rows) that fits, switching on checkpointing if
-    that is what it takes; the arithmetic behind `--plan-only`."""
-    per_rank = split_global_batch(batch_size, world_size, 1)[1]
-    candidates = [micro_batch_size] if micro_batch_size else [m for m in (2 ** k for k in range(12, -1, -1))
-                                                               if m <= per_rank and per_rank % m == 0]
-    for checkpointing in (False, True):
-        for micro in candidates:
-            memory = estimate_memory(cfg, world_size, micro, block_size, checkpointing, mixed_precision, adapters)
-            if _total(memory) / GIB <= device_memory_gb * 0.92:
-                return micro, per_rank // micro, checkpointing
-    return candidates[-1], per_rank // candidates[-1], True
-
-
-COUNTS = ("parameters", "trainable_parameters")  # entries of estimate_memory() that are not bytes
-
-
-def _total(memory):
-    return sum(v for k, v in memory.items() if k not in COUNTS)
-
-
-def adapter_plan(args, shape):
-    """What the memory plan needs to know of --lora / --qlora (None for full fine-tuning)."""
-    settings = lora.settings(args)
-    if not settings:
-        return None
-    return {"trainable": lora.adapter_parameters(shape, settings.rank, settings.targets),
-            "quantized": settings.quantize_4bit}
 
 
 def model_shape(model_name_or_path):
@@ -162,59 +61,126 @@ def model_shape(model_name_or_path):
                          f"not one of {sorted(KNOWN_CONFIGS)}") from None
 
 
+def _toggle(value):
+    return {"auto": None, "on": True, "off": False}[value]
+
+
+def simulated_plan(args, config, world_size, device_memory_gb, host_memory_gb):
+    """memory.plan_candidates for these flags: every candidate layout with its simulated memory, and the choice."""
+    adapters = lora.settings(args)
+    adapter = "none" if not adapters else "qlora" if adapters.quantize_4bit else "lora"
+    lora_kwargs = (dict(r=adapters.rank, lora_alpha=adapters.alpha, lora_dropout=adapters.dropout,
+                        target_modules=list(adapters.targets)) if adapters else None)
+    try:
+        return memory.plan_candidates(config, world_size, args.batch_size, args.block_size, device_memory_gb,
+                                      host_memory_gb, precision="bf16", adapter=adapter, lora=lora_kwargs,
+                                      micro_batch_size=args.micro_batch_size,
+                                      checkpointing=_toggle(args.activation_checkpointing),
+                                      cpu_offload=_toggle(args.cpu_offload))
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
+
+
+def plan_lines(result, header, facts=()):
+    """The candidates (the chosen one marked *), then `facts` and the chosen plan as `key: value` lines."""
+    chosen = result.chosen or next((c for c in result.candidates if c.memory is not None), result.candidates[-1])
+    simulated = sum(c.memory is not None for c in result.candidates)
+    lines = [f"[parallel plan] {header}",
+             f"  number of candidates: {len(result.candidates)} ({simulated} simulated); rule: {result.rule}"]
+    lines += ["    " + line for line in result.lines()]
+    lines += [f"  {key}: {value}" for key, value in facts]
+    lines += [f"  micro_batch_size: {chosen.micro_batch_size}", f"  accumulation_steps: {chosen.accumulation_steps}",
+              f"  activation_checkpointing: {str(chosen.checkpointing).lower()}",
+              f"  cpu_offload: {str(chosen.cpu_offload).lower()}"]
+    if chosen.memory is not None:
+        gib = chosen.memory.gib()
+        lines += [f"  memory_gib_per_device: {gib['device_peak']}",
+                  f"  host_memory_gib_per_device: {gib['host']}",
+                  "  memory_breakdown_gib: " + json.dumps({k: v for k, v in gib.items()
+                                                           if k not in ("device_peak", "host")})]
+    lines.append(f"  fits: {str(result.chosen is not None).lower()}")
+    return lines
+
+
 def plan_only(args, backend):
-    """`--plan-only`: print the plan for `--num-devices` x `--device-memory-gb` and load nothing."""
-    shape = model_shape(args.model_name_or_path)
+    """`--plan-only`: print the simulated plan for `--num-devices` x `--device-memory-gb` and load nothing."""
+    config = model_shape(args.model_name_or_path)
     world = args.num_devices or backend.world_size
-    adapters = adapter_plan(args, shape)
-    if adapters and adapters["quantized"] and world > 1:
+    adapters = lora.settings(args)
+    if adapters and adapters.quantize_4bit and world > 1:
         raise SystemExit("error: --qlora runs on one device; plan it with --num-devices 1, or use --lora")
-    micro, accumulation, checkpointing = plan_for_budget(shape, world, args.batch_size, args.block_size,
-                                                         args.device_memory_gb, "bf16", args.micro_batch_size,
-                                                         adapters)
-    _, lines = describe_plan(shape, "fsdp2" if world > 1 else "single", world, args.batch_size, micro, accumulation,
-                             args.block_size, checkpointing, "bf16", f"{world} x {args.device_memory_gb:g} GB",
-                             args.device_memory_gb, adapters)
+    result = simulated_plan(args, config, world, args.device_memory_gb, args.host_memory_gb)
+    training = "qlora" if adapters and adapters.quantize_4bit else "lora" if adapters else "full"
+    parameters = count_parameters(config)
+    trainable = lora.adapter_parameters(config, adapters.rank, adapters.targets) if adapters else parameters
+    header = (f"{args.model_name_or_path}, {training} fine-tuning, {world} x {args.device_memory_gb:g} GB devices, "
+              f"{args.host_memory_gb:g} GB host, global batch {args.batch_size} x {args.block_size} tokens")
+    facts = [("world_size", world), ("device_memory_gb", args.device_memory_gb),
+             ("host_memory_gb", args.host_memory_gb), ("training", training), ("parameters", parameters),
+             ("trainable_parameters", trainable)]
     if backend.is_main:
-        print("\n".join(lines))
+        print("\n".join(plan_lines(result, header, facts)), flush=True)
     return 0
 
 
-def choose_layout(args, backend):
-    """(micro_batch_size, accumulation_steps, activation_checkpointing) for this job before the model loads.
+def host_memory_gb():
+    """This machine's physical memory in GB (2**30 bytes)."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
 
-    On a CPU: micro-batches of about 2k tokens, no checkpointing unless asked. On GPUs with `auto`: the
-    largest micro-batch the plan fits in device memory (the probe after loading confirms it for real).
+
+def choose_layout(args, backend):
+    """The layout of this job before the model loads: a dict with micro_batch_size, accumulation_steps,
+    activation_checkpointing, cpu_offload and, on GPUs, the simulated plan's memory.
+
+    On a CPU: micro-batches of about 2k tokens, no checkpointing unless asked. On GPUs: the simulated plan for
+    this job's devices and host memory (the probe after loading confirms the micro-batch for real).
     """
     micro, accumulation = split_global_batch(args.batch_size, backend.world_size, args.micro_batch_size,
                                              backend.device.type, args.block_size)
-    checkpointing = args.activation_checkpointing == "on"
-    if args.activation_checkpointing == "auto" and backend.device.type == "cuda":
-        memory_gb = torch.cuda.get_device_properties(backend.device).total_memory / 2 ** 30
-        shape = model_shape(args.model_name_or_path)
-        micro, accumulation, checkpointing = plan_for_budget(
-            shape, backend.world_size, args.batch_size, args.block_size, memory_gb, backend.mixed_precision,
-            args.micro_batch_size, adapter_plan(args, shape))
-    return micro, accumulation, checkpointing
+    layout = {"micro_batch_size": micro, "accumulation_steps": accumulation,
+              "activation_checkpointing": args.activation_checkpointing == "on",
+              "cpu_offload": args.cpu_offload == "on", "memory_gib_per_device": None}
+    if backend.device.type == "cuda":
+        device_gb = torch.cuda.get_device_properties(backend.device).total_memory / GIB
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", backend.world_size))
+        result = simulated_plan(args, model_shape(args.model_name_or_path), backend.world_size, device_gb,
+                                host_memory_gb() * backend.world_size / max(1, local))
+        if backend.is_main:
+            print("\n".join(plan_lines(result, "this job")), flush=True)
+        if result.chosen is None:
+            raise SystemExit("error: no layout of this job fits its devices' memory (see the candidates above); "
+                             "use more GPUs, --lora or --qlora, or a smaller --block-size")
+        chosen = result.chosen
+        layout.update(micro_batch_size=chosen.micro_batch_size, accumulation_steps=chosen.accumulation_steps,
+                      activation_checkpointing=chosen.checkpointing, cpu_offload=chosen.cpu_offload,
+                      memory_gib_per_device=chosen.memory.gib() if chosen.memory else None)
+    if layout["cpu_offload"] and backend.engine != "fsdp2":
+        raise SystemExit("error: CPU offload runs through FSDP2: start the job with torchrun (one process per GPU, "
+                         "--nproc_per_node 1 on one GPU)")
+    return layout
 
 
-def confirm_on_device(model, backend, args, micro, accumulation):
-    """On GPUs, unless --micro-batch-size is given: run real steps, halving the micro-batch until one fits."""
+def confirm_on_device(model, backend, args, layout):
+    """On GPUs, unless --micro-batch-size is given: run real steps, halving the planned micro-batch until one
+    fits (the simulation counts tensors, not the allocator's fragmentation)."""
     if backend.device.type != "cuda" or args.micro_batch_size is not None:
-        return micro, accumulation
+        return
     per_rank = args.batch_size // backend.world_size
-    micro = probe_micro_batch(model, backend, micro, per_rank, args.block_size)
-    return micro, per_rank // micro
+    micro = probe_micro_batch(model, backend, layout["micro_batch_size"], per_rank, args.block_size)
+    layout.update(micro_batch_size=micro, accumulation_steps=per_rank // micro)
 
 
-def print_and_save_plan(model, backend, args, micro, accumulation, checkpointing):
-    """Print the chosen plan (rank 0) and return it as a dict for parallel_plan.json."""
-    adapters = None
-    if lora.is_lora(model):  # counted on the model itself
-        adapters = {"trainable": lora.count_trainable(model), "quantized": model.lora_settings.quantize_4bit}
-    plan, lines = describe_plan(model.config.to_dict(), backend.engine, backend.world_size, args.batch_size, micro,
-                                accumulation, args.block_size, checkpointing, backend.mixed_precision,
-                                str(backend.device), adapters=adapters)
+def print_and_save_plan(model, backend, args, layout):
+    """Print the plan the job runs with (rank 0) and return it as a dict for parallel_plan.json."""
+    adapters = lora.is_lora(model)
+    parameters = sum(p.numel() for p in model.parameters())  # this rank's shards under FSDP2
+    plan = {"engine": backend.engine, "world_size": backend.world_size, "device": str(backend.device),
+            "sharding": "FSDP2 per decoder layer" if backend.engine == "fsdp2" else "none (one device)",
+            "global_batch_rows": args.batch_size, "block_size": args.block_size, **layout,
+            "dtype": "bf16 compute, fp32 master weights and reduction" if backend.mixed_precision == "bf16"
+            else "fp32",
+            "training": "lora" if adapters else "full",
+            "trainable_parameters": lora.count_trainable(model) if adapters else parameters}
     if backend.is_main:
-        print("\n".join(lines), flush=True)
+        print("\n".join(["[parallel plan]"] + [f"  {k}: {v}" for k, v in plan.items()]), flush=True)
     return plan
