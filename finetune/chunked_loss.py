@@ -45,8 +45,9 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = None
         if ctx.needs_input_grad[1]:
-            # Accumulate in fp32 when the head computes in bf16, as one whole-batch matmul would.
-            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+            # In the weight's dtype: an fp32 buffer would cost twice a bf16 head's size for the whole backward.
+            # addmm_ sums each chunk in fp32 and rounds once per chunk.
+            grad_weight = torch.zeros_like(weight)
         factor = grad_output * scale
         for start in range(0, hidden.shape[0], ctx.chunk_tokens):
             rows = hidden[start:start + ctx.chunk_tokens]
@@ -60,12 +61,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             if grad_hidden is not None:
                 torch.matmul(grad_logits, weight, out=grad_hidden[start:start + ctx.chunk_tokens])
             if grad_weight is not None:
-                if rows.dtype == torch.float32:
-                    grad_weight.addmm_(grad_logits.t(), rows)
-                else:
-                    grad_weight += (grad_logits.t() @ rows).float()
-        if grad_weight is not None:
-            grad_weight = grad_weight.to(weight.dtype)
+                grad_weight.addmm_(grad_logits.t(), rows)
         return grad_hidden, grad_weight, None, None, None
 
 
