@@ -81,7 +81,7 @@ def main(argv=None):
     # ---- model and optimiser ------------------------------------------------------------------------------
     model = parallel.load_model(backend, AutoModelForCausalLM, args.model_name_or_path,
                                 gradient_checkpointing=layout["activation_checkpointing"], compile_layers=args.compile,
-                                cpu_offload=layout["cpu_offload"],
+                                cpu_offload=layout["cpu_offload"], chunked_loss=layout["chunked_loss"],
                                 trust_remote_code=args.trust_remote_code,
                                 adapters=lora.settings(args))  # --lora / --qlora: frozen base plus adapters
     data.check_block_size(model.config, args.block_size)

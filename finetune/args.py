@@ -66,6 +66,9 @@ def parse_training_args(description, defaults, demo_defaults, argv=None):
     p.add_argument("--host-memory-gb", type=float, default=512.0,
                    help="host memory of one node for --plan-only (default 512, a common GPU server's); a real run "
                         "uses this machine's")
+    p.add_argument("--chunked-loss", choices=("auto", "on", "off"), default="auto",
+                   help="compute the loss a chunk of tokens at a time, never holding fp32 logits for a whole "
+                        "micro-batch (auto: on GPUs; on a CPU the plain loss is faster)")
     p.add_argument("--cpu-offload", choices=("auto", "on", "off"), default="auto",
                    help="keep sharded master weights, gradients and optimiser state in host memory (FSDP2 "
                         "CPUOffloadPolicy); auto: when the plan needs it to fit")

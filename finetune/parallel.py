@@ -109,7 +109,8 @@ def enable_advanced_parallelization(mixed_precision="auto", timeout_minutes=30):
     if mixed_precision == "auto":
         mixed_precision = "bf16" if has_cuda else "no"
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
+    # `python script.py`: one device. Under torchrun even one process runs through FSDP2 (CPU offload needs it).
+    if world_size == 1 and "LOCAL_RANK" not in os.environ:
         device = torch.device("cuda", 0) if has_cuda else torch.device("cpu")
         return Backend(engine="single", device=device, mixed_precision=mixed_precision)
 
@@ -139,7 +140,8 @@ def decoder_layers(model):
 
 
 def load_model(backend, model_class, model_path, gradient_checkpointing=False, compile_layers=False,
-               attn_implementation=None, trust_remote_code=False, adapters=None, cpu_offload=False):
+               attn_implementation=None, trust_remote_code=False, adapters=None, cpu_offload=False,
+               chunked_loss=False):
     """Load fp32 master weights and place them: whole on one device, or sharded per layer under torchrun.
 
     With `adapters` (finetune.lora.settings: --lora / --qlora) the base is frozen (bf16 or 4-bit) and LoRA
@@ -149,8 +151,12 @@ def load_model(backend, model_class, model_path, gradient_checkpointing=False, c
 
     lora.check_backend(adapters, backend)
     try:
-        return _load_and_place(backend, model_class, model_path, gradient_checkpointing, compile_layers,
-                               attn_implementation, trust_remote_code, adapters, cpu_offload)
+        model = _load_and_place(backend, model_class, model_path, gradient_checkpointing, compile_layers,
+                                attn_implementation, trust_remote_code, adapters, cpu_offload)
+        if chunked_loss:  # the loss a chunk of tokens at a time, inside the model's own forward (FSDP2 gathers)
+            from finetune.chunked_loss import use_chunked_loss
+            use_chunked_loss(model.get_base_model() if adapters else model)
+        return model
     except (OSError, ValueError) as exc:
         raise SystemExit(f"error: cannot load the model {model_path!r}: {str(exc).splitlines()[0]}") from None
     except (RuntimeError, NotImplementedError, ImportError) as exc:

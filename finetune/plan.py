@@ -76,7 +76,8 @@ def simulated_plan(args, config, world_size, device_memory_gb, host_memory_gb):
                                       host_memory_gb, precision="bf16", adapter=adapter, lora=lora_kwargs,
                                       micro_batch_size=args.micro_batch_size,
                                       checkpointing=_toggle(args.activation_checkpointing),
-                                      cpu_offload=_toggle(args.cpu_offload))
+                                      cpu_offload=_toggle(args.cpu_offload),
+                                      chunked_loss=args.chunked_loss != "off")
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from None
 
@@ -139,7 +140,10 @@ def choose_layout(args, backend):
                                              backend.device.type, args.block_size)
     layout = {"micro_batch_size": micro, "accumulation_steps": accumulation,
               "activation_checkpointing": args.activation_checkpointing == "on",
-              "cpu_offload": args.cpu_offload == "on", "memory_gib_per_device": None}
+              "cpu_offload": args.cpu_offload == "on", "memory_gib_per_device": None,
+              # fp32 logits of a whole micro-batch are GiBs for large vocabularies on GPUs; a CPU has the room
+              "chunked_loss": args.chunked_loss == "on" or (args.chunked_loss == "auto"
+                                                            and backend.device.type == "cuda")}
     if backend.device.type == "cuda":
         device_gb = torch.cuda.get_device_properties(backend.device).total_memory / GIB
         local = int(os.environ.get("LOCAL_WORLD_SIZE", backend.world_size))
@@ -182,5 +186,6 @@ def print_and_save_plan(model, backend, args, layout):
             "training": "lora" if adapters else "full",
             "trainable_parameters": lora.count_trainable(model) if adapters else parameters}
     if backend.is_main:
-        print("\n".join(["[parallel plan]"] + [f"  {k}: {v}" for k, v in plan.items()]), flush=True)
+        shown = {k: str(v).lower() if isinstance(v, bool) else v for k, v in plan.items()}
+        print("\n".join(["[parallel plan]"] + [f"  {k}: {v}" for k, v in shown.items()]), flush=True)
     return plan

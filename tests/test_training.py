@@ -246,11 +246,26 @@ def test_two_processes_match_one_process(tiny_run, single_llama_run, kind):
     assert model.config.architectures[0] in ("LlamaForCausalLM", "BaichuanForCausalLM")
 
 
+def test_cpu_offload_under_fsdp2_trains_like_one_process(tiny_run, single_llama_run):
+    """FSDP2's CPUOffloadPolicy (--cpu-offload on) over two processes: the same run as one process."""
+    offloaded = tiny_run["root"] / "offloaded_llama"
+    result = _train("llama", tiny_run, offloaded, "--cpu-offload", "on", nproc=2)
+    assert "cpu_offload: true" in result.stdout
+    _assert_same_run(single_llama_run[0], offloaded, 1e-4)
+
+
 def test_micro_batches_with_accumulation_give_the_same_update(tiny_run, single_llama_run):
     split = tiny_run["root"] / "micro2"
     result = _train("llama", tiny_run, split, "--micro-batch-size", "2")
     assert "accumulation_steps: 4" in result.stdout
     _assert_same_run(single_llama_run[0], split, 1e-5)
+
+
+def test_chunked_loss_run_matches_the_plain_loss(tiny_run, single_llama_run, tmp_path):
+    """--chunked-loss on (the GPU default): same losses and weights as the plain loss, never whole-batch logits."""
+    out = tmp_path / "chunked"
+    _train("llama", tiny_run, out, "--chunked-loss", "on")
+    _assert_same_run(single_llama_run[0], out, 1e-5)
 
 
 def test_log_line_and_metrics_rows(single_llama_run):
