@@ -187,17 +187,15 @@ def plan_candidates(model_config, world_size, batch_size, block_size, device_mem
     def fits(memory, offload):
         return memory.device_peak <= device_limit and (not offload or memory.host <= host_limit)
 
-    readings = {}  # setup (as JSON) -> {micro: reading}; one setup serves both offloads on several devices
-    decided = False
+    readings = {}  # setup (as JSON) -> {micro: reading}; on several devices one setup serves both offloads
     with _SimulationChild() as child:
         for offload, ckpt in settings:
-            key = json.dumps(setup_of(offload, ckpt), sort_keys=True)
-            if decided:
-                break
+            setup = setup_of(offload, ckpt)
             stop = None if exhaustive else {"device": device_limit, "host": host_limit, "offloads": [offload]}
-            found = _readings(config, setup_of(offload, ckpt), runs, stop, child)
-            readings.setdefault(key, {}).update(found)
-            decided = not exhaustive and any(fits(_step_memory(r, offload), offload) for r in found.values())
+            found = _readings(config, setup, runs, stop, child)
+            readings.setdefault(json.dumps(setup, sort_keys=True), {}).update(found)
+            if not exhaustive and any(fits(_step_memory(r, offload), offload) for r in found.values()):
+                break
 
     candidates, reached_fit = [], False
     for offload, ckpt in settings:
