@@ -1,7 +1,9 @@
 """Helpers behind the training scripts, one module per concern.
 
     parallel          the backend hook `enable_advanced_parallelization()`, model loading and FSDP2 sharding
-    plan              micro-batch, accumulation, checkpointing and memory: the printed parallel plan
+    plan              micro-batch, accumulation, checkpointing, CPU offload: the printed parallel plan
+    memory            the plan's memory: a simulated training step under PyTorch's memory tracker
+    chunked_loss      the causal-LM loss a chunk of tokens at a time
     data              prepared datasets, packing, masks and labels, data loaders
     training          schedule, clipping, the non-finite guard, validation
     checkpoints       resumable checkpoints, stop signals, the run folder, the final save

@@ -129,6 +129,22 @@ def host_memory_gb():
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
 
 
+def _simulated_layout(args, backend):
+    """The simulated plan for this job's own devices and host memory (printed), as layout entries."""
+    device_gb = torch.cuda.get_device_properties(backend.device).total_memory / GIB
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", backend.world_size))
+    result = simulated_plan(args, model_shape(args.model_name_or_path), backend.world_size, device_gb,
+                            host_memory_gb() * backend.world_size / max(1, local))
+    print("\n".join(plan_lines(result, "this job")), flush=True)
+    if result.chosen is None:
+        raise SystemExit("error: no layout of this job fits its devices' memory (see the candidates above); "
+                         "use more GPUs, --lora or --qlora, or a smaller --block-size")
+    chosen = result.chosen
+    return dict(micro_batch_size=chosen.micro_batch_size, accumulation_steps=chosen.accumulation_steps,
+                activation_checkpointing=chosen.checkpointing, cpu_offload=chosen.cpu_offload,
+                memory_gib_per_device=chosen.memory.gib() if chosen.memory else None)
+
+
 def choose_layout(args, backend):
     """The layout of this job before the model loads: a dict with micro_batch_size, accumulation_steps,
     activation_checkpointing, cpu_offload and, on GPUs, the simulated plan's memory.
@@ -144,20 +160,16 @@ def choose_layout(args, backend):
               # fp32 logits of a whole micro-batch are GiBs for large vocabularies on GPUs; a CPU has the room
               "chunked_loss": args.chunked_loss == "on" or (args.chunked_loss == "auto"
                                                             and backend.device.type == "cuda")}
-    if backend.device.type == "cuda":
-        device_gb = torch.cuda.get_device_properties(backend.device).total_memory / GIB
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", backend.world_size))
-        result = simulated_plan(args, model_shape(args.model_name_or_path), backend.world_size, device_gb,
-                                host_memory_gb() * backend.world_size / max(1, local))
+    if backend.device.type == "cuda":  # rank 0 simulates; every rank takes its choice (or its error)
+        problem = None
         if backend.is_main:
-            print("\n".join(plan_lines(result, "this job")), flush=True)
-        if result.chosen is None:
-            raise SystemExit("error: no layout of this job fits its devices' memory (see the candidates above); "
-                             "use more GPUs, --lora or --qlora, or a smaller --block-size")
-        chosen = result.chosen
-        layout.update(micro_batch_size=chosen.micro_batch_size, accumulation_steps=chosen.accumulation_steps,
-                      activation_checkpointing=chosen.checkpointing, cpu_offload=chosen.cpu_offload,
-                      memory_gib_per_device=chosen.memory.gib() if chosen.memory else None)
+            try:
+                layout.update(_simulated_layout(args, backend))
+            except SystemExit as exc:
+                problem = str(exc.code)
+        layout, problem = backend.all_gather((layout, problem))[0]
+        if problem:
+            raise SystemExit(problem)
     if layout["cpu_offload"] and backend.engine != "fsdp2":
         raise SystemExit("error: CPU offload runs through FSDP2: start the job with torchrun (one process per GPU, "
                          "--nproc_per_node 1 on one GPU)")

@@ -19,3 +19,13 @@ def test_benchmark_quick_prints_json_line(tmp_path):
         assert isinstance(last[key], float) and last[key] > 0, (key, last[key])
     assert set(last["tokens_per_sec"]) == {"tutorial", "packed", "hf_trainer"}
     assert json.loads(out.read_text()) == last
+
+
+def test_gpu_check_runs_the_real_script_and_prints_one_json_line():
+    """On this CPU: real steps of the demo through torchrun, measured peak memory, no simulated figure."""
+    result = run_script(sys.executable, str(REPO_ROOT / "benchmarks" / "gpu_check.py"), "--steps", "2", "--",
+                        "--demo", "--batch-size", "4", "--block-size", "512", "--num-workers", "0", timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    line = json.loads(result.stdout.strip().splitlines()[-1])
+    assert line["device"] == "cpu" and line["steps"] == 2 and line["simulated_peak_gib"] is None
+    assert line["measured_peak_gib"] > 0 and line["tokens_per_sec"] > 0 and 0 < line["mfu"] < 1
