@@ -218,7 +218,7 @@ def _load_and_place(backend, model_class, model_path, gradient_checkpointing, co
         raise SystemExit(f"error: {type(model).__name__} names no decoder layer in _no_split_modules; cannot shard it")
     # CPU offload: sharded master weights, gradients and optimiser state stay in host memory; FSDP2 copies each
     # unit's shard to the device for its forward and backward.
-    offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
+    offload = CPUOffloadPolicy(pin_memory=backend.device.type == "cuda") if cpu_offload else OffloadPolicy()
     for layer in layers:
         if compile_layers:
             layer.compile()
