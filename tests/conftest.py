@@ -1,4 +1,5 @@
 """Test setup: import the top-level scripts from the repo root and never touch the network."""
+import hashlib
 import os
 import sys
 from pathlib import Path
@@ -34,6 +35,15 @@ def assert_one_line_error(result):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: "), result.stderr
     return last
+
+
+def snapshot(*folders):
+    """Every file under `folders` with a hash of its bytes (folders themselves included, empty or not)."""
+    found = {}
+    for folder in map(Path, folders):
+        for path in sorted(folder.rglob("*")):
+            found[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "folder"
+    return found
 
 
 def _word_tokenizer(vocab_size):

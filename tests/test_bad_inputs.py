@@ -3,7 +3,6 @@
 Each case gets its own folder, set up before the run; every file under it (and under the shared tiny model and
 dataset folders) must be byte for byte the same afterwards. The cases run two at a time to keep the file fast.
 """
-import hashlib
 import json
 import os
 import shutil
@@ -12,11 +11,10 @@ import subprocess
 import textwrap
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
-from conftest import PYTHON, REPO_ROOT, assert_one_line_error, run_script
+from conftest import PYTHON, REPO_ROOT, assert_one_line_error, run_script, snapshot
 
 LLAMA = str(REPO_ROOT / "train_llama2.py")
 BAICHUAN = str(REPO_ROOT / "train_baichuan2_13b.py")
@@ -109,15 +107,6 @@ CASES = [
     ("missing-model-folder", BAICHUAN, nothing, dict(model="baichuan", model_name_or_path="{folder}/no_model"),
      ["no_model"]),
 ]
-
-
-def snapshot(*folders):
-    """Every file under `folders` with a hash of its bytes (folders themselves included, empty or not)."""
-    found = {}
-    for folder in map(Path, folders):
-        for path in sorted(folder.rglob("*")):
-            found[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "folder"
-    return found
 
 
 @pytest.fixture(scope="module")

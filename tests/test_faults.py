@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import PYTHON, REPO_ROOT, assert_one_line_error, make_random_dataset
+from conftest import PYTHON, REPO_ROOT, assert_one_line_error, make_random_dataset, snapshot
 
 TESTS = Path(__file__).resolve().parent
 ENV = {"OMP_NUM_THREADS": "1"}
@@ -183,14 +183,6 @@ def ok(result):
 
 def one_error_line(result):
     return assert_one_line_error(result)
-
-
-def snapshot(*folders):
-    found = {}
-    for folder in map(Path, folders):
-        for path in sorted(folder.rglob("*")):
-            found[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "folder"
-    return found
 
 
 def same_weights(dir_a, dir_b):

@@ -1,6 +1,5 @@
 """LoRA and QLoRA (--lora / --qlora): the flags, the memory plan, adapters on one process and on two, small
 checkpoints that resume bit for bit, and the outputs users load (a merged model and a peft adapter)."""
-import ast
 import json
 import shutil
 
@@ -9,7 +8,7 @@ import torch
 from conftest import PYTHON, REPO_ROOT, assert_one_line_error, run_script, torchrun
 from safetensors.torch import load_file
 
-from finetune import lora, parallel, plan
+from finetune import lora, parallel
 
 TRAIN = {"llama": REPO_ROOT / "train_llama2.py", "baichuan": REPO_ROOT / "train_baichuan2_13b.py"}
 # A small learning rate: the first updates of LoRA's A matrices see gradients near zero (B starts at zero),
