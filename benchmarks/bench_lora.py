@@ -32,7 +32,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, help="optimiser steps per run (default 20; --quick 3)")
     p.add_argument("--batch-size", type=int, help="rows per step (default 8; --quick 2)")
     p.add_argument("--block-size", type=int, help="tokens per row (default 512; --quick 256)")
-    p.add_argument("--lr", type=float, default=2e-3, help="full fine-tuning's learning rate (default 2e-3, the demo's)")
+    p.add_argument("--lr", type=float, default=2e-3, help="full fine-tuning's learning rate (default 2e-3)")
     p.add_argument("--lora-lr", type=float, default=2e-3, help="LoRA's learning rate (default 2e-3)")
     p.add_argument("--repeat", type=int, help="runs of each, alternating; the faster kept (default 2; --quick 1)")
     p.add_argument("--threads", type=int, help="OMP_NUM_THREADS for every run (default: torch's choice; --quick 1)")

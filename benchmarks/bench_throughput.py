@@ -43,7 +43,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import finetune.data as fu  # noqa: E402
-import finetune.metrics as throughput  # noqa: E402
+from finetune import metrics  # noqa: E402
 import finetune.packed_attention  # noqa: F401,E402  (registers "packed_sdpa")
 import finetune.preparation as preparation  # noqa: E402
 import prepare_dataset  # noqa: E402
@@ -52,7 +52,7 @@ from finetune import parallel  # noqa: E402
 from finetune.training import warmup_cosine_schedule  # noqa: E402
 
 MODEL_RECIPE = "llama2"  # the demo Llama model and tokenizer are used for every data recipe
-LR = 2e-3  # train_llama2.py --demo's learning rate; any value gives the same speed
+LR = 2e-3  # any value gives the same speed
 
 
 def parse_args(argv=None):
@@ -112,14 +112,15 @@ def measure_peaks(config, rows, block_size, seconds, use_cache=True):
     The peak used for MFU is the best of them, so MFU is never flattered by a slow reference shape."""
     tokens = rows * block_size
     h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    square = (metrics.measure_cpu_peak_flops(1024, seconds) if use_cache
+              else metrics.matmul_rate(1024, 1024, 1024, seconds))
     rates = {
-        "square 1024 (throughput.measure_cpu_peak_flops)": (throughput.measure_cpu_peak_flops(1024, seconds) if use_cache
-                                                            else throughput.matmul_rate(1024, 1024, 1024, seconds)),
-        "square 2048": throughput.matmul_rate(2048, 2048, 2048, seconds),
-        f"attn proj {tokens}x{h}x{h}": throughput.matmul_rate(tokens, h, h, seconds),
-        f"mlp up {tokens}x{h}x{i}": throughput.matmul_rate(tokens, h, i, seconds),
-        f"mlp down {tokens}x{i}x{h}": throughput.matmul_rate(tokens, i, h, seconds),
-        f"lm head {tokens}x{h}x{v}": throughput.matmul_rate(tokens, h, v, seconds),
+        "square 1024 (finetune.metrics.measure_cpu_peak_flops)": square,
+        "square 2048": metrics.matmul_rate(2048, 2048, 2048, seconds),
+        f"attn proj {tokens}x{h}x{h}": metrics.matmul_rate(tokens, h, h, seconds),
+        f"mlp up {tokens}x{h}x{i}": metrics.matmul_rate(tokens, h, i, seconds),
+        f"mlp down {tokens}x{i}x{h}": metrics.matmul_rate(tokens, i, h, seconds),
+        f"lm head {tokens}x{h}x{v}": metrics.matmul_rate(tokens, h, v, seconds),
     }
     return max(rates.values()), rates
 
@@ -192,7 +193,7 @@ def run_our_loop(model_path, table, pad_id, batching, args):
             start = time.perf_counter()
         elif step > args.warmup_steps:
             tokens += info["step_tokens"]
-            flops += throughput.step_flops(model.config, info["step_tokens"], attended_pairs)
+            flops += metrics.step_flops(model.config, info["step_tokens"], attended_pairs)
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "steps": args.steps, "tokens": tokens, "positions": positions, "flops": flops,
             "first_loss": losses[0], "last_loss": losses[-1]}

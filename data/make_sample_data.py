@@ -1,33 +1,35 @@
 """Write the bundled sample data sets (data/llama2_sample.jsonl, data/baichuan2_sample.jsonl).
 
 Both files are small, made-up stand-ins for the tutorials' data sets so that the demo runs offline:
-  * llama2_sample.jsonl   - news-like articles with 2-4 sentence highlights (columns article, highlights)
+  * llama2_sample.jsonl   - short news-like articles with two-sentence highlights (columns article, highlights)
   * baichuan2_sample.jsonl - customer-support requests and answers
                             (columns instruction, category, intent, response)
 The text comes from the templates and word lists below, filled in with a seeded random generator, so
 running this script again gives byte-identical files:  python data/make_sample_data.py
-The facts in each highlight are repeated in its article, so a tiny model can learn to copy them.
+The highlights restate each article's key facts in a fixed pattern per topic: a tiny model learns the
+patterns within a few hundred steps and then learns to copy the facts (the demo's visible learning).
 """
 import json
 import random
+import re
 from pathlib import Path
 
 DATA_DIR = Path(__file__).resolve().parent
-NUM_ARTICLES = 300
+NUM_ARTICLES = 2000
 NUM_SUPPORT_DIALOGUES = 400
 
 # ----------------------------------------------------------------------------------------------
 # News articles
 # ----------------------------------------------------------------------------------------------
+# One-word names, few enough that every value turns up often in the sample.
 FIRST_NAMES = ["Maria", "James", "Aisha", "Tom", "Elena", "David", "Priya", "Samuel", "Grace", "Lucas",
-               "Nora", "Victor", "Hannah", "Omar", "Clara", "Peter", "Yuki", "Daniel", "Fatima", "Robert",
-               "Ines", "George", "Leila", "Martin", "Sofia", "Ben", "Chloe", "Ahmed", "Laura", "Kevin"]
+               "Nora", "Victor"]
 LAST_NAMES = ["Lopez", "Carter", "Okafor", "Brennan", "Novak", "Hughes", "Sharma", "Mensah", "Whitfield",
-              "Moreau", "Lindqvist", "Petrov", "Kaplan", "Haddad", "Fischer", "Doyle", "Tanaka", "Reyes",
-              "Osei", "Marsh", "Duarte", "Holm", "Nasser", "Quinn", "Romano", "Fleming", "Abara", "Kerr"]
+              "Moreau", "Lindqvist", "Petrov"]
 TOWNS = ["Millbrook", "Easton Vale", "Port Ardley", "Ashford Green", "Lakemoor", "Redcliffe", "Northam",
          "Stonebridge", "Kingsmere", "Harlow Bay", "Westfield", "Oakridge", "Brackley", "Fenwick",
          "Silverton", "Cobham Heath", "Dunmore", "Elmstead", "Greyhaven", "Thornbury"]
+NEWS_TOWNS = [town for town in TOWNS if " " not in town]  # the support dialogues use all of TOWNS
 REGIONS = ["the northern province", "the coastal district", "the river valley", "the eastern county",
            "the capital region", "the southern highlands", "the lake country", "the western plains"]
 WEEKDAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
@@ -41,388 +43,264 @@ PRODUCTS = ["a folding electric bicycle", "a low-cost home battery", "a water fi
 TEAMS = ["Rovers", "United", "Athletic", "City", "Wanderers", "Rangers", "Albion", "Harriers"]
 JOBS = ["teacher", "nurse", "bus driver", "shop owner", "engineer", "farmer", "student", "pensioner",
         "software developer", "chef", "carpenter", "librarian"]
+# Every number in an article is one of these words, so copying a number means copying one word.
+TENS = ["twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"]
 
 
 def person(rng):
     return f"{rng.choice(FIRST_NAMES)} {rng.choice(LAST_NAMES)}"
 
 
-def number_words(rng):
-    return rng.choice(["two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "twelve"])
-
-
-# Each topic: facts drawn once per article, a lead, a pool of body sentences, quotes, and highlights.
-# Templates use str.format with the facts dict; body sentences are sampled without replacement.
+# Each topic: facts drawn once per article, a lead sentence with the main facts, a key sentence that repeats
+# some of them, optional body sentences and quotes (most repeat a fact too), and two highlights that follow one
+# fixed pattern per topic, with the words around each fact as in the article. An article holds one value of
+# each kind (one town, one named person, one number) and no other names or numbers, so the tiny demo model
+# can learn within its few minutes of training to tell the topic and to copy each fact into its place.
 TOPICS = {
     "council_budget": {
         "facts": lambda rng: {
-            "town": rng.choice(TOWNS), "official": person(rng), "amount": rng.randint(2, 90),
-            "share": rng.randint(3, 19), "project": rng.choice(
-                ["a new library", "road repairs", "two primary schools", "a flood barrier",
-                 "a community clinic", "cheaper bus fares", "a youth centre", "street lighting"]),
-            "day": rng.choice(WEEKDAYS), "critic": person(rng), "votes_for": rng.randint(12, 30),
-            "votes_against": rng.randint(2, 11),
+            "town": rng.choice(NEWS_TOWNS), "day": rng.choice(WEEKDAYS), "amount": rng.choice(TENS),
+            "project": rng.choice(["a library", "road repairs", "a flood barrier", "a clinic", "cheaper bus fares",
+                                   "a youth centre", "street lighting", "a swimming pool"]),
+            "official": person(rng),
         },
-        "headline": "{town} council approves {amount} million budget",
-        "lead": "Councillors in {town} on {day} approved a budget of {amount} million that sets aside money "
-                "for {project}, after a long debate in which {votes_for} members voted in favour and "
-                "{votes_against} against.",
+        "lead": "Councillors in {town} on {day} approved a budget of {amount} million for {project}.",
+        "key": "Council leader {official} said the {amount} million would be spent on {project}.",
         "body": [
-            "The plan raises local taxes by {share} percent, the first increase in four years.",
-            "Council leader {official} said the town could no longer delay spending on {project}.",
-            "Officials said the money would be released in stages over the next three years.",
-            "Opposition members argued that families were already struggling with higher bills.",
-            "A public consultation earlier this year drew more than two thousand written responses.",
-            "Most of those who replied said they wanted better roads and safer streets.",
-            "The budget also includes a small fund for local charities and sports clubs.",
-            "Council staff will publish a progress report every six months, the meeting agreed.",
+            "{official} said {town} could no longer wait for {project}.",
+            "Officials in {town} said the {amount} million would be released in stages.",
+            "Opposition members argued that families in {town} were already struggling with higher bills.",
+            "Spending on {project} makes up most of the budget.",
             "Business groups in {town} gave the plan a cautious welcome.",
-            "Some residents watched the debate from the public gallery, and a few held signs.",
-            "The council said it had cut its own running costs by closing two old offices.",
-            "Work on {project} is expected to begin before the end of next year.",
-            "The last major building project in {town} finished late and over budget.",
-            "Councillors promised that this time an independent panel would check the accounts.",
-            "Neighbouring towns in {region} are facing similar choices about spending.",
+            "{official} has led the council for many years.",
         ],
         "quotes": [
-            "\"This is a budget for the next generation, not the next election,\" {official} told the chamber.",
-            "\"People are being asked to pay more while services keep getting worse,\" said councillor {critic}.",
-            "\"We listened to residents, and they told us what mattered to them,\" {official} said.",
+            "\"This is a budget for the next generation,\" {official} told the chamber.",
+            "\"Spending {amount} million on {project} is too much,\" said one councillor.",
         ],
         "highlights": [
-            "{town} council approves a {amount} million budget by {votes_for} votes to {votes_against}.",
-            "The plan funds {project} and raises local taxes by {share} percent.",
-            "Critic {critic} says families are already struggling with higher bills.",
-            "Work on {project} should start before the end of next year.",
+            "Councillors in {town} approve a budget of {amount} million for {project}.",
+            "Council leader {official} says the money will be spent on {project}.",
         ],
     },
     "storm": {
         "facts": lambda rng: {
-            "region": rng.choice(REGIONS), "town": rng.choice(TOWNS), "homes": rng.randint(2, 60) * 100,
-            "wind": rng.randint(80, 160), "rain": rng.randint(40, 220), "name": rng.choice(
-                ["Agnes", "Bruno", "Celia", "Dermot", "Edith", "Franz", "Gwen", "Hector"]),
-            "official": person(rng), "day": rng.choice(WEEKDAYS), "rescued": rng.randint(3, 80),
+            "name": rng.choice(["Agnes", "Bruno", "Celia", "Dermot", "Edith", "Franz", "Gwen", "Hector"]),
+            "region": rng.choice(REGIONS), "day": rng.choice(WEEKDAYS), "rain": rng.choice(TENS),
+            "town": rng.choice(NEWS_TOWNS),
         },
-        "headline": "Storm {name} leaves thousands without power in {region}",
-        "lead": "Storm {name} swept across {region} on {day}, bringing winds of up to {wind} kilometres an "
-                "hour and leaving about {homes} homes without electricity.",
+        "lead": "Storm {name} hit {region} on {day}, bringing {rain} millimetres of rain.",
+        "key": "Homes in {town} were left without power after Storm {name} brought {rain} millimetres of rain.",
         "body": [
-            "Some areas received {rain} millimetres of rain in less than a day.",
-            "Emergency crews rescued {rescued} people from cars and houses cut off by flood water.",
-            "Trains between {town} and the coast were cancelled for most of the afternoon.",
-            "Schools in the worst-hit villages closed early and sent pupils home.",
-            "Engineers worked through the night to repair fallen power lines.",
-            "The weather service had issued its highest warning two days before the storm arrived.",
-            "Several roads remained closed because of fallen trees and landslides.",
-            "Farmers said fields that were ready for harvest had been flattened.",
-            "Volunteers opened a sports hall in {town} as a shelter for families who had to leave home.",
-            "Insurance companies said it was too early to estimate the cost of the damage.",
-            "Forecasters expect calmer weather by the end of the week, although more rain is likely.",
-            "Residents were told to avoid walking near rivers, which could rise quickly.",
-            "It was the strongest storm to hit the area in more than a decade.",
-            "Power company {company} said most customers should be reconnected within two days.",
+            "Emergency crews in {town} rescued people from cars cut off by flood water.",
+            "Schools across {region} closed early as Storm {name} arrived.",
+            "Engineers worked through the night to repair power lines across {region}.",
+            "Storm {name} was the strongest storm to hit {region} in a decade.",
+            "Forecasters said {rain} millimetres of rain was more than a month's worth.",
+            "Forecasters expect calmer weather in {region} by the end of the week.",
         ],
         "quotes": [
-            "\"The water came up to the second step in under an hour,\" said one resident of {town}.",
-            "\"Please stay at home unless your journey is essential,\" said emergency chief {official}.",
-            "\"Our crews will not stop until every home has power again,\" {official} said.",
+            "\"The water came up to the front door in under an hour,\" said one resident of {town}.",
+            "\"Storm {name} caught many people by surprise,\" said the emergency chief.",
         ],
         "highlights": [
-            "Storm {name} brings winds of up to {wind} kilometres an hour to {region}.",
-            "About {homes} homes lost power and {rescued} people were rescued from flood water.",
-            "Trains from {town} were cancelled and several roads remain closed.",
-            "Forecasters expect calmer weather by the end of the week.",
+            "Storm {name} hits {region}, bringing {rain} millimetres of rain.",
+            "Homes in {town} were left without power.",
         ],
     },
     "football": {
         "facts": lambda rng: {
-            "home": f"{rng.choice(TOWNS)} {rng.choice(TEAMS)}", "away": f"{rng.choice(TOWNS)} {rng.choice(TEAMS)}",
-            "hg": rng.randint(2, 5), "ag": rng.randint(0, 1), "scorer": person(rng), "coach": person(rng),
-            "crowd": rng.randint(8, 60) * 1000, "minute": rng.randint(60, 89), "day": rng.choice(WEEKDAYS),
+            "home": rng.choice(NEWS_TOWNS), "away": rng.choice(TEAMS), "hg": rng.randint(2, 5),
+            "ag": rng.randint(0, 1), "day": rng.choice(WEEKDAYS), "scorer": person(rng),
             "place": rng.choice(["first", "second", "third", "fourth"]),
         },
-        "headline": "{home} beat {away} {hg}-{ag}",
-        "lead": "{home} beat {away} {hg}-{ag} on {day} in front of a crowd of {crowd}, with {scorer} "
-                "scoring twice to move the club up to {place} place in the league.",
+        "lead": "{home} beat the {away} {hg}-{ag} on {day}, with {scorer} scoring twice.",
+        "key": "The {hg}-{ag} win moves {home} up to {place} place in the league.",
         "body": [
-            "The home side started quickly and took the lead after only eight minutes.",
-            "{scorer} added the second goal in the {minute}th minute with a low shot from outside the box.",
-            "{away} had chances of their own but their forwards were wasteful in front of goal.",
-            "The visiting goalkeeper made several fine saves to keep the score respectable.",
-            "It was the third win in a row for {home}, who struggled at the start of the season.",
-            "Coach {coach} made two changes at half time, bringing on younger players.",
-            "Fans sang for most of the second half despite the cold and the rain.",
-            "The club said ticket sales this season are the highest for twenty years.",
-            "{away} remain in the lower half of the table after a run of poor results.",
-            "The referee showed four yellow cards in a bad-tempered second half.",
-            "Next week {home} travel to face the league leaders in what could be a decisive match.",
-            "Medical staff will check a knee injury suffered by one of the defenders.",
-            "Young players from the club's academy have played an important part this season.",
+            "{home} started quickly and took an early lead.",
+            "The {away} had chances of their own but were wasteful in front of goal.",
+            "{scorer} was cheered by the fans at the final whistle.",
+            "Both goals by {scorer} came from close range.",
+            "The goalkeeper of the {away} made several fine saves.",
+            "{home} are now in {place} place with a game in hand.",
         ],
         "quotes": [
-            "\"I am proud of how hard the players worked for each other,\" said coach {coach}.",
-            "\"We made too many mistakes, and at this level you are punished,\" the {away} captain said.",
-            "\"The fans pushed us on, especially in the last twenty minutes,\" said {scorer}.",
+            "\"I am proud of how hard the players worked,\" said the coach of {home}.",
+            "\"The fans pushed us on right to the end,\" said {scorer}.",
         ],
         "highlights": [
-            "{home} beat {away} {hg}-{ag} in front of {crowd} fans.",
-            "{scorer} scores twice, including a low shot in the {minute}th minute.",
-            "The win moves {home} up to {place} place in the league.",
+            "{home} beat the {away} {hg}-{ag}, with {scorer} scoring twice.",
+            "The win moves {home} up to {place} place.",
         ],
     },
     "product_launch": {
         "facts": lambda rng: {
-            "company": rng.choice(COMPANIES), "product": rng.choice(PRODUCTS), "price": rng.randint(49, 1900),
-            "ceo": person(rng), "town": rng.choice(TOWNS), "jobs": rng.randint(2, 40) * 10,
-            "month": rng.choice(MONTHS), "analyst": person(rng), "units": rng.randint(5, 200) * 1000,
+            "company": rng.choice(COMPANIES), "product": rng.choice(PRODUCTS), "month": rng.choice(MONTHS),
+            "price": rng.choice(TENS), "town": rng.choice(NEWS_TOWNS),
         },
-        "headline": "{company} unveils {product}",
-        "lead": "{company} has unveiled {product} that will go on sale in {month} for {price} dollars, "
-                "the company's chief executive {ceo} announced at an event in {town}.",
+        "lead": "{company} has unveiled {product}, which goes on sale in {month} for {price} dollars.",
+        "key": "{company} said {product} will be made in a new factory in {town} from {month}.",
         "body": [
-            "The company said it hopes to sell {units} units in the first year.",
-            "A new factory in {town} will create about {jobs} jobs, according to the firm.",
-            "Early reviewers praised the design but said the battery life could be better.",
-            "{company} has spent three years and a large part of its budget developing the product.",
-            "Competitors are expected to release similar products later this year.",
-            "Shares in the company rose slightly after the announcement.",
-            "The product will first be sold online and later in selected shops.",
-            "Customers who order early will receive a free two-year warranty.",
-            "The company said most of the parts are made by suppliers within the country.",
-            "Analysts said the price was lower than many had expected.",
-            "{company} lost money last year but says it expects a profit within two years.",
-            "The firm plans to sell the product in other countries from next spring.",
-            "A small group of staff tested early versions at home for six months.",
+            "Early reviewers praised the design of {product} from {company}.",
+            "Shares in {company} rose slightly after the announcement.",
+            "Analysts said {price} dollars was less than many had expected.",
+            "The product will first be sold online and later in shops in {town}.",
+            "Orders for {product} open in {month}.",
+            "{company} plans to sell the product in other countries next spring.",
         ],
         "quotes": [
-            "\"We wanted to build something ordinary families can actually afford,\" said {ceo}.",
-            "\"The real test will be whether people still use it after the first month,\" analyst {analyst} said.",
-            "\"This is the most important launch in our history,\" {ceo} told the audience.",
+            "\"We wanted something families can afford, so it costs {price} dollars,\" said the head of {company}.",
+            "\"The real test is whether people still use it after a month,\" one analyst said.",
         ],
         "highlights": [
-            "{company} unveils {product} priced at {price} dollars.",
-            "It goes on sale in {month}, and the firm hopes to sell {units} units in the first year.",
-            "A new factory in {town} will create about {jobs} jobs.",
+            "{company} unveils {product}, on sale in {month} for {price} dollars.",
+            "It will be made in a new factory in {town}.",
         ],
     },
     "health_study": {
         "facts": lambda rng: {
-            "people": rng.randint(2, 90) * 100, "years": rng.randint(2, 15), "percent": rng.randint(10, 45),
-            "habit": rng.choice(["walking for thirty minutes a day", "eating more vegetables",
-                                 "sleeping at least seven hours", "cutting down on sugary drinks",
-                                 "reading before bed", "gardening at weekends", "cycling to work"]),
-            "outcome": rng.choice(["heart disease", "memory problems", "type 2 diabetes", "depression",
+            "habit": rng.choice(["walking every day", "eating more vegetables", "sleeping well",
+                                 "cutting down on sugary drinks", "reading before bed", "gardening at weekends",
+                                 "cycling to work"]),
+            "percent": rng.choice(TENS),
+            "outcome": rng.choice(["heart disease", "memory problems", "diabetes", "depression",
                                    "high blood pressure", "back pain"]),
-            "lead_author": person(rng), "university": f"the University of {rng.choice(TOWNS)}",
-            "doctor": person(rng),
+            "town": rng.choice(NEWS_TOWNS),
         },
-        "headline": "Study links {habit} to lower risk of {outcome}",
         "lead": "People who kept up {habit} were {percent} percent less likely to develop {outcome}, "
-                "according to a study of {people} adults followed for {years} years by researchers at "
-                "{university}.",
+                "a new study has found.",
+        "key": "Researchers at the University of {town} found the {percent} percent lower risk of {outcome} "
+               "in adults of all ages.",
         "body": [
-            "The researchers asked volunteers about their daily routines every year.",
-            "They also took into account age, income, smoking and family history.",
-            "The link remained after those factors were considered, the team said.",
-            "However, the study shows an association and cannot prove cause and effect.",
-            "Lead author {lead_author} said the results were encouraging but should be confirmed.",
-            "The volunteers were aged between forty and seventy when the study began.",
+            "Researchers in {town} asked volunteers about {habit} every year.",
+            "However, the study cannot prove that {habit} prevents {outcome}.",
+            "A drop of {percent} percent in {outcome} would save health services a lot of money.",
+            "Doctors in {town} said simple habits are often the hardest to keep up.",
             "Women and men appeared to benefit to a similar degree.",
-            "The study was paid for by a public research fund and a medical charity.",
-            "Earlier, smaller studies had suggested a similar effect.",
-            "Doctors said simple changes to daily habits are often the hardest to keep up.",
-            "The team now plans a trial in which some volunteers will be asked to change their routine.",
             "The findings were published in a medical journal this week.",
-            "Health services spend a large share of their budgets treating {outcome}.",
         ],
         "quotes": [
-            "\"Small, regular habits seem to add up over the years,\" said {lead_author}.",
-            "\"This is good news, but nobody should stop taking their medicine because of one study,\" said Dr {doctor}.",
-            "\"We need to understand why some people find it easier to keep going than others,\" {lead_author} added.",
+            "\"Small habits like {habit} seem to add up,\" said the lead author.",
+            "\"Nobody should stop taking their medicine because of one study,\" said one doctor.",
         ],
         "highlights": [
-            "A study of {people} adults over {years} years links {habit} to a {percent} percent lower risk of {outcome}.",
-            "Researchers at {university} say the study shows an association, not proof.",
-            "A trial is planned to test whether changing the habit makes a difference.",
+            "A study links {habit} to a {percent} percent lower risk of {outcome}.",
+            "The study was carried out at the University of {town}.",
         ],
     },
     "court_case": {
         "facts": lambda rng: {
-            "defendant": person(rng), "job": rng.choice(JOBS), "town": rng.choice(TOWNS),
+            "defendant": person(rng), "job": rng.choice(JOBS), "town": rng.choice(NEWS_TOWNS),
+            "months": rng.choice(TENS),
             "crime": rng.choice(["stealing money from a charity", "selling fake concert tickets",
                                  "dangerous driving", "a burglary at a jewellery shop",
                                  "fraud involving a building firm", "setting fire to a warehouse"]),
-            "months": rng.randint(6, 60), "judge": person(rng), "amount": rng.randint(5, 400) * 1000,
-            "day": rng.choice(WEEKDAYS),
         },
-        "headline": "{job} from {town} jailed for {crime}",
-        "lead": "A {job} from {town} has been sentenced to {months} months in prison for {crime}, "
-                "after a trial that lasted two weeks.",
+        "lead": "{defendant}, a {job} from {town}, has been sentenced to {months} months in prison for {crime}.",
+        "key": "Victims from {town} were in court to hear the {months} month sentence given to {defendant}.",
         "body": [
-            "The court heard that the losses came to about {amount} dollars.",
-            "{defendant}, who denied the charges, was found guilty by a jury on {day}.",
-            "Police said the investigation took more than a year to complete.",
-            "Witnesses described how the scheme was discovered by chance.",
-            "The defence argued that {defendant} had acted under pressure from others.",
-            "Judge {judge} said the crime had caused real harm to ordinary people.",
-            "Several victims were in court to hear the sentence.",
-            "The court ordered that money be paid back from the sale of a car and a house.",
-            "{defendant} had no previous convictions, the court was told.",
+            "The jury found {defendant} guilty of {crime} after a long trial.",
+            "Witnesses described how {defendant} was caught by chance.",
+            "The judge said the crime had caused real harm to people in {town}.",
             "Lawyers for {defendant} said they were considering an appeal.",
-            "Police urged anyone who believes they were also affected to come forward.",
-            "The case has led to calls for stricter checks in the industry.",
+            "Colleagues said the {job} had seemed honest and hard-working.",
+            "Police said the investigation took more than a year to complete.",
         ],
         "quotes": [
-            "\"You abused the trust that people placed in you,\" Judge {judge} told the defendant.",
-            "\"We are relieved that this is finally over,\" one victim said outside court.",
+            "\"We are relieved that this is finally over,\" one victim from {town} said.",
             "\"This sentence sends a clear message,\" a police spokesperson said.",
         ],
         "highlights": [
             "{defendant}, a {job} from {town}, is jailed for {months} months for {crime}.",
-            "The court heard that the losses came to about {amount} dollars.",
-            "Judge {judge} says the crime caused real harm to ordinary people.",
+            "Victims from {town} were in court to hear the sentence.",
         ],
     },
     "science": {
         "facts": lambda rng: {
-            "thing": rng.choice(["a new species of frog", "a fossilised dinosaur nest", "an ancient shipwreck",
-                                 "a colony of rare bees", "a comet close to Earth", "an underground lake",
-                                 "a Roman coin hoard", "a new type of bacteria"]),
-            "place": rng.choice(REGIONS), "scientist": person(rng), "age": rng.randint(2, 90) * 100,
-            "team": rng.randint(4, 30), "university": f"the University of {rng.choice(TOWNS)}",
-            "month": rng.choice(MONTHS),
+            "town": rng.choice(NEWS_TOWNS),
+            "thing": rng.choice(["a rare frog", "a dinosaur nest", "an ancient shipwreck", "a colony of bees",
+                                 "a Roman coin hoard", "an underground lake", "a meteorite", "a stone circle"]),
+            "region": rng.choice(REGIONS), "age": rng.choice(TENS),
         },
-        "headline": "Scientists discover {thing} in {place}",
-        "lead": "A team of {team} scientists from {university} has discovered {thing} in {place}, "
-                "in what they describe as one of the most important finds of recent years.",
+        "lead": "Scientists from the University of {town} have discovered {thing} in {region}.",
+        "key": "Tests suggest that {thing} is about {age} thousand years old.",
         "body": [
-            "The discovery was made in {month} during a routine survey of the area.",
-            "Tests suggest that the find is about {age} years old.",
-            "The team used drones and ground sensors to map the site.",
-            "Local people had reported unusual signs in the area for years.",
-            "{scientist}, who led the work, said the team was surprised by how well preserved it was.",
+            "The team from {town} was surprised by how well preserved it was.",
+            "The discovery was made during a routine survey of {region}.",
+            "A find that is {age} thousand years old is very rare in {region}.",
             "Samples have been sent to laboratories abroad for further tests.",
-            "The site will be protected while the research continues.",
-            "Students from a nearby school were invited to watch part of the work.",
-            "The findings are due to be published in a scientific journal next year.",
-            "Funding for the project came from a public science programme.",
-            "Other experts said the discovery could change what is known about the region.",
-            "The team hopes to return next summer with more equipment.",
+            "The site in {region} will be protected while the research continues.",
+            "Experts in {town} said {thing} could change what is known about {region}.",
         ],
         "quotes": [
-            "\"We could hardly believe what we were seeing,\" said {scientist}.",
-            "\"Finds like this happen once in a career,\" {scientist} added.",
-            "\"There is still a great deal we do not understand,\" one member of the team said.",
+            "\"We could hardly believe what we were seeing,\" said the head of the team from {town}.",
+            "\"At {age} thousand years old, it is older than we hoped,\" one member of the team said.",
         ],
         "highlights": [
-            "Scientists from {university} discover {thing} in {place}.",
-            "Tests suggest the find is about {age} years old.",
-            "Team leader {scientist} says it is remarkably well preserved.",
-            "The findings are due to be published next year.",
+            "Scientists from the University of {town} discover {thing} in {region}.",
+            "Tests suggest that it is about {age} thousand years old.",
         ],
     },
     "transport": {
         "facts": lambda rng: {
-            "town": rng.choice(TOWNS), "other": rng.choice(TOWNS), "minutes": rng.randint(10, 45),
-            "cost": rng.randint(50, 900), "year": rng.randint(2026, 2034), "minister": person(rng),
-            "stations": rng.randint(3, 14), "passengers": rng.randint(5, 90) * 1000,
+            "town": rng.choice(NEWS_TOWNS), "region": rng.choice(REGIONS), "month": rng.choice(MONTHS),
+            "minister": person(rng), "cost": rng.choice(TENS),
         },
-        "headline": "New rail line to link {town} and {other}",
-        "lead": "A new rail line between {town} and {other} will cut journey times by {minutes} minutes "
-                "and open in {year}, transport minister {minister} announced.",
+        "lead": "A new rail line linking {town} with {region} will open in {month}, minister {minister} announced.",
+        "key": "{minister} said the line would cost about {cost} million and open in {month}.",
         "body": [
-            "The line will cost about {cost} million and include {stations} new stations.",
-            "Officials expect about {passengers} passengers a day once the line is running.",
-            "Trains will run every fifteen minutes at busy times.",
-            "Some residents living near the route are worried about noise during construction.",
-            "The plan was first proposed more than twenty years ago.",
-            "Part of the cost will be paid by a regional development fund.",
+            "Trains from {town} will run every few minutes at busy times.",
+            "Some residents of {town} are worried about noise during construction.",
+            "The {cost} million will come partly from a fund for {region}.",
             "Business leaders in {town} said faster links would help attract new firms.",
-            "Environmental groups welcomed the plan but asked for more cycle paths near stations.",
-            "Bus routes will be changed to connect with the new stations.",
-            "Construction is expected to start next year after a final review of the route.",
-            "Tickets will cost the same as on existing lines, the ministry said.",
-            "Commuters currently face long delays on the main road between the two towns.",
+            "The first trains are due to run in {month}.",
+            "Commuters face long delays on the main road out of {town}.",
         ],
         "quotes": [
-            "\"This line will change how people live and work in the region,\" said {minister}.",
-            "\"We have heard promises like this before, so we will believe it when we see it,\" said one commuter.",
-            "\"Faster journeys mean more time with family and less time in traffic,\" {minister} said.",
+            "\"This line will change how people live and work in {region},\" said {minister}.",
+            "\"We have heard promises like this before,\" said one commuter.",
         ],
         "highlights": [
-            "A new rail line will link {town} and {other}, cutting journeys by {minutes} minutes.",
-            "The line will cost about {cost} million and open in {year}.",
-            "About {passengers} passengers a day are expected to use it.",
+            "A new rail line linking {town} with {region} will open in {month}.",
+            "Minister {minister} says it will cost about {cost} million.",
         ],
     },
 }
 
-# Sentences that fit any article; they lengthen articles without adding facts the summary needs.
-GENERIC_SENTENCES = [
-    "The announcement was discussed widely on local radio and social media.",
-    "Further details are expected to be released in the coming weeks.",
-    "Reporters who visited the area found mixed feelings among residents.",
-    "Some people said they had not heard about the news until this week.",
-    "Others said they had been following the story closely for months.",
-    "Local newspapers have covered the issue on their front pages several times.",
-    "A spokesperson declined to comment on the details when contacted on {day}.",
-    "The story has drawn attention far beyond {region}.",
-    "Officials said they would answer questions at a public meeting next month.",
-    "Several community groups have asked to be included in future discussions.",
-    "It is not the first time the area has made national headlines.",
-    "Observers said the coming months would show whether the plans succeed.",
-    "A {job} who lives nearby said the news was the main topic of conversation in town.",
-    "An online petition about the issue has gathered several thousand signatures.",
-    "The weather was mild and dry for most of the week.",
-    "Visitors to {town} were seen taking photographs near the town hall.",
-]
+
+def article_length(rng):
+    """Words to aim for: short news briefs, so that many fit in the demo's few minutes of training."""
+    return rng.randint(20, 40)
+
+
+def article_sentences(rng, topic, target_words):
+    """Lead first; then the key sentence and, up to about target_words, body sentences and quotes, shuffled."""
+    extras = rng.sample(topic["body"] + topic["quotes"], len(topic["body"]) + len(topic["quotes"]))
+    chosen = [topic["key"]]
+    words = len(topic["lead"].split()) + len(topic["key"].split())
+    while words < target_words and extras:
+        chosen.append(extras.pop(0))
+        words += len(chosen[-1].split())
+    rng.shuffle(chosen)
+    return [topic["lead"]] + chosen
+
+
+def fill(template, facts):
+    """The template with the facts put in, and "a" made "an" where a fact starts with a vowel ("an engineer")."""
+    return re.sub(r"\b([Aa]) (?=[aeio])", r"\1n ", template.format(**facts))
 
 
 def make_article(rng):
     topic = TOPICS[rng.choice(sorted(TOPICS))]
     facts = topic["facts"](rng)
-    # Shared filler fields, so generic sentences can name a place or a day in any topic.
-    facts.setdefault("day", rng.choice(WEEKDAYS))
-    facts.setdefault("region", rng.choice(REGIONS))
-    facts.setdefault("town", rng.choice(TOWNS))
-    facts.setdefault("official", person(rng))
-    facts.setdefault("company", rng.choice(COMPANIES))
-    facts["job"] = facts.get("job", rng.choice(JOBS))
-
-    target_words = rng.randint(300, 900)
-    paragraphs = [topic["lead"].format(**facts)]
-    body = rng.sample(topic["body"], len(topic["body"]))
-    quotes = rng.sample(topic["quotes"], len(topic["quotes"]))
-    generic = rng.sample(GENERIC_SENTENCES, len(GENERIC_SENTENCES))
-    words = len(paragraphs[0].split())
-    # Paragraphs of 1-3 sentences until the target length; topic sentences first, then quotes and filler.
-    while words < target_words and (body or quotes or generic):
-        paragraph = []
-        for _ in range(rng.randint(1, 3)):
-            pool = body or (quotes if quotes and rng.random() < 0.5 else generic) or quotes
-            if not pool:
-                break
-            paragraph.append(pool.pop().format(**facts))
-            if quotes and rng.random() < 0.25:
-                paragraph.append(quotes.pop().format(**facts))
-        if paragraph:
-            paragraphs.append(" ".join(paragraph))
-            words += len(paragraphs[-1].split())
-    # Long articles recycle the topic sentences in a "background" section, as long news stories do.
-    if words < target_words:
-        paragraphs.append("Background:")
-        recycled = rng.sample(topic["body"] + GENERIC_SENTENCES, len(topic["body"]) + len(GENERIC_SENTENCES))
-        while words < target_words and recycled:
-            sentences = [recycled.pop().format(**facts) for _ in range(min(len(recycled), rng.randint(2, 4)))]
-            paragraphs.append("As reported earlier: " + " ".join(sentences))
-            words += len(paragraphs[-1].split())
-    byline = f"By {person(rng)}, {rng.choice(TOWNS)} ({rng.choice(MONTHS)} {rng.randint(1, 28)})"
-    article = byline + " -- " + "\n\n".join(paragraphs)
-
-    count = rng.randint(2, min(4, len(topic["highlights"])))
-    chosen = [topic["highlights"][0]] + rng.sample(topic["highlights"][1:], count - 1)
-    highlights = "\n".join(sentence.format(**facts) for sentence in chosen)
-    return {"article": article, "highlights": highlights}
+    sentences = [fill(sentence, facts) for sentence in article_sentences(rng, topic, article_length(rng))]
+    paragraphs = []
+    while sentences:  # paragraphs of 1-3 sentences, as news stories are laid out
+        size = rng.randint(1, 3)
+        paragraphs.append(" ".join(sentences[:size]))
+        sentences = sentences[size:]
+    highlights = "\n".join(fill(sentence, facts) for sentence in topic["highlights"])
+    return {"article": "\n\n".join(paragraphs), "highlights": highlights}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -158,7 +158,7 @@ def test_split_sizes_seeded_and_kept_validation(llama_tokenizer):
 
 def test_cli_demo_end_to_end(tmp_path, capsys):
     save_path = tmp_path / "out"
-    pd.main(["llama2", "--demo", "--block-size", "256", "--save-path", str(save_path), "--max-examples", "40"])
+    pd.main(["llama2", "--demo", "--block-size", "64", "--save-path", str(save_path), "--max-examples", "40"])
     printed = capsys.readouterr().out
     assert "prompt truncated" in printed and "p50/p90/p99/max" in printed
     dataset = load_from_disk(str(save_path))
@@ -166,9 +166,9 @@ def test_cli_demo_end_to_end(tmp_path, capsys):
     for split in dataset.values():
         assert split.column_names == ["input_ids", "labels"]
         for ids, labels in zip(split["input_ids"], split["labels"]):
-            assert len(ids) == len(labels) <= 256
+            assert len(ids) == len(labels) <= 64
     report = json.loads((save_path / prep.REPORT_FILE).read_text())
-    assert report["splits"]["train"]["prompt_truncated"] > 0  # demo articles are longer than 256 tokens
+    assert report["splits"]["train"]["prompt_truncated"] > 0  # most demo examples are longer than 64 tokens
     # Running again replaces our own previous output.
     pd.main(["baichuan2", "--demo", "--save-path", str(save_path), "--max-examples", "20"])
     assert load_from_disk(str(save_path))["train"].num_rows == 19
