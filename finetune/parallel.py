@@ -19,6 +19,8 @@ import importlib
 import importlib.util
 import math
 import os
+import signal
+import sys
 import time
 from dataclasses import dataclass
 
@@ -84,15 +86,23 @@ class Backend:
 
 def errors_from_rank0(main):
     """Decorate a script's main(): under torchrun every rank meets the same bad input, so only rank 0 prints the
-    `error:` line and the other ranks just exit non-zero (torchrun adds its own failure report after it)."""
+    `error:` line and the other ranks just exit non-zero (torchrun adds its own failure report after it).
+    An error that only another rank met (its own disk, say) is printed by that rank, naming it."""
     @functools.wraps(main)
     def run(*args, **kwargs):
         try:
             return main(*args, **kwargs)
         except SystemExit as exc:
-            if isinstance(exc.code, str) and int(os.environ.get("RANK", "0")) != 0:
-                # torchrun stops every worker once one has failed: leave rank 0 the time to say why.
+            rank = int(os.environ.get("RANK", "0"))
+            if isinstance(exc.code, str) and rank != 0:
+                # torchrun stops every worker once one has failed: leave rank 0 the time to say why. Its stop
+                # signal must end this process silently, so the training loop's stop handler is removed first.
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    signal.signal(sig, signal.SIG_DFL)
                 time.sleep(10)
+                # Still running: rank 0 did not fail, so this error is this rank's alone. It starts a line of its
+                # own, whatever rank 0's progress bar has written.
+                print(f"\nerror: [rank {rank}] {exc.code.removeprefix('error: ')}", file=sys.stderr, flush=True)
                 raise SystemExit(1) from None
             raise
     return run

@@ -304,7 +304,8 @@ def test_batching_modes_count_only_real_tokens(tiny_run, single_llama_run):
 def test_demo_learns_saves_and_generates(tmp_path, kind, recipe):
     out = tmp_path / "demo"
     result = run_script(PYTHON, str(TRAIN[kind]), "--demo", "--max-steps", "10", "--batch-size", "2",
-                        "--block-size", "512", "--save-model-dir", str(out), "--num-workers", "0", timeout=600)
+                        "--block-size", "512", "--log-interval", "2", "--save-model-dir", str(out), "--num-workers", "0",
+                        timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = read_metrics(out)
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.5, [r["loss"] for r in rows]
