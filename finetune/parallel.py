@@ -15,6 +15,7 @@ shards) and shards the model with FSDP2 `fully_shard`, one unit per decoder laye
 import contextlib
 import datetime
 import functools
+import gc
 import importlib
 import importlib.util
 import math
@@ -80,6 +81,7 @@ class Backend:
             dist.barrier(group=self.control_group)
 
     def shutdown(self):
+        self.control_group = None  # a held reference would keep the group alive past destroy_process_group
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 
@@ -105,6 +107,10 @@ def errors_from_rank0(main):
                 print(f"\nerror: [rank {rank}] {exc.code.removeprefix('error: ')}", file=sys.stderr, flush=True)
                 raise SystemExit(1) from None
             raise
+        finally:
+            # Sharded parameters and their hooks form reference cycles that keep process-group state alive. Free
+            # them while the interpreter is whole: torn down at exit, gloo's threads can abort a finished run.
+            gc.collect()
     return run
 
 
