@@ -34,7 +34,7 @@ RECIPE = "llama2"
 DEFAULTS = dict(model="meta-llama/Llama-2-13b-hf", dataset="./llama2_dataset", save_dir="./llama2_13b_finetuned",
                 epochs=1, batch_size=256, lr=1e-5, log_interval=10,
                 lora_target_modules="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
-# Five epochs of one row (about ten short articles) per step: the tiny model first learns the highlights' fixed
+# Five epochs of one row (about twelve short articles) per step: the tiny model first learns the highlights' fixed
 # wording, and only in the last epochs to copy each article's names and numbers into it (benchmarks/demo_rouge.py).
 DEMO_DEFAULTS = dict(save_dir="./llama2_demo_output", epochs=5, batch_size=1, lr=3e-3, log_interval=50, eval_every=100)
 
