@@ -303,14 +303,22 @@ def split_global_batch(batch_size, world_size, micro_batch_size=None, device_typ
     return micro_batch_size, per_rank // micro_batch_size
 
 
-def probe_micro_batch(model, backend, micro_batch_size, per_rank, block_size):
+def optimizer_state_bytes(model):
+    """Bytes of this process's AdamW state (two fp32 moments per trainable element it holds). Under FSDP2 a
+    parameter is a DTensor whose numel() is the whole tensor's; this process holds only its local shard."""
+    return 8 * sum((p.to_local() if hasattr(p, "to_local") else p).numel()
+                   for p in model.parameters() if p.requires_grad)
+
+
+def probe_micro_batch(model, backend, micro_batch_size, per_rank, block_size, cpu_offload=False):
     """On a GPU: run a real forward+backward at full width and halve the micro-batch until it fits.
 
-    Memory for the optimiser state (allocated only at the first step) is held aside while probing. Every rank
-    probes the same synthetic rows, so all of them run out of memory at the same point and agree on the size.
+    Device memory for the optimiser state (allocated only at the first step; on the host with CPU offload) is
+    held aside while probing. Every rank probes the same synthetic rows, so all of them run out of memory at the
+    same point and agree on the size.
     """
-    params = sum(p.numel() for p in model.parameters() if p.requires_grad)  # local shards under FSDP
-    reserve = torch.empty(8 * params, dtype=torch.uint8, device=backend.device)  # two fp32 AdamW moments
+    reserve = torch.empty(0 if cpu_offload else optimizer_state_bytes(model), dtype=torch.uint8,
+                          device=backend.device)
     generator = torch.Generator(device=backend.device).manual_seed(0)
     micro = micro_batch_size
     while True:

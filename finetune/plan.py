@@ -182,14 +182,15 @@ def confirm_on_device(model, backend, args, layout):
     if backend.device.type != "cuda" or args.micro_batch_size is not None:
         return
     per_rank = args.batch_size // backend.world_size
-    micro = probe_micro_batch(model, backend, layout["micro_batch_size"], per_rank, args.block_size)
+    micro = probe_micro_batch(model, backend, layout["micro_batch_size"], per_rank, args.block_size,
+                              cpu_offload=layout["cpu_offload"])
     layout.update(micro_batch_size=micro, accumulation_steps=per_rank // micro)
 
 
 def print_and_save_plan(model, backend, args, layout):
     """Print the plan the job runs with (rank 0) and return it as a dict for parallel_plan.json."""
     adapters = lora.is_lora(model)
-    parameters = sum(p.numel() for p in model.parameters())  # this rank's shards under FSDP2
+    parameters = sum(p.numel() for p in model.parameters())  # the whole model's: a DTensor counts its full shape
     plan = {"engine": backend.engine, "world_size": backend.world_size, "device": str(backend.device),
             "sharding": "FSDP2 per decoder layer" if backend.engine == "fsdp2" else "none (one device)",
             "global_batch_rows": args.batch_size, "block_size": args.block_size, **layout,

@@ -8,6 +8,7 @@ Also a script:
 """
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -222,3 +223,27 @@ if __name__ == "__main__":
         real_fsdp2_step(*sys.argv[2:])
     elif sys.argv[1] == "depth":
         depth_cases(*sys.argv[2:])
+
+
+def test_probe_reserves_this_process_share_of_the_optimizer_state(tmp_path):
+    """Under FSDP2 a DTensor's numel() is the whole tensor's; the on-device probe must hold aside only the AdamW
+    state of this process's shards (an eighth on 8 processes), or 13B would reserve 8x what it needs."""
+    script = tmp_path / "shares.py"
+    script.write_text(f"import sys\nsys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})\n" + """
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.testing._internal.distributed.fake_pg import FakeStore
+from transformers import LlamaConfig, LlamaForCausalLM
+from finetune import memory, parallel
+
+dist.init_process_group("fake", rank=0, world_size=8, store=FakeStore())
+model = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=4))
+whole = 8 * sum(p.numel() for p in model.parameters())
+memory.shard_model(model, init_device_mesh("cpu", (8,)), "no")
+print(whole, parallel.optimizer_state_bytes(model))
+""")
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    whole, local = map(int, result.stdout.split()[-2:])
+    assert local == whole // 8, (whole, local)
