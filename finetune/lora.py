@@ -164,16 +164,3 @@ def adapter_parameters(cfg, rank, targets):
     nothing (adapters are well under 1% of the memory; loading the model checks the names)."""
     shapes = linear_shapes(cfg)
     return cfg["num_hidden_layers"] * sum(rank * sum(shapes[t]) for t in targets if t in shapes)
-
-
-def quantized_linear_parameters(cfg):
-    """Parameters that --qlora holds in 4-bit: every linear layer of the decoder blocks."""
-    h, i = cfg["hidden_size"], cfg["intermediate_size"]
-    heads = cfg["num_attention_heads"]
-    kv = h // heads * (cfg.get("num_key_value_heads") or heads)
-    return cfg["num_hidden_layers"] * (2 * h * h + 2 * h * kv + 3 * h * i)
-
-
-NF4_BYTES_PER_PARAMETER = 0.5 + 0.127 / 8  # 4 bits plus double-quantised block constants (~0.127 bits)
-ADAPTER_BYTES_PER_PARAMETER = 16  # fp32 weight, fp32 gradient, two fp32 AdamW moments
-

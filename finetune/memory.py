@@ -346,31 +346,19 @@ def _step_memory(reading, cpu_offload):
 # The model of a simulation
 # ----------------------------------------------------------------------------------------------------------
 
-def _import_model_code():
-    """Registers Baichuan with the Auto classes, and the packed attention of training where present."""
-    import importlib
-
-    importlib.import_module("modeling_baichuan")
-    for name in ("finetune.packed_attention", "packed_attention"):
-        try:
-            importlib.import_module(name)
-            return True
-        except ImportError:
-            continue
-    return False
-
-
 def build_model(config_dict, setup):
     """The model of `config_dict` on the meta device, with checkpointing, loss and adapters as `setup` says."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    packed_attention = _import_model_code()
+    import finetune.packed_attention  # noqa: F401  (registers "packed_sdpa", the Llama script's attention)
+    import modeling_baichuan  # noqa: F401  (registers Baichuan with the Auto classes)
+
     fields = dict(config_dict)
     config = AutoConfig.for_model(fields.pop("model_type"), **fields)
     if getattr(config, "max_position_embeddings", setup["block_size"]) < setup["block_size"]:
         raise ValueError(f"block size {setup['block_size']} exceeds the model's max_position_embeddings "
                          f"{config.max_position_embeddings}")
-    attention = {"attn_implementation": "packed_sdpa"} if packed_attention and config.model_type == "llama" else {}
+    attention = {"attn_implementation": "packed_sdpa"} if config.model_type == "llama" else {}
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, **attention)
     if setup["checkpointing"]:

@@ -95,7 +95,9 @@ class MetricsLog:
         self.backend, self.config = backend, model.config
         self.adapter_parameters = lora.count_trainable(model) if lora.is_lora(model) else None
         self.log_interval, self.total_steps = log_interval, total_steps
-        self.peak_flops, self.peak_source = device_peak_flops(backend.device, peak_tflops)
+        # Only rank 0 writes MFU; on a CPU the peak is measured, and ranks measuring at once would slow each other.
+        self.peak_flops, self.peak_source = (device_peak_flops(backend.device, peak_tflops) if backend.is_main
+                                             else (None, None))
         self.save_dir, self.path = save_dir, os.path.join(save_dir, "metrics.jsonl")
         self.file = None
         if backend.is_main:

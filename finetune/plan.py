@@ -39,7 +39,7 @@ def count_parameters(cfg):
     """Parameters of a Llama-style decoder from its shape (Baichuan's fused W_pack has the same count)."""
     h, i, layers, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
     heads = cfg["num_attention_heads"]
-    kv_dim = h // heads * cfg.get("num_key_value_heads", heads)
+    kv_dim = h // heads * (cfg.get("num_key_value_heads") or heads)
     per_layer = 2 * h * h + 2 * h * kv_dim + 3 * h * i + 2 * h
     head = 0 if cfg.get("tie_word_embeddings") else vocab * h
     return vocab * h + layers * per_layer + h + head
