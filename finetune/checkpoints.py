@@ -316,11 +316,19 @@ def _sha256(path):
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def hashed_by(name, world_size):
+    """The rank that hashes a checkpoint file: the one that wrote it (DCP's __R_N.distcp, our rng_rankR.pt), so
+    the bytes are read where they were just written, not fetched from another node; rank 0 for the rest."""
+    written = re.fullmatch(r"__(\d+)_\d+\.distcp|rng_rank(\d+)\.pt", name)
+    return int(written.group(1) or written.group(2)) % world_size if written else 0
+
+
 def write_checksums(folder, backend):
-    """Record the SHA-256 of every file in `folder` (each rank hashes its share; rank 0 writes the list)."""
+    """Record the SHA-256 of every file in `folder` (each rank hashes what it wrote; rank 0 writes the list)."""
     names = sorted(name for name in os.listdir(folder) if name != CHECKSUMS)
     try:
-        mine = {name: _sha256(os.path.join(folder, name)) for name in names[backend.rank::backend.world_size]}
+        mine = {name: _sha256(os.path.join(folder, name)) for name in names
+                if hashed_by(name, backend.world_size) == backend.rank}
     except OSError as exc:
         mine = {None: exc}
     sums = {}
@@ -351,7 +359,7 @@ def verify_checkpoint(path, backend):
         problem = f"{CHECKSUMS} is damaged"
     names = sorted(expected)
     found = []
-    for name in names[backend.rank::backend.world_size] if problem is None else []:
+    for name in [n for n in names if hashed_by(n, backend.world_size) == backend.rank] if problem is None else []:
         file = os.path.join(path, name)
         try:
             if _sha256(file) != expected[name]:

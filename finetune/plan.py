@@ -184,7 +184,8 @@ def confirm_on_device(model, backend, args, layout):
     per_rank = args.batch_size // backend.world_size
     micro = probe_micro_batch(model, backend, layout["micro_batch_size"], per_rank, args.block_size,
                               cpu_offload=layout["cpu_offload"])
-    layout.update(micro_batch_size=micro, accumulation_steps=per_rank // micro)
+    if micro != layout["micro_batch_size"]:  # the simulated figure was for the planned micro-batch
+        layout.update(micro_batch_size=micro, accumulation_steps=per_rank // micro, memory_gib_per_device=None)
 
 
 def print_and_save_plan(model, backend, args, layout):
