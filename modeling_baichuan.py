@@ -103,6 +103,18 @@ RELEASE_CODE_FILE = "modeling_baichuan.py"
 # not read this implementation, which mentions both position encodings, as a release file.
 IMPLEMENTATION_TAG = "baichuan-transformers5-without-remote-code"
 
+# transformers 5.24 renamed the cache argument and output field from ``past_key_values`` to ``cache``.
+# The forwards take either name; outputs use the field this version's output classes have.
+CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def cache_argument(cache, kwargs: dict):
+    """The cache passed as ``cache=`` or under its older name ``past_key_values=`` (removed from kwargs)."""
+    legacy = kwargs.pop("past_key_values", None)
+    if cache is not None and legacy is not None:
+        raise ValueError("pass the cache as `cache` or as `past_key_values`, not both")
+    return legacy if cache is None else cache
+
 
 # --------------------------------------------------------------------------------------------------------------
 # Config
@@ -188,7 +200,7 @@ class BaichuanConfig(PreTrainedConfig):
     """
 
     model_type = "baichuan"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]
 
     def __init__(
         self,
@@ -490,15 +502,15 @@ class BaichuanAttention(nn.Module):
         self.W_pack = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=False)
         self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
 
-    def forward(self, hidden_states, attention_mask=None, position_embeddings=None, past_key_values=None,
+    def forward(self, hidden_states, attention_mask=None, position_embeddings=None, cache=None,
                 attention_implementation=None, segment_spans=None, **kwargs):
         batch, length, _ = hidden_states.shape
         qkv = self.W_pack(hidden_states).view(batch, length, 3, self.num_heads, self.head_dim)
         query, key, value = (t.transpose(1, 2) for t in qkv.unbind(dim=2))  # (batch, heads, length, head_dim)
         if position_embeddings is not None:
             query, key = apply_rotary(query, key, *position_embeddings)
-        if past_key_values is not None:
-            key, value = past_key_values.update(key, value, self.layer_idx)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
 
         if isinstance(attention_mask, torch.Tensor) and attention_mask.dtype.is_floating_point \
                 and attention_mask.dtype != query.dtype:
@@ -520,13 +532,13 @@ class BaichuanDecoderLayer(GradientCheckpointingLayer):
         self.input_layernorm = BaichuanRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = BaichuanRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, hidden_states, attention_mask=None, position_embeddings=None, past_key_values=None,
+    def forward(self, hidden_states, attention_mask=None, position_embeddings=None, cache=None,
                 use_cache=False, **kwargs):
         attended, _ = self.self_attn(
             self.input_layernorm(hidden_states),
             attention_mask=attention_mask,
             position_embeddings=position_embeddings,
-            past_key_values=past_key_values,
+            cache=cache,
             **kwargs,
         )
         hidden_states = hidden_states + attended
@@ -539,7 +551,7 @@ class BaichuanPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["BaichuanDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_flash_attn = True
@@ -572,11 +584,11 @@ class Sizes(NamedTuple):
     key_offset: int
 
     @classmethod
-    def of(cls, past_key_values, batch: int, query_length: int) -> "Sizes":
-        if past_key_values is None:
+    def of(cls, cache, batch: int, query_length: int) -> "Sizes":
+        if cache is None:
             return cls(batch, query_length, query_length, 0, 0)
-        key_length, key_offset = past_key_values.get_mask_sizes(query_length, 0)
-        return cls(batch, query_length, key_length, past_key_values.get_seq_length(), key_offset)
+        key_length, key_offset = cache.get_mask_sizes(query_length, 0)
+        return cls(batch, query_length, key_length, cache.get_seq_length(), key_offset)
 
     @property
     def is_prefill(self) -> bool:
@@ -727,23 +739,24 @@ class BaichuanModel(BaichuanPreTrainedModel):
         input_ids=None,
         attention_mask=None,
         position_ids=None,
-        past_key_values=None,
+        cache=None,
         inputs_embeds=None,
         use_cache=None,
         **kwargs,
     ):
+        cache = cache_argument(cache, kwargs)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         if self.training and any(layer.gradient_checkpointing for layer in self.layers):
             use_cache = False  # recomputation would append to the cache twice
-        if past_key_values is not None and not isinstance(past_key_values, Cache):
-            raise TypeError("past_key_values must be a transformers Cache (e.g. DynamicCache), not a tuple")
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+        if cache is not None and not isinstance(cache, Cache):
+            raise TypeError("the cache must be a transformers Cache (e.g. DynamicCache), not a tuple")
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
         if not use_cache:
-            past_key_values = None
+            cache = None
 
         batch, query_length = inputs_embeds.shape[:2]
         device = inputs_embeds.device
@@ -757,12 +770,12 @@ class BaichuanModel(BaichuanPreTrainedModel):
             implementation = "eager"
 
         segment_spans = kwargs.pop("segment_spans", None)
-        if segment_spans is not None and past_key_values is None:
+        if segment_spans is not None and cache is None:
             mask, position_ids = self._legacy_span_inputs(segment_spans, position_ids, batch, query_length,
                                                           mask_dtype, device)
             extra = {"segment_spans": segment_spans}
         else:
-            sizes = Sizes.of(past_key_values, batch, query_length)
+            sizes = Sizes.of(cache, batch, query_length)
             segment_ids, position_ids = self._segments_and_positions(attention_mask, position_ids, sizes, device)
             mask, extra = self._attention_inputs(implementation, attention_mask, segment_ids, sizes, mask_dtype,
                                                  device, caller_varlen=kwargs.get("cu_seq_lens_q") is not None)
@@ -776,7 +789,7 @@ class BaichuanModel(BaichuanPreTrainedModel):
                 hidden_states,
                 attention_mask=mask,
                 position_embeddings=position_embeddings,
-                past_key_values=past_key_values,
+                cache=cache,
                 use_cache=use_cache,
                 position_ids=position_ids,
                 attention_implementation=implementation,
@@ -784,7 +797,7 @@ class BaichuanModel(BaichuanPreTrainedModel):
                 **kwargs,
             )
         hidden_states = self.norm(hidden_states)
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{CACHE_FIELD: cache})
 
 
 class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
@@ -812,7 +825,7 @@ class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
             return F.normalize(self.lm_head.weight, dim=-1, eps=1e-12)
         return self.lm_head.weight
 
-    def create_masks_for_generate(self, config, inputs_embeds, attention_mask, past_key_values, **kwargs):
+    def create_masks_for_generate(self, config, inputs_embeds, attention_mask, *args, **kwargs):
         # generate() would pre-build a 4-D mask for static caches without segment ids or ALiBi; the forward
         # builds the right one from the 2-D mask itself, with no data-dependent branch.
         return attention_mask
@@ -823,7 +836,7 @@ class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
         input_ids=None,
         attention_mask=None,
         position_ids=None,
-        past_key_values=None,
+        cache=None,
         inputs_embeds=None,
         labels=None,
         use_cache=None,
@@ -838,7 +851,7 @@ class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache_argument(cache, kwargs),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             return_dict=True,  # the tuple form, if asked for, is made once, here
@@ -858,7 +871,7 @@ class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )

@@ -47,7 +47,7 @@ def test_flex_attention_cached_decoding(variant):
         model.config._attn_implementation = implementation
         with torch.no_grad():
             prefill = model(ids[:, :7], attention_mask=mask[:, :7], use_cache=True)
-            step = model(ids[:, 7:], attention_mask=mask, past_key_values=prefill.past_key_values, use_cache=True)
+            step = model(ids[:, 7:], attention_mask=mask, cache=getattr(prefill, mb.CACHE_FIELD), use_cache=True)
         steps[implementation] = step.logits
     assert (steps["flex_attention"] - steps["eager"]).abs().max() < TOLERANCE
 

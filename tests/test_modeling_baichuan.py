@@ -319,8 +319,47 @@ def test_greedy_generation_cache_equals_recompute(variant):
     with torch.no_grad():
         full = model(with_cache).logits
         out = model(with_cache[:, :5], use_cache=True)
-        step = model(with_cache[:, 5:6], past_key_values=out.past_key_values, use_cache=True).logits
+        cache = getattr(out, mb.CACHE_FIELD)
+        assert cache is not None and cache.get_seq_length() == 5
+        step = model(with_cache[:, 5:6], cache=cache, use_cache=True).logits
     assert torch.allclose(step[:, 0], full[:, 5], atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_batched_left_padded_greedy_generation_cache_equals_recompute(variant):
+    model = tiny_model(variant).eval()
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [14, 15, 16, 17]]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    kwargs = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
+    with_cache = model.generate(ids, use_cache=True, **kwargs)
+    without = model.generate(ids, use_cache=False, **kwargs)
+    assert torch.equal(with_cache, without)
+
+
+def test_cache_is_read_under_either_argument_name():
+    model = tiny_model().eval()
+    ids = torch.randint(3, 97, (2, 7))
+    with torch.no_grad():
+        full = model(ids).logits[:, -1]
+        for name in ("cache", "past_key_values"):
+            prefill = model(ids[:, :6], use_cache=True)
+            step = model(ids[:, 6:], use_cache=True, **{name: getattr(prefill, mb.CACHE_FIELD)}).logits[:, -1]
+            assert torch.allclose(step, full, atol=1e-5), name
+        with pytest.raises(ValueError, match="not both"):
+            model(ids[:, 6:], cache=prefill, past_key_values=prefill)
+
+
+def test_generation_prints_no_cache_deprecation(capfd):
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_warning()
+    model = tiny_model().eval()
+    model.generate(torch.randint(3, 97, (1, 4)), max_new_tokens=3, do_sample=False, pad_token_id=0,
+                   eos_token_id=None)
+    captured = capfd.readouterr()
+    assert "deprecated" not in captured.out + captured.err
 
 
 @pytest.mark.parametrize("variant", ["alibi_normhead", "rope_normhead"])
