@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import modeling_baichuan  # noqa: F401  (registers Baichuan with the Auto classes)
 from finetune.demo import DEMO_SAMPLE_FILES
+from finetune.errors import exit_on_error
 from finetune.hub import looks_like_path, require_local_or_reachable, root_cause_message
 from finetune.preparation import leading_special_ids, require
 from prepare_dataset import RECIPES
@@ -130,6 +131,7 @@ def generation_budget(model, prompt_length, max_new_tokens):
     return min(max_new_tokens, room)
 
 
+@exit_on_error
 def main(argv=None):
     args = parse_args(argv)
     example = load_example(args)

@@ -21,6 +21,7 @@ prepare_report.json with the numbers printed at the end.
 import argparse
 
 from finetune import demo
+from finetune.errors import FinetuneError, error_line
 from finetune.preparation import (PrepareError, claim_save_path, format_report, load_raw_dataset, load_tokenizer,
                                   prepare, require, write_output)
 
@@ -164,8 +165,8 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         return run(args)
-    except PrepareError as problem:
-        raise SystemExit(f"error: {problem}") from None
+    except (PrepareError, FinetuneError) as problem:
+        raise SystemExit(error_line(problem)) from None
     except KeyboardInterrupt:  # the output folder is already back as it was (see write_output)
         raise SystemExit("error: interrupted; --save-path is unchanged") from None
 

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from finetune.errors import FinetuneError, error_line
+
 
 
 @dataclass
@@ -93,7 +95,10 @@ def errors_from_rank0(main):
     @functools.wraps(main)
     def run(*args, **kwargs):
         try:
-            return main(*args, **kwargs)
+            try:
+                return main(*args, **kwargs)
+            except FinetuneError as exc:
+                raise SystemExit(error_line(exc)) from None
         except SystemExit as exc:
             rank = int(os.environ.get("RANK", "0"))
             if isinstance(exc.code, str) and rank != 0:
