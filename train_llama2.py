@@ -55,7 +55,7 @@ def forward(model, batch, num_items_in_batch):
 def main(argv=None):
     args = parse_training_args(__doc__, DEFAULTS, DEMO_DEFAULTS, argv)
     if args.demo:  # tiny model, tokenizer and prepared sample data, built once and cached
-        args.model_name_or_path = args.model_name_or_path or demo.ensure_demo_model("llama2")
+        args.model_name_or_path = args.model_name_or_path or demo.ensure_demo_model(RECIPE)
         args.dataset_name_or_path = args.dataset_name_or_path or prepare_dataset.demo_dataset(RECIPE, args.block_size)
 
     # ---- the backend hook, before the model is loaded: MoAI, torchrun + FSDP2, one GPU, or the CPU --------

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from finetune.sharding import decoder_layers
+
 ADAPTER_DIR = "adapter"
 # bitsandbytes (imported by peft) warns on every CPU start that an optional faster 4-bit kernel is missing;
 # its own fallback works, so the warning is only noise in the log.
@@ -78,8 +80,6 @@ def base_load_kwargs(settings, backend):
 
 def decoder_linear_names(model):
     """Names (last part) of the linear layers inside the decoder blocks: what adapters can target."""
-    from finetune.parallel import decoder_layers
-
     return sorted({name.rsplit(".", 1)[-1] for layer in decoder_layers(model)
                    for name, module in layer.named_modules() if isinstance(module, torch.nn.Linear)})
 

@@ -59,6 +59,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from finetune.sharding import decoder_layers, shard_model
+
 GIB = 1024 ** 3
 FIT_FRACTION = 0.92  # of device memory a plan may use: allocator rounding, fragmentation, CUDA context
 ADAPTERS = ("none", "lora", "qlora")
@@ -258,7 +260,8 @@ def _cache_key(config, setup, micro, passes):
     import transformers
 
     # The simulating code is part of the key: a change to it must not reuse old figures.
-    sources = b"".join((REPO_ROOT / "finetune" / name).read_bytes() for name in ("memory.py", "chunked_loss.py"))
+    sources = b"".join((REPO_ROOT / "finetune" / name).read_bytes() for name in ("memory.py", "chunked_loss.py",
+                                                                               "sharding.py"))
     text = json.dumps([config, setup, micro, passes, torch.__version__, transformers.__version__,
                        hashlib.sha256(sources).hexdigest()], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
@@ -418,32 +421,6 @@ class FourBitLinearStandIn(torch.nn.Module):
         return _DequantizedMatmul.apply(x, self.packed, (self.out_features, self.in_features))
 
 
-def decoder_layers(model):
-    """The repeated blocks named by the model's `_no_split_modules` (one FSDP unit each), as in training."""
-    names = set()
-    for module in model.modules():
-        names.update(getattr(module, "_no_split_modules", None) or [])
-    # fully_shard swaps in a subclass (FSDP<Name>), so look through the class hierarchy.
-    return [m for m in model.modules() if any(cls.__name__ in names for cls in type(m).__mro__)]
-
-
-def shard_model(model, mesh, precision):
-    """FSDP2 per decoder layer and at the root, with the training scripts' settings."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    policy = MixedPrecisionPolicy()
-    if precision == "bf16":
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    layers = decoder_layers(model)
-    for layer in layers:
-        fully_shard(layer, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
-    # Summed, not averaged, gradients: the loss is normalised by the global token count.
-    for unit in [*layers, model]:
-        unit.set_gradient_divide_factor(1.0)
-        unit.set_force_sum_reduction_for_comms(True)
-
-
 def training_batch(vocab_size, micro_batch_size, block_size):
     """Model inputs shaped like one micro-batch of the training scripts, each row one causal sequence."""
     ids = torch.randint(vocab_size, (micro_batch_size, block_size))
@@ -474,7 +451,7 @@ def prepare_step(config_dict, setup, mesh=None, fake=True):
 
     model = build_model(config_dict, setup)
     if setup["engine"] == "fsdp2":
-        shard_model(model, mesh, setup["precision"])
+        shard_model(model, bf16_compute=setup["precision"] == "bf16", mesh=mesh)
     tensor_mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
     with tensor_mode:
         model.to_empty(device="cpu")

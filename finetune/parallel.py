@@ -28,7 +28,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from finetune import lora
 from finetune.errors import FinetuneError, error_line
+from finetune.sharding import decoder_layers, shard_model
 
 
 
@@ -154,12 +156,6 @@ def enable_advanced_parallelization(mixed_precision="auto", timeout_minutes=30):
 # Model loading and sharding
 # ----------------------------------------------------------------------------------------------------------
 
-def decoder_layers(model):
-    """The repeated blocks named by the model's `_no_split_modules` (one FSDP unit each)."""
-    names = set(getattr(model, "_no_split_modules", None) or [])
-    return [m for m in model.modules() if type(m).__name__ in names]
-
-
 def load_model(backend, model_class, model_path, gradient_checkpointing=False, compile_layers=False,
                attn_implementation=None, trust_remote_code=False, adapters=None, cpu_offload=False,
                chunked_loss=False):
@@ -168,8 +164,6 @@ def load_model(backend, model_class, model_path, gradient_checkpointing=False, c
     With `adapters` (finetune.lora.settings: --lora / --qlora) the base is frozen (bf16 or 4-bit) and LoRA
     adapters are added before placing, on every rank, so FSDP2 shards base and adapters alike.
     """
-    from finetune import lora
-
     lora.check_backend(adapters, backend)
     try:
         model = _load_and_place(backend, model_class, model_path, gradient_checkpointing, compile_layers,
@@ -191,8 +185,6 @@ def _load_and_place(backend, model_class, model_path, gradient_checkpointing, co
                     trust_remote_code, adapters, cpu_offload):
     from transformers import AutoConfig
 
-    from finetune import lora
-
     kwargs = {"trust_remote_code": trust_remote_code, "dtype": torch.float32}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
@@ -211,7 +203,6 @@ def _load_and_place(backend, model_class, model_path, gradient_checkpointing, co
         return model if adapters and adapters.quantize_4bit else model.to(backend.device)
 
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     # Only rank 0 reads the checkpoint into host memory; every rank builds an empty (meta) copy to shard.
     full_state, buffers = {}, {}
@@ -231,25 +222,13 @@ def _load_and_place(backend, model_class, model_path, gradient_checkpointing, co
         with torch.device("meta"):
             model = lora.add_adapters(model, adapters)
 
-    policy = MixedPrecisionPolicy()
-    if backend.mixed_precision == "bf16" and backend.device.type == "cuda":
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    layers = decoder_layers(model)
-    if not layers:
-        raise SystemExit(f"error: {type(model).__name__} names no decoder layer in _no_split_modules; cannot shard it")
     # CPU offload: sharded master weights, gradients and optimiser state stay in host memory; FSDP2 copies each
     # unit's shard to the device for its forward and backward.
-    offload = CPUOffloadPolicy(pin_memory=backend.device.type == "cuda") if cpu_offload else OffloadPolicy()
-    for layer in layers:
-        if compile_layers:
-            layer.compile()
-        fully_shard(layer, mp_policy=policy, offload_policy=offload)
-    fully_shard(model, mp_policy=policy, offload_policy=offload)
-    # Gradients are summed over ranks, not averaged: the loss is already normalised by the global token count.
-    # Each FSDP unit keeps its own setting; force_sum keeps the reduction a plain SUM, which gloo supports.
-    for unit in [*layers, model]:
-        unit.set_gradient_divide_factor(1.0)
-        unit.set_force_sum_reduction_for_comms(True)
+    try:
+        shard_model(model, bf16_compute=backend.mixed_precision == "bf16" and backend.device.type == "cuda",
+                    cpu_offload=cpu_offload, pin_memory=backend.device.type == "cuda", compile_layers=compile_layers)
+    except ValueError as exc:
+        raise FinetuneError(str(exc)) from None
 
     model.to_empty(device="cpu" if cpu_offload else backend.device)
     if cpu_offload:  # buffers (rotary frequencies, ...) are not sharded or offloaded: they live on the device
@@ -270,8 +249,6 @@ def _load_and_place(backend, model_class, model_path, gradient_checkpointing, co
 def full_state_dict_on_rank0(model, backend, trainable_only=False):
     """The whole model's weights as ordinary CPU tensors on rank 0 (empty elsewhere), for save_pretrained;
     with `trainable_only`, just the parameters that train (LoRA adapters), gathered the same way."""
-    from finetune import lora
-
     if backend.engine != "fsdp2":
         keep = lora.trainable_names(model) if trainable_only else None
         return {k: v.detach().cpu() for k, v in model.state_dict().items() if keep is None or k in keep}

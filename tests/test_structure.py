@@ -1,0 +1,122 @@
+"""The shape of the code: no import cycles (imports inside functions count), the two training scripts' main()
+bodies equal but for their model-specific lines, no module past its size, and the linter's verdict."""
+import ast
+import difflib
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "finetune"
+TOP_LEVEL = ["train_llama2.py", "train_baichuan2_13b.py", "prepare_dataset.py", "inference.py", "modeling_baichuan.py"]
+MAX_MODULE_LINES = 450
+
+
+def module_name(path: Path) -> str:
+    relative = path.relative_to(ROOT).with_suffix("")
+    parts = relative.parts[:-1] if relative.name == "__init__" else relative.parts
+    return ".".join(parts)
+
+
+def our_modules() -> dict[str, Path]:
+    paths = sorted(PACKAGE.glob("*.py")) + [ROOT / name for name in TOP_LEVEL]
+    return {module_name(path): path for path in paths}
+
+
+def imported_modules(path: Path, known: set[str]) -> set[str]:
+    """Every module of ours that `path` imports, at the top or inside a function. `from finetune import x`
+    imports the submodule finetune.x when there is one, else the package itself."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            for alias in node.names:
+                submodule = f"{node.module}.{alias.name}"
+                found.add(submodule if submodule in known else node.module)
+    return found & known
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = our_modules()
+    return {name: imported_modules(path, set(modules)) - {name} for name, path in modules.items()}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, str] = {}
+    stack: list[str] = []
+
+    def visit(node):
+        state[node] = "open"
+        stack.append(node)
+        for target in sorted(graph.get(node, ())):
+            if state.get(target) == "open":
+                return stack[stack.index(target):] + [target]
+            if target not in state and (cycle := visit(target)):
+                return cycle
+        state[node] = "done"
+        stack.pop()
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_no_import_cycles():
+    cycle = find_cycle(import_graph())
+    assert cycle is None, " -> ".join(cycle)
+
+
+def test_the_cycle_finder_finds_a_cycle_through_a_function_level_import(tmp_path):
+    (tmp_path / "a.py").write_text("import b\n")
+    (tmp_path / "b.py").write_text("def f():\n    from a import x\n")
+    known = {"a", "b"}
+    graph = {"a": imported_modules(tmp_path / "a.py", known), "b": imported_modules(tmp_path / "b.py", known)}
+    assert find_cycle(graph) == ["a", "b", "a"]
+
+
+def main_body(script: str) -> list[str]:
+    tree = ast.parse((ROOT / script).read_text())
+    main = next(node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "main")
+    return ast.unparse(main).splitlines()
+
+
+# The only line of main() that may differ between the scripts: the attention the model is loaded with.
+# Anything else is a fix made in one script and forgotten in the other.
+MODEL_SPECIFIC = "attn_implementation"
+
+
+def differing_lines(first: list[str], second: list[str]) -> list[str]:
+    return [line for line in difflib.unified_diff(first, second, lineterm="", n=0)
+            if line[:1] in "+-" and not line.startswith(("+++", "---"))]
+
+
+def test_the_training_scripts_main_bodies_differ_only_in_model_specific_lines():
+    differences = differing_lines(main_body("train_llama2.py"), main_body("train_baichuan2_13b.py"))
+    unexpected = [line for line in differences if MODEL_SPECIFIC not in line]
+    assert not unexpected, "\n".join(unexpected)
+
+
+def test_a_change_made_in_one_script_only_is_caught():
+    body = main_body("train_llama2.py")
+    changed = [line.replace("clip_grad_norm(", "clip_grad_norm_typo(") for line in body]
+    differences = differing_lines(body, changed)
+    assert [line for line in differences if MODEL_SPECIFIC not in line]
+
+
+def test_no_module_is_past_its_size():
+    sizes = {path.name: len(path.read_text().splitlines()) for path in PACKAGE.glob("*.py")}
+    too_long = {name: lines for name, lines in sizes.items() if lines > MAX_MODULE_LINES}
+    assert not too_long, too_long
+
+
+@pytest.mark.skipif(shutil.which("ruff") is None and subprocess.run(
+    [sys.executable, "-m", "ruff", "--version"], capture_output=True).returncode != 0, reason="ruff not installed")
+def test_ruff_finds_nothing():
+    result = subprocess.run([sys.executable, "-m", "ruff", "check", "."], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
