@@ -26,8 +26,8 @@ from transformers import AutoModelForCausalLM
 
 import modeling_baichuan  # noqa: F401  (registers Baichuan with the Auto classes)
 import prepare_dataset
-from finetune import data, demo, enable_advanced_parallelization, lora, parallel, plan
-from finetune.args import parse_training_args
+from finetune import data, demo, enable_advanced_parallelization, parallel, plan
+from finetune.args import parse_run_config
 from finetune.checkpoints import Checkpointer, save_final_model
 from finetune.metrics import MetricsLog
 from finetune.training import NonFiniteGuard, Validation, clip_grad_norm, set_seed, warmup_cosine_schedule
@@ -52,61 +52,61 @@ def forward(model, batch, num_items_in_batch):
     return outputs.loss
 
 
+def demo_assets(block_size):
+    """--demo: the embedded tiny model and the prepared sample data, built once and cached."""
+    return demo.ensure_demo_model(RECIPE), prepare_dataset.demo_dataset(RECIPE, block_size)
+
+
 @parallel.errors_from_rank0  # under torchrun, one error line (rank 0's), not one per process
 def main(argv=None):
-    args = parse_training_args(__doc__, DEFAULTS, DEMO_DEFAULTS, argv)
-    if args.demo:  # tiny model, tokenizer and prepared sample data, built once and cached
-        args.model_name_or_path = args.model_name_or_path or demo.ensure_demo_model(RECIPE)
-        args.dataset_name_or_path = args.dataset_name_or_path or prepare_dataset.demo_dataset(RECIPE, args.block_size)
+    config = parse_run_config(__doc__, DEFAULTS, DEMO_DEFAULTS, demo_assets, argv)  # frozen, one section each
 
     # ---- the backend hook, before the model is loaded: MoAI, torchrun + FSDP2, one GPU, or the CPU --------
-    backend = enable_advanced_parallelization(args.mixed_precision)
-    if args.plan_only:
-        return plan.plan_only(args, backend)
+    backend = enable_advanced_parallelization(config.parallel.mixed_precision)
+    if config.plan_only.enabled:
+        return plan.plan_only(config, backend)
     device = backend.device
-    set_seed(args.seed)
-    checkpoints = Checkpointer(args, backend, os.path.basename(__file__))  # refuses an unsafe folder early
+    set_seed(config.training.seed)
+    checkpoints = Checkpointer(config, backend, os.path.basename(__file__))  # refuses an unsafe folder early
 
     # ---- data ---------------------------------------------------------------------------------------------
-    tokenizer, pad_id = data.load_tokenizer(args.model_name_or_path, args.trust_remote_code)
-    train_table, eval_table = data.load_token_tables(args.dataset_name_or_path, args.block_size)
+    tokenizer, pad_id = data.load_tokenizer(config.model)
+    train_table, eval_table = data.load_token_tables(config.data)
     # Every epoch's order of rows, fixed by the seed and built when the epoch is reached: the schedule knows the
     # total, a resumed run its place.
-    train_plan = data.plan_run(train_table.lengths, args.batch_size, args.block_size, args.batching, args.seed,
-                               args.epochs, args.max_steps)
-    total_steps = train_plan.total_steps
-    layout = plan.choose_layout(args, backend)  # micro-batch, accumulation, checkpointing, CPU offload
-    pad_to = None if args.batching == "longest" else args.block_size
+    steps = data.step_rows(train_table.lengths, config.data, config.training)
+    total_steps = steps.total_steps
+    layout = plan.choose_layout(config, backend)  # micro-batch, accumulation, checkpointing, CPU offload
 
     # ---- model and optimiser ------------------------------------------------------------------------------
-    model = parallel.load_model(backend, AutoModelForCausalLM, args.model_name_or_path,
-                                gradient_checkpointing=layout["activation_checkpointing"], compile_layers=args.compile,
-                                cpu_offload=layout["cpu_offload"], chunked_loss=layout["chunked_loss"],
-                                trust_remote_code=args.trust_remote_code,
-                                adapters=lora.settings(args))  # --lora / --qlora: frozen base plus adapters
-    data.check_block_size(model.config, args.block_size)
+    model = parallel.load_model(backend, AutoModelForCausalLM, config.model, layout,
+                                adapters=config.lora,  # --lora / --qlora: frozen base plus adapters
+                                compile_layers=config.parallel.compile)
+    data.check_block_size(model.config, config.data.block_size)
     data.check_token_ids(model.config, train_table, eval_table)  # data prepared with another tokenizer
-    plan.confirm_on_device(model, backend, args, layout)
-    run_plan = plan.print_and_save_plan(model, backend, args, layout)
-    micro_batch_size = layout["micro_batch_size"]
+    layout = plan.confirm_on_device(model, backend, config, layout)  # final: the probe may lower the micro-batch
+    parallel_plan = plan.describe_parallel_plan(model, backend, config, layout)
+    batch_format = data.BatchFormat(layout.micro_batch_size, pad_id, config.data.pad_to)
 
+    opt = config.optimizer
     optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],  # with LoRA: the adapters
-                              lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
-    scheduler = warmup_cosine_schedule(optim, total_steps, args.warmup_ratio, args.min_lr_ratio)
-    step = checkpoints.start(model, optim, scheduler, train_plan)  # 0, or the step of the checkpoint resumed from
+                              lr=opt.lr, weight_decay=opt.weight_decay, fused=device.type == "cuda")
+    scheduler = warmup_cosine_schedule(optim, total_steps, opt.warmup_ratio, opt.min_lr_ratio)
+    # Registers model, optimiser and scheduler once; 0, or the step of the checkpoint resumed from.
+    step = checkpoints.start(model, optim, scheduler, steps, parallel_plan)
 
-    guard = NonFiniteGuard(args.skip_nonfinite, args.save_model_dir, backend)
-    metrics = MetricsLog(args.save_model_dir, backend, model, args.log_interval, total_steps,
-                         args.peak_tflops)
-    validation = Validation(eval_table, data.validation_rows(eval_table, args.block_size, args.batching, args.seed),
-                            forward, backend, micro_batch_size, pad_id, pad_to, args.eval_every)
+    save_dir = config.checkpoint.save_model_dir
+    guard = NonFiniteGuard(config.training.skip_nonfinite, save_dir, backend)
+    metrics = MetricsLog(save_dir, backend, model, config.logging, total_steps)
+    validation = Validation(eval_table, data.validation_rows(eval_table, config.data, config.training.seed),
+                            forward, backend, batch_format, config.logging.eval_every)
 
     # ---- training loop ------------------------------------------------------------------------------------
     model.train()
     # The progress bar closes before any error line, so the error stays the last line printed.
     with tqdm(total=total_steps, initial=step, disable=not backend.is_main, desc="train", dynamic_ncols=True) as bar:
-        for epoch, loader in data.epoch_loaders(train_table, train_plan, step, backend, micro_batch_size, pad_id,
-                                                pad_to, args.num_workers):
+        for epoch, loader in data.epoch_loaders(train_table, steps, step, backend, batch_format,
+                                                config.data.num_workers):
             for micro_batches, info in loader:  # one global batch: this process's micro-batches
                 step_loss = torch.zeros((), device=device)
                 attended_pairs = 0
@@ -120,7 +120,7 @@ def main(argv=None):
                     step_loss += loss.detach()
                     attended_pairs += batch["attended_pairs"]
 
-                grad_norm = clip_grad_norm(model, args.max_grad_norm)
+                grad_norm = clip_grad_norm(model, opt.max_grad_norm)
                 if guard.update_is_finite(step_loss, grad_norm, step + 1):
                     optim.step()
                 scheduler.step()  # a skipped update still counts, so the step keeps matching the data consumed
@@ -133,13 +133,13 @@ def main(argv=None):
                 if metrics.due(step, epoch_end) or validation.due(step, epoch_end):
                     val_loss = validation.loss(model) if validation.due(step, epoch_end) else None
                     metrics.log(step, epoch, step_loss, grad_norm, scheduler.get_last_lr()[0], val_loss)
-                if checkpoints.after_step(step, epoch, model, optim, scheduler):
+                if checkpoints.after_step(step, epoch):
                     backend.shutdown()  # stopped by a signal: the checkpoint is written, resume with --resume
                     return 0
 
     # ---- save ---------------------------------------------------------------------------------------------
     with checkpoints.final_save():  # if the save fails, a checkpoint of the last step is left for --resume
-        save_final_model(model, tokenizer, backend, args.save_model_dir, run_plan)
+        save_final_model(model, tokenizer, backend, save_dir, parallel_plan)
     metrics.close()
     backend.shutdown()
     return 0

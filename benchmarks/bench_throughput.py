@@ -49,6 +49,7 @@ import finetune.preparation as preparation  # noqa: E402
 import prepare_dataset  # noqa: E402
 from finetune import demo as demo_assets  # noqa: E402
 from finetune import parallel  # noqa: E402
+from finetune.config import ModelConfig  # noqa: E402
 from finetune.training import warmup_cosine_schedule  # noqa: E402
 
 MODEL_RECIPE = "llama2"  # the demo Llama model and tokenizer are used for every data recipe
@@ -133,7 +134,7 @@ def load_fresh_model(model_path):
     from transformers import AutoModelForCausalLM
 
     backend = parallel.enable_advanced_parallelization("no")
-    model = parallel.load_model(backend, AutoModelForCausalLM, model_path, attn_implementation="packed_sdpa")
+    model = parallel.load_model(backend, AutoModelForCausalLM, ModelConfig(model_path), attn_implementation="packed_sdpa")
     return backend, model
 
 
@@ -162,7 +163,7 @@ def run_our_loop(model_path, table, pad_id, batching, args):
     optim = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0, fused=device.type == "cuda")
     scheduler = warmup_cosine_schedule(optim, total, 0.03, 0.1)
     # Workers 0 for every run (the Trainer's default too): on 2 cores a loader process only competes for them.
-    loader = fu.make_step_loader(table, plan, 0, 1, micro_batch_size, pad_id, pad_to, workers=0)
+    loader = fu.make_step_loader(table, plan, 0, 1, fu.BatchFormat(micro_batch_size, pad_id, pad_to), workers=0)
 
     model.train()
     step, start = 0, time.perf_counter()

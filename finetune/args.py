@@ -4,9 +4,21 @@ import math
 import os
 import sys
 
+from finetune.config import RunConfig, from_flags
 from finetune.data import BATCHING_MODES
 
 LORA_LR = 2e-4  # the default --lr with --lora / --qlora
+
+
+def parse_run_config(description, defaults, demo_defaults, demo_assets=None, argv=None) -> RunConfig:
+    """The frozen RunConfig of a training script's command line. With --demo, `demo_assets(block_size)` gives
+    (model folder, prepared dataset folder) of the embedded tiny model and sample data for the paths not given."""
+    args = parse_training_args(description, defaults, demo_defaults, argv)
+    if args.demo and demo_assets is not None and not (args.model_name_or_path and args.dataset_name_or_path):
+        model, dataset = demo_assets(args.block_size)
+        args.model_name_or_path = args.model_name_or_path or model
+        args.dataset_name_or_path = args.dataset_name_or_path or dataset
+    return from_flags(args)
 
 
 def parse_training_args(description, defaults, demo_defaults, argv=None):

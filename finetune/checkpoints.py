@@ -37,6 +37,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from tqdm import tqdm
 
 from finetune import lora
+from finetune.config import RUN_CONFIG_FILE, write_run_config
 
 RUN_MARKER = ".finetune_run.json"
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d{8})$")
@@ -489,16 +490,6 @@ class StopRequest:
 # What the training scripts call
 # ----------------------------------------------------------------------------------------------------------
 
-def fixed_settings(args):
-    """The flags a resumed run must share with the run it continues: they fix the data order, the optimiser and
-    its schedule, and the run's length. Everything else may change on resume (see the README)."""
-    return {"seed": args.seed, "batch_size": args.batch_size, "batching": args.batching,
-            "block_size": args.block_size, "lr": args.lr, "warmup_ratio": args.warmup_ratio,
-            "min_lr_ratio": args.min_lr_ratio, "weight_decay": args.weight_decay,
-            "max_grad_norm": args.max_grad_norm, "max_steps": args.max_steps,
-            "epochs": None if args.max_steps else args.epochs}
-
-
 def dataset_fingerprint(lengths):
     """The training split as far as the data order sees it: how many examples, and their lengths."""
     return {"examples": int(len(lengths)),
@@ -510,15 +501,19 @@ class Checkpointer:
     signal, keep the last `--keep-last`. Made before the model is loaded, so a bad folder, a corrupt checkpoint
     or a flag that differs from the checkpoint's fails fast."""
 
-    def __init__(self, args, backend, script_name):
-        self.save_dir, self.save_every, self.keep_last = args.save_model_dir, args.save_every, args.keep_last
+    def __init__(self, config, backend, script_name):
+        """`config`: the RunConfig; its checkpoint section says where and how often, and the settings it fixes
+        (`fixed_on_resume`) must match those of a checkpoint it resumes."""
+        section = config.checkpoint
+        self.config, self.save_dir, self.save_every, self.keep_last = (config, section.save_model_dir,
+                                                                      section.save_every, section.keep_last)
         self.backend, self.script_name = backend, script_name
-        self.run_settings = fixed_settings(args)
-        # A LoRA checkpoint holds adapters of one shape and no base: resume only into the same adapters.
-        adapters = lora.settings(args)
-        self.run_settings["adapters"] = adapters.describe() if adapters else None
+        # The flags a resumed run must share with the run it continues: they fix the data order, the optimiser
+        # and its schedule, and the run's length. A LoRA checkpoint holds adapters of one shape and no base.
+        self.run_settings = dict(config.fixed_on_resume(),
+                                 adapters=config.lora.describe() if config.lora else None)
         self.step = self.epoch = 0
-        save_dir = args.save_model_dir
+        save_dir = section.save_model_dir
         if os.path.exists(save_dir) and not os.path.isdir(save_dir):
             raise SystemExit(f"error: --save-model-dir {save_dir!r} exists and is not a folder")
         # One run per folder: rank 0 holds the lock, and every rank hears if it could not get it.
@@ -532,8 +527,8 @@ class Checkpointer:
         problem = backend.all_gather(problem)[0]
         if problem:
             raise SystemExit(problem)
-        newest = check_save_dir(save_dir, args.resume, args.overwrite, args.resume_if_possible)
-        self.resume_from = newest and self._verified(newest, fall_back=args.resume_if_possible)
+        newest = check_save_dir(save_dir, section.resume, section.overwrite, section.resume_if_possible)
+        self.resume_from = newest and self._verified(newest, fall_back=section.resume_if_possible)
         if self.resume_from:
             check_same_run(self.resume_from, read_trainer_state(self.resume_from), self.run_settings)
         self.stop = StopRequest(save_dir)
@@ -553,10 +548,13 @@ class Checkpointer:
                 print(f"warning: {message}; trying an older one", flush=True)
         raise SystemExit(f"error: no checkpoint in {self.save_dir!r} matches its checksums; nothing was deleted")
 
-    def start(self, model, optimizer, scheduler, run_plan):
-        """Restore the newest checkpoint (when resuming) or start a fresh run folder; returns the step reached."""
+    def start(self, model, optimizer, scheduler, steps, parallel_plan=None):
+        """Register the states a checkpoint holds (model, optimizer, scheduler), then restore the newest
+        checkpoint (when resuming) or start a fresh run folder; returns the step reached. `steps`: the run's
+        data.StepRows. Writes run_config.json: the configuration, the parallel plan and the data set's
+        fingerprint."""
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
-        self.run_settings["dataset"] = dataset_fingerprint(run_plan.lengths)
+        self.run_settings["dataset"] = dataset_fingerprint(steps.lengths)
         if self.resume_from:
             state = load_checkpoint(self.resume_from, model, optimizer, scheduler, self.backend,
                                     dict(self.run_settings, epoch=0))
@@ -564,16 +562,20 @@ class Checkpointer:
             if self.backend.is_main:
                 truncate_metrics(self.save_dir, self.step)
                 print(f"resumed from {self.resume_from} at step {self.step}", flush=True)
-                if self.step >= run_plan.total_steps:
-                    print(f"nothing to train: the run's {run_plan.total_steps} steps are done; writing the final "
+                if self.step >= steps.total_steps:
+                    print(f"nothing to train: the run's {steps.total_steps} steps are done; writing the final "
                           f"model", flush=True)
         self.backend.barrier()
-        if self.backend.is_main and not self.resume_from:
-            start_run_dir(self.save_dir, self.script_name)
+        if self.backend.is_main:
+            if not self.resume_from:
+                start_run_dir(self.save_dir, self.script_name)
+            with writing(os.path.join(self.save_dir, RUN_CONFIG_FILE), self.save_dir):
+                write_run_config(self.config, {"parallel_plan": parallel_plan,
+                                               "dataset": self.run_settings["dataset"]})
         self.backend.barrier()
         return self.step
 
-    def after_step(self, step, epoch, model, optimizer, scheduler):
+    def after_step(self, step, epoch):
         """Save when due or when any rank got a stop signal; True means stop now (the checkpoint is written)."""
         self.step, self.epoch = step, epoch
         stopping = self.backend.any_rank(self.stop.requested())

@@ -11,6 +11,7 @@ Batching modes (one optimiser step = `batch_size` rows of at most `block_size` t
 """
 import bisect
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -38,18 +39,18 @@ def load_prepared_dataset(path):
     return dataset
 
 
-def load_tokenizer(model_name_or_path, trust_remote_code=False):
-    """(tokenizer, pad id): the model's tokenizer, with EOS standing in as padding where it has no pad token
-    (Llama 2). Padding is masked by true lengths, never by this id."""
+def load_tokenizer(model):
+    """(tokenizer, pad id) of the ModelConfig `model`: the model's tokenizer, with EOS standing in as padding
+    where it has no pad token (Llama 2). Padding is masked by true lengths, never by this id."""
     from transformers import AutoTokenizer
 
     from finetune.hub import require_local_or_reachable
 
-    require_local_or_reachable(model_name_or_path)
+    require_local_or_reachable(model.name_or_path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(model.name_or_path, trust_remote_code=model.trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise SystemExit(f"error: cannot load the tokenizer of {model_name_or_path!r}: {str(exc).splitlines()[0]}")
+        raise SystemExit(f"error: cannot load the tokenizer of {model.name_or_path!r}: {str(exc).splitlines()[0]}")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return tokenizer, pad_id
 
@@ -61,8 +62,10 @@ def check_block_size(config, block_size):
         raise SystemExit(f"error: --block-size {block_size} exceeds the model's length limit {max_length}")
 
 
-def load_token_tables(path, block_size):
-    """(train, validation or None) TokenTables of a prepared dataset whose examples all fit in `block_size`."""
+def load_token_tables(data):
+    """(train, validation or None) TokenTables of the DataConfig's prepared dataset, every example within its
+    block size."""
+    path, block_size = data.dataset_name_or_path, data.block_size
     dataset = load_prepared_dataset(path)
     train = TokenTable(dataset["train"])
     validation = TokenTable(dataset["validation"]) if len(dataset.get("validation", [])) else None
@@ -167,8 +170,17 @@ def plan_epoch(lengths, batch_size, block_size, batching, seed, epoch):
 PACKING_COUNT_BUDGET = 10 ** 7
 
 
-class RunPlan:
-    """The run's optimiser steps, epoch after epoch; an epoch's plan is built only when it is reached.
+@dataclass(frozen=True)
+class BatchFormat:
+    """How rows become a micro-batch on this process: how many rows, the id that fills padding (masked by true
+    lengths, never by this id), and the width rows are padded to (None: the longest row of the micro-batch)."""
+    micro_batch_size: int
+    pad_id: int
+    pad_to: int | None
+
+
+class StepRows:
+    """The rows of the run's optimiser steps, epoch after epoch; an epoch's plan is built only when reached.
 
     With one example per row every epoch has the same number of steps. A packed epoch's row count depends on
     its order, so its steps are counted by packing it (the plan itself is not kept). `total_steps` is
@@ -221,9 +233,11 @@ class RunPlan:
             epoch += 1
 
 
-def plan_run(lengths, batch_size, block_size, batching, seed, epochs, max_steps=None):
-    """The run's plan (epochs built lazily) with its `total_steps` (`max_steps` overrides `epochs`)."""
-    return RunPlan(lengths, batch_size, block_size, batching, seed, epochs, max_steps)
+def step_rows(lengths, data, training) -> StepRows:
+    """The rows of every step of the run (epochs built lazily) and its `total_steps`, for the DataConfig and
+    TrainingConfig sections of the run configuration (`max_steps` overrides `epochs`)."""
+    return StepRows(lengths, training.batch_size, data.block_size, data.batching, training.seed, training.epochs,
+                    training.max_steps)
 
 
 def rank_micro_batches(step_rows, rank, world_size, micro_batch_size):
@@ -236,22 +250,21 @@ def rank_micro_batches(step_rows, rank, world_size, micro_batch_size):
 def collate_rows(table, rows, pad_id, pad_to=None):
     """Tensors for a micro-batch of rows; each row is a list of example indices laid end to end.
 
-    Returns input_ids, labels, position_ids (restarting at 0 for every example, and for the padding tail),
-    segment_ids (1, 2, ... per example in the row, 0 on padding) and segment_spans (per row, the (start, end)
-    of each example and of the padding tail, as plain ints), plus plain-int counts for logging.
+    Returns input_ids, labels, position_ids (restarting at 0 for every example, and for the padding tail) and
+    segment_spans (per row, the (start, end) of each example and of the padding tail, as plain ints: the
+    models attend within each span), plus plain-int counts for logging.
     """
     row_lengths = [int(sum(table.lengths[i] for i in row)) for row in rows]
     width = pad_to or max(row_lengths)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)
-    segment_ids = torch.zeros((len(rows), width), dtype=torch.long)
     segment_spans = []  # per row, (start, end) of each example and of the padding tail
     attended_pairs = 0
     for r, row in enumerate(rows):
         spans = []
         start = 0
-        for segment, index in enumerate(row, start=1):
+        for index in row:
             ids, labs = table.example(index)
             end = start + len(ids)
             input_ids[r, start:end] = torch.from_numpy(ids)
@@ -259,7 +272,6 @@ def collate_rows(table, rows, pad_id, pad_to=None):
             # The first token of an example would be "predicted" from the previous example's last token.
             labels[r, start] = IGNORE_INDEX
             position_ids[r, start:end] = torch.arange(len(ids))
-            segment_ids[r, start:end] = segment
             attended_pairs += len(ids) * (len(ids) + 1) // 2
             spans.append((start, end))
             start = end
@@ -271,7 +283,6 @@ def collate_rows(table, rows, pad_id, pad_to=None):
         "input_ids": input_ids,
         "labels": labels,
         "position_ids": position_ids,
-        "segment_ids": segment_ids,
         "segment_spans": segment_spans,
         "num_tokens": sum(row_lengths),
         "num_targets": int((labels[:, 1:] != IGNORE_INDEX).sum()),
@@ -282,10 +293,9 @@ def collate_rows(table, rows, pad_id, pad_to=None):
 class StepDataset(torch.utils.data.Dataset):
     """Item s = this rank's micro-batches for optimiser step s of an epoch plan (built in loader workers)."""
 
-    def __init__(self, table, plan, rank, world_size, micro_batch_size, pad_id, pad_to):
+    def __init__(self, table, plan, rank, world_size, batch_format: BatchFormat):
         self.table, self.plan = table, plan
-        self.rank, self.world_size, self.micro_batch_size = rank, world_size, micro_batch_size
-        self.pad_id, self.pad_to = pad_id, pad_to
+        self.rank, self.world_size, self.format = rank, world_size, batch_format
 
     def __len__(self):
         return len(self.plan)
@@ -293,8 +303,8 @@ class StepDataset(torch.utils.data.Dataset):
     def __getitem__(self, step):
         rows = self.plan[step]
         micro_batches = [
-            collate_rows(self.table, micro, self.pad_id, self.pad_to)
-            for micro in rank_micro_batches(rows, self.rank, self.world_size, self.micro_batch_size)
+            collate_rows(self.table, micro, self.format.pad_id, self.format.pad_to)
+            for micro in rank_micro_batches(rows, self.rank, self.world_size, self.format.micro_batch_size)
         ]
         # Whole-step counts over all ranks, computed from the plan alone so no process has to ask another.
         examples = [i for row in rows for i in row]
@@ -306,10 +316,10 @@ class StepDataset(torch.utils.data.Dataset):
         return micro_batches, step_info
 
 
-def make_step_loader(table, plan, rank, world_size, micro_batch_size, pad_id, pad_to, start_step=0, workers=1,
+def make_step_loader(table, plan, rank, world_size, batch_format: BatchFormat, start_step=0, workers=1,
                      pin_memory=False, stop_step=None):
     """A DataLoader over steps `start_step` (for exact resume) to `stop_step` (default: all) of one epoch plan."""
-    dataset = StepDataset(table, plan, rank, world_size, micro_batch_size, pad_id, pad_to)
+    dataset = StepDataset(table, plan, rank, world_size, batch_format)
     steps = list(range(start_step, len(plan) if stop_step is None else min(stop_step, len(plan))))
     return torch.utils.data.DataLoader(
         dataset,
@@ -322,21 +332,21 @@ def make_step_loader(table, plan, rank, world_size, micro_batch_size, pad_id, pa
     )
 
 
-def epoch_loaders(table, run_plan, start_step, backend, micro_batch_size, pad_id, pad_to, workers=1):
+def epoch_loaders(table, steps: StepRows, start_step, backend, batch_format: BatchFormat, workers=1):
     """(epoch, loader) for each epoch that has steps in [start_step, total_steps); together the loaders yield
     exactly those steps, in order, so a resumed run continues where it stopped and a finished one trains nothing."""
-    for epoch, plan, first in run_plan.epochs(start_step):
-        yield epoch, make_step_loader(table, plan, backend.rank, backend.world_size, micro_batch_size, pad_id,
-                                      pad_to, start_step=max(0, start_step - first), workers=workers,
+    for epoch, plan, first in steps.epochs(start_step):
+        yield epoch, make_step_loader(table, plan, backend.rank, backend.world_size, batch_format,
+                                      start_step=max(0, start_step - first), workers=workers,
                                       pin_memory=backend.device.type == "cuda",
-                                      stop_step=run_plan.total_steps - first)
+                                      stop_step=steps.total_steps - first)
 
 
-def validation_rows(table, block_size, batching, seed):
-    """Rows of the validation split, packed (or not) like training rows; computed once per run."""
+def validation_rows(table, data, seed):
+    """Rows of the validation split, packed (or not) like training rows (DataConfig `data`); computed once."""
     if table is None:
         return []
-    return [row for step_rows in plan_epoch(table.lengths, 1, block_size, batching, seed, 0) for row in step_rows]
+    return [row for rows in plan_epoch(table.lengths, 1, data.block_size, data.batching, seed, 0) for row in rows]
 
 
 def move_to(batch, device):

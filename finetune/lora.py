@@ -26,7 +26,7 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 @dataclass(frozen=True)
 class LoraSettings:
-    """The adapter shape and how the base is held; made from the training flags by `settings(args)`."""
+    """The adapter shape and how the base is held: the `lora` section of the run configuration."""
     rank: int
     alpha: float
     dropout: float
@@ -39,15 +39,6 @@ class LoraSettings:
         """One line, stored in checkpoints: a resumed run must train adapters of the same shape and scale."""
         kind = "qlora (4-bit NF4 base)" if self.quantize_4bit else "lora"
         return f"{kind} rank {self.rank} alpha {self.alpha:g} on {','.join(self.targets)}"
-
-
-def settings(args):
-    """The LoraSettings of `--lora` / `--qlora`, or None for full fine-tuning."""
-    if not (getattr(args, "lora", False) or getattr(args, "qlora", False)):
-        return None
-    return LoraSettings(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
-                        targets=tuple(args.lora_target_modules.split(",")), quantize_4bit=bool(args.qlora),
-                        base=args.model_name_or_path, trust_remote_code=args.trust_remote_code)
 
 
 def base_dtype(settings, mixed_precision):

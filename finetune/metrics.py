@@ -13,6 +13,7 @@ import time
 import torch
 from tqdm import tqdm
 
+from finetune import lora
 from finetune.checkpoints import writing
 
 # Dense peak TFLOP/s per GPU for bf16 (fp32 is taken as tf32 where the chip has it). Override with --peak-tflops.
@@ -89,15 +90,14 @@ def peak_memory_gib(device):
 class MetricsLog:
     """The tutorial-shaped log line and one metrics.jsonl row per logged step (rank 0 writes; all ranks call)."""
 
-    def __init__(self, save_dir, backend, model, log_interval, total_steps, peak_tflops=None):
-        from finetune import lora
-
+    def __init__(self, save_dir, backend, model, logging, total_steps):
+        """`logging`: the LoggingConfig section (log interval, peak TFLOP/s for MFU)."""
         self.backend, self.config = backend, model.config
         self.adapter_parameters = lora.count_trainable(model) if lora.is_lora(model) else None
-        self.log_interval, self.total_steps = log_interval, total_steps
+        self.log_interval, self.total_steps = logging.log_interval, total_steps
         # Only rank 0 writes MFU; on a CPU the peak is measured, and ranks measuring at once would slow each other.
-        self.peak_flops, self.peak_source = (device_peak_flops(backend.device, peak_tflops) if backend.is_main
-                                             else (None, None))
+        self.peak_flops, self.peak_source = (device_peak_flops(backend.device, logging.peak_tflops)
+                                             if backend.is_main else (None, None))
         self.save_dir, self.path = save_dir, os.path.join(save_dir, "metrics.jsonl")
         self.file = None
         if backend.is_main:

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from finetune import lora
+from finetune.chunked_loss import use_chunked_loss
 from finetune.errors import FinetuneError, error_line
 from finetune.sharding import decoder_layers, shard_model
 
@@ -156,22 +157,25 @@ def enable_advanced_parallelization(mixed_precision="auto", timeout_minutes=30):
 # Model loading and sharding
 # ----------------------------------------------------------------------------------------------------------
 
-def load_model(backend, model_class, model_path, gradient_checkpointing=False, compile_layers=False,
-               attn_implementation=None, trust_remote_code=False, adapters=None, cpu_offload=False,
-               chunked_loss=False):
+def load_model(backend, model_class, model, layout=None, attn_implementation=None, adapters=None,
+               compile_layers=False):
     """Load fp32 master weights and place them: whole on one device, or sharded per layer under torchrun.
 
-    With `adapters` (finetune.lora.settings: --lora / --qlora) the base is frozen (bf16 or 4-bit) and LoRA
-    adapters are added before placing, on every rank, so FSDP2 shards base and adapters alike.
+    `model` is the ModelConfig section (where from, whether its own code may run); `layout` (plan.Layout)
+    says whether to checkpoint activations, offload to the CPU and compute the loss in chunks. With
+    `adapters` (LoraSettings: --lora / --qlora) the base is frozen (bf16 or 4-bit) and LoRA adapters are added
+    before placing, on every rank, so FSDP2 shards base and adapters alike.
     """
+    model_path = model.name_or_path
+    checkpointing, cpu_offload, chunked = ((layout.activation_checkpointing, layout.cpu_offload, layout.chunked_loss)
+                                           if layout else (False, False, False))
     lora.check_backend(adapters, backend)
     try:
-        model = _load_and_place(backend, model_class, model_path, gradient_checkpointing, compile_layers,
-                                attn_implementation, trust_remote_code, adapters, cpu_offload)
-        if chunked_loss:  # the loss a chunk of tokens at a time, inside the model's own forward (FSDP2 gathers)
-            from finetune.chunked_loss import use_chunked_loss
-            use_chunked_loss(model.get_base_model() if adapters else model)
-        return model
+        loaded = _load_and_place(backend, model_class, model_path, checkpointing, compile_layers,
+                                 attn_implementation, model.trust_remote_code, adapters, cpu_offload)
+        if chunked:  # the loss a chunk of tokens at a time, inside the model's own forward (FSDP2 gathers)
+            use_chunked_loss(loaded.get_base_model() if adapters else loaded)
+        return loaded
     except (OSError, ValueError) as exc:
         raise SystemExit(f"error: cannot load the model {model_path!r}: {str(exc).splitlines()[0]}") from None
     except (RuntimeError, NotImplementedError, ImportError) as exc:

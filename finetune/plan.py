@@ -7,8 +7,10 @@ machine without loading any weights (shapes of the common hub models are known o
 plans against its own devices, then probes the micro-batch for real. A CPU run needs no memory plan: it takes
 micro-batches of about 2k tokens.
 """
+import dataclasses
 import json
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -61,23 +63,39 @@ def model_shape(model_name_or_path):
                          f"not one of {sorted(KNOWN_CONFIGS)}") from None
 
 
+@dataclass(frozen=True)
+class Layout:
+    """How each process runs a step: decided once before loading, confirmed on GPUs by the probe after it."""
+    micro_batch_size: int
+    accumulation_steps: int
+    activation_checkpointing: bool
+    cpu_offload: bool
+    chunked_loss: bool
+    memory_gib_per_device: dict | None = None   # the simulated figures of this layout (GPUs), if it was planned
+
+
 def _toggle(value):
     return {"auto": None, "on": True, "off": False}[value]
 
 
-def simulated_plan(args, config, world_size, device_memory_gb, host_memory_gb):
-    """memory.plan_candidates for these flags: every candidate layout with its simulated memory, and the choice."""
-    adapters = lora.settings(args)
-    adapter = "none" if not adapters else "qlora" if adapters.quantize_4bit else "lora"
+def training_kind(adapters):
+    return "qlora" if adapters and adapters.quantize_4bit else "lora" if adapters else "full"
+
+
+def simulated_plan(config, model_shape_dict, world_size, device_memory_gb, host_memory_gb):
+    """memory.plan_candidates for this RunConfig: every candidate layout with its simulated memory, and the
+    choice."""
+    adapters, parallel = config.lora, config.parallel
     lora_kwargs = (dict(r=adapters.rank, lora_alpha=adapters.alpha, lora_dropout=adapters.dropout,
                         target_modules=list(adapters.targets)) if adapters else None)
+    adapter = {"full": "none"}.get(training_kind(adapters), training_kind(adapters))
     try:
-        return memory.plan_candidates(config, world_size, args.batch_size, args.block_size, device_memory_gb,
-                                      host_memory_gb, precision="bf16", adapter=adapter, lora=lora_kwargs,
-                                      micro_batch_size=args.micro_batch_size,
-                                      checkpointing=_toggle(args.activation_checkpointing),
-                                      cpu_offload=_toggle(args.cpu_offload),
-                                      chunked_loss=args.chunked_loss != "off")
+        return memory.plan_candidates(model_shape_dict, world_size, config.training.batch_size,
+                                      config.data.block_size, device_memory_gb, host_memory_gb, precision="bf16",
+                                      adapter=adapter, lora=lora_kwargs, micro_batch_size=parallel.micro_batch_size,
+                                      checkpointing=_toggle(parallel.activation_checkpointing),
+                                      cpu_offload=_toggle(parallel.cpu_offload),
+                                      chunked_loss=parallel.chunked_loss != "off")
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from None
 
@@ -103,21 +121,22 @@ def plan_lines(result, header, facts=()):
     return lines
 
 
-def plan_only(args, backend):
+def plan_only(config, backend):
     """`--plan-only`: print the simulated plan for `--num-devices` x `--device-memory-gb` and load nothing."""
-    config = model_shape(args.model_name_or_path)
-    world = args.num_devices or backend.world_size
-    adapters = lora.settings(args)
+    shape = model_shape(config.model.name_or_path)
+    target, adapters = config.plan_only, config.lora
+    world = target.num_devices or backend.world_size
     if adapters and adapters.quantize_4bit and world > 1:
         raise SystemExit("error: --qlora runs on one device; plan it with --num-devices 1, or use --lora")
-    result = simulated_plan(args, config, world, args.device_memory_gb, args.host_memory_gb)
-    training = "qlora" if adapters and adapters.quantize_4bit else "lora" if adapters else "full"
-    parameters = count_parameters(config)
-    trainable = lora.adapter_parameters(config, adapters.rank, adapters.targets) if adapters else parameters
-    header = (f"{args.model_name_or_path}, {training} fine-tuning, {world} x {args.device_memory_gb:g} GB devices, "
-              f"{args.host_memory_gb:g} GB host, global batch {args.batch_size} x {args.block_size} tokens")
-    facts = [("world_size", world), ("device_memory_gb", args.device_memory_gb),
-             ("host_memory_gb", args.host_memory_gb), ("training", training), ("parameters", parameters),
+    result = simulated_plan(config, shape, world, target.device_memory_gb, target.host_memory_gb)
+    training = training_kind(adapters)
+    parameters = count_parameters(shape)
+    trainable = lora.adapter_parameters(shape, adapters.rank, adapters.targets) if adapters else parameters
+    header = (f"{config.model.name_or_path}, {training} fine-tuning, {world} x {target.device_memory_gb:g} GB "
+              f"devices, {target.host_memory_gb:g} GB host, global batch {config.training.batch_size} x "
+              f"{config.data.block_size} tokens")
+    facts = [("world_size", world), ("device_memory_gb", target.device_memory_gb),
+             ("host_memory_gb", target.host_memory_gb), ("training", training), ("parameters", parameters),
              ("trainable_parameters", trainable)]
     if backend.is_main:
         print("\n".join(plan_lines(result, header, facts)), flush=True)
@@ -129,11 +148,11 @@ def host_memory_gb():
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
 
 
-def _simulated_layout(args, backend):
+def _simulated_layout(config, backend):
     """The simulated plan for this job's own devices and host memory (printed), as layout entries."""
     device_gb = torch.cuda.get_device_properties(backend.device).total_memory / GIB
     local = int(os.environ.get("LOCAL_WORLD_SIZE", backend.world_size))
-    result = simulated_plan(args, model_shape(args.model_name_or_path), backend.world_size, device_gb,
+    result = simulated_plan(config, model_shape(config.model.name_or_path), backend.world_size, device_gb,
                             host_memory_gb() * backend.world_size / max(1, local))
     print("\n".join(plan_lines(result, "this job")), flush=True)
     if result.chosen is None:
@@ -145,56 +164,61 @@ def _simulated_layout(args, backend):
                 memory_gib_per_device=chosen.memory.gib() if chosen.memory else None)
 
 
-def choose_layout(args, backend):
-    """The layout of this job before the model loads: a dict with micro_batch_size, accumulation_steps,
-    activation_checkpointing, cpu_offload and, on GPUs, the simulated plan's memory.
+def choose_layout(config, backend) -> Layout:
+    """The layout of this job before the model loads.
 
     On a CPU: micro-batches of about 2k tokens, no checkpointing unless asked. On GPUs: the simulated plan for
     this job's devices and host memory (the probe after loading confirms the micro-batch for real).
     """
-    micro, accumulation = split_global_batch(args.batch_size, backend.world_size, args.micro_batch_size,
-                                             backend.device.type, args.block_size)
-    layout = {"micro_batch_size": micro, "accumulation_steps": accumulation,
-              "activation_checkpointing": args.activation_checkpointing == "on",
-              "cpu_offload": args.cpu_offload == "on", "memory_gib_per_device": None,
-              # fp32 logits of a whole micro-batch are GiBs for large vocabularies on GPUs; a CPU has the room
-              "chunked_loss": args.chunked_loss == "on" or (args.chunked_loss == "auto"
-                                                            and backend.device.type == "cuda")}
+    parallel = config.parallel
+    micro, accumulation = split_global_batch(config.training.batch_size, backend.world_size,
+                                             parallel.micro_batch_size, backend.device.type, config.data.block_size)
+    layout = Layout(micro_batch_size=micro, accumulation_steps=accumulation,
+                    activation_checkpointing=parallel.activation_checkpointing == "on",
+                    cpu_offload=parallel.cpu_offload == "on",
+                    # fp32 logits of a whole micro-batch are GiBs for large vocabularies on GPUs; a CPU has room
+                    chunked_loss=parallel.chunked_loss == "on" or (parallel.chunked_loss == "auto"
+                                                                   and backend.device.type == "cuda"))
     if backend.device.type == "cuda":  # rank 0 simulates; every rank takes its choice (or its error)
         problem = None
         if backend.is_main:
             try:
-                layout.update(_simulated_layout(args, backend))
+                layout = dataclasses.replace(layout, **_simulated_layout(config, backend))
             except SystemExit as exc:
                 problem = str(exc.code)
         layout, problem = backend.all_gather((layout, problem))[0]
         if problem:
             raise SystemExit(problem)
-    if layout["cpu_offload"] and backend.engine != "fsdp2":
+    if layout.cpu_offload and backend.engine != "fsdp2":
         raise SystemExit("error: CPU offload runs through FSDP2: start the job with torchrun (one process per GPU, "
                          "--nproc_per_node 1 on one GPU)")
     return layout
 
 
-def confirm_on_device(model, backend, args, layout):
-    """On GPUs, unless --micro-batch-size is given: run real steps, halving the planned micro-batch until one
-    fits (the simulation counts tensors, not the allocator's fragmentation)."""
-    if backend.device.type != "cuda" or args.micro_batch_size is not None:
-        return
-    per_rank = args.batch_size // backend.world_size
-    micro = probe_micro_batch(model, backend, layout["micro_batch_size"], per_rank, args.block_size,
-                              cpu_offload=layout["cpu_offload"])
-    if micro != layout["micro_batch_size"]:  # the simulated figure was for the planned micro-batch
-        layout.update(micro_batch_size=micro, accumulation_steps=per_rank // micro, memory_gib_per_device=None)
+def confirm_on_device(model, backend, config, layout: Layout) -> Layout:
+    """The final layout. On GPUs, unless --micro-batch-size is given: run real steps, halving the planned
+    micro-batch until one fits (the simulation counts tensors, not the allocator's fragmentation)."""
+    if backend.device.type != "cuda" or config.parallel.micro_batch_size is not None:
+        return layout
+    per_rank = config.training.batch_size // backend.world_size
+    micro = probe_micro_batch(model, backend, layout.micro_batch_size, per_rank, config.data.block_size,
+                              cpu_offload=layout.cpu_offload)
+    if micro == layout.micro_batch_size:
+        return layout
+    # the simulated figure was for the planned micro-batch
+    return dataclasses.replace(layout, micro_batch_size=micro, accumulation_steps=per_rank // micro,
+                               memory_gib_per_device=None)
 
 
-def print_and_save_plan(model, backend, args, layout):
-    """Print the plan the job runs with (rank 0) and return it as a dict for parallel_plan.json."""
+def describe_parallel_plan(model, backend, config, layout: Layout) -> dict:
+    """Print the parallel plan the job runs with (rank 0) and return it as a dict (saved with the model as
+    parallel_plan.json)."""
     adapters = lora.is_lora(model)
     parameters = sum(p.numel() for p in model.parameters())  # the whole model's: a DTensor counts its full shape
     plan = {"engine": backend.engine, "world_size": backend.world_size, "device": str(backend.device),
             "sharding": "FSDP2 per decoder layer" if backend.engine == "fsdp2" else "none (one device)",
-            "global_batch_rows": args.batch_size, "block_size": args.block_size, **layout,
+            "global_batch_rows": config.training.batch_size, "block_size": config.data.block_size,
+            **dataclasses.asdict(layout),
             "dtype": "bf16 compute, fp32 master weights and reduction" if backend.mixed_precision == "bf16"
             else "fp32",
             "training": "lora" if adapters else "full",

@@ -8,7 +8,7 @@ import torch
 from tqdm import tqdm
 
 from finetune.checkpoints import list_checkpoints
-from finetune.data import collate_rows, move_to
+from finetune.data import BatchFormat, collate_rows, move_to
 
 
 def set_seed(seed):
@@ -61,15 +61,15 @@ class NonFiniteGuard:
 class Validation:
     """Token-weighted loss over the whole validation split; every rank takes its share of the rows."""
 
-    def __init__(self, table, rows, forward, backend, micro_batch_size, pad_id, pad_to, every=None):
+    def __init__(self, table, rows, forward, backend, batch_format: BatchFormat, every=None):
         self.table, self.rows, self.forward, self.backend = table, rows, forward, backend
-        self.micro_batch_size, self.pad_id, self.pad_to, self.every = micro_batch_size, pad_id, pad_to, every
+        self.format, self.every = batch_format, every
 
     def due(self, step, epoch_end):
         return bool(self.rows) and (epoch_end or bool(self.every and step % self.every == 0))
 
     def loss(self, model):
-        backend, device, micro = self.backend, self.backend.device, self.micro_batch_size
+        backend, device, micro = self.backend, self.backend.device, self.format.micro_batch_size
         model.eval()
         loss_sum = torch.zeros((), device=device)
         targets = torch.zeros((), device=device)
@@ -78,7 +78,8 @@ class Validation:
             for start in range(0, len(self.rows), chunk):
                 mine = self.rows[start:start + chunk][backend.rank * micro:(backend.rank + 1) * micro]
                 weight = 1.0 if mine else 0.0  # a rank with no rows left still joins the sharded forward
-                batch = move_to(collate_rows(self.table, mine or self.rows[:1], self.pad_id, self.pad_to), device)
+                rows = mine or self.rows[:1]
+                batch = move_to(collate_rows(self.table, rows, self.format.pad_id, self.format.pad_to), device)
                 with backend.autocast():
                     loss_sum += weight * self.forward(model, batch, num_items_in_batch=1).float()
                 targets += weight * batch["num_targets"]

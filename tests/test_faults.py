@@ -630,13 +630,13 @@ def test_the_lazy_plan_trains_exactly_the_steps_of_every_epoch_and_resumes_anywh
 
     lengths = np.random.default_rng(0).integers(5, 100, 103)
     expected = eager_steps(lengths, 4, 128, batching, 3, 4)
-    run = data.plan_run(lengths, 4, 128, batching, 3, 4)
+    run = data.StepRows(lengths, 4, 128, batching, 3, 4)
     assert run.total_steps == len(expected)
     for start in (0, 1, len(expected) // 2, len(expected) - 1, len(expected)):
         got = [(epoch, rows) for epoch, plan, first in run.epochs(start)
                for rows in plan[max(0, start - first):run.total_steps - first]]
         assert got == expected[start:], start
-    capped = data.plan_run(lengths, 4, 128, batching, 3, 100, max_steps=len(expected) + 5)
+    capped = data.StepRows(lengths, 4, 128, batching, 3, 100, max_steps=len(expected) + 5)
     got = [(epoch, rows) for epoch, plan, first in capped.epochs(0) for rows in plan[:capped.total_steps - first]]
     assert got == eager_steps(lengths, 4, 128, batching, 3, 5)[:len(expected) + 5]
 
@@ -650,7 +650,7 @@ def test_a_billion_epochs_are_counted_without_building_them():
     tracemalloc.start()
     try:
         with deadline(10):
-            run = data.plan_run(lengths, 4, 128, "block", 0, 10 ** 9)
+            run = data.StepRows(lengths, 4, 128, "block", 0, 10 ** 9)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -658,7 +658,7 @@ def test_a_billion_epochs_are_counted_without_building_them():
     epoch, plan, first = next(run.epochs(run.total_steps - 1))  # the last epoch, straight away
     assert epoch == 10 ** 9 - 1 and first == run.total_steps - len(plan)
     with pytest.raises(SystemExit, match="--max-steps"):
-        data.plan_run(lengths, 4, 128, "packed", 0, 10 ** 9)
+        data.StepRows(lengths, 4, 128, "packed", 0, 10 ** 9)
 
 
 # ----------------------------------------------------------------------------------------------------------

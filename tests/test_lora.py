@@ -8,7 +8,8 @@ import torch
 from conftest import PYTHON, REPO_ROOT, assert_one_line_error, run_script, torchrun
 from safetensors.torch import load_file
 
-from finetune import lora, parallel
+from finetune import data, lora, parallel
+from finetune.config import DataConfig, ModelConfig
 
 TRAIN = {"llama": REPO_ROOT / "train_llama2.py", "baichuan": REPO_ROOT / "train_baichuan2_13b.py"}
 # A small learning rate: the first updates of LoRA's A matrices see gradients near zero (B starts at zero),
@@ -71,19 +72,23 @@ def test_lora_flags_defaults_per_model_and_bad_values():
     import train_baichuan2_13b
     import train_llama2
     from finetune.args import parse_training_args
+    from finetune.config import from_flags
 
     def parse(script, *argv):
         return parse_training_args("", script.DEFAULTS, script.DEMO_DEFAULTS, list(argv))
+
+    def adapters(args):
+        return from_flags(args).lora
 
     args = parse(train_llama2, "--lora")
     assert (args.lora_rank, args.lora_alpha, args.lora_dropout, args.lr) == (16, 32.0, 0.0, 2e-4)
     assert parse(train_llama2, "--lora", "--lr", "1e-3").lr == 1e-3 and parse(train_llama2).lr == 1e-5
     assert args.lora_target_modules == "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-    assert lora.settings(args).quantize_4bit is False
+    assert adapters(args).quantize_4bit is False
     args = parse(train_baichuan2_13b, "--qlora", "--lora-target-modules", "W_pack, o_proj", "--lora-rank", "8")
-    assert args.lora and lora.settings(args).quantize_4bit and args.lora_target_modules == "W_pack,o_proj"
+    assert args.lora and adapters(args).quantize_4bit and args.lora_target_modules == "W_pack,o_proj"
     assert parse(train_baichuan2_13b, "--lora").lora_target_modules == "W_pack,o_proj,gate_proj,up_proj,down_proj"
-    assert lora.settings(parse(train_llama2)) is None
+    assert adapters(parse(train_llama2)) is None
 
     for argv, message in [(("--lora-rank", "8"), "--lora-rank needs --lora or --qlora"),
                           (("--lora", "--lora-rank", "0"), "--lora-rank must be positive"),
@@ -99,11 +104,11 @@ def test_unknown_target_module_and_qlora_under_torchrun_are_refused(tiny_run):
     from transformers import AutoModelForCausalLM
 
     with pytest.raises(SystemExit, match=r"names \['W_pack'\], not linear layers .*q_proj"):
-        parallel.load_model(CPU, AutoModelForCausalLM, tiny_run["llama"],
+        parallel.load_model(CPU, AutoModelForCausalLM, ModelConfig(tiny_run["llama"]),
                             adapters=lora_settings(tiny_run, "llama", ["q_proj", "W_pack"]))
     sharded = parallel.Backend(engine="fsdp2", device=torch.device("cpu"), world_size=2)
     with pytest.raises(SystemExit, match="--qlora runs on one device"):
-        parallel.load_model(sharded, AutoModelForCausalLM, tiny_run["llama"],
+        parallel.load_model(sharded, AutoModelForCausalLM, ModelConfig(tiny_run["llama"]),
                             adapters=lora_settings(tiny_run, "llama", ["q_proj"], quantize=True))
 
 
@@ -187,7 +192,6 @@ def test_lora_outputs_merged_model_and_adapter_and_small_checkpoints(tiny_run, l
     from transformers import AutoModelForCausalLM
 
     import train_llama2
-    from finetune import data
     from finetune.training import Validation
 
     adapter_config = json.loads((lora_run / "adapter" / "adapter_config.json").read_text())
@@ -202,9 +206,10 @@ def test_lora_outputs_merged_model_and_adapter_and_small_checkpoints(tiny_run, l
     # The merged model is the model that trained: its validation loss is the run's last one.
     model = AutoModelForCausalLM.from_pretrained(str(lora_run), dtype=torch.float32)
     assert type(model).__name__ == "LlamaForCausalLM"
-    _, table = data.load_token_tables(tiny_run["data"], 128)
-    rows = data.validation_rows(table, 128, "packed", 0)
-    val = Validation(table, rows, train_llama2.forward, CPU, 8, 2, None).loss(model)
+    data_config = DataConfig(tiny_run["data"], block_size=128)
+    _, table = data.load_token_tables(data_config)
+    rows = data.validation_rows(table, data_config, 0)
+    val = Validation(table, rows, train_llama2.forward, CPU, data.BatchFormat(8, 2, None)).loss(model)
     assert val == pytest.approx(metric_rows(lora_run)[-1]["val_loss"], abs=1e-5)
 
     # Checkpoints hold the adapters and their optimiser state, none of the frozen base.
@@ -268,7 +273,7 @@ def test_qlora_validation_pass_leaves_the_training_gradients_alone(tiny_run):
     still send gradients through the base."""
     from transformers import AutoModelForCausalLM
 
-    model = parallel.load_model(CPU, AutoModelForCausalLM, tiny_run["llama"],
+    model = parallel.load_model(CPU, AutoModelForCausalLM, ModelConfig(tiny_run["llama"]),
                                 adapters=lora_settings(tiny_run, "llama", ["q_proj", "down_proj"], quantize=True))
     torch.manual_seed(0)
     ids = torch.randint(3, 128, (2, 32))

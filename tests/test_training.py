@@ -66,13 +66,22 @@ class _Table:
         return np.array(ids), np.array(labels)
 
 
+def segment_ids(batch, examples_per_row):
+    """1, 2, ... per example of each row and 0 on its padding tail (the spans after the examples')."""
+    ids = torch.zeros_like(batch["input_ids"])
+    for row, (spans, count) in enumerate(zip(batch["segment_spans"], examples_per_row)):
+        for number, (start, end) in enumerate(spans[:count], start=1):
+            ids[row, start:end] = number
+    return ids
+
+
 def test_collate_marks_examples_and_padding_from_true_lengths():
     pad_id = 0
     # The second example contains token 0, which equals the pad id: it must stay a real, trained token.
     table = _Table([([1, 5, 6, 2], [-100, -100, 6, 2]), ([1, 0, 7, 2], [-100, 0, 7, 2])])
     batch = fu.collate_rows(table, [[0, 1]], pad_id, pad_to=10)
     assert batch["input_ids"].tolist() == [[1, 5, 6, 2, 1, 0, 7, 2, 0, 0]]
-    assert batch["segment_ids"].tolist() == [[1, 1, 1, 1, 2, 2, 2, 2, 0, 0]]
+    assert segment_ids(batch, [2]).tolist() == [[1, 1, 1, 1, 2, 2, 2, 2, 0, 0]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 2, 3, 0, 1]]
     # The first token of each example is never a target (it would be predicted from the previous example).
     assert batch["labels"].tolist() == [[-100, -100, 6, 2, -100, 0, 7, 2, -100, -100]]
@@ -124,10 +133,11 @@ def test_packed_row_loss_equals_token_weighted_loss_of_examples_run_one_by_one(t
         kwargs = lambda b: {"position_ids": b["position_ids"], "segment_spans": b["segment_spans"]}  # noqa: E731
     elif kind == "llama":  # transformers' own route: a block-diagonal mask built from restarting positions
         kwargs = lambda b: {"position_ids": b["position_ids"]}  # noqa: E731
-    elif attention == "spans":  # what train_baichuan2_13b.py does: segment ids and their spans
-        kwargs = lambda b: {"attention_mask": b["segment_ids"], "segment_spans": b["segment_spans"]}  # noqa: E731
+    elif attention == "spans":  # what train_baichuan2_13b.py does: restarting positions and the spans
+        kwargs = lambda b: {"position_ids": b["position_ids"], "segment_spans": b["segment_spans"]}  # noqa: E731
     else:  # segment ids in attention_mask alone: the model's block-diagonal mask
-        kwargs = lambda b: {"attention_mask": b["segment_ids"], "position_ids": b["position_ids"]}  # noqa: E731
+        kwargs = lambda b: {"attention_mask": segment_ids(b, [len(examples)]),  # noqa: E731
+                            "position_ids": b["position_ids"]}
     packed, separate = _packed_vs_separate_losses(model, examples, kwargs)
     assert packed == pytest.approx(separate, abs=1e-5)
 
@@ -140,7 +150,7 @@ def test_packed_rows_for_the_rotary_baichuan_variant_match_separate_runs():
                                               num_hidden_layers=2, num_attention_heads=4, position_embedding="rope")
     model = modeling_baichuan.BaichuanForCausalLM(config).eval()
     examples = [([1, 5, 9, 14, 2], [-100, -100, 9, 14, 2]), ([1, 7, 3, 3, 8, 11, 2], [-100, 7, 3, 3, 8, 11, 2])]
-    spans = lambda b: {"attention_mask": b["segment_ids"], "segment_spans": b["segment_spans"]}  # noqa: E731
+    spans = lambda b: {"position_ids": b["position_ids"], "segment_spans": b["segment_spans"]}  # noqa: E731
     packed, separate = _packed_vs_separate_losses(model, examples, spans)
     assert packed == pytest.approx(separate, abs=1e-5)
 
@@ -220,7 +230,9 @@ def test_a_finished_two_process_run_frees_its_sharded_model_before_exit(tiny_run
         import train_baichuan2_13b
         code = train_baichuan2_13b.main(sys.argv[1:])
         gc.disable()  # count what main() left behind, not what a collection would free now
-        print("alive DTensors:", sum(isinstance(o, DTensor) for o in gc.get_objects()))
+        alive = sum(isinstance(o, DTensor) for o in gc.get_objects())
+        sys.stdout.write(f"alive DTensors: {alive}\\n")  # one write: the two ranks' lines must not interleave
+        sys.stdout.flush()
         sys.exit(code)
     """))
     args = ["--model-name-or-path", tiny_run["baichuan"], "--dataset-name-or-path", tiny_run["data"],
