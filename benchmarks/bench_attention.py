@@ -7,14 +7,14 @@ Models: demo-size (hidden 256, 4 layers, 4 heads, intermediate 688, vocabulary 4
 ALiBi (13B-style), Baichuan with rotary positions (7B-style) and transformers' LlamaForCausalLM, all with the
 same weights for every option of one model. Micro-batch: --rows rows of --row-length tokens, each holding
 about --examples-per-row examples of random lengths end to end plus a short padding tail, laid out the way
-the training collator does (positions restarting at 0 per example, segment ids 1, 2, ..., labels -100 on
-each example's first token and on padding).
+the training collator does (positions restarting at 0 per example, the spans of the examples, labels -100 on
+each example's first token and on padding); segment ids 1, 2, ... are made from the spans here.
 
 Options, each a way of telling the model where the examples are:
-  per_span       the current path: segment_spans=... (Baichuan's legacy keyword, Llama's "packed_sdpa"):
-                 one SDPA call per example span
+  per_span       what both training scripts pass: position_ids and segment_spans=... (Baichuan's own keyword,
+                 Llama's "packed_sdpa"): one SDPA call per example span
   sdpa           transformers' standard padding-free form: position_ids only (restarting), no mask, sdpa
-  sdpa_segments  Baichuan only: attention_mask=segment_ids (what train_baichuan2_13b.py passes), sdpa
+  sdpa_segments  Baichuan only: attention_mask=segment_ids, sdpa
   eager          position_ids only, eager attention
   flex           position_ids only, flex_attention (forward only: FlexAttention has no CPU backward)
 
@@ -122,11 +122,9 @@ def build_model(name):
 def options_for(name, batch, with_flex):
     """option -> (attn_implementation, forward keywords beyond input_ids / labels)."""
     positions = {"position_ids": batch["position_ids"]}
-    if name == "llama":
-        options = {"per_span": ("packed_sdpa", {**positions, "segment_spans": batch["segment_spans"]})}
-    else:
-        options = {"per_span": ("sdpa", {"attention_mask": batch["segment_ids"], **positions,
-                                         "segment_spans": batch["segment_spans"]})}
+    # what the training scripts pass
+    per_span = {**positions, "segment_spans": batch["segment_spans"]}
+    options = {"per_span": ("packed_sdpa" if name == "llama" else "sdpa", per_span)}
     options["sdpa"] = ("sdpa", positions)
     if name != "llama":
         options["sdpa_segments"] = ("sdpa", {"attention_mask": batch["segment_ids"], **positions})
