@@ -1,0 +1,91 @@
+"""What transformers' own common model tests check, for both Baichuan variants (ALiBi 13B-style, rotary 7B-style).
+
+transformers runs `ConfigTester.run_common_tests`, `test_sdpa_padding_matches_padding_free_with_position_ids` and
+`test_generate_compile_model_forward_fullgraph` (tests/test_configuration_common.py, tests/test_modeling_common.py and
+tests/causal_lm_tester.py in its repository, not in the wheel) on every causal LM. These are our own versions of
+the same checks, on the same tiny sizes as transformers' CausalLMModelTester.
+"""
+
+import json
+
+import pytest
+import torch
+
+import modeling_baichuan as mb
+from transformers import AutoConfig
+
+# CausalLMModelTester's sizes (silu: the only activation Baichuan has).
+TESTER_SIZES = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
+                    max_position_embeddings=512, initializer_range=0.02, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+VARIANTS = ["alibi", "rope"]
+# ConfigTester builds the config from these keywords: the release defaults (13B, ALiBi) and the 7B (rotary) sizes.
+CONFIG_INPUTS = {
+    "alibi": {},
+    "rope": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
+}
+
+
+def tiny_config(variant, **overrides):
+    return mb.BaichuanConfig(**TESTER_SIZES, position_embedding=variant, norm_head=True, **overrides)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# test_config: ConfigTester.run_common_tests
+# ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_config_round_trips_exactly(variant, tmp_path):
+    inputs = CONFIG_INPUTS[variant]
+    first = mb.BaichuanConfig(**inputs)
+    assert first.position_embedding == variant
+
+    written = json.loads(first.to_json_string())
+    assert {key: written[key] for key in inputs} == inputs
+
+    first.to_json_file(tmp_path / "config.json")
+    assert mb.BaichuanConfig.from_json_file(tmp_path / "config.json").to_dict() == first.to_dict()
+
+    first.save_pretrained(tmp_path / "saved")
+    assert mb.BaichuanConfig.from_pretrained(tmp_path / "saved").to_dict() == first.to_dict()
+    with pytest.raises(OSError):
+        mb.BaichuanConfig.from_pretrained(f".{tmp_path / 'saved'}")
+
+    first.save_pretrained(tmp_path / "outer" / "sub")
+    assert mb.BaichuanConfig.from_pretrained(tmp_path / "outer", subfolder="sub").to_dict() == first.to_dict()
+
+    # AutoConfig records the folder it read (name_or_path), for every model; nothing else may change.
+    by_auto = AutoConfig.from_pretrained(tmp_path / "saved").to_dict()
+    assert by_auto.pop("_name_or_path") == str(tmp_path / "saved")
+    expected = first.to_dict()
+    expected.pop("_name_or_path")
+    assert by_auto == expected
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_config_common_properties_labels_and_common_arguments(variant):
+    inputs = CONFIG_INPUTS[variant]
+    config = mb.BaichuanConfig(**inputs)
+    # transformers probes the properties with values 0, 1, 2, 3; Baichuan refuses a width of 0, so the probe
+    # values here are the smallest ones a Baichuan config accepts.
+    probes = {"hidden_size": 80, "num_attention_heads": 1, "num_hidden_layers": 2, "vocab_size": 3}
+    for name, value in probes.items():
+        setattr(config, name, value)
+        assert getattr(config, name) == value
+    for name, value in probes.items():
+        assert getattr(mb.BaichuanConfig(**{name: value}), name) == value
+
+    labelled = mb.BaichuanConfig(**inputs, num_labels=5)
+    assert len(labelled.id2label) == len(labelled.label2id) == 5
+    labelled.num_labels = 3
+    assert len(labelled.id2label) == len(labelled.label2id) == 3
+
+    assert mb.BaichuanConfig() is not None
+
+    common = dict(return_dict=False, output_hidden_states=True, dtype="float16", tie_word_embeddings=False,
+                  chunk_size_feed_forward=5, architectures=["BertModel"], id2label={0: "label"},
+                  label2id={"label": "0"}, problem_type="regression", bos_token_id=6, pad_token_id=7, eos_token_id=8)
+    config = mb.BaichuanConfig(**inputs, **common)
+    assert config.dtype == torch.float16
+    assert {key: getattr(config, key) for key in common if key != "dtype"} == {
+        key: value for key, value in common.items() if key != "dtype"}
