@@ -549,6 +549,24 @@ def attend_within_spans(query, key, value, causal_bias, segment_spans, scaling=N
     return out.transpose(1, 2).contiguous()
 
 
+def sdpa_attention(module, query, key, value, attention_mask, **kwargs):
+    """transformers' sdpa function; on the CPU, half-precision activations attend in float32.
+
+    The CPU kernel sums bf16/fp16 in an order that depends on the key length (one path below 16 keys, another for
+    partial blocks), so the same example came out an ulp apart padded and packed. The final RMSNorm and the
+    NormHead carry that ulp to the logits: up to 2 bf16 ulps apart, past transformers' padded vs padding-free
+    tolerance. In float32 the summation order no longer shows once the result is cast back. GPUs keep their
+    half-precision kernels."""
+    sdpa = ALL_ATTENTION_FUNCTIONS.get_interface("sdpa", eager_attention)
+    if query.device.type != "cpu" or query.dtype not in (torch.float16, torch.bfloat16):
+        return sdpa(module, query, key, value, attention_mask, **kwargs)
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dtype.is_floating_point:
+        attention_mask = attention_mask.float()  # the ALiBi bias: exact in float32
+    with torch.autocast("cpu", enabled=False):  # CPU autocast would cast the float32 inputs straight back
+        out, weights = sdpa(module, query.float(), key.float(), value.float(), attention_mask, **kwargs)
+    return out.to(query.dtype), weights
+
+
 def attention_function(implementation: str, uses_alibi: bool):
     """The function for a backend. ALiBi needs its own flex and flash forms; everything else (and every
     registered custom function) comes from transformers' AttentionInterface, with ALiBi inside the mask."""
@@ -556,6 +574,8 @@ def attention_function(implementation: str, uses_alibi: bool):
         return flex_attention_with_alibi
     if uses_alibi and is_flash_implementation(implementation):
         return flash_attention_with_alibi
+    if implementation == "sdpa":
+        return sdpa_attention
     return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention)
 
 

@@ -23,6 +23,7 @@ CONFIG_INPUTS = {
     "alibi": {},
     "rope": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
 }
+BF16_EPS = torch.finfo(torch.bfloat16).eps  # transformers' tolerance for padded vs padding-free logits
 
 
 def tiny_config(variant, **overrides):
@@ -89,3 +90,39 @@ def test_config_common_properties_labels_and_common_arguments(variant):
     assert config.dtype == torch.float16
     assert {key: getattr(config, key) for key in common if key != "dtype"} == {
         key: value for key, value in common.items() if key != "dtype"}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# test_{sdpa,eager}_padding_matches_padding_free_with_position_ids
+# ------------------------------------------------------------------------------------------------------------
+
+
+def padded_and_packed_inputs(side, seed):
+    """13 rows of 7 ids, row i holding i + 1 tokens (padding at the `side` end), and the same tokens as one packed
+    row with positions restarting at each example, as transformers builds them."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 99, (13, 7), generator=generator)
+    mask = torch.tril(torch.ones_like(ids))
+    if side == "left":
+        mask = mask.flip(1)
+    ids[mask == 0] = 0
+    packed = ids[mask.bool()][None]
+    positions = torch.cat([torch.arange(n) for n in mask.sum(1).tolist()])[None]
+    return ids, mask, packed, positions
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_padded_logits_match_padding_free_logits(variant, dtype, implementation, tmp_path):
+    torch.manual_seed(0)
+    mb.BaichuanForCausalLM(tiny_config(variant)).save_pretrained(tmp_path)
+    model = mb.BaichuanForCausalLM.from_pretrained(tmp_path, dtype=dtype, attn_implementation=implementation).eval()
+    for seed in range(3):
+        for side in ("right", "left"):
+            ids, mask, packed, positions = padded_and_packed_inputs(side, seed)
+            with torch.no_grad():
+                padded = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[mask.bool()]
+                padding_free = model(input_ids=packed, position_ids=positions, use_cache=False).logits[0]
+            torch.testing.assert_close(padded, padding_free, rtol=BF16_EPS, atol=BF16_EPS,
+                                       msg=lambda m: f"{side} padding, seed {seed}: {m}")
