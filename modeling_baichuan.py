@@ -719,6 +719,12 @@ class Sizes(NamedTuple):
     def is_prefill(self) -> bool:
         return isinstance(self.query_offset, int) and self.query_offset == 0 and self.key_length == self.query_length
 
+    @property
+    def keys_are_seen_tokens(self) -> bool:
+        """The keys are exactly the past and current tokens: no slots of a static cache that are not written yet."""
+        return (isinstance(self.query_offset, int) and self.key_offset == 0
+                and self.key_length == self.query_offset + self.query_length)
+
     def query_positions(self, device) -> torch.Tensor:
         return torch.arange(self.query_length, device=device) + self.query_offset
 
@@ -763,7 +769,9 @@ def flex_inputs(may_attend, slopes, sizes: Sizes, device):
 def dense_inputs(implementation, may_attend, has_segments, slopes, sizes: Sizes, dtype, device):
     """sdpa: a bool mask (None = its causal flag); eager and registered functions: an additive float mask. With
     ALiBi always the additive bias, -inf-like where attention is not allowed."""
-    skip_causal = implementation == "sdpa" and slopes is None and not has_segments
+    # transformers drops the causal mask for a single query, which is right only when the keys end at it; a static
+    # cache's unwritten slots (zeros) must stay masked.
+    skip_causal = implementation == "sdpa" and slopes is None and not has_segments and sizes.keys_are_seen_tokens
     allowed = sdpa_mask(sizes.batch if has_segments else 1, sizes.query_length, sizes.key_length, sizes.query_offset,
                         sizes.key_offset, mask_function=may_attend, allow_is_causal_skip=skip_causal, device=device)
     if allowed is None:
@@ -803,16 +811,18 @@ class BaichuanModel(BaichuanPreTrainedModel):
         self.embed_tokens = value
 
     def _segments_and_positions(self, attention_mask, position_ids, sizes: Sizes, device):
-        """Segment ids over past + current keys (None: plain causal) and the current tokens' positions."""
+        """Segment ids over past + current keys (None: plain causal) and the current tokens' positions. A 2-D mask
+        covers past + current tokens, or a static cache's whole length (generate pads it: one shape every step)."""
         batch, query_length, query_offset = sizes.batch, sizes.query_length, sizes.query_offset
         segment_ids = None
         if attention_mask is not None and attention_mask.dim() == 2:
-            if isinstance(query_offset, int) and attention_mask.shape[-1] != query_offset + query_length:
-                raise ValueError(f"attention_mask has length {attention_mask.shape[-1]}, expected past + current = "
+            length = attention_mask.shape[-1]
+            if isinstance(query_offset, int) and length not in (query_offset + query_length, sizes.key_length):
+                raise ValueError(f"attention_mask has length {length}, expected past + current = "
                                  f"{query_offset + query_length}")
             segment_ids = attention_mask.to(device=device, dtype=torch.long)
             if position_ids is None:
-                position_ids = positions_from_mask(segment_ids)[:, -query_length:]
+                position_ids = positions_from_mask(segment_ids).index_select(-1, sizes.query_positions(device))
             # An all-ones mask is plain causal attention, which needs no per-row mask. Reading the values is
             # skipped while tracing (export, compile), which then keeps the general mask.
             if not is_tracing(segment_ids) and bool(fast_all(segment_ids == 1)):
@@ -952,8 +962,13 @@ class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
 
     def create_masks_for_generate(self, config, inputs_embeds, attention_mask, *args, **kwargs):
         # generate() would pre-build a 4-D mask for static caches without segment ids or ALiBi; the forward
-        # builds the right one from the 2-D mask itself, with no data-dependent branch.
-        return attention_mask
+        # builds the right one from the 2-D mask itself, with no data-dependent branch. A compiled decoding step
+        # must see the same shapes every step, so the mask is padded with 0 (padding) to the cache's fixed length.
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if attention_mask is None or attention_mask.dim() != 2 or cache is None:
+            return attention_mask
+        key_length, _ = cache.get_mask_sizes(inputs_embeds.shape[1], 0)
+        return pad_segment_ids(attention_mask, key_length)
 
     @can_return_tuple
     def forward(

@@ -10,9 +10,10 @@ import json
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 import modeling_baichuan as mb
-from transformers import AutoConfig
+from transformers import AutoConfig, CompileConfig
 
 # CausalLMModelTester's sizes (silu: the only activation Baichuan has).
 TESTER_SIZES = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
@@ -126,3 +127,65 @@ def test_padded_logits_match_padding_free_logits(variant, dtype, implementation,
                 padding_free = model(input_ids=packed, position_ids=positions, use_cache=False).logits[0]
             torch.testing.assert_close(padded, padding_free, rtol=BF16_EPS, atol=BF16_EPS,
                                        msg=lambda m: f"{side} padding, seed {seed}: {m}")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# test_generate_compile_model_forward_fullgraph
+# ------------------------------------------------------------------------------------------------------------
+
+
+def same_greedy_output(first, second, atol=1e-4):
+    """Equal sequences, or scores that agree up to and including the first step where they part (a near tie)."""
+    if torch.equal(first.sequences, second.sequences):
+        return True
+    prompt_length = first.sequences.shape[1] - len(first.scores)
+    differs = (first.sequences[:, prompt_length:] != second.sequences[:, prompt_length:]).any(dim=0)
+    last = int(differs.nonzero()[0])
+    return all(torch.allclose(a, b, atol=atol) for a, b in zip(first.scores[:last + 1], second.scores[:last + 1]))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_generate_with_static_cache_compiles_forward_as_one_graph(variant):
+    torch.manual_seed(0)
+    model = mb.BaichuanForCausalLM(tiny_config(variant)).eval()
+    prompts = torch.randint(3, 99, (4, 7), generator=torch.Generator().manual_seed(1))
+    batches = []
+    for padding in ([0, 2, 1, 3], [3, 0, 0, 1]):  # two batches of one shape: the second must reuse the graph
+        mask = (torch.arange(7)[None, :] >= torch.tensor(padding)[:, None]).long()
+        batches.append(dict(input_ids=prompts.masked_fill(mask == 0, 0), attention_mask=mask))
+        prompts = prompts.flip(0)
+    settings = dict(do_sample=False, max_new_tokens=5, return_dict_in_generate=True, output_scores=True,
+                    pad_token_id=0, eos_token_id=None)
+
+    compile_config = CompileConfig(fullgraph=True, dynamic=False)
+    compile_config._compile_all_devices = True  # compile on the CPU too, as transformers' test does
+    model.generation_config.compile_config = compile_config
+    torch.compiler.reset()
+    counters.clear()
+    for batch in batches:
+        dynamic = model.generate(**batch, **settings)
+        with torch.compiler.set_stance("force_eager"):
+            static = model.generate(**batch, **settings, cache_implementation="static")
+        compiled = model.generate(**batch, **settings, cache_implementation="static")
+        assert same_greedy_output(static, dynamic)
+        assert same_greedy_output(compiled, static)
+    # decoding steps and both batches ran one compiled forward (fullgraph=True raises on any graph break)
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_static_cache_generation_without_padding_equals_dynamic(variant, implementation):
+    """Decoding against a static cache must not attend to its not-yet-written slots (no padding, so no mask)."""
+    torch.manual_seed(0)
+    model = mb.BaichuanForCausalLM(tiny_config(variant)).eval()
+    model.set_attn_implementation(implementation)
+    prompts = torch.randint(3, 99, (4, 7), generator=torch.Generator().manual_seed(2))
+    settings = dict(do_sample=False, max_new_tokens=5, pad_token_id=0, eos_token_id=None, return_dict_in_generate=True,
+                    output_scores=True)
+    for mask in (None, torch.ones_like(prompts)):
+        dynamic = model.generate(prompts, attention_mask=mask, **settings)
+        static = model.generate(prompts, attention_mask=mask, cache_implementation="static", **settings)
+        assert torch.equal(static.sequences, dynamic.sequences)
+        for step, (a, b) in enumerate(zip(static.scores, dynamic.scores)):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m: f"step {step}: {m}")
