@@ -171,6 +171,7 @@ def test_generate_with_static_cache_compiles_forward_as_one_graph(variant):
         assert same_greedy_output(compiled, static)
     # decoding steps and both batches ran one compiled forward (fullgraph=True raises on any graph break)
     assert counters["stats"]["unique_graphs"] == 1
+    torch.compiler.reset()  # leave no compiled graphs to later tests
 
 
 @pytest.mark.parametrize("implementation", ["sdpa", "eager"])
