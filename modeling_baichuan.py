@@ -190,6 +190,94 @@ def code_module_name(cls) -> str:
     return cls.__module__.rsplit(".", 1)[-1]
 
 
+def own_auto_map(auto_map, module: str) -> dict:
+    """The auto_map entries that name this file (save_pretrained writes them): kept, so a saved config loads back
+    unchanged. A release's other entries name remote code that our saved folders do not ship."""
+
+    def names_this_file(reference):
+        if isinstance(reference, (list, tuple)):  # tokenizers: [slow, fast]
+            reference = reference[0] if reference else None
+        return isinstance(reference, str) and reference.startswith(module + ".")
+
+    if not isinstance(auto_map, dict):
+        return {}
+    return {key: value for key, value in auto_map.items() if names_this_file(value)}
+
+
+# --- validation: each wrong value is one ValueError naming its key ---------------------------------------------
+
+# The private keyword that carries the loading folder from from_pretrained to __init__ (for the variant lookup)
+# without the config recording it: a config saved and loaded back must equal the original.
+LOADING_FOLDER_KEY = "_baichuan_loading_folder"
+
+BOOL_KEYS = ("use_cache", "tie_word_embeddings")
+POSITIVE_INT_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "model_max_length")
+POSITIVE_NUMBER_KEYS = ("rms_norm_eps", "rope_theta")
+NON_NEGATIVE_NUMBER_KEYS = ("initializer_range",)
+
+
+def json_kind(value) -> str:
+    """A value as config.json shows it, for error messages: 'the string "false"', 'the array [0]', 'null'."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+    kinds = {bool: "the boolean", str: "the string", list: "the array", tuple: "the array", dict: "the object",
+             int: "the number", float: "the number"}
+    return text if value is None else f"{kinds.get(type(value), 'the value')} {text}"
+
+
+def config_error(key: str, expected: str, value) -> ValueError:
+    return ValueError(f"Baichuan config: {key} must be {expected}, got {json_kind(value)}")
+
+
+def is_bool(value) -> bool:
+    return isinstance(value, bool)
+
+
+def is_number(value) -> bool:
+    # bool is an int to Python, never a number in a config; NaN and infinities are not sizes or rates either
+    return isinstance(value, (int, float)) and not is_bool(value) and math.isfinite(value)
+
+
+def is_positive_int(value) -> bool:
+    return isinstance(value, int) and not is_bool(value) and value > 0
+
+
+def check_config_values(values: dict) -> None:
+    """Types and ranges of the Baichuan keys. Booleans must be real JSON booleans: `"false"` is truthy and `[0]` a
+    non-empty list, and either would quietly switch a feature on."""
+    for key in BOOL_KEYS:
+        if not is_bool(values[key]):
+            raise config_error(key, "true or false", values[key])
+    if values["norm_head"] is not None and not is_bool(values["norm_head"]):
+        raise config_error("norm_head", "true, false or null", values["norm_head"])
+    checkpointing = values["gradient_checkpointing"]
+    # Release configs write `[false]`; a list of booleans is accepted as such.
+    if not (is_bool(checkpointing) or isinstance(checkpointing, (list, tuple)) and all(map(is_bool, checkpointing))):
+        raise config_error("gradient_checkpointing", "true or false", checkpointing)
+    for key in POSITIVE_INT_KEYS:
+        if not is_positive_int(values[key]):
+            raise config_error(key, "a positive integer", values[key])
+    if values["max_position_embeddings"] is not None and not is_positive_int(values["max_position_embeddings"]):
+        raise config_error("max_position_embeddings", "a positive integer or null", values["max_position_embeddings"])
+    for key in POSITIVE_NUMBER_KEYS:
+        if not (is_number(values[key]) and values[key] > 0):
+            raise config_error(key, "a positive number", values[key])
+    for key in NON_NEGATIVE_NUMBER_KEYS:
+        if not (is_number(values[key]) and values[key] >= 0):
+            raise config_error(key, "a number >= 0", values[key])
+    z_loss_weight = values["z_loss_weight"]
+    if z_loss_weight is not None and not (is_number(z_loss_weight) and z_loss_weight >= 0):
+        raise config_error("z_loss_weight", "a number >= 0 or null", z_loss_weight)
+    if values["position_embedding"] not in (None, "alibi", "rope"):
+        raise config_error("position_embedding", '"alibi", "rope" or null', values["position_embedding"])
+    if values["hidden_size"] % values["num_attention_heads"]:
+        raise ValueError(f"Baichuan config: hidden_size {values['hidden_size']} must be a multiple of "
+                         f"num_attention_heads {values['num_attention_heads']}")
+
+
 class BaichuanConfig(PreTrainedConfig):
     """Config of Baichuan / Baichuan2. Defaults are those of Baichuan2-13B.
 
@@ -197,6 +285,9 @@ class BaichuanConfig(PreTrainedConfig):
     from the value given, else from the loading folder's release code (``modeling_baichuan.py``, read as text),
     else from the sizes the way the released checkpoints do (hidden_size 4096 -> rope, else ALiBi; vocab
     125696 -> NormHead, else a plain head). The resolved values are what every saved config holds.
+
+    Every key's type and range is checked when the config is built (booleans must be JSON booleans, sizes positive
+    integers); a wrong value is a one-line ValueError that names the key.
     """
 
     model_type = "baichuan"
@@ -226,14 +317,15 @@ class BaichuanConfig(PreTrainedConfig):
         gradient_checkpointing=False,
         **kwargs,
     ):
-        # A release auto_map points at remote code that is not in our saved folders; save_pretrained writes our own.
+        check_config_values(locals())  # the arguments above, by name
+        # A release auto_map names remote code our saved folders lack; save_pretrained writes entries of our own.
         auto_map = kwargs.pop("auto_map", None)
-        if hidden_size % num_attention_heads != 0:
-            raise ValueError(f"hidden_size {hidden_size} is not a multiple of num_attention_heads {num_attention_heads}")
-        if position_embedding not in (None, "alibi", "rope"):
-            raise ValueError(f"position_embedding must be 'alibi', 'rope' or None, got {position_embedding!r}")
+        kept_auto_map = own_auto_map(auto_map, code_module_name(type(self)))
+        if kept_auto_map:
+            kwargs["auto_map"] = kept_auto_map
+        folder = kwargs.pop(LOADING_FOLDER_KEY, None) or kwargs.get("name_or_path")
         position_embedding, norm_head = resolve_variant(
-            position_embedding, norm_head, hidden_size, vocab_size, kwargs.get("name_or_path"), auto_map)
+            position_embedding, norm_head, hidden_size, vocab_size, folder, auto_map)
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
@@ -248,20 +340,33 @@ class BaichuanConfig(PreTrainedConfig):
         self.tie_word_embeddings = tie_word_embeddings
         self.z_loss_weight = float(z_loss_weight or 0.0)
         self.position_embedding = position_embedding
-        self.norm_head = bool(norm_head)
+        self.norm_head = norm_head
         self.rope_theta = rope_theta
         # Some release configs carry `gradient_checkpointing: [false]`; a non-empty list is truthy and would
         # switch checkpointing on in PreTrainedModel, so reduce it to a plain bool.
         if isinstance(gradient_checkpointing, (list, tuple)):
-            gradient_checkpointing = any(bool(x) for x in gradient_checkpointing)
-        self.gradient_checkpointing = bool(gradient_checkpointing)
+            gradient_checkpointing = any(gradient_checkpointing)
+        self.gradient_checkpointing = gradient_checkpointing
         super().__init__(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id, **kwargs)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        # AutoConfig passes the folder on; a direct call does not, and the variant lookup needs it.
-        kwargs.setdefault("name_or_path", str(pretrained_model_name_or_path))
+        # The variant lookup reads the loading folder's release code. AutoConfig hands the folder on as
+        # name_or_path, which the config then records; a direct call passes it privately instead, so the loaded
+        # config equals the one that was saved (as transformers' own configs do).
+        folder = os.path.join(str(pretrained_model_name_or_path), kwargs.get("subfolder") or "")
+        kwargs.setdefault(LOADING_FOLDER_KEY, folder)
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        if not isinstance(config_dict, dict):
+            raise ValueError(f"Baichuan config: config.json must hold a JSON object of settings, got "
+                             f"{json_kind(config_dict)}")
+        folder = kwargs.pop(LOADING_FOLDER_KEY, None)
+        if folder is not None:  # only from_dict's own keys reach __init__
+            config_dict = {**config_dict, LOADING_FOLDER_KEY: folder}
+        return super().from_dict(config_dict, **kwargs)
 
     @property
     def head_dim(self) -> int:
@@ -444,6 +549,24 @@ def attend_within_spans(query, key, value, causal_bias, segment_spans, scaling=N
     return out.transpose(1, 2).contiguous()
 
 
+def sdpa_attention(module, query, key, value, attention_mask, **kwargs):
+    """transformers' sdpa function; on the CPU, half-precision activations attend in float32.
+
+    The CPU kernel sums bf16/fp16 in an order that depends on the key length (one path below 16 keys, another for
+    partial blocks), so the same example came out an ulp apart padded and packed. The final RMSNorm and the
+    NormHead carry that ulp to the logits: up to 2 bf16 ulps apart, past transformers' padded vs padding-free
+    tolerance. In float32 the summation order no longer shows once the result is cast back. GPUs keep their
+    half-precision kernels."""
+    sdpa = ALL_ATTENTION_FUNCTIONS.get_interface("sdpa", eager_attention)
+    if query.device.type != "cpu" or query.dtype not in (torch.float16, torch.bfloat16):
+        return sdpa(module, query, key, value, attention_mask, **kwargs)
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dtype.is_floating_point:
+        attention_mask = attention_mask.float()  # the ALiBi bias: exact in float32
+    with torch.autocast("cpu", enabled=False):  # CPU autocast would cast the float32 inputs straight back
+        out, weights = sdpa(module, query.float(), key.float(), value.float(), attention_mask, **kwargs)
+    return out.to(query.dtype), weights
+
+
 def attention_function(implementation: str, uses_alibi: bool):
     """The function for a backend. ALiBi needs its own flex and flash forms; everything else (and every
     registered custom function) comes from transformers' AttentionInterface, with ALiBi inside the mask."""
@@ -451,6 +574,8 @@ def attention_function(implementation: str, uses_alibi: bool):
         return flex_attention_with_alibi
     if uses_alibi and is_flash_implementation(implementation):
         return flash_attention_with_alibi
+    if implementation == "sdpa":
+        return sdpa_attention
     return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention)
 
 
@@ -594,6 +719,12 @@ class Sizes(NamedTuple):
     def is_prefill(self) -> bool:
         return isinstance(self.query_offset, int) and self.query_offset == 0 and self.key_length == self.query_length
 
+    @property
+    def keys_are_seen_tokens(self) -> bool:
+        """The keys are exactly the past and current tokens: no slots of a static cache that are not written yet."""
+        return (isinstance(self.query_offset, int) and self.key_offset == 0
+                and self.key_length == self.query_offset + self.query_length)
+
     def query_positions(self, device) -> torch.Tensor:
         return torch.arange(self.query_length, device=device) + self.query_offset
 
@@ -638,7 +769,9 @@ def flex_inputs(may_attend, slopes, sizes: Sizes, device):
 def dense_inputs(implementation, may_attend, has_segments, slopes, sizes: Sizes, dtype, device):
     """sdpa: a bool mask (None = its causal flag); eager and registered functions: an additive float mask. With
     ALiBi always the additive bias, -inf-like where attention is not allowed."""
-    skip_causal = implementation == "sdpa" and slopes is None and not has_segments
+    # transformers drops the causal mask for a single query, which is right only when the keys end at it; a static
+    # cache's unwritten slots (zeros) must stay masked.
+    skip_causal = implementation == "sdpa" and slopes is None and not has_segments and sizes.keys_are_seen_tokens
     allowed = sdpa_mask(sizes.batch if has_segments else 1, sizes.query_length, sizes.key_length, sizes.query_offset,
                         sizes.key_offset, mask_function=may_attend, allow_is_causal_skip=skip_causal, device=device)
     if allowed is None:
@@ -678,16 +811,18 @@ class BaichuanModel(BaichuanPreTrainedModel):
         self.embed_tokens = value
 
     def _segments_and_positions(self, attention_mask, position_ids, sizes: Sizes, device):
-        """Segment ids over past + current keys (None: plain causal) and the current tokens' positions."""
+        """Segment ids over past + current keys (None: plain causal) and the current tokens' positions. A 2-D mask
+        covers past + current tokens, or a static cache's whole length (generate pads it: one shape every step)."""
         batch, query_length, query_offset = sizes.batch, sizes.query_length, sizes.query_offset
         segment_ids = None
         if attention_mask is not None and attention_mask.dim() == 2:
-            if isinstance(query_offset, int) and attention_mask.shape[-1] != query_offset + query_length:
-                raise ValueError(f"attention_mask has length {attention_mask.shape[-1]}, expected past + current = "
+            length = attention_mask.shape[-1]
+            if isinstance(query_offset, int) and length not in (query_offset + query_length, sizes.key_length):
+                raise ValueError(f"attention_mask has length {length}, expected past + current = "
                                  f"{query_offset + query_length}")
             segment_ids = attention_mask.to(device=device, dtype=torch.long)
             if position_ids is None:
-                position_ids = positions_from_mask(segment_ids)[:, -query_length:]
+                position_ids = positions_from_mask(segment_ids).index_select(-1, sizes.query_positions(device))
             # An all-ones mask is plain causal attention, which needs no per-row mask. Reading the values is
             # skipped while tracing (export, compile), which then keeps the general mask.
             if not is_tracing(segment_ids) and bool(fast_all(segment_ids == 1)):
@@ -827,8 +962,13 @@ class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
 
     def create_masks_for_generate(self, config, inputs_embeds, attention_mask, *args, **kwargs):
         # generate() would pre-build a 4-D mask for static caches without segment ids or ALiBi; the forward
-        # builds the right one from the 2-D mask itself, with no data-dependent branch.
-        return attention_mask
+        # builds the right one from the 2-D mask itself, with no data-dependent branch. A compiled decoding step
+        # must see the same shapes every step, so the mask is padded with 0 (padding) to the cache's fixed length.
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if attention_mask is None or attention_mask.dim() != 2 or cache is None:
+            return attention_mask
+        key_length, _ = cache.get_mask_sizes(inputs_embeds.shape[1], 0)
+        return pad_segment_ids(attention_mask, key_length)
 
     @can_return_tuple
     def forward(

@@ -44,13 +44,16 @@ def load_tokenizer(model):
     where it has no pad token (Llama 2). Padding is masked by true lengths, never by this id."""
     from transformers import AutoTokenizer
 
-    from finetune.hub import require_local_or_reachable
+    from finetune.hub import require_local_or_reachable, root_cause_message
 
     require_local_or_reachable(model.name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model.name_or_path, trust_remote_code=model.trust_remote_code)
     except (OSError, ValueError) as exc:
         raise SystemExit(f"error: cannot load the tokenizer of {model.name_or_path!r}: {str(exc).splitlines()[0]}")
+    except Exception as exc:  # a garbled config.json (`[]`) fails in transformers' fallback reader with a TypeError
+        raise SystemExit(f"error: cannot load the tokenizer of {model.name_or_path!r}: "
+                         f"{root_cause_message(exc)}") from None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return tokenizer, pad_id
 

@@ -201,6 +201,19 @@ def test_custom_model_code_never_runs_without_trust_remote_code(tiny_run, tmp_pa
     assert snapshot(model) == before
 
 
+
+@pytest.mark.parametrize("key, value", [("norm_head", "false"), ("num_attention_heads", 0), ("model_type", None)],
+                         ids=["norm_head-string", "heads-0", "config-is-an-array"])
+def test_bad_baichuan_config_gives_one_error_line_naming_the_key(tiny_run, tmp_path, key, value):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_run["baichuan"], model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps([] if value is None else dict(config, **{key: value})))
+    result = run_script(PYTHON, BAICHUAN, *args_for(tiny_run, tmp_path, model="baichuan", model_name_or_path=model),
+                        env=ENV)
+    line = assert_one_line_error(result)
+    assert key in line, line
+
 @pytest.mark.parametrize("failure, expected", [
     ('RuntimeError("injected failure on rank 1")', "injected failure on rank 1"),
     # One of our error lines met by rank 1 alone (its own disk, say): rank 1 says it, naming itself, once.

@@ -324,6 +324,21 @@ def test_inference_rejects_unloadable_model_folders(tiny_run, tmp_path):
     assert "Baichuan2's chat format" in error_of(inference.main, ["--model-dir", tiny_run["llama"], "--chat"] + example)
 
 
+
+def test_inference_names_the_bad_key_of_a_baichuan_config(tiny_run, tmp_path):
+    import inference
+
+    values = json.loads(Path(tiny_run["baichuan"], "config.json").read_text())
+    # (key the error line must name, config.json content)
+    cases = [("norm_head", {**values, "norm_head": "false"}), ("norm_head", {**values, "norm_head": [0]}),
+             ("num_attention_heads", {**values, "num_attention_heads": 0}),
+             ("vocab_size", {**values, "vocab_size": "4000"}), ("model_type", [])]
+    for n, (key, content) in enumerate(cases):
+        folder = Path(shutil.copytree(tiny_run["baichuan"], tmp_path / f"bad{n}"))
+        (folder / "config.json").write_text(json.dumps(content))
+        message = error_of(inference.main, ["--model-dir", str(folder), "--recipe", "baichuan2"])
+        assert message.startswith("error: cannot load a model") and key in message, message
+
 def test_inference_caps_generation_at_the_models_length_with_one_note(tiny_run, tmp_path, capsys):
     import inference
 

@@ -291,6 +291,71 @@ def test_config_inference_and_release_quirks():
     assert not forced.uses_rope and not forced.uses_norm_head
 
 
+
+# (key, bad value): each must be refused with one ValueError line that names the key
+BAD_CONFIG_VALUES = [
+    ("norm_head", "false"),  # a string is truthy: it used to train and save as norm_head true
+    ("norm_head", [0]),
+    ("num_attention_heads", 0),  # used to be a ZeroDivisionError
+    ("vocab_size", "4000"),  # used to fail inside transformers' token id check
+    ("hidden_size", 100),  # not a multiple of the 40 heads
+    ("intermediate_size", -1),
+    ("num_hidden_layers", 2.0),
+    ("model_max_length", True),
+    ("max_position_embeddings", 0),
+    ("use_cache", "true"),
+    ("tie_word_embeddings", 1),
+    ("gradient_checkpointing", ["false"]),
+    ("position_embedding", "rotary"),
+    ("rms_norm_eps", 0),
+    ("rope_theta", float("nan")),
+    ("initializer_range", -0.02),
+    ("z_loss_weight", "2e-4"),
+]
+
+
+@pytest.mark.parametrize("key, value", BAD_CONFIG_VALUES, ids=[f"{k}={v!r}" for k, v in BAD_CONFIG_VALUES])
+def test_config_refuses_wrong_types_and_ranges_naming_the_key(key, value):
+    with pytest.raises(ValueError) as refused:
+        mb.BaichuanConfig(**{key: value})
+    message = str(refused.value)
+    assert message.startswith(f"Baichuan config: {key} ") and "\n" not in message, message
+
+
+def test_config_accepts_json_booleans_nulls_and_the_release_quirks():
+    config = mb.BaichuanConfig(norm_head=False, position_embedding=None, max_position_embeddings=None,
+                               z_loss_weight=None, use_cache=False, gradient_checkpointing=[False])
+    assert config.norm_head is False and config.uses_norm_head is False and config.z_loss_weight == 0.0
+    assert config.gradient_checkpointing is False and config.max_position_embeddings == config.model_max_length
+    assert mb.BaichuanConfig(gradient_checkpointing=(True,)).gradient_checkpointing is True
+
+
+# the broken config.json values reported from the field
+BAD_CONFIG_FILES = [("norm_head", "false"), ("norm_head", [0]), ("num_attention_heads", 0), ("vocab_size", "4000")]
+
+
+def test_bad_config_json_is_one_clear_error_through_every_loader(tmp_path):
+    saved = tmp_path / "good"
+    tiny_model("alibi_normhead").save_pretrained(saved)
+    values = json.loads((saved / "config.json").read_text())
+    for n, (key, value) in enumerate(BAD_CONFIG_FILES):
+        folder = tmp_path / f"bad{n}"
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({**values, key: value}))
+        for load in (AutoConfig.from_pretrained, AutoModelForCausalLM.from_pretrained,
+                     mb.BaichuanConfig.from_pretrained, mb.BaichuanForCausalLM.from_pretrained):
+            with pytest.raises(ValueError, match=f"^Baichuan config: {key} must be") as refused:
+                load(folder)
+            assert refused.value.__context__ is None and refused.value.__cause__ is None  # the root cause itself
+    array = tmp_path / "array"
+    array.mkdir()
+    (array / "config.json").write_text("[]")
+    with pytest.raises(ValueError, match="config.json must hold a JSON object of settings, got the array"):
+        mb.BaichuanConfig.from_pretrained(array)
+    # AutoConfig reads the file before any Baichuan code runs: its own message, one ValueError line too
+    with pytest.raises(ValueError, match="model_type"):
+        AutoConfig.from_pretrained(array)
+
 def test_init_weights_from_config():
     torch.manual_seed(0)
     model = mb.BaichuanForCausalLM(tiny_config("alibi_normhead", initializer_range=0.02))
