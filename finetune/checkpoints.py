@@ -13,7 +13,8 @@ A checkpoint becomes visible by one rename, after every rank has finished writin
 middle of a save leaves the previous checkpoint as the newest complete one; its checksums are checked before it
 is resumed. The folder is locked (flock) for the life of a run, so two runs never write into it at once.
 `Checkpointer` is what the training scripts use: it locks and checks the folder, resumes or starts the run, and
-saves when due or when a stop signal came.
+saves when due or when a stop signal came. No path the run writes or deletes may be a symbolic link
+(`check_no_links`), so a run never changes anything outside its folder.
 """
 import atexit
 import contextlib
@@ -37,6 +38,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from tqdm import tqdm
 
 from finetune import lora
+from finetune.errors import FinetuneError
 
 RUN_MARKER = ".finetune_run.json"
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d{8})$")
@@ -148,6 +150,36 @@ def _remove_if_empty(folder):
         os.rmdir(folder)
 
 
+def remove_path(path):
+    """Delete `path` if it is there: a file, a symbolic link (the link itself, never what it points to) or a
+    folder with everything in it (links inside it are removed as links). Errors are raised, never ignored."""
+    try:
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+# What a run keeps in its folder and writes into or deletes from. A symbolic link at one of these paths would
+# send those writes and deletions to wherever it points (another run's checkpoints, say).
+KEPT_IN_RUN_DIR = (RUN_MARKER, "metrics.jsonl", "checkpoints", lora.ADAPTER_DIR)
+
+
+def check_no_links(save_dir):
+    """Refuse a run folder with a symbolic link where the run writes or deletes, naming the link."""
+    paths = [os.path.join(save_dir, name) for name in KEPT_IN_RUN_DIR]
+    root = os.path.join(save_dir, "checkpoints")
+    if os.path.isdir(root) and not os.path.islink(root):
+        paths += [os.path.join(root, name) for name in sorted(os.listdir(root))]
+    for path in paths:
+        if os.path.islink(path):
+            raise FinetuneError(f"{path} is a symbolic link: a run never writes or deletes through links out of "
+                                f"--save-model-dir, so nothing was changed; replace it with a real folder or file, "
+                                f"or choose another --save-model-dir")
+
+
 def check_save_dir(save_dir, resume, overwrite, resume_if_possible=False):
     """Refuse a folder that is unsafe to write into; returns the checkpoint to resume from (or None).
 
@@ -159,6 +191,7 @@ def check_save_dir(save_dir, resume, overwrite, resume_if_possible=False):
     if os.path.isdir(save_dir) and os.listdir(save_dir) and not ours:
         raise SystemExit(f"error: --save-model-dir {save_dir!r} holds files this script did not write; "
                          f"choose an empty or new folder")
+    check_no_links(save_dir)
     checkpoints = list_checkpoints(save_dir) if ours else []
     if resume_if_possible and checkpoints:
         return checkpoints[-1]
@@ -176,10 +209,10 @@ def start_run_dir(save_dir, script_name):
     """Mark `save_dir` as ours and start a fresh run in it (rank 0 only). Removes only files we wrote: old
     checkpoints and the earlier final weights, so a new run that dies never leaves a folder that looks finished."""
     with writing(save_dir):
-        shutil.rmtree(os.path.join(save_dir, "checkpoints"), ignore_errors=True)
-        shutil.rmtree(os.path.join(save_dir, FINAL_STAGING), ignore_errors=True)
+        remove_path(os.path.join(save_dir, "checkpoints"))
+        remove_path(os.path.join(save_dir, FINAL_STAGING))
         if os.path.isfile(os.path.join(save_dir, RUN_MARKER)):
-            shutil.rmtree(os.path.join(save_dir, lora.ADAPTER_DIR), ignore_errors=True)
+            remove_path(os.path.join(save_dir, lora.ADAPTER_DIR))
             for name in os.listdir(save_dir):
                 if name.startswith("model") and (name.endswith(".safetensors") or
                                                  name.endswith(".safetensors.index.json")):
@@ -251,7 +284,7 @@ def save_checkpoint(save_dir, step, model, optimizer, scheduler, trainer_state, 
         if backend.is_main:
             for name in os.listdir(root) if os.path.isdir(root) else []:
                 if name.endswith(".partial"):  # left by a run killed while saving
-                    shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+                    remove_path(os.path.join(root, name))
             os.makedirs(partial)
         backend.barrier()
         model_state, optim_state = _trained_state(model, optimizer)
@@ -269,16 +302,16 @@ def save_checkpoint(save_dir, step, model, optimizer, scheduler, trainer_state, 
         backend.barrier()
         write_checksums(partial, backend)
         if backend.is_main:
-            if os.path.exists(final):
-                shutil.rmtree(final)
+            remove_path(final)
             os.rename(partial, final)
             _fsync_dir(root)  # the rename itself must survive a power loss
             for old in list_checkpoints(save_dir)[:-keep_last] if keep_last > 0 else []:
-                shutil.rmtree(old, ignore_errors=True)
+                remove_path(old)
         backend.barrier()
     except (OSError, CheckpointException) as exc:
-        if backend.is_main:  # leave no half-written checkpoint taking up space
-            shutil.rmtree(partial, ignore_errors=True)
+        if backend.is_main:  # leave no half-written checkpoint taking up space; the error below says what failed
+            with contextlib.suppress(OSError):
+                remove_path(partial)
         previous = [c for c in list_checkpoints(save_dir) if c != final]
         kept = f"the previous checkpoint {previous[-1]!r} is intact" if previous else "no earlier checkpoint exists"
         raise SystemExit(f"error: could not write the checkpoint for step {step} in {partial!r} "
@@ -625,10 +658,10 @@ def _move_into_place(staging, save_dir):
         weights = name.startswith("model") and ".safetensors" in name
         return (weights, name.endswith(".index.json"), name)
     for name in sorted(os.listdir(staging), key=order):
-        target = os.path.join(save_dir, name)
-        if os.path.isdir(target) and not os.path.islink(target):
-            shutil.rmtree(target)
-        os.replace(os.path.join(staging, name), target)
+        source, target = os.path.join(staging, name), os.path.join(save_dir, name)
+        if os.path.isdir(source):  # a folder (adapter/) cannot replace another one in one rename
+            remove_path(target)
+        os.replace(source, target)
     os.rmdir(staging)
     _fsync_dir(save_dir)
 
@@ -645,7 +678,7 @@ def save_final_model(model, tokenizer, backend, save_dir, plan):
     if backend.is_main:
         staging = os.path.join(save_dir, FINAL_STAGING)
         try:
-            shutil.rmtree(staging, ignore_errors=True)
+            remove_path(staging)  # left by an earlier save; a link there is removed, not followed
             if adapters:
                 lora.save_adapter_and_merged(model, state_dict, staging)
                 _usual_file_modes(os.path.join(staging, lora.ADAPTER_DIR))
@@ -657,8 +690,10 @@ def save_final_model(model, tokenizer, backend, save_dir, plan):
             _usual_file_modes(staging)
             _move_into_place(staging, save_dir)
         except (OSError, SafetensorError) as exc:
-            problem = f"error: could not save the final model to {save_dir!r} ({describe_error(exc)})"
-            shutil.rmtree(staging, ignore_errors=True)
+            path = getattr(exc, "filename", None) or save_dir
+            problem = f"error: could not save the final model to {path!r} ({describe_error(exc)})"
+            with contextlib.suppress(OSError):  # the error above is what matters
+                remove_path(staging)
     problem = backend.all_gather(problem)[0]
     if problem:
         raise SystemExit(problem)
