@@ -3,11 +3,22 @@
 Layout inside `--save-model-dir`:
   .finetune_run.json            marks the folder as ours (we never touch a folder without it, unless empty)
   metrics.jsonl                 one row per logged step
-  checkpoints/step-00000040/    complete checkpoints only: PyTorch distributed checkpoint (each rank writes
-                                its shard of model and optimiser; with LoRA only the adapters and their
-                                optimiser state), trainer_state.json, rng_rank<r>.pt
+  checkpoints/step-00000040/    complete checkpoints only:
+      .metadata, __<r>_0.distcp     PyTorch distributed checkpoint (DCP) of tensors only: each rank writes its
+                                    shard of model and optimiser state (with LoRA only the adapters and their
+                                    optimiser state)
+      trainer_state.json            step, epoch, the run's fixed flags, the model's fingerprint, the LR schedule,
+                                    and `non_tensor_state`: every non-tensor part of the model and optimiser state
+                                    (the optimiser's param_groups), as JSON
+      rng_rank<r>.json              each rank's Python, NumPy, torch and CUDA RNG states, as JSON
+      checksums.sha256              SHA-256 of every file of the checkpoint (`sha256sum -c` format)
   checkpoints/step-00000050.partial/   a checkpoint being written; ignored on resume
-  checkpoints/step-00000040/checksums.sha256   SHA-256 of every file of the checkpoint (`sha256sum -c` format)
+
+Loading a checkpoint never runs code from it: nothing in it is unpickled except DCP's `.metadata`, through an
+unpickler that builds only DCP's metadata classes, and DCP tensors (`torch.load(weights_only=True)`); see
+finetune/safe_checkpoint.py. Checkpoints of earlier versions, which pickled the optimiser's settings inside DCP
+and the RNG states in rng_rank<r>.pt, are refused. The checksums catch damage, not tampering: whoever can write
+the checkpoint can rewrite them.
 
 A checkpoint becomes visible by one rename, after every rank has finished writing, so a job killed in the
 middle of a save leaves the previous checkpoint as the newest complete one; its checksums are checked before it
@@ -37,7 +48,7 @@ from safetensors import SafetensorError
 from torch.distributed.checkpoint.api import CheckpointException
 from tqdm import tqdm
 
-from finetune import lora
+from finetune import lora, safe_checkpoint
 from finetune.errors import FinetuneError
 
 RUN_MARKER = ".finetune_run.json"
@@ -247,22 +258,74 @@ def truncate_metrics(save_dir, last_step):
 # Save and load
 # ----------------------------------------------------------------------------------------------------------
 
+def _hex(byte_tensor):
+    return byte_tensor.numpy().tobytes().hex()
+
+
+def _byte_tensor(text):
+    return torch.frombuffer(bytearray.fromhex(text), dtype=torch.uint8)
+
+
 def _rng_state():
-    numpy_state = np.random.get_state()
-    return {
-        "python": list(random.getstate()[1]), "python_pos": random.getstate()[2],
-        "numpy": torch.from_numpy(numpy_state[1].astype(np.int64)), "numpy_pos": int(numpy_state[2]),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
+    """Every RNG state of this process as plain JSON values (torch's states as hex)."""
+    _, python_words, python_gauss = random.getstate()
+    _, numpy_words, numpy_pos, numpy_has_gauss, numpy_gauss = np.random.get_state()
+    return {"python": list(python_words), "python_gauss": python_gauss,
+            "numpy": numpy_words.tolist(), "numpy_pos": int(numpy_pos),
+            "numpy_gauss": [int(numpy_has_gauss), float(numpy_gauss)],
+            "torch": _hex(torch.get_rng_state()),
+            "cuda": [_hex(state) for state in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else []}
 
 
 def _set_rng_state(state):
-    random.setstate((3, tuple(state["python"]), state["python_pos"]))
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
-    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), state["python_gauss"]))
+    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), state["numpy_pos"],
+                         *state["numpy_gauss"]))
+    torch.set_rng_state(_byte_tensor(state["torch"]))
     if torch.cuda.is_available() and state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([_byte_tensor(text) for text in state["cuda"]])
+
+
+def rng_file(folder, rank):
+    return os.path.join(folder, f"rng_rank{rank}.json")
+
+
+def restore_rng(path):
+    """Set this process's RNGs from the file `path`; anything unusable in it is one error line naming it."""
+    try:
+        with open(path) as f:
+            _set_rng_state(json.load(f))
+    except (OSError, ValueError, KeyError, TypeError, IndexError, OverflowError, RuntimeError) as exc:
+        raise FinetuneError(f"checkpoint file {path!r} is corrupt: not the RNG state it should hold "
+                            f"({exc.__class__.__name__}); nothing was deleted") from None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tensors go to DCP, everything else to JSON: nothing of a checkpoint needs unpickling to load
+# ----------------------------------------------------------------------------------------------------------
+
+def split_tensors(state):
+    """(tensors, rest): the nested dict `state` as two nested dicts of its shape, one holding its tensors and
+    the other every other value (the optimiser's param_groups), for DCP and JSON respectively."""
+    tensors, rest = {}, {}
+    for key, value in state.items():
+        if isinstance(value, dict):
+            tensors[key], nested = split_tensors(value)
+            if nested:
+                rest[key] = nested
+        elif isinstance(value, torch.Tensor):
+            tensors[key] = value
+        else:
+            rest[key] = value
+    return tensors, rest
+
+
+def merge_state(tensors, rest):
+    """The nested dict that `split_tensors` split into `tensors` and `rest`."""
+    merged = dict(tensors)
+    for key, value in rest.items():
+        merged[key] = merge_state(merged.get(key, {}), value) if isinstance(value, dict) else value
+    return merged
 
 
 def model_fingerprint(model):
@@ -287,14 +350,15 @@ def save_checkpoint(save_dir, step, model, optimizer, scheduler, trainer_state, 
                     remove_path(os.path.join(root, name))
             os.makedirs(partial)
         backend.barrier()
-        model_state, optim_state = _trained_state(model, optimizer)
+        tensors, rest = split_tensors(dict(zip(("model", "optimizer"), _trained_state(model, optimizer))))
         with _quiet_checkpoint_library():
-            dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=partial)
-        torch.save(_rng_state(), os.path.join(partial, f"rng_rank{backend.rank}.pt"))
+            dcp.save(tensors, checkpoint_id=partial)
+        with open(rng_file(partial, backend.rank), "w") as f:
+            json.dump(_rng_state(), f)
         backend.barrier()
         if backend.is_main:
-            state = dict(trainer_state, step=step, world_size=backend.world_size,
-                         model=model_fingerprint(model), scheduler=scheduler.state_dict(), checksums=CHECKSUMS)
+            state = dict(trainer_state, step=step, world_size=backend.world_size, model=model_fingerprint(model),
+                         scheduler=scheduler.state_dict(), non_tensor_state=rest, checksums=CHECKSUMS)
             with open(os.path.join(partial, "trainer_state.json"), "w") as f:
                 json.dump(state, f)
                 f.flush()
@@ -350,9 +414,9 @@ def _sha256(path):
 
 
 def hashed_by(name, world_size):
-    """The rank that hashes a checkpoint file: the one that wrote it (DCP's __R_N.distcp, our rng_rankR.pt), so
+    """The rank that hashes a checkpoint file: the one that wrote it (DCP's __R_N.distcp, our rng_rankR.json), so
     the bytes are read where they were just written, not fetched from another node; rank 0 for the rest."""
-    written = re.fullmatch(r"__(\d+)_\d+\.distcp|rng_rank(\d+)\.pt", name)
+    written = re.fullmatch(r"__(\d+)_\d+\.distcp|rng_rank(\d+)\.json", name)
     return int(written.group(1) or written.group(2)) % world_size if written else 0
 
 
@@ -459,7 +523,6 @@ def load_checkpoint(path, model, optimizer, scheduler, backend, expected_state=N
 
     `expected_state` holds the settings the run must share with the checkpoint (`check_same_run`).
     """
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
     state = read_trainer_state(path)
@@ -467,23 +530,33 @@ def load_checkpoint(path, model, optimizer, scheduler, backend, expected_state=N
     if state.get("model") != model_fingerprint(model):
         raise SystemExit(f"error: checkpoint {path!r} was written for another model "
                          f"({state.get('model')}); nothing was deleted")
+    if not isinstance(state.get("non_tensor_state"), dict):
+        raise FinetuneError(f"checkpoint {path!r} was written by an earlier version of these scripts, which stored "
+                            f"the optimiser's settings and the RNG states as pickles; loading those could run "
+                            f"code, so it is not resumed. Start over with --overwrite (nothing was deleted)")
     if not os.path.isfile(os.path.join(path, ".metadata")):  # DCP would print tracebacks while looking for it
         raise SystemExit(f"error: checkpoint {path!r} is corrupt or incomplete (no .metadata); nothing was deleted")
-    model_state, optim_state = _trained_state(model, optimizer)
+    tensors, _ = split_tensors(dict(zip(("model", "optimizer"), _trained_state(model, optimizer))))
     try:
         with _quiet_checkpoint_library():
-            dcp.load({"model": model_state, "optimizer": optim_state}, checkpoint_id=path)
+            safe_checkpoint.load_tensors(tensors, path)
+    except safe_checkpoint.UnsafeCheckpoint as exc:
+        raise FinetuneError(f"{exc}; nothing was deleted") from None
     # DCP wraps storage and format errors in several exception types; its CheckpointException is a BaseException.
-    except (Exception, dcp.api.CheckpointException) as exc:
+    except (Exception, CheckpointException) as exc:
         raise SystemExit(f"error: checkpoint {path!r} is corrupt or incomplete ({exc.__class__.__name__}); "
                          f"nothing was deleted")
-    # Only what trains was saved (LoRA: the adapters); the frozen base came from the model files.
-    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
-                   options=StateDictOptions(ignore_frozen_params=True, strict=False))
-    scheduler.load_state_dict(state["scheduler"])
-    rng_file = os.path.join(path, f"rng_rank{backend.rank}.pt")
-    if os.path.isfile(rng_file):  # absent when resuming on more ranks than wrote the checkpoint
-        _set_rng_state(torch.load(rng_file, weights_only=True))
+    restored = merge_state(tensors, state["non_tensor_state"])
+    try:
+        # Only what trains was saved (LoRA: the adapters); the frozen base came from the model files.
+        set_state_dict(model, optimizer, model_state_dict=restored["model"], optim_state_dict=restored["optimizer"],
+                       options=StateDictOptions(ignore_frozen_params=True, strict=False))
+        scheduler.load_state_dict(state["scheduler"])
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as exc:
+        raise FinetuneError(f"checkpoint {path!r} is corrupt: its trainer_state.json does not fit this run's "
+                            f"optimiser or schedule ({exc.__class__.__name__}); nothing was deleted") from None
+    if os.path.isfile(rng_file(path, backend.rank)):  # absent when resuming on more ranks than wrote the checkpoint
+        restore_rng(rng_file(path, backend.rank))
     return state
 
 
