@@ -44,10 +44,12 @@ def load_tokenizer(model_name_or_path, trust_remote_code=False):
     from transformers import AutoTokenizer
 
     from finetune.hub import require_local_or_reachable
+    from finetune.remote_code import refusing_remote_code
 
     require_local_or_reachable(model_name_or_path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
+        with refusing_remote_code(model_name_or_path):
+            tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise SystemExit(f"error: cannot load the tokenizer of {model_name_or_path!r}: {str(exc).splitlines()[0]}")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -169,11 +169,13 @@ def load_model(backend, model_class, model_path, gradient_checkpointing=False, c
     adapters are added before placing, on every rank, so FSDP2 shards base and adapters alike.
     """
     from finetune import lora
+    from finetune.remote_code import refusing_remote_code
 
     lora.check_backend(adapters, backend)
     try:
-        model = _load_and_place(backend, model_class, model_path, gradient_checkpointing, compile_layers,
-                                attn_implementation, trust_remote_code, adapters, cpu_offload)
+        with refusing_remote_code(model_path):
+            model = _load_and_place(backend, model_class, model_path, gradient_checkpointing, compile_layers,
+                                    attn_implementation, trust_remote_code, adapters, cpu_offload)
         if chunked_loss:  # the loss a chunk of tokens at a time, inside the model's own forward (FSDP2 gathers)
             from finetune.chunked_loss import use_chunked_loss
             use_chunked_loss(model.get_base_model() if adapters else model)
