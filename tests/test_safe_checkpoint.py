@@ -12,22 +12,13 @@ import pickle
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from conftest import MarkerPayload
 from torch.distributed.checkpoint.filesystem import FileSystemReader
 
 from finetune import safe_checkpoint
 from finetune.safe_checkpoint import SafeFileSystemReader, UnsafeCheckpoint, load_tensors
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
-
-
-class Payload:
-    """Unpickled, it writes `marker`: what an attacker would put in a checkpoint instead."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return exec, (f"open({self.marker!r}, 'w').close()",)
 
 
 def small_state():
@@ -91,7 +82,7 @@ def test_tensors_load_through_the_safe_reader(checkpoint):
 def test_a_metadata_file_that_runs_code_is_refused(checkpoint, tmp_path):
     path, state = checkpoint
     marker = tmp_path / "ran"
-    (path / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
+    (path / ".metadata").write_bytes(pickle.dumps(MarkerPayload(marker)))
     with pytest.raises(UnsafeCheckpoint, match=r"\.metadata .*builtins\.exec"):
         load_tensors(zeros_like(state), str(path))
     assert not marker.exists()
@@ -103,9 +94,9 @@ def test_a_pickled_entry_is_never_unpickled(checkpoint, tmp_path, where):
     marker = tmp_path / "ran"
     tampered = zeros_like(state)
     if where == "under a tensor's name":
-        tampered["model"]["weight"] = Payload(marker)
+        tampered["model"]["weight"] = MarkerPayload(marker)
     else:
-        tampered["optimizer"]["param_groups"] = Payload(marker)
+        tampered["optimizer"]["param_groups"] = MarkerPayload(marker)
     for name in os.listdir(path):
         os.remove(path / name)
     dcp.save(tampered, checkpoint_id=str(path))  # plain DCP writes it, with valid metadata
