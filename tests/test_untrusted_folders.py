@@ -187,3 +187,119 @@ def test_a_linked_adapter_folder_is_named_when_resuming(tiny_run, tmp_path):
     one_error_line(train(tiny_run, run_dir, "--lora", "--max-steps", "2", "--resume"),
                    f"{run_dir / 'adapter'} is a symbolic link")
     assert snapshot(outside) == kept and snapshot(run_dir) == before
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model and tokenizer folders: their own code runs only with --trust-remote-code
+# ----------------------------------------------------------------------------------------------------------
+
+FOLDER_CODE = '''
+open({marker!r}, "a").close()
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+class Config(LlamaConfig):
+    model_type = "custom_llama"
+class Model(LlamaForCausalLM):
+    config_class = Config
+class Tokenizer(PreTrainedTokenizerFast):
+    pass
+'''
+# What each folder's auto_map asks for: (config.json changes, tokenizer_config.json changes)
+AUTO_MAPS = {
+    "config": ({"model_type": "custom_llama",
+                "auto_map": {"AutoConfig": "custom.Config", "AutoModelForCausalLM": "custom.Model"}}, {}),
+    "tokenizer": ({}, {"tokenizer_class": "Tokenizer", "auto_map": {"AutoTokenizer": [None, "custom.Tokenizer"]}}),
+    # A model class of its own for a model type transformers knows: its own class wins, the code is not needed.
+    "model": ({"auto_map": {"AutoModelForCausalLM": "custom.Model"}}, {}),
+}
+
+
+def update_json(path, changes):
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), **changes)))
+
+
+def folder_with_code(source, folder, marker, config=None, tokenizer=None):
+    """A copy of the model folder `source` whose auto_map names its own code, which creates `marker`."""
+    shutil.copytree(source, folder)
+    (folder / "custom.py").write_text(FOLDER_CODE.format(marker=str(marker)))
+    update_json(folder / "config.json", config or {})
+    update_json(folder / "tokenizer_config.json", tokenizer or {})
+    return folder, marker
+
+
+@pytest.fixture(scope="module")
+def code_folders(tiny_run, tmp_path_factory):
+    """name -> (folder, marker): tiny model folders whose own code creates `marker` when it runs. "baichuan" is
+    a Baichuan folder as save_pretrained writes it (auto_map to its copy of modeling_baichuan.py), which loads
+    with the registered classes and never needs its copy."""
+    root = tmp_path_factory.mktemp("code_folders")
+    folders = {name: folder_with_code(tiny_run["llama"], root / name, root / f"{name}_code_ran", *changes)
+               for name, changes in AUTO_MAPS.items()}
+    folder, marker = root / "baichuan", root / "baichuan_code_ran"
+    shutil.copytree(tiny_run["baichuan"], folder)
+    assert "auto_map" in json.loads((folder / "config.json").read_text())
+    for code in folder.glob("*.py"):
+        code.write_text(f"open({str(marker)!r}, 'a').close()\n" + code.read_text())
+    folders["baichuan"] = folder, marker
+    return folders
+
+
+def infer(folder, *flags, stdin="no terminal"):
+    return run(INFERENCE, "--model-dir", folder, "--example", '{"article": "w5 w6 w7"}', "--max-new-tokens", "2",
+               *flags, stdin=stdin)
+
+
+def prepare(folder, save_path, stdin):
+    return run(PREPARE, "llama2", "--model-name-or-path", folder, "--dataset-name-or-path", SAMPLE,
+               "--save-path", save_path, "--max-examples", "8", stdin=stdin)
+
+
+def refused_code(result, folder):
+    one_error_line(result, str(folder), "ships its own code", "--trust-remote-code")
+
+
+@pytest.mark.parametrize("stdin", list(STDIN))
+@pytest.mark.parametrize("kind", ["config", "tokenizer"])
+def test_inference_never_runs_a_folders_code(code_folders, kind, stdin):
+    folder, marker = code_folders[kind]
+    before = snapshot(folder)
+    refused_code(infer(folder, stdin=stdin), folder)
+    assert not marker.exists(), f"the {kind}'s own code ran"
+    assert snapshot(folder) == before
+
+
+@pytest.mark.parametrize("stdin", list(STDIN))
+def test_prepare_dataset_never_runs_a_tokenizers_code(code_folders, tmp_path, stdin):
+    folder, marker = code_folders["tokenizer"]
+    refused_code(prepare(folder, tmp_path / "out", stdin), folder)
+    assert not marker.exists(), "the tokenizer's own code ran"
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kind", ["config", "tokenizer"])
+def test_training_never_runs_a_folders_code_even_when_stdin_says_yes(tiny_run, code_folders, tmp_path, kind):
+    folder, marker = code_folders[kind]
+    refused_code(train(tiny_run, tmp_path / "run", model=folder, stdin="answers y"), folder)
+    assert not marker.exists(), f"the {kind}'s own code ran"
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("kind", ["model", "baichuan"])
+def test_folders_that_need_no_code_of_their_own_load_without_running_it(code_folders, kind):
+    folder, marker = code_folders[kind]
+    ok(infer(folder))
+    assert not marker.exists()
+
+
+def test_prepare_dataset_loads_a_tokenizer_beside_a_model_with_code(code_folders, tmp_path):
+    """The tokenizer of the "config" folder is an ordinary one: preparing data needs none of the model's code."""
+    folder, marker = code_folders["config"]
+    ok(prepare(folder, tmp_path / "out", "answers y"))
+    assert not marker.exists() and (tmp_path / "out" / "dataset_dict.json").is_file()
+
+
+def test_trust_remote_code_runs_it(tiny_run, tmp_path):
+    """The payload is real: with the flag, the folder's code runs (and loads)."""
+    folder, marker = folder_with_code(tiny_run["llama"], tmp_path / "trusted", tmp_path / "code_ran",
+                                      *AUTO_MAPS["config"])
+    ok(infer(folder, "--trust-remote-code"))
+    assert marker.exists()
