@@ -487,14 +487,19 @@ def _fsync_dir(path):
 
 
 def read_trainer_state(path):
+    """trainer_state.json of the checkpoint `path`, which is refused unless this version can resume it safely."""
     try:
         with open(os.path.join(path, "trainer_state.json")) as f:
             state = json.load(f)
         if not isinstance(state, dict):
             raise ValueError
-        return state
     except (OSError, ValueError, UnicodeDecodeError) as exc:
         raise SystemExit(f"error: checkpoint {path!r} is unreadable ({exc.__class__.__name__}); nothing was deleted")
+    if not isinstance(state.get("non_tensor_state"), dict):
+        raise FinetuneError(f"checkpoint {path!r} was written by an earlier version of these scripts, which stored "
+                            f"the optimiser's settings and the RNG states as pickles; loading those could run "
+                            f"code, so it is not resumed. Start over with --overwrite (nothing was deleted)")
+    return state
 
 
 def check_same_run(path, state, settings):
@@ -530,10 +535,6 @@ def load_checkpoint(path, model, optimizer, scheduler, backend, expected_state=N
     if state.get("model") != model_fingerprint(model):
         raise SystemExit(f"error: checkpoint {path!r} was written for another model "
                          f"({state.get('model')}); nothing was deleted")
-    if not isinstance(state.get("non_tensor_state"), dict):
-        raise FinetuneError(f"checkpoint {path!r} was written by an earlier version of these scripts, which stored "
-                            f"the optimiser's settings and the RNG states as pickles; loading those could run "
-                            f"code, so it is not resumed. Start over with --overwrite (nothing was deleted)")
     if not os.path.isfile(os.path.join(path, ".metadata")):  # DCP would print tracebacks while looking for it
         raise SystemExit(f"error: checkpoint {path!r} is corrupt or incomplete (no .metadata); nothing was deleted")
     tensors, _ = split_tensors(dict(zip(("model", "optimizer"), _trained_state(model, optimizer))))
