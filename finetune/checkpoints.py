@@ -14,8 +14,8 @@ Layout inside `--save-model-dir`:
       checksums.sha256              SHA-256 of every file of the checkpoint (`sha256sum -c` format)
   checkpoints/step-00000050.partial/   a checkpoint being written; ignored on resume
 
-Loading a checkpoint never runs code from it: nothing in it is unpickled except DCP's `.metadata`, through an
-unpickler that builds only DCP's metadata classes, and DCP tensors (`torch.load(weights_only=True)`); see
+Loading a checkpoint runs no code from it: the only pickles read are DCP's `.metadata`, through an unpickler
+that builds nothing but DCP's metadata classes, and DCP's tensors, through `torch.load(weights_only=True)`; see
 finetune/safe_checkpoint.py. Checkpoints of earlier versions, which pickled the optimiser's settings inside DCP
 and the RNG states in rng_rank<r>.pt, are refused. The checksums catch damage, not tampering: whoever can write
 the checkpoint can rewrite them.
@@ -350,7 +350,7 @@ def save_checkpoint(save_dir, step, model, optimizer, scheduler, trainer_state, 
                     remove_path(os.path.join(root, name))
             os.makedirs(partial)
         backend.barrier()
-        tensors, rest = split_tensors(dict(zip(("model", "optimizer"), _trained_state(model, optimizer))))
+        tensors, rest = _split_trained_state(model, optimizer)
         with _quiet_checkpoint_library():
             dcp.save(tensors, checkpoint_id=partial)
         with open(rng_file(partial, backend.rank), "w") as f:
@@ -391,6 +391,12 @@ def _trained_state(model, optimizer):
     model_state, optim_state = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
     keep = {name for name, p in model.named_parameters() if p.requires_grad} | {n for n, _ in model.named_buffers()}
     return {k: v for k, v in model_state.items() if k in keep}, optim_state
+
+
+def _split_trained_state(model, optimizer):
+    """(tensors, rest) of `_trained_state`: the tensors for DCP, the rest for trainer_state.json."""
+    model_state, optim_state = _trained_state(model, optimizer)
+    return split_tensors({"model": model_state, "optimizer": optim_state})
 
 
 @contextlib.contextmanager
@@ -537,7 +543,7 @@ def load_checkpoint(path, model, optimizer, scheduler, backend, expected_state=N
                          f"({state.get('model')}); nothing was deleted")
     if not os.path.isfile(os.path.join(path, ".metadata")):  # DCP would print tracebacks while looking for it
         raise SystemExit(f"error: checkpoint {path!r} is corrupt or incomplete (no .metadata); nothing was deleted")
-    tensors, _ = split_tensors(dict(zip(("model", "optimizer"), _trained_state(model, optimizer))))
+    tensors, _ = _split_trained_state(model, optimizer)
     try:
         with _quiet_checkpoint_library():
             safe_checkpoint.load_tensors(tensors, path)
@@ -547,8 +553,8 @@ def load_checkpoint(path, model, optimizer, scheduler, backend, expected_state=N
     except (Exception, CheckpointException) as exc:
         raise SystemExit(f"error: checkpoint {path!r} is corrupt or incomplete ({exc.__class__.__name__}); "
                          f"nothing was deleted")
-    restored = merge_state(tensors, state["non_tensor_state"])
     try:
+        restored = merge_state(tensors, state["non_tensor_state"])
         # Only what trains was saved (LoRA: the adapters); the frozen base came from the model files.
         set_state_dict(model, optimizer, model_state_dict=restored["model"], optim_state_dict=restored["optimizer"],
                        options=StateDictOptions(ignore_frozen_params=True, strict=False))
