@@ -23,6 +23,7 @@ from finetune.demo import DEMO_SAMPLE_FILES
 from finetune.errors import exit_on_error
 from finetune.hub import looks_like_path, require_local_or_reachable, root_cause_message
 from finetune.preparation import leading_special_ids, require
+from finetune.remote_code import asks_for_remote_code, remote_code_error
 from prepare_dataset import RECIPES
 
 
@@ -43,6 +44,8 @@ def parse_args(argv=None):
     p.add_argument("--top-k", type=int, default=50,
                    help="sample among the k most likely tokens (default 50; 0 for no limit)")
     p.add_argument("--seed", type=int, default=0, help="seed for the sampled continuation (default 0)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow model and tokenizer code shipped in --model-dir (its auto_map) to run")
     args = p.parse_args(argv)
     require(args.index >= 0, f"--index must be a non-negative integer, got {args.index}")
     require(args.max_new_tokens >= 1, f"--max-new-tokens must be a positive integer, got {args.max_new_tokens}")
@@ -103,16 +106,20 @@ def prompt_ids(tokenizer, recipe, example, chat):
     return leading_special_ids(tokenizer) + tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def load_model(model_dir):
-    """Tokenizer and model of a saved folder; anything unreadable in it is one error line."""
+def load_model(model_dir, trust_remote_code=False):
+    """Tokenizer and model of a saved folder; anything unreadable in it is one error line, and so is code the
+    folder ships unless `trust_remote_code`."""
     path = Path(model_dir).expanduser()
     require(path.exists() or not looks_like_path(model_dir), f"no such model folder: {model_dir}")
     require(path.is_dir() or not path.exists(), f"--model-dir {model_dir} is not a folder")
     require_local_or_reachable(model_dir)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
+                                                     trust_remote_code=trust_remote_code)
     except Exception as exc:  # a truncated or garbled file raises whatever its reader raises
+        if asks_for_remote_code(exc):
+            raise remote_code_error(model_dir) from None
         raise SystemExit(f"error: cannot load a model from {model_dir!r}: {root_cause_message(exc)}") from None
     return tokenizer, model
 
@@ -136,7 +143,7 @@ def main(argv=None):
     args = parse_args(argv)
     example = load_example(args)
     check_example(example, args.recipe, args.chat)
-    tokenizer, model = load_model(args.model_dir)
+    tokenizer, model = load_model(args.model_dir, args.trust_remote_code)
     require(not args.chat or model.config.model_type == "baichuan",
             f"--chat is Baichuan2's chat format; {args.model_dir!r} holds a {model.config.model_type} model")
     if args.adapter:

@@ -119,6 +119,8 @@ def build_parser():
                              "(default: 0.05; 0 for none)")
     parser.add_argument("--max-examples", type=int, default=None,
                         help="use only the first N examples of each source split, for quick tries (default: all)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow tokenizer code shipped in the model folder (its auto_map) to run")
     return parser
 
 
@@ -148,7 +150,7 @@ def run(args):
 
     # Claimed before tokenization: a foreign folder or a concurrent run into the same path fails at once.
     with claim_save_path(save_path) as target:
-        tokenizer = load_tokenizer(model)
+        tokenizer = load_tokenizer(model, args.trust_remote_code)
         raw = load_raw_dataset(dataset_name, config_name)
         dataset, report = prepare(args.recipe, recipe, tokenizer, raw, block_size=args.block_size,
                                   train_on_prompt=args.train_on_prompt, seed=args.seed,

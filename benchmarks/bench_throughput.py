@@ -347,7 +347,7 @@ def main(argv=None):
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     model_path = demo_assets.ensure_demo_model(MODEL_RECIPE)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=False)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     raw = preparation.load_raw_dataset(demo_assets.DEMO_SAMPLE_FILES[args.recipe_data])
     dataset, _ = preparation.prepare(args.recipe_data, prepare_dataset.RECIPES[args.recipe_data], tokenizer, raw,
@@ -355,7 +355,7 @@ def main(argv=None):
     train = dataset["train"]
     table = fu.TokenTable(train)
     from transformers import AutoConfig
-    config = AutoConfig.from_pretrained(model_path)
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=False)
 
     print(f"model {model_path} (hidden {config.hidden_size}, {config.num_hidden_layers} layers, vocab "
           f"{config.vocab_size}); data {args.recipe_data} sample: {len(table)} train examples, length "

@@ -3,17 +3,29 @@
 Layout inside `--save-model-dir`:
   .finetune_run.json            marks the folder as ours (we never touch a folder without it, unless empty)
   metrics.jsonl                 one row per logged step
-  checkpoints/step-00000040/    complete checkpoints only: PyTorch distributed checkpoint (each rank writes
-                                its shard of model and optimiser; with LoRA only the adapters and their
-                                optimiser state), trainer_state.json, rng_rank<r>.pt
+  checkpoints/step-00000040/    complete checkpoints only:
+      .metadata, __<r>_0.distcp     PyTorch distributed checkpoint (DCP) of tensors only: each rank writes its
+                                    shard of model and optimiser state (with LoRA only the adapters and their
+                                    optimiser state)
+      trainer_state.json            step, epoch, the run's fixed flags, the model's fingerprint, the LR schedule,
+                                    and `non_tensor_state`: every non-tensor part of the model and optimiser state
+                                    (the optimiser's param_groups), as JSON
+      rng_rank<r>.json              each rank's Python, NumPy, torch and CUDA RNG states, as JSON
+      checksums.sha256              SHA-256 of every file of the checkpoint (`sha256sum -c` format)
   checkpoints/step-00000050.partial/   a checkpoint being written; ignored on resume
-  checkpoints/step-00000040/checksums.sha256   SHA-256 of every file of the checkpoint (`sha256sum -c` format)
+
+Loading a checkpoint runs no code from it: the only pickles read are DCP's `.metadata`, through an unpickler
+that builds nothing but DCP's metadata classes, and DCP's tensors, through `torch.load(weights_only=True)`; see
+finetune/safe_checkpoint.py. Checkpoints of earlier versions, which pickled the optimiser's settings inside DCP
+and the RNG states in rng_rank<r>.pt, are refused. The checksums catch damage, not tampering: whoever can write
+the checkpoint can rewrite them.
 
 A checkpoint becomes visible by one rename, after every rank has finished writing, so a job killed in the
 middle of a save leaves the previous checkpoint as the newest complete one; its checksums are checked before it
 is resumed. The folder is locked (flock) for the life of a run, so two runs never write into it at once.
 `Checkpointer` is what the training scripts use: it locks and checks the folder, resumes or starts the run, and
-saves when due or when a stop signal came.
+saves when due or when a stop signal came. No path the run writes or deletes may be a symbolic link
+(`check_no_links`), so a run never changes anything outside its folder.
 """
 import atexit
 import contextlib
@@ -36,8 +48,9 @@ from safetensors import SafetensorError
 from torch.distributed.checkpoint.api import CheckpointException
 from tqdm import tqdm
 
-from finetune import lora
+from finetune import lora, safe_checkpoint
 from finetune.config import RUN_CONFIG_FILE, write_run_config
+from finetune.errors import FinetuneError
 
 RUN_MARKER = ".finetune_run.json"
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d{8})$")
@@ -149,6 +162,36 @@ def _remove_if_empty(folder):
         os.rmdir(folder)
 
 
+def remove_path(path):
+    """Delete `path` if it is there: a file, a symbolic link (the link itself, never what it points to) or a
+    folder with everything in it (links inside it are removed as links). Errors are raised, never ignored."""
+    try:
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+# What a run keeps in its folder and writes into or deletes from. A symbolic link at one of these paths would
+# send those writes and deletions to wherever it points (another run's checkpoints, say).
+KEPT_IN_RUN_DIR = (RUN_MARKER, "metrics.jsonl", "checkpoints", lora.ADAPTER_DIR)
+
+
+def check_no_links(save_dir):
+    """Refuse a run folder with a symbolic link where the run writes or deletes, naming the link."""
+    paths = [os.path.join(save_dir, name) for name in KEPT_IN_RUN_DIR]
+    root = os.path.join(save_dir, "checkpoints")
+    if os.path.isdir(root) and not os.path.islink(root):
+        paths += [os.path.join(root, name) for name in sorted(os.listdir(root))]
+    for path in paths:
+        if os.path.islink(path):
+            raise FinetuneError(f"{path} is a symbolic link: a run never writes or deletes through links out of "
+                                f"--save-model-dir, so nothing was changed; replace it with a real folder or file, "
+                                f"or choose another --save-model-dir")
+
+
 def check_save_dir(save_dir, resume, overwrite, resume_if_possible=False):
     """Refuse a folder that is unsafe to write into; returns the checkpoint to resume from (or None).
 
@@ -160,6 +203,7 @@ def check_save_dir(save_dir, resume, overwrite, resume_if_possible=False):
     if os.path.isdir(save_dir) and os.listdir(save_dir) and not ours:
         raise SystemExit(f"error: --save-model-dir {save_dir!r} holds files this script did not write; "
                          f"choose an empty or new folder")
+    check_no_links(save_dir)
     checkpoints = list_checkpoints(save_dir) if ours else []
     if resume_if_possible and checkpoints:
         return checkpoints[-1]
@@ -177,10 +221,10 @@ def start_run_dir(save_dir, script_name):
     """Mark `save_dir` as ours and start a fresh run in it (rank 0 only). Removes only files we wrote: old
     checkpoints and the earlier final weights, so a new run that dies never leaves a folder that looks finished."""
     with writing(save_dir):
-        shutil.rmtree(os.path.join(save_dir, "checkpoints"), ignore_errors=True)
-        shutil.rmtree(os.path.join(save_dir, FINAL_STAGING), ignore_errors=True)
+        remove_path(os.path.join(save_dir, "checkpoints"))
+        remove_path(os.path.join(save_dir, FINAL_STAGING))
         if os.path.isfile(os.path.join(save_dir, RUN_MARKER)):
-            shutil.rmtree(os.path.join(save_dir, lora.ADAPTER_DIR), ignore_errors=True)
+            remove_path(os.path.join(save_dir, lora.ADAPTER_DIR))
             for name in os.listdir(save_dir):
                 if name.startswith("model") and (name.endswith(".safetensors") or
                                                  name.endswith(".safetensors.index.json")):
@@ -215,22 +259,74 @@ def truncate_metrics(save_dir, last_step):
 # Save and load
 # ----------------------------------------------------------------------------------------------------------
 
+def _hex(byte_tensor):
+    return byte_tensor.numpy().tobytes().hex()
+
+
+def _byte_tensor(text):
+    return torch.frombuffer(bytearray.fromhex(text), dtype=torch.uint8)
+
+
 def _rng_state():
-    numpy_state = np.random.get_state()
-    return {
-        "python": list(random.getstate()[1]), "python_pos": random.getstate()[2],
-        "numpy": torch.from_numpy(numpy_state[1].astype(np.int64)), "numpy_pos": int(numpy_state[2]),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
+    """Every RNG state of this process as plain JSON values (torch's states as hex)."""
+    _, python_words, python_gauss = random.getstate()
+    _, numpy_words, numpy_pos, numpy_has_gauss, numpy_gauss = np.random.get_state()
+    return {"python": list(python_words), "python_gauss": python_gauss,
+            "numpy": numpy_words.tolist(), "numpy_pos": int(numpy_pos),
+            "numpy_gauss": [int(numpy_has_gauss), float(numpy_gauss)],
+            "torch": _hex(torch.get_rng_state()),
+            "cuda": [_hex(state) for state in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else []}
 
 
 def _set_rng_state(state):
-    random.setstate((3, tuple(state["python"]), state["python_pos"]))
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
-    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), state["python_gauss"]))
+    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), state["numpy_pos"],
+                         *state["numpy_gauss"]))
+    torch.set_rng_state(_byte_tensor(state["torch"]))
     if torch.cuda.is_available() and state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([_byte_tensor(text) for text in state["cuda"]])
+
+
+def rng_file(folder, rank):
+    return os.path.join(folder, f"rng_rank{rank}.json")
+
+
+def restore_rng(path):
+    """Set this process's RNGs from the file `path`; anything unusable in it is one error line naming it."""
+    try:
+        with open(path) as f:
+            _set_rng_state(json.load(f))
+    except (OSError, ValueError, KeyError, TypeError, IndexError, OverflowError, RuntimeError) as exc:
+        raise FinetuneError(f"checkpoint file {path!r} is corrupt: not the RNG state it should hold "
+                            f"({exc.__class__.__name__}); nothing was deleted") from None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tensors go to DCP, everything else to JSON: nothing of a checkpoint needs unpickling to load
+# ----------------------------------------------------------------------------------------------------------
+
+def split_tensors(state):
+    """(tensors, rest): the nested dict `state` as two nested dicts of its shape, one holding its tensors and
+    the other every other value (the optimiser's param_groups), for DCP and JSON respectively."""
+    tensors, rest = {}, {}
+    for key, value in state.items():
+        if isinstance(value, dict):
+            tensors[key], nested = split_tensors(value)
+            if nested:
+                rest[key] = nested
+        elif isinstance(value, torch.Tensor):
+            tensors[key] = value
+        else:
+            rest[key] = value
+    return tensors, rest
+
+
+def merge_state(tensors, rest):
+    """The nested dict that `split_tensors` split into `tensors` and `rest`."""
+    merged = dict(tensors)
+    for key, value in rest.items():
+        merged[key] = merge_state(merged.get(key, {}), value) if isinstance(value, dict) else value
+    return merged
 
 
 def model_fingerprint(model):
@@ -252,17 +348,18 @@ def save_checkpoint(save_dir, step, model, optimizer, scheduler, trainer_state, 
         if backend.is_main:
             for name in os.listdir(root) if os.path.isdir(root) else []:
                 if name.endswith(".partial"):  # left by a run killed while saving
-                    shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+                    remove_path(os.path.join(root, name))
             os.makedirs(partial)
         backend.barrier()
-        model_state, optim_state = _trained_state(model, optimizer)
+        tensors, rest = _split_trained_state(model, optimizer)
         with _quiet_checkpoint_library():
-            dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=partial)
-        torch.save(_rng_state(), os.path.join(partial, f"rng_rank{backend.rank}.pt"))
+            dcp.save(tensors, checkpoint_id=partial)
+        with open(rng_file(partial, backend.rank), "w") as f:
+            json.dump(_rng_state(), f)
         backend.barrier()
         if backend.is_main:
-            state = dict(trainer_state, step=step, world_size=backend.world_size,
-                         model=model_fingerprint(model), scheduler=scheduler.state_dict(), checksums=CHECKSUMS)
+            state = dict(trainer_state, step=step, world_size=backend.world_size, model=model_fingerprint(model),
+                         scheduler=scheduler.state_dict(), non_tensor_state=rest, checksums=CHECKSUMS)
             with open(os.path.join(partial, "trainer_state.json"), "w") as f:
                 json.dump(state, f)
                 f.flush()
@@ -270,16 +367,16 @@ def save_checkpoint(save_dir, step, model, optimizer, scheduler, trainer_state, 
         backend.barrier()
         write_checksums(partial, backend)
         if backend.is_main:
-            if os.path.exists(final):
-                shutil.rmtree(final)
+            remove_path(final)
             os.rename(partial, final)
             _fsync_dir(root)  # the rename itself must survive a power loss
             for old in list_checkpoints(save_dir)[:-keep_last] if keep_last > 0 else []:
-                shutil.rmtree(old, ignore_errors=True)
+                remove_path(old)
         backend.barrier()
     except (OSError, CheckpointException) as exc:
-        if backend.is_main:  # leave no half-written checkpoint taking up space
-            shutil.rmtree(partial, ignore_errors=True)
+        if backend.is_main:  # leave no half-written checkpoint taking up space; the error below says what failed
+            with contextlib.suppress(OSError):
+                remove_path(partial)
         previous = [c for c in list_checkpoints(save_dir) if c != final]
         kept = f"the previous checkpoint {previous[-1]!r} is intact" if previous else "no earlier checkpoint exists"
         raise SystemExit(f"error: could not write the checkpoint for step {step} in {partial!r} "
@@ -295,6 +392,12 @@ def _trained_state(model, optimizer):
     model_state, optim_state = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
     keep = {name for name, p in model.named_parameters() if p.requires_grad} | {n for n, _ in model.named_buffers()}
     return {k: v for k, v in model_state.items() if k in keep}, optim_state
+
+
+def _split_trained_state(model, optimizer):
+    """(tensors, rest) of `_trained_state`: the tensors for DCP, the rest for trainer_state.json."""
+    model_state, optim_state = _trained_state(model, optimizer)
+    return split_tensors({"model": model_state, "optimizer": optim_state})
 
 
 @contextlib.contextmanager
@@ -318,9 +421,9 @@ def _sha256(path):
 
 
 def hashed_by(name, world_size):
-    """The rank that hashes a checkpoint file: the one that wrote it (DCP's __R_N.distcp, our rng_rankR.pt), so
+    """The rank that hashes a checkpoint file: the one that wrote it (DCP's __R_N.distcp, our rng_rankR.json), so
     the bytes are read where they were just written, not fetched from another node; rank 0 for the rest."""
-    written = re.fullmatch(r"__(\d+)_\d+\.distcp|rng_rank(\d+)\.pt", name)
+    written = re.fullmatch(r"__(\d+)_\d+\.distcp|rng_rank(\d+)\.json", name)
     return int(written.group(1) or written.group(2)) % world_size if written else 0
 
 
@@ -391,14 +494,19 @@ def _fsync_dir(path):
 
 
 def read_trainer_state(path):
+    """trainer_state.json of the checkpoint `path`, which is refused unless this version can resume it safely."""
     try:
         with open(os.path.join(path, "trainer_state.json")) as f:
             state = json.load(f)
         if not isinstance(state, dict):
             raise ValueError
-        return state
     except (OSError, ValueError, UnicodeDecodeError) as exc:
         raise SystemExit(f"error: checkpoint {path!r} is unreadable ({exc.__class__.__name__}); nothing was deleted")
+    if not isinstance(state.get("non_tensor_state"), dict):
+        raise FinetuneError(f"checkpoint {path!r} was written by an earlier version of these scripts, which stored "
+                            f"the optimiser's settings and the RNG states as pickles; loading those could run "
+                            f"code, so it is not resumed. Start over with --overwrite (nothing was deleted)")
+    return state
 
 
 def check_same_run(path, state, settings):
@@ -427,7 +535,6 @@ def load_checkpoint(path, model, optimizer, scheduler, backend, expected_state=N
 
     `expected_state` holds the settings the run must share with the checkpoint (`check_same_run`).
     """
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
     state = read_trainer_state(path)
@@ -437,21 +544,27 @@ def load_checkpoint(path, model, optimizer, scheduler, backend, expected_state=N
                          f"({state.get('model')}); nothing was deleted")
     if not os.path.isfile(os.path.join(path, ".metadata")):  # DCP would print tracebacks while looking for it
         raise SystemExit(f"error: checkpoint {path!r} is corrupt or incomplete (no .metadata); nothing was deleted")
-    model_state, optim_state = _trained_state(model, optimizer)
+    tensors, _ = _split_trained_state(model, optimizer)
     try:
         with _quiet_checkpoint_library():
-            dcp.load({"model": model_state, "optimizer": optim_state}, checkpoint_id=path)
+            safe_checkpoint.load_tensors(tensors, path)
+    except safe_checkpoint.UnsafeCheckpoint as exc:
+        raise FinetuneError(f"{exc}; nothing was deleted") from None
     # DCP wraps storage and format errors in several exception types; its CheckpointException is a BaseException.
-    except (Exception, dcp.api.CheckpointException) as exc:
+    except (Exception, CheckpointException) as exc:
         raise SystemExit(f"error: checkpoint {path!r} is corrupt or incomplete ({exc.__class__.__name__}); "
                          f"nothing was deleted")
-    # Only what trains was saved (LoRA: the adapters); the frozen base came from the model files.
-    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
-                   options=StateDictOptions(ignore_frozen_params=True, strict=False))
-    scheduler.load_state_dict(state["scheduler"])
-    rng_file = os.path.join(path, f"rng_rank{backend.rank}.pt")
-    if os.path.isfile(rng_file):  # absent when resuming on more ranks than wrote the checkpoint
-        _set_rng_state(torch.load(rng_file, weights_only=True))
+    try:
+        restored = merge_state(tensors, state["non_tensor_state"])
+        # Only what trains was saved (LoRA: the adapters); the frozen base came from the model files.
+        set_state_dict(model, optimizer, model_state_dict=restored["model"], optim_state_dict=restored["optimizer"],
+                       options=StateDictOptions(ignore_frozen_params=True, strict=False))
+        scheduler.load_state_dict(state["scheduler"])
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as exc:
+        raise FinetuneError(f"checkpoint {path!r} is corrupt: its trainer_state.json does not fit this run's "
+                            f"optimiser or schedule ({exc.__class__.__name__}); nothing was deleted") from None
+    if os.path.isfile(rng_file(path, backend.rank)):  # absent when resuming on more ranks than wrote the checkpoint
+        restore_rng(rng_file(path, backend.rank))
     return state
 
 
@@ -627,10 +740,10 @@ def _move_into_place(staging, save_dir):
         weights = name.startswith("model") and ".safetensors" in name
         return (weights, name.endswith(".index.json"), name)
     for name in sorted(os.listdir(staging), key=order):
-        target = os.path.join(save_dir, name)
-        if os.path.isdir(target) and not os.path.islink(target):
-            shutil.rmtree(target)
-        os.replace(os.path.join(staging, name), target)
+        source, target = os.path.join(staging, name), os.path.join(save_dir, name)
+        if os.path.isdir(source):  # a folder (adapter/) cannot replace another one in one rename
+            remove_path(target)
+        os.replace(source, target)
     os.rmdir(staging)
     _fsync_dir(save_dir)
 
@@ -647,7 +760,7 @@ def save_final_model(model, tokenizer, backend, save_dir, plan):
     if backend.is_main:
         staging = os.path.join(save_dir, FINAL_STAGING)
         try:
-            shutil.rmtree(staging, ignore_errors=True)
+            remove_path(staging)  # left by an earlier save; a link there is removed, not followed
             if adapters:
                 lora.save_adapter_and_merged(model, state_dict, staging)
                 _usual_file_modes(os.path.join(staging, lora.ADAPTER_DIR))
@@ -659,8 +772,10 @@ def save_final_model(model, tokenizer, backend, save_dir, plan):
             _usual_file_modes(staging)
             _move_into_place(staging, save_dir)
         except (OSError, SafetensorError) as exc:
-            problem = f"error: could not save the final model to {save_dir!r} ({describe_error(exc)})"
-            shutil.rmtree(staging, ignore_errors=True)
+            path = getattr(exc, "filename", None) or save_dir
+            problem = f"error: could not save the final model to {path!r} ({describe_error(exc)})"
+            with contextlib.suppress(OSError):  # the error above is what matters
+                remove_path(staging)
     problem = backend.all_gather(problem)[0]
     if problem:
         raise SystemExit(problem)

@@ -45,10 +45,12 @@ def load_tokenizer(model):
     from transformers import AutoTokenizer
 
     from finetune.hub import require_local_or_reachable, root_cause_message
+    from finetune.remote_code import refusing_remote_code
 
     require_local_or_reachable(model.name_or_path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model.name_or_path, trust_remote_code=model.trust_remote_code)
+        with refusing_remote_code(model.name_or_path):
+            tokenizer = AutoTokenizer.from_pretrained(model.name_or_path, trust_remote_code=model.trust_remote_code)
     except (OSError, ValueError) as exc:
         raise SystemExit(f"error: cannot load the tokenizer of {model.name_or_path!r}: {str(exc).splitlines()[0]}")
     except Exception as exc:  # a garbled config.json (`[]`) fails in transformers' fallback reader with a TypeError

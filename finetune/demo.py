@@ -183,7 +183,7 @@ def load_demo_tokenizer(family: str):
 
     if family == "baichuan2":
         import modeling_baichuan  # noqa: F401  (registers BaichuanTokenizer with AutoTokenizer)
-    return AutoTokenizer.from_pretrained(ensure_demo_tokenizer(family))
+    return AutoTokenizer.from_pretrained(ensure_demo_tokenizer(family), trust_remote_code=False)
 
 
 # ----------------------------------------------------------------------------------------------

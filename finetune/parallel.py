@@ -31,6 +31,7 @@ import torch.distributed as dist
 from finetune import lora
 from finetune.chunked_loss import use_chunked_loss
 from finetune.errors import FinetuneError, error_line
+from finetune.remote_code import refusing_remote_code
 from finetune.sharding import decoder_layers, shard_model
 
 
@@ -171,8 +172,9 @@ def load_model(backend, model_class, model, layout=None, attn_implementation=Non
                                            if layout else (False, False, False))
     lora.check_backend(adapters, backend)
     try:
-        loaded = _load_and_place(backend, model_class, model_path, checkpointing, compile_layers,
-                                 attn_implementation, model.trust_remote_code, adapters, cpu_offload)
+        with refusing_remote_code(model_path):
+            loaded = _load_and_place(backend, model_class, model_path, checkpointing, compile_layers,
+                                     attn_implementation, model.trust_remote_code, adapters, cpu_offload)
         if chunked:  # the loss a chunk of tokens at a time, inside the model's own forward (FSDP2 gathers)
             use_chunked_loss(loaded.get_base_model() if adapters else loaded)
         return loaded

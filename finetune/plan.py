@@ -47,8 +47,9 @@ def count_parameters(cfg):
     return vocab * h + layers * per_layer + h + head
 
 
-def model_shape(model_name_or_path):
-    """The config fields the plan needs, from a local folder or the table of known hub models."""
+def model_shape(model_name_or_path, trust_remote_code=False):
+    """The config fields the plan needs, from a local folder or the table of known hub models (a local
+    config.json is read as JSON: nothing of the folder is imported)."""
     local = os.path.join(model_name_or_path, "config.json")
     if os.path.isfile(local):
         with open(local) as f:
@@ -57,7 +58,10 @@ def model_shape(model_name_or_path):
         return dict(KNOWN_CONFIGS[model_name_or_path])
     try:  # another hub model: its config.json is a small download
         from transformers import AutoConfig
-        return AutoConfig.from_pretrained(model_name_or_path).to_dict()
+
+        from finetune.remote_code import refusing_remote_code
+        with refusing_remote_code(model_name_or_path):
+            return AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code).to_dict()
     except (OSError, ValueError):
         raise SystemExit(f"error: no config.json in {model_name_or_path!r}, it could not be downloaded, and it is "
                          f"not one of {sorted(KNOWN_CONFIGS)}") from None
@@ -123,7 +127,7 @@ def plan_lines(result, header, facts=()):
 
 def plan_only(config, backend):
     """`--plan-only`: print the simulated plan for `--num-devices` x `--device-memory-gb` and load nothing."""
-    shape = model_shape(config.model.name_or_path)
+    shape = model_shape(config.model.name_or_path, config.model.trust_remote_code)
     target, adapters = config.plan_only, config.lora
     world = target.num_devices or backend.world_size
     if adapters and adapters.quantize_4bit and world > 1:
@@ -152,7 +156,7 @@ def _simulated_layout(config, backend):
     """The simulated plan for this job's own devices and host memory (printed), as layout entries."""
     device_gb = torch.cuda.get_device_properties(backend.device).total_memory / GIB
     local = int(os.environ.get("LOCAL_WORLD_SIZE", backend.world_size))
-    result = simulated_plan(config, model_shape(config.model.name_or_path), backend.world_size, device_gb,
+    result = simulated_plan(config, model_shape(config.model.name_or_path, config.model.trust_remote_code), backend.world_size, device_gb,
                             host_memory_gb() * backend.world_size / max(1, local))
     print("\n".join(plan_lines(result, "this job")), flush=True)
     if result.chosen is None:

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from finetune.hub import HubUnreachable, hub_offline, looks_like_path, require_hub, root_cause_message
+from finetune.remote_code import asks_for_remote_code, remote_code_error
 
 IGNORE_INDEX = -100
 REPORT_FILE = "prepare_report.json"
@@ -289,7 +290,8 @@ def load_raw_dataset(name_or_path, config_name=None):
         raise PrepareError(f"could not read data set '{name_or_path}': {message}") from None
 
 
-def load_tokenizer(name_or_path):
+def load_tokenizer(name_or_path, trust_remote_code=False):
+    """The tokenizer of a local folder or hub id; code the folder ships runs only with `trust_remote_code`."""
     from transformers import AutoTokenizer
 
     import modeling_baichuan  # noqa: F401  (registers BaichuanTokenizer so AutoTokenizer finds it)
@@ -301,8 +303,11 @@ def load_tokenizer(name_or_path):
             raise PrepareError(f"no such tokenizer folder: {name_or_path}")
         require_hub_or_fail("tokenizer", name_or_path)
     try:
-        return AutoTokenizer.from_pretrained(str(Path(name_or_path).expanduser()) if is_local else name_or_path)
+        return AutoTokenizer.from_pretrained(str(Path(name_or_path).expanduser()) if is_local else name_or_path,
+                                             trust_remote_code=trust_remote_code)
     except Exception as problem:
+        if asks_for_remote_code(problem):
+            raise remote_code_error(name_or_path) from None
         if not is_local and hub_offline():
             raise PrepareError(f"tokenizer '{name_or_path}' is not a local folder and not in the local cache, "
                                "and HF_HUB_OFFLINE=1 forbids downloading it; pass a local folder or use --demo") from None

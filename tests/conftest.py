@@ -46,6 +46,16 @@ def snapshot(*folders):
     return found
 
 
+class MarkerPayload:
+    """Unpickled, it creates the file `marker`: the code a hostile checkpoint would run instead."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').close()",)
+
+
 def _word_tokenizer(vocab_size):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
