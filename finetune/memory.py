@@ -64,6 +64,9 @@ FIT_FRACTION = 0.92  # of device memory a plan may use: allocator rounding, frag
 ADAPTERS = ("none", "lora", "qlora")
 PRECISIONS = ("bf16", "fp32")
 QLORA_BYTES_PER_WEIGHT = 0.5 + 4 / 64
+# Largest micro-batch a plan considers. The simulated step's time grows with its tokens (the chunked loss walks
+# them 1024 at a time: ~15 s more per million), and a 13B model fits about 8k tokens per pass on an 80 GB GPU.
+MAX_MICRO_BATCH_TOKENS = 2 ** 18
 PREFERENCE_RULE = (f"fastest that fits: no CPU offload before offload, no activation checkpointing before "
                    f"checkpointing, then the largest micro-batch; fits = device peak <= {FIT_FRACTION:.0%} of "
                    f"device memory and, with offload, the host need of the node's devices <= host memory")
@@ -171,9 +174,12 @@ def plan_candidates(model_config, world_size, batch_size, block_size, device_mem
     if batch_size <= 0 or batch_size % world_size:
         raise ValueError(f"batch size {batch_size} is not a positive multiple of the {world_size} devices")
     per_device = batch_size // world_size
-    micros = [micro_batch_size] if micro_batch_size else _micro_batch_sizes(per_device)
+    micros = [micro_batch_size] if micro_batch_size else _micro_batch_sizes(per_device, block_size)
     if micros[0] < 1 or per_device % micros[0]:
         raise ValueError(f"micro-batch {micros[0]} does not divide the {per_device} rows each device takes")
+    if micros[0] > 1 and micros[0] * block_size > MAX_MICRO_BATCH_TOKENS:
+        raise ValueError(f"a micro-batch of {micros[0]} x {block_size} tokens is past the {MAX_MICRO_BATCH_TOKENS} "
+                         f"tokens a plan simulates; choose a smaller --micro-batch-size")
     device_limit = device_memory_gb * GIB * FIT_FRACTION
     host_limit = host_memory_gb * GIB / (devices_per_node or world_size)
     config = _config_dict(model_config)
@@ -216,9 +222,10 @@ def _passes(accumulation_steps):
     return 2 if accumulation_steps >= 2 else 1
 
 
-def _micro_batch_sizes(rows):
-    """Powers of two dividing `rows`, largest first."""
-    return [2 ** k for k in range(int(math.log2(rows)), -1, -1) if rows % 2 ** k == 0]
+def _micro_batch_sizes(rows, block_size):
+    """Powers of two dividing `rows`, largest first, of at most MAX_MICRO_BATCH_TOKENS tokens (one row at least)."""
+    return [2 ** k for k in range(int(math.log2(rows)), -1, -1)
+            if rows % 2 ** k == 0 and (k == 0 or 2 ** k * block_size <= MAX_MICRO_BATCH_TOKENS)]
 
 
 def cache_dir():
