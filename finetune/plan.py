@@ -13,6 +13,7 @@ import os
 import torch
 
 from finetune import lora, memory
+from finetune.errors import FinetuneError, error_line
 from finetune.parallel import probe_micro_batch, split_global_batch
 
 # Shapes of the models this collection targets, so `--plan-only` works offline and without downloading.
@@ -30,6 +31,9 @@ KNOWN_CONFIGS = {
 }
 KNOWN_CONFIGS["baichuan-inc/Baichuan2-13B-Chat"] = KNOWN_CONFIGS["baichuan-inc/Baichuan2-13B-Base"]
 KNOWN_CONFIGS["meta-llama/Llama-2-13b-chat-hf"] = KNOWN_CONFIGS["meta-llama/Llama-2-13b-hf"]
+
+# What count_parameters and the simulation size the model by.
+SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
 
 GIB = 1024 ** 3
 HOST_MEMORY_GB_DEFAULT = 512  # a common 8-GPU server's host memory, for --plan-only
@@ -49,16 +53,46 @@ def model_shape(model_name_or_path):
     """The config fields the plan needs, from a local folder or the table of known hub models."""
     local = os.path.join(model_name_or_path, "config.json")
     if os.path.isfile(local):
-        with open(local) as f:
-            return json.load(f)
+        return check_shape(read_config_file(local), local)
     if model_name_or_path in KNOWN_CONFIGS:
         return dict(KNOWN_CONFIGS[model_name_or_path])
     try:  # another hub model: its config.json is a small download
         from transformers import AutoConfig
-        return AutoConfig.from_pretrained(model_name_or_path).to_dict()
+        config = AutoConfig.from_pretrained(model_name_or_path).to_dict()
     except (OSError, ValueError):
         raise SystemExit(f"error: no config.json in {model_name_or_path!r}, it could not be downloaded, and it is "
                          f"not one of {sorted(KNOWN_CONFIGS)}") from None
+    return check_shape(config, f"the config of {model_name_or_path}")
+
+
+def read_config_file(path):
+    """A config.json as a dict; a file that is not one is an error naming it (the plan reads it raw, before
+    transformers would)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        config = json.loads(text) if text.strip() else None
+    except OSError as exc:
+        raise FinetuneError(f"cannot read {path} ({exc.strerror or exc})") from None
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError alike
+        raise FinetuneError(f"{path} is not valid JSON ({str(exc).splitlines()[0]})") from None
+    if config is None:
+        raise FinetuneError(f"{path} is empty")
+    if not isinstance(config, dict):
+        raise FinetuneError(f"{path} must hold a JSON object, not a {type(config).__name__}")
+    return config
+
+
+def check_shape(config, source):
+    """The fields the plan sizes the model by must be there (a Llama- or Baichuan-style config)."""
+    if not isinstance(config.get("model_type"), str) or not config["model_type"]:
+        raise FinetuneError(f"{source} names no model_type (e.g. \"llama\" or \"baichuan\")")
+    bad = [name for name in SHAPE_FIELDS
+           if isinstance(config.get(name), bool) or not isinstance(config.get(name), int) or config[name] < 1]
+    if bad:
+        raise FinetuneError(f"{source} lacks {', '.join(bad)} as positive integers; the plan needs a Llama- or "
+                            f"Baichuan-style config")
+    return config
 
 
 def _toggle(value):
@@ -165,8 +199,8 @@ def choose_layout(args, backend):
         if backend.is_main:
             try:
                 layout.update(_simulated_layout(args, backend))
-            except SystemExit as exc:
-                problem = str(exc.code)
+            except (SystemExit, FinetuneError) as exc:  # every rank must hear it, not wait in the gather
+                problem = error_line(exc.code if isinstance(exc, SystemExit) else exc)
         layout, problem = backend.all_gather((layout, problem))[0]
         if problem:
             raise SystemExit(problem)

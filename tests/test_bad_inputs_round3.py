@@ -1,0 +1,91 @@
+"""Bad inputs, third round: damaged weight and adapter files, adapter settings on resume, absurd sizes, a broken
+memory-plan cache, a broken config.json under --plan-only, and prepare_dataset.py on non-UTF-8 or huge lines.
+
+Each must end in one `error:` line naming the file or flag and a non-zero exit, or give a correct result.
+"""
+import contextlib
+
+import pytest
+import torch
+
+from conftest import PYTHON, run_script
+
+import train_llama2
+from finetune import memory
+from finetune.args import parse_training_args
+
+
+def parse_error(*argv):
+    """The one `error:` line parse_training_args stops with for the training flags `argv`."""
+    with pytest.raises(SystemExit) as raised:
+        parse_training_args("", train_llama2.DEFAULTS, train_llama2.DEMO_DEFAULTS, list(argv))
+    message = raised.value.code
+    assert isinstance(message, str) and message.startswith("error: ") and "\n" not in message, message
+    return message
+
+
+# ---- absurd sizes are refused at parse time; planning cost stays bounded ----------------------------------------
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--lora", "--lora-rank", str(10 ** 12)], "--lora-rank must be positive and at most 8192"),
+    (["--plan-only", "--num-devices", "1000000", "--batch-size", "1000000"], "--num-devices must be from 1 to 8192"),
+    (["--plan-only", "--batch-size", str(10 ** 9)], "--batch-size must be from 1 to 1048576"),
+    (["--micro-batch-size", str(10 ** 9)], "--micro-batch-size must be from 1 to 1048576"),
+])
+def test_absurd_sizes_give_one_line_naming_the_flag_and_its_range(argv, expected):
+    assert expected in parse_error(*argv)
+
+
+class RecordingChild:
+    """Stands in for the simulation child: every micro-batch fits, and the sizes asked for are recorded."""
+
+    def __init__(self):
+        self.asked = []
+
+    def simulate(self, config, job):
+        part = {"device_peak": 1, "host_peak": 0, "categories": {"Parameter": 1}}
+        self.asked += [micro for micro, _ in job["runs"]]
+        return {micro: {"on_device": part, "offloaded": part} for micro, _ in job["runs"]}
+
+
+def test_a_huge_global_batch_plans_only_micro_batches_of_bounded_size(tmp_path, monkeypatch):
+    """A million rows on one device used to simulate micro-batches of up to a million rows (hours)."""
+    monkeypatch.setenv("FINETUNE_MEMORY_CACHE", str(tmp_path / "cache"))
+    child = RecordingChild()
+    monkeypatch.setattr(memory, "_SimulationChild", lambda: contextlib.nullcontext(child))
+    config = {"model_type": "llama", "vocab_size": 128, "hidden_size": 32, "intermediate_size": 64,
+              "num_hidden_layers": 2, "num_attention_heads": 4}
+    plan = memory.plan_candidates(config, 1, 2 ** 20, 128, device_memory_gb=80)
+    assert child.asked and max(child.asked) * 128 <= memory.MAX_MICRO_BATCH_TOKENS
+    assert plan.chosen.micro_batch_size == memory.MAX_MICRO_BATCH_TOKENS // 128
+    with pytest.raises(ValueError, match="--micro-batch-size"):
+        memory.plan_candidates(config, 1, 2 ** 20, 128, device_memory_gb=80, micro_batch_size=2 ** 20)
+
+
+# ---- --plan-only reads config.json itself --------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, expected", [
+    ("{not json", "is not valid JSON"), ("", "is empty"), ("  \n", "is empty"), ("[1, 2]", "JSON object, not a list"),
+    ('{"model_type": "llama", "vocab_size": 128}', "lacks hidden_size"),
+    ('{"hidden_size": 32}', "names no model_type"),
+    (b"\xff\xfe{}", "is not valid JSON"),
+])
+def test_plan_only_names_a_broken_config_json(tmp_path, text, expected):
+    from finetune import parallel, plan
+    from finetune.errors import FinetuneError
+
+    config = tmp_path / "config.json"
+    config.write_bytes(text if isinstance(text, bytes) else text.encode())
+    args = parse_training_args("", train_llama2.DEFAULTS, train_llama2.DEMO_DEFAULTS,
+                               ["--plan-only", "--model-name-or-path", str(tmp_path)])
+    with pytest.raises(FinetuneError) as raised:
+        plan.plan_only(args, parallel.Backend(engine="single", device=torch.device("cpu")))
+    assert str(config) in str(raised.value) and expected in str(raised.value), raised.value
+
+
+def test_plan_only_with_a_broken_config_json_exits_with_one_line(tmp_path):
+    (tmp_path / "config.json").write_text("[]")
+    result = run_script(PYTHON, "train_llama2.py", "--plan-only", "--model-name-or-path", str(tmp_path))
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'config.json'} must hold a JSON object, " \
+                                                     f"not a list"
