@@ -276,21 +276,91 @@ def _readings(config, setup, runs, stop, child):
     from the cache or simulated by `child`; with a stop rule, up to the first size that fits in none of the
     offload settings it names."""
     runs, readings = sorted(runs), {}
+    folder = cache_dir()
+
+    def entry(micro):
+        return folder / f"{_cache_key(config, setup, micro, dict(runs)[micro])}.json"
+
     for index, (micro, passes) in enumerate(runs):
-        path = cache_dir() / f"{_cache_key(config, setup, micro, passes)}.json"
-        if not path.is_file():
+        cached = _cached_reading(entry(micro))
+        if cached is None:
             fresh = child.simulate(config, {"setup": setup, "runs": runs[index:], "stop": stop})
-            cache_dir().mkdir(parents=True, exist_ok=True)
             for fresh_micro, reading in fresh.items():
-                path = cache_dir() / f"{_cache_key(config, setup, fresh_micro, dict(runs)[fresh_micro])}.json"
-                temporary = path.with_suffix(f".{os.getpid()}.tmp")
-                temporary.write_text(json.dumps(reading))
-                temporary.replace(path)
+                _store_reading(entry(fresh_micro), reading)
             return {**readings, **fresh}
-        readings[micro] = json.loads(path.read_text())
+        readings[micro] = cached
         if _exceeds(readings[micro], stop):
             break
     return readings
+
+
+# Cache folders this process found unusable: noted once each, then planned without.
+_UNUSABLE_CACHES = set()
+
+
+def _cached_reading(path):
+    """The reading cached at `path`; None when there is none, or when it is broken (one warning naming it: the
+    caller recomputes it, and the fresh reading replaces it)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (FileNotFoundError, NotADirectoryError):  # not cached yet, or the cache location is no folder
+        return None
+    except (OSError, ValueError) as exc:  # a folder in its place, unreadable bytes, an I/O error
+        problem = getattr(exc, "strerror", None) or str(exc)
+    else:
+        try:
+            reading = json.loads(text)
+        except ValueError:
+            problem = "not valid JSON; truncated?"
+        else:
+            problem = _reading_problem(reading)
+            if problem is None:
+                return reading
+    print(f"warning: memory-plan cache entry {path} is broken ({problem}); recomputing it", file=sys.stderr,
+          flush=True)
+    return None
+
+
+def _reading_problem(reading):
+    """Why a cached reading cannot be believed (a peak must be a byte count: a whole number, not negative), or
+    None."""
+    if not isinstance(reading, dict):
+        return f"a JSON {type(reading).__name__}, not a reading"
+    for part in ("on_device", "offloaded"):
+        figures = reading.get(part)
+        if not isinstance(figures, dict):
+            return f"no {part} figures"
+        for key in ("device_peak", "host_peak"):
+            if not _is_byte_count(figures.get(key)):
+                return f"{part} {key} is {figures.get(key)!r}"
+        categories = figures.get("categories")
+        if not isinstance(categories, dict) or not all(map(_is_byte_count, categories.values())):
+            return f"{part} categories are not byte counts"
+    return None
+
+
+def _is_byte_count(value):
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _store_reading(path, reading):
+    """Cache a fresh reading. Where the cache cannot be written (a file in its place, a read-only disk, no
+    permission), say so once and plan without it: the figures are the same, only slower next time."""
+    folder = path.parent
+    if folder in _UNUSABLE_CACHES or path.is_dir():  # a folder in the entry's place was already reported
+        return
+    temporary = path.with_suffix(f".{os.getpid()}.tmp")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        temporary.write_text(json.dumps(reading), encoding="utf-8")
+        temporary.replace(path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+        _UNUSABLE_CACHES.add(folder)
+        reason = "a file is in its place" if folder.is_file() else exc.strerror or exc
+        print(f"note: cannot write the memory-plan cache {folder} ({reason}); planning without it "
+              f"(set FINETUNE_MEMORY_CACHE to a writable folder)", file=sys.stderr, flush=True)
 
 
 def _exceeds(reading, stop):
