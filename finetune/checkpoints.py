@@ -410,15 +410,23 @@ def check_same_run(path, state, settings):
         if key == "dataset":
             raise SystemExit(f"error: --dataset-name-or-path: the training split differs from the one of the run "
                              f"being resumed ({path}); resume with the same data. Nothing was deleted")
-        then, now = ("not given" if v is None else v for v in (state[key], value))
         if key == "adapters":
-            raise SystemExit(f"error: the adapter flags (--lora, --qlora, --lora-*) differ from the run being resumed "
-                             f"({path}): it has {then}, this run {now}; resume with the same ones. Nothing was "
-                             f"deleted")
+            _check_same_adapters(path, state[key], value)
+            continue
+        then, now = ("not given" if v is None else v for v in (state[key], value))
         flag = "--" + key.replace("_", "-")
         raise SystemExit(f"error: {flag} {now} differs from the run being resumed ({flag} {then}, {path}); a "
                          f"resumed run keeps the flags it started with (see README, Preemption and resume). "
                          f"Nothing was deleted")
+
+
+def _check_same_adapters(path, saved, record):
+    """LoRA checkpoints hold adapters of one shape, scale and dropout, and no base: refuse other adapter flags."""
+    mismatch = lora.resume_mismatch(saved, record)
+    if mismatch:
+        flag, then, now = mismatch
+        raise SystemExit(f"error: {flag} differs from the run being resumed ({path}): it has {lora.describe(then)}, "
+                         f"this run {lora.describe(now)}; resume with the same adapter flags. Nothing was deleted")
 
 
 def load_checkpoint(path, model, optimizer, scheduler, backend, expected_state=None):
@@ -516,7 +524,7 @@ class Checkpointer:
         self.run_settings = fixed_settings(args)
         # A LoRA checkpoint holds adapters of one shape and no base: resume only into the same adapters.
         adapters = lora.settings(args)
-        self.run_settings["adapters"] = adapters.describe() if adapters else None
+        self.run_settings["adapters"] = adapters.record() if adapters else None
         self.step = self.epoch = 0
         save_dir = args.save_model_dir
         if os.path.exists(save_dir) and not os.path.isdir(save_dir):
