@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from finetune.errors import FinetuneError, error_line
+from finetune.weight_files import damaged_weight_file
 
 
 
@@ -178,10 +179,14 @@ def load_model(backend, model_class, model_path, gradient_checkpointing=False, c
             from finetune.chunked_loss import use_chunked_loss
             use_chunked_loss(model.get_base_model() if adapters else model)
         return model
-    except (OSError, ValueError) as exc:
-        raise SystemExit(f"error: cannot load the model {model_path!r}: {str(exc).splitlines()[0]}") from None
-    except (RuntimeError, NotImplementedError, ImportError) as exc:
-        if not (adapters and adapters.quantize_4bit):
+    except Exception as exc:
+        damaged = damaged_weight_file(model_path)  # whatever the reader raised, a damaged file is the cause
+        if damaged:
+            raise FinetuneError(f"cannot load the model {model_path!r}: {damaged}") from None
+        if isinstance(exc, (OSError, ValueError)):
+            raise SystemExit(f"error: cannot load the model {model_path!r}: {str(exc).splitlines()[0]}") from None
+        if not (adapters and adapters.quantize_4bit and isinstance(exc, (RuntimeError, NotImplementedError,
+                                                                           ImportError))):
             raise
         raise SystemExit(f"error: --qlora: bitsandbytes cannot load a 4-bit model on {backend.device} here "
                          f"({str(exc).splitlines()[0]})") from None
