@@ -20,9 +20,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import modeling_baichuan  # noqa: F401  (registers Baichuan with the Auto classes)
 from finetune.demo import DEMO_SAMPLE_FILES
-from finetune.errors import exit_on_error
+from finetune.errors import FinetuneError, exit_on_error
 from finetune.hub import looks_like_path, require_local_or_reachable, root_cause_message
 from finetune.preparation import leading_special_ids, require
+from finetune.saved_adapter import check_targets_fit, read_adapter
+from finetune.weight_files import damaged_weight_file
 from prepare_dataset import RECIPES
 
 
@@ -113,7 +115,8 @@ def load_model(model_dir):
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     except Exception as exc:  # a truncated or garbled file raises whatever its reader raises
-        raise SystemExit(f"error: cannot load a model from {model_dir!r}: {root_cause_message(exc)}") from None
+        reason = damaged_weight_file(model_dir) or root_cause_message(exc)
+        raise FinetuneError(f"cannot load a model from {model_dir!r}: {reason}") from None
     return tokenizer, model
 
 
@@ -136,11 +139,13 @@ def main(argv=None):
     args = parse_args(argv)
     example = load_example(args)
     check_example(example, args.recipe, args.chat)
+    adapter = read_adapter(args.adapter, args.model_dir) if args.adapter else None
     tokenizer, model = load_model(args.model_dir)
     require(not args.chat or model.config.model_type == "baichuan",
             f"--chat is Baichuan2's chat format; {args.model_dir!r} holds a {model.config.model_type} model")
     if args.adapter:
         from peft import PeftModel
+        check_targets_fit(*adapter, model, args.adapter, args.model_dir)
         try:
             model = PeftModel.from_pretrained(model, args.adapter)
         except (OSError, ValueError, RuntimeError) as exc:  # RuntimeError: an adapter made for another model
