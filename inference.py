@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import modeling_baichuan  # noqa: F401  (registers Baichuan with the Auto classes)
 from finetune.demo import DEMO_SAMPLE_FILES
-from finetune.errors import FinetuneError, exit_on_error
+from finetune.errors import exit_on_error
 from finetune.hub import looks_like_path, require_local_or_reachable, root_cause_message
 from finetune.preparation import leading_special_ids, require
 from finetune.saved_adapter import check_targets_fit, read_adapter
@@ -116,7 +116,7 @@ def load_model(model_dir):
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     except Exception as exc:  # a truncated or garbled file raises whatever its reader raises
         reason = damaged_weight_file(model_dir) or root_cause_message(exc)
-        raise FinetuneError(f"cannot load a model from {model_dir!r}: {reason}") from None
+        raise SystemExit(f"error: cannot load a model from {model_dir!r}: {reason}") from None
     return tokenizer, model
 
 
