@@ -24,6 +24,8 @@ from finetune.errors import exit_on_error
 from finetune.hub import looks_like_path, require_local_or_reachable, root_cause_message
 from finetune.preparation import leading_special_ids, require
 from finetune.remote_code import asks_for_remote_code, remote_code_error
+from finetune.saved_adapter import check_targets_fit, read_adapter
+from finetune.weight_files import damaged_weight_file
 from prepare_dataset import RECIPES
 
 
@@ -120,7 +122,8 @@ def load_model(model_dir, trust_remote_code=False):
     except Exception as exc:  # a truncated or garbled file raises whatever its reader raises
         if asks_for_remote_code(exc):
             raise remote_code_error(model_dir) from None
-        raise SystemExit(f"error: cannot load a model from {model_dir!r}: {root_cause_message(exc)}") from None
+        reason = damaged_weight_file(model_dir) or root_cause_message(exc)
+        raise SystemExit(f"error: cannot load a model from {model_dir!r}: {reason}") from None
     return tokenizer, model
 
 
@@ -143,11 +146,13 @@ def main(argv=None):
     args = parse_args(argv)
     example = load_example(args)
     check_example(example, args.recipe, args.chat)
+    adapter = read_adapter(args.adapter, args.model_dir) if args.adapter else None
     tokenizer, model = load_model(args.model_dir, args.trust_remote_code)
     require(not args.chat or model.config.model_type == "baichuan",
             f"--chat is Baichuan2's chat format; {args.model_dir!r} holds a {model.config.model_type} model")
     if args.adapter:
         from peft import PeftModel
+        check_targets_fit(*adapter, model, args.adapter, args.model_dir)
         try:
             model = PeftModel.from_pretrained(model, args.adapter)
         except (OSError, ValueError, RuntimeError) as exc:  # RuntimeError: an adapter made for another model

@@ -8,6 +8,12 @@ from finetune.config import RunConfig, from_flags
 from finetune.data import BATCHING_MODES
 
 LORA_LR = 2e-4  # the default --lr with --lora / --qlora
+# Upper bounds far past any real job, so a typo (an extra zero or ten) is one line at parse time rather than an
+# allocator traceback or a plan that runs for hours. A plan's cost grows with the simulated process count
+# (FSDP2 shards every parameter into that many pieces): 8,192 devices plan as fast as 8, 65,536 take minutes.
+MAX_DEVICES = 8192
+MAX_BATCH_ROWS = 2 ** 20      # rows per optimiser step: a billion tokens at --block-size 1024
+MAX_LORA_RANK = 8192          # the widest layers here (Llama 2 70B) are 8192: a higher rank adds nothing
 
 
 def parse_run_config(description, defaults, demo_defaults, demo_assets=None, argv=None) -> RunConfig:
@@ -129,10 +135,10 @@ class _Parser(argparse.ArgumentParser):
 
 # (flag, lowest, highest, lowest allowed itself): every numeric flag, checked at parse time.
 NUMBER_RANGES = [
-    ("epochs", 1, None, True), ("batch_size", 1, None, True), ("block_size", 1, None, True),
+    ("epochs", 1, None, True), ("batch_size", 1, MAX_BATCH_ROWS, True), ("block_size", 1, None, True),
     ("log_interval", 1, None, True), ("max_steps", 1, None, True), ("save_every", 1, None, True),
-    ("keep_last", 1, None, True), ("micro_batch_size", 1, None, True), ("eval_every", 1, None, True),
-    ("num_devices", 1, None, True), ("num_workers", 0, None, True), ("skip_nonfinite", 0, None, True),
+    ("keep_last", 1, None, True), ("micro_batch_size", 1, MAX_BATCH_ROWS, True), ("eval_every", 1, None, True),
+    ("num_devices", 1, MAX_DEVICES, True), ("num_workers", 0, None, True), ("skip_nonfinite", 0, None, True),
     ("seed", 0, 2 ** 32 - 1, True),  # NumPy's seeding takes no more
     ("lr", 0, None, False), ("warmup_ratio", 0, 1, True), ("min_lr_ratio", 0, 1, True),
     ("weight_decay", 0, None, True),
@@ -182,8 +188,8 @@ def _check_lora_args(args, defaults, lr_given):
     if args.lora_target_modules is None:
         args.lora_target_modules = defaults.get("lora_target_modules", "q_proj,k_proj,v_proj,o_proj,gate_proj,"
                                                                        "up_proj,down_proj")
-    if args.lora_rank <= 0:
-        raise SystemExit(f"error: --lora-rank must be positive (got {args.lora_rank})")
+    if not 1 <= args.lora_rank <= MAX_LORA_RANK:
+        raise SystemExit(f"error: --lora-rank must be positive and at most {MAX_LORA_RANK} (got {args.lora_rank})")
     if not (args.lora_alpha > 0 and math.isfinite(args.lora_alpha)):
         raise SystemExit(f"error: --lora-alpha must be a positive number (got {args.lora_alpha})")
     if not 0 <= args.lora_dropout < 1:

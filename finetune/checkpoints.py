@@ -519,15 +519,23 @@ def check_same_run(path, state, settings):
         if key == "dataset":
             raise SystemExit(f"error: --dataset-name-or-path: the training split differs from the one of the run "
                              f"being resumed ({path}); resume with the same data. Nothing was deleted")
-        then, now = ("not given" if v is None else v for v in (state[key], value))
         if key == "adapters":
-            raise SystemExit(f"error: the adapter flags (--lora, --qlora, --lora-*) differ from the run being resumed "
-                             f"({path}): it has {then}, this run {now}; resume with the same ones. Nothing was "
-                             f"deleted")
+            _check_same_adapters(path, state[key], value)
+            continue
+        then, now = ("not given" if v is None else v for v in (state[key], value))
         flag = "--" + key.replace("_", "-")
         raise SystemExit(f"error: {flag} {now} differs from the run being resumed ({flag} {then}, {path}); a "
                          f"resumed run keeps the flags it started with (see README, Preemption and resume). "
                          f"Nothing was deleted")
+
+
+def _check_same_adapters(path, saved, record):
+    """LoRA checkpoints hold adapters of one shape, scale and dropout, and no base: refuse other adapter flags."""
+    mismatch = lora.resume_mismatch(saved, record)
+    if mismatch:
+        flag, then, now = mismatch
+        raise SystemExit(f"error: {flag} differs from the run being resumed ({path}): it has {lora.describe(then)}, "
+                         f"this run {lora.describe(now)}; resume with the same adapter flags. Nothing was deleted")
 
 
 def load_checkpoint(path, model, optimizer, scheduler, backend, expected_state=None):
@@ -624,7 +632,7 @@ class Checkpointer:
         # The flags a resumed run must share with the run it continues: they fix the data order, the optimiser
         # and its schedule, and the run's length. A LoRA checkpoint holds adapters of one shape and no base.
         self.run_settings = dict(config.fixed_on_resume(),
-                                 adapters=config.lora.describe() if config.lora else None)
+                                 adapters=config.lora.record() if config.lora else None)
         self.step = self.epoch = 0
         save_dir = section.save_model_dir
         if os.path.exists(save_dir) and not os.path.isdir(save_dir):

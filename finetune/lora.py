@@ -11,6 +11,7 @@ unquantised base): an ordinary model folder that loads with AutoModelForCausalLM
 """
 import logging
 import os
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -35,10 +36,50 @@ class LoraSettings:
     base: str                 # hub id or folder of the base model, named in the saved adapter
     trust_remote_code: bool = False
 
-    def describe(self):
-        """One line, stored in checkpoints: a resumed run must train adapters of the same shape and scale."""
-        kind = "qlora (4-bit NF4 base)" if self.quantize_4bit else "lora"
-        return f"{kind} rank {self.rank} alpha {self.alpha:g} on {','.join(self.targets)}"
+    def record(self):
+        """What a checkpoint stores of the adapters: a resumed run must train adapters of the same shape, scale
+        and dropout. The targets are a set: the order they were named in changes nothing."""
+        return {"kind": "qlora" if self.quantize_4bit else "lora", "rank": self.rank, "alpha": self.alpha,
+                "dropout": self.dropout, "targets": sorted(self.targets)}
+
+
+# The adapter flags a resumed run must keep, by the record() field they set.
+RESUME_FLAGS = {"kind": "--lora/--qlora", "rank": "--lora-rank", "alpha": "--lora-alpha",
+                "dropout": "--lora-dropout", "targets": "--lora-target-modules"}
+
+
+def describe(record):
+    """A record() as words, for error lines."""
+    if record is None:
+        return "no adapters (full fine-tuning)"
+    kind = "qlora (4-bit NF4 base)" if record["kind"] == "qlora" else "lora"
+    dropout = f" dropout {record['dropout']:g}" if "dropout" in record else ""
+    return f"{kind} rank {record['rank']} alpha {record['alpha']:g}{dropout} on {','.join(record['targets'])}"
+
+
+def _record_of_description(line):
+    """The record in a checkpoint of an earlier version, which stored a line like "lora rank 16 alpha 32 on
+    q_proj,v_proj" (no dropout: theirs is not compared); None if the line is not one."""
+    found = re.fullmatch(r"(q?lora)\b.* rank (\d+) alpha (\S+) on (\S+)", line)
+    if not found:
+        return None
+    kind, rank, alpha, targets = found.groups()
+    return {"kind": kind, "rank": int(rank), "alpha": float(alpha), "targets": sorted(targets.split(","))}
+
+
+def resume_mismatch(saved, record):
+    """The first adapter flag in which this run (`record`, a record() or None) differs from the checkpoint's
+    `saved` adapters, as (flag, the checkpoint's record, this run's); None when they agree."""
+    if isinstance(saved, str):
+        saved = _record_of_description(saved)
+        if saved is None:  # a line this version cannot read: nothing to compare
+            return None
+    if saved is None or record is None:
+        return None if saved is record else (RESUME_FLAGS["kind"], saved, record)
+    for key, flag in RESUME_FLAGS.items():
+        if key in saved and saved[key] != record[key]:
+            return flag, saved, record
+    return None
 
 
 def base_dtype(settings, mixed_precision):

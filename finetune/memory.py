@@ -66,6 +66,9 @@ FIT_FRACTION = 0.92  # of device memory a plan may use: allocator rounding, frag
 ADAPTERS = ("none", "lora", "qlora")
 PRECISIONS = ("bf16", "fp32")
 QLORA_BYTES_PER_WEIGHT = 0.5 + 4 / 64
+# Largest micro-batch a plan considers. The simulated step's time grows with its tokens (the chunked loss walks
+# them 1024 at a time: ~15 s more per million), and a 13B model fits about 8k tokens per pass on an 80 GB GPU.
+MAX_MICRO_BATCH_TOKENS = 2 ** 18
 PREFERENCE_RULE = (f"fastest that fits: no CPU offload before offload, no activation checkpointing before "
                    f"checkpointing, then the largest micro-batch; fits = device peak <= {FIT_FRACTION:.0%} of "
                    f"device memory and, with offload, the host need of the node's devices <= host memory")
@@ -173,9 +176,12 @@ def plan_candidates(model_config, world_size, batch_size, block_size, device_mem
     if batch_size <= 0 or batch_size % world_size:
         raise ValueError(f"batch size {batch_size} is not a positive multiple of the {world_size} devices")
     per_device = batch_size // world_size
-    micros = [micro_batch_size] if micro_batch_size else _micro_batch_sizes(per_device)
+    micros = [micro_batch_size] if micro_batch_size else _micro_batch_sizes(per_device, block_size)
     if micros[0] < 1 or per_device % micros[0]:
         raise ValueError(f"micro-batch {micros[0]} does not divide the {per_device} rows each device takes")
+    if micros[0] > 1 and micros[0] * block_size > MAX_MICRO_BATCH_TOKENS:
+        raise ValueError(f"a micro-batch of {micros[0]} x {block_size} tokens is past the {MAX_MICRO_BATCH_TOKENS} "
+                         f"tokens a plan simulates; choose a smaller --micro-batch-size")
     device_limit = device_memory_gb * GIB * FIT_FRACTION
     host_limit = host_memory_gb * GIB / (devices_per_node or world_size)
     config = _config_dict(model_config)
@@ -218,9 +224,10 @@ def _passes(accumulation_steps):
     return 2 if accumulation_steps >= 2 else 1
 
 
-def _micro_batch_sizes(rows):
-    """Powers of two dividing `rows`, largest first."""
-    return [2 ** k for k in range(int(math.log2(rows)), -1, -1) if rows % 2 ** k == 0]
+def _micro_batch_sizes(rows, block_size):
+    """Powers of two dividing `rows`, largest first, of at most MAX_MICRO_BATCH_TOKENS tokens (one row at least)."""
+    return [2 ** k for k in range(int(math.log2(rows)), -1, -1)
+            if rows % 2 ** k == 0 and (k == 0 or 2 ** k * block_size <= MAX_MICRO_BATCH_TOKENS)]
 
 
 def cache_dir():
@@ -272,21 +279,91 @@ def _readings(config, setup, runs, stop, child):
     from the cache or simulated by `child`; with a stop rule, up to the first size that fits in none of the
     offload settings it names."""
     runs, readings = sorted(runs), {}
+    folder = cache_dir()
+
+    def entry(micro):
+        return folder / f"{_cache_key(config, setup, micro, dict(runs)[micro])}.json"
+
     for index, (micro, passes) in enumerate(runs):
-        path = cache_dir() / f"{_cache_key(config, setup, micro, passes)}.json"
-        if not path.is_file():
+        cached = _cached_reading(entry(micro))
+        if cached is None:
             fresh = child.simulate(config, {"setup": setup, "runs": runs[index:], "stop": stop})
-            cache_dir().mkdir(parents=True, exist_ok=True)
             for fresh_micro, reading in fresh.items():
-                path = cache_dir() / f"{_cache_key(config, setup, fresh_micro, dict(runs)[fresh_micro])}.json"
-                temporary = path.with_suffix(f".{os.getpid()}.tmp")
-                temporary.write_text(json.dumps(reading))
-                temporary.replace(path)
+                _store_reading(entry(fresh_micro), reading)
             return {**readings, **fresh}
-        readings[micro] = json.loads(path.read_text())
+        readings[micro] = cached
         if _exceeds(readings[micro], stop):
             break
     return readings
+
+
+# Cache folders this process found unusable: noted once each, then planned without.
+_UNUSABLE_CACHES = set()
+
+
+def _cached_reading(path):
+    """The reading cached at `path`; None when there is none, or when it is broken (one warning naming it: the
+    caller recomputes it, and the fresh reading replaces it)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (FileNotFoundError, NotADirectoryError):  # not cached yet, or the cache location is no folder
+        return None
+    except (OSError, ValueError) as exc:  # a folder in its place, unreadable bytes, an I/O error
+        problem = getattr(exc, "strerror", None) or str(exc)
+    else:
+        try:
+            reading = json.loads(text)
+        except ValueError:
+            problem = "not valid JSON; truncated?"
+        else:
+            problem = _reading_problem(reading)
+            if problem is None:
+                return reading
+    print(f"warning: memory-plan cache entry {path} is broken ({problem}); recomputing it", file=sys.stderr,
+          flush=True)
+    return None
+
+
+def _reading_problem(reading):
+    """Why a cached reading cannot be believed (a peak must be a byte count: a whole number, not negative), or
+    None."""
+    if not isinstance(reading, dict):
+        return f"a JSON {type(reading).__name__}, not a reading"
+    for part in ("on_device", "offloaded"):
+        figures = reading.get(part)
+        if not isinstance(figures, dict):
+            return f"no {part} figures"
+        for key in ("device_peak", "host_peak"):
+            if not _is_byte_count(figures.get(key)):
+                return f"{part} {key} is {figures.get(key)!r}"
+        categories = figures.get("categories")
+        if not isinstance(categories, dict) or not all(map(_is_byte_count, categories.values())):
+            return f"{part} categories are not byte counts"
+    return None
+
+
+def _is_byte_count(value):
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _store_reading(path, reading):
+    """Cache a fresh reading. Where the cache cannot be written (a file in its place, a read-only disk, no
+    permission), say so once and plan without it: the figures are the same, only slower next time."""
+    folder = path.parent
+    if folder in _UNUSABLE_CACHES or path.is_dir():  # a folder in the entry's place was already reported
+        return
+    temporary = path.with_suffix(f".{os.getpid()}.tmp")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        temporary.write_text(json.dumps(reading), encoding="utf-8")
+        temporary.replace(path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+        _UNUSABLE_CACHES.add(folder)
+        reason = "a file is in its place" if folder.is_file() else exc.strerror or exc
+        print(f"note: cannot write the memory-plan cache {folder} ({reason}); planning without it "
+              f"(set FINETUNE_MEMORY_CACHE to a writable folder)", file=sys.stderr, flush=True)
 
 
 def _exceeds(reading, stop):

@@ -33,6 +33,7 @@ from finetune.chunked_loss import use_chunked_loss
 from finetune.errors import FinetuneError, error_line
 from finetune.remote_code import refusing_remote_code
 from finetune.sharding import decoder_layers, shard_model
+from finetune.weight_files import damaged_weight_file
 
 
 
@@ -178,10 +179,14 @@ def load_model(backend, model_class, model, layout=None, attn_implementation=Non
         if chunked:  # the loss a chunk of tokens at a time, inside the model's own forward (FSDP2 gathers)
             use_chunked_loss(loaded.get_base_model() if adapters else loaded)
         return loaded
-    except (OSError, ValueError) as exc:
-        raise SystemExit(f"error: cannot load the model {model_path!r}: {str(exc).splitlines()[0]}") from None
-    except (RuntimeError, NotImplementedError, ImportError) as exc:
-        if not (adapters and adapters.quantize_4bit):
+    except Exception as exc:
+        damaged = damaged_weight_file(model_path)  # whatever the reader raised, a damaged file is the cause
+        if damaged:
+            raise FinetuneError(f"cannot load the model {model_path!r}: {damaged}") from None
+        if isinstance(exc, (OSError, ValueError)):
+            raise SystemExit(f"error: cannot load the model {model_path!r}: {str(exc).splitlines()[0]}") from None
+        if not (adapters and adapters.quantize_4bit and isinstance(exc, (RuntimeError, NotImplementedError,
+                                                                           ImportError))):
             raise
         raise SystemExit(f"error: --qlora: bitsandbytes cannot load a 4-bit model on {backend.device} here "
                          f"({str(exc).splitlines()[0]})") from None

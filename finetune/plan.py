@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from finetune import lora, memory
+from finetune.errors import FinetuneError, error_line
 from finetune.parallel import probe_micro_batch, split_global_batch
 
 # Shapes of the models this collection targets, so `--plan-only` works offline and without downloading.
@@ -32,6 +33,9 @@ KNOWN_CONFIGS = {
 }
 KNOWN_CONFIGS["baichuan-inc/Baichuan2-13B-Chat"] = KNOWN_CONFIGS["baichuan-inc/Baichuan2-13B-Base"]
 KNOWN_CONFIGS["meta-llama/Llama-2-13b-chat-hf"] = KNOWN_CONFIGS["meta-llama/Llama-2-13b-hf"]
+
+# What count_parameters and the simulation size the model by.
+SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
 
 GIB = 1024 ** 3
 HOST_MEMORY_GB_DEFAULT = 512  # a common 8-GPU server's host memory, for --plan-only
@@ -52,8 +56,7 @@ def model_shape(model_name_or_path, trust_remote_code=False):
     config.json is read as JSON: nothing of the folder is imported)."""
     local = os.path.join(model_name_or_path, "config.json")
     if os.path.isfile(local):
-        with open(local) as f:
-            return json.load(f)
+        return check_shape(read_config_file(local), local)
     if model_name_or_path in KNOWN_CONFIGS:
         return dict(KNOWN_CONFIGS[model_name_or_path])
     try:  # another hub model: its config.json is a small download
@@ -61,10 +64,41 @@ def model_shape(model_name_or_path, trust_remote_code=False):
 
         from finetune.remote_code import refusing_remote_code
         with refusing_remote_code(model_name_or_path):
-            return AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code).to_dict()
+            config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code).to_dict()
     except (OSError, ValueError):
         raise SystemExit(f"error: no config.json in {model_name_or_path!r}, it could not be downloaded, and it is "
                          f"not one of {sorted(KNOWN_CONFIGS)}") from None
+    return check_shape(config, f"the config of {model_name_or_path}")
+
+
+def read_config_file(path):
+    """A config.json as a dict; a file that is not one is an error naming it (the plan reads it raw, before
+    transformers would)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        config = json.loads(text) if text.strip() else None
+    except OSError as exc:
+        raise FinetuneError(f"cannot read {path} ({exc.strerror or exc})") from None
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError alike
+        raise FinetuneError(f"{path} is not valid JSON ({str(exc).splitlines()[0]})") from None
+    if config is None:
+        raise FinetuneError(f"{path} is empty")
+    if not isinstance(config, dict):
+        raise FinetuneError(f"{path} must hold a JSON object, not a {type(config).__name__}")
+    return config
+
+
+def check_shape(config, source):
+    """The fields the plan sizes the model by must be there (a Llama- or Baichuan-style config)."""
+    if not isinstance(config.get("model_type"), str) or not config["model_type"]:
+        raise FinetuneError(f"{source} names no model_type (e.g. \"llama\" or \"baichuan\")")
+    bad = [name for name in SHAPE_FIELDS
+           if isinstance(config.get(name), bool) or not isinstance(config.get(name), int) or config[name] < 1]
+    if bad:
+        raise FinetuneError(f"{source} lacks {', '.join(bad)} as positive integers; the plan needs a Llama- or "
+                            f"Baichuan-style config")
+    return config
 
 
 @dataclass(frozen=True)
@@ -188,8 +222,8 @@ def choose_layout(config, backend) -> Layout:
         if backend.is_main:
             try:
                 layout = dataclasses.replace(layout, **_simulated_layout(config, backend))
-            except SystemExit as exc:
-                problem = str(exc.code)
+            except (SystemExit, FinetuneError) as exc:  # every rank must hear it, not wait in the gather
+                problem = error_line(exc.code if isinstance(exc, SystemExit) else exc)
         layout, problem = backend.all_gather((layout, problem))[0]
         if problem:
             raise SystemExit(problem)

@@ -5,6 +5,7 @@ head, body, tail and response strings, and `columns`, the text columns it reads.
 recipe-agnostic: tokenisation that keeps the response, label masks, the train/validation split, loading local
 or hub data, and an atomic write of the output folder.
 """
+import codecs
 import ctypes
 import errno
 import fcntl
@@ -57,18 +58,39 @@ def leading_special_ids(tokenizer):
     return list(with_specials[:start])
 
 
-def tokenize_examples(batch, build_prompt, tokenizer, block_size, train_on_prompt=False, prefix_ids=None):
+def text_budget(tokenizer, block_size):
+    """Characters of one text column that can matter for an example of `block_size` tokens.
+
+    A token covers at most as many characters as its longest vocabulary entry (SentencePiece's "▁" and
+    byte-level BPE's "Ġ" stand for one character; Llama 2's longest piece is 16 characters, Baichuan2's 32). So
+    the first block_size x longest characters of a text hold at least block_size tokens, more than an example
+    keeps; twice that leaves the tokens kept far from the cut, where the cut cannot change them. Texts are cut
+    to it before tokenizing: a 64 MB article is not tokenized whole (16M tokens, gigabytes) to keep 1k."""
+    longest = max(map(len, tokenizer.get_vocab()), default=1)
+    return 2 * block_size * max(longest, 1)
+
+
+def clip_text(value, budget):
+    return value[:budget] if isinstance(value, str) and len(value) > budget else value
+
+
+def tokenize_examples(batch, build_prompt, tokenizer, block_size, train_on_prompt=False, prefix_ids=None,
+                      char_budget=None):
     """Tokenize a batch (dict of column lists) for datasets.map(batched=True).
 
     The whole text is tokenized once per example, so an example that fits decodes back to exactly
     head + body + tail + response. Where the parts start and end inside those ids is found by tokenizing
     head, head + tail, and head + tail + response or head + body + tail (whichever leaves out more text).
+    Text columns are first cut to `char_budget` characters (default: text_budget), which changes no kept token.
     Returns input_ids, labels and per-example statistics columns (names starting with "stat_")."""
     if prefix_ids is None:
         prefix_ids = leading_special_ids(tokenizer)
+    if char_budget is None:
+        char_budget = text_budget(tokenizer, block_size)
     eos_id = tokenizer.eos_token_id
     size = len(next(iter(batch.values())))
-    parts = [build_prompt({name: values[index] for name, values in batch.items()}) for index in range(size)]
+    parts = [build_prompt({name: clip_text(values[index], char_budget) for name, values in batch.items()})
+             for index in range(size)]
 
     fast = tokenizer.backend_tokenizer if getattr(tokenizer, "is_fast", False) else None
 
@@ -193,7 +215,8 @@ def prepare(recipe_name, recipe, tokenizer, raw_dataset_dict, block_size=1024, t
             batched=True,
             batch_size=1000,
             fn_kwargs=dict(build_prompt=recipe["build_prompt"], tokenizer=tokenizer, block_size=block_size,
-                           train_on_prompt=train_on_prompt, prefix_ids=prefix_ids),
+                           train_on_prompt=train_on_prompt, prefix_ids=prefix_ids,
+                           char_budget=text_budget(tokenizer, block_size)),
             remove_columns=raw["train"].column_names,
             desc=f"tokenizing ({recipe_name})",
         )
@@ -266,6 +289,7 @@ def load_raw_dataset(name_or_path, config_name=None):
             if file_format is None:
                 raise PrepareError(f"unsupported data file type '{path.suffix}' ({path}); "
                                    f"use one of {', '.join(sorted(LOCAL_FORMATS))}")
+            check_text_file(path)
             return datasets.load_dataset(file_format, data_files={"train": str(path)})
         if path.is_dir():
             if not any(entry.is_file() for entry in path.rglob("*")):
@@ -273,6 +297,8 @@ def load_raw_dataset(name_or_path, config_name=None):
             if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
                 loaded = datasets.load_from_disk(str(path))
                 return loaded if isinstance(loaded, DatasetDict) else DatasetDict(train=loaded)
+            for data_file in sorted(path.rglob("*")):
+                check_text_file(data_file)
             return datasets.load_dataset(str(path))
         if looks_like_path(name_or_path):
             raise PrepareError(f"no such file or folder: {name_or_path}")
@@ -288,6 +314,50 @@ def load_raw_dataset(name_or_path, config_name=None):
             raise PrepareError(f"data set '{name_or_path}' is not a local path and not in the local cache, "
                                "and HF_HUB_OFFLINE=1 forbids downloading it; pass a local file or use --demo") from None
         raise PrepareError(f"could not read data set '{name_or_path}': {message}") from None
+
+
+TEXT_SUFFIXES = (".json", ".jsonl", ".csv")
+# The JSON and CSV readers hold about 8 times a line in memory while they parse it (a 256 MB line: 2.3 GB at
+# the peak, measured); a longer line is refused before they start rather than killed by the kernel.
+MAX_LINE_BYTES = 256 * 2 ** 20
+SCAN_CHUNK_BYTES = 16 * 2 ** 20
+
+
+def check_text_file(path):
+    """A JSON or CSV data file must be UTF-8 (the readers take other bytes into the table as they are, to fail
+    later without a name) and have no line over MAX_LINE_BYTES. One pass over the file, a chunk at a time."""
+    path = Path(path)
+    if path.suffix.lower() not in TEXT_SUFFIXES or not path.is_file():
+        return
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = line_start = newlines = 0  # bytes read, where the current line starts, lines ended so far
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(SCAN_CHUNK_BYTES)
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as problem:
+                # The decoder's input is the bytes it held back from the last chunk (never a newline) plus this one.
+                position = offset - (len(problem.object) - len(chunk)) + problem.start
+                line = newlines + problem.object[:problem.start].count(b"\n") + 1
+                raise PrepareError(f"data file {path} is not UTF-8 text (line {line}, byte {position} of the file: "
+                                   f"{problem.reason}); save it as UTF-8") from None
+            if not chunk:
+                return
+            # Lines that start and end inside one chunk are shorter than it; only the line running on from the
+            # last chunk, and the one running on to the next, can be long.
+            first = chunk.find(b"\n")
+            if first != -1:
+                _check_line_length(path, newlines + 1, offset + first - line_start)
+                line_start, newlines = offset + chunk.rfind(b"\n") + 1, newlines + chunk.count(b"\n")
+            offset += len(chunk)
+            _check_line_length(path, newlines + 1, offset - line_start)
+
+
+def _check_line_length(path, line, length):
+    if length > MAX_LINE_BYTES:
+        raise PrepareError(f"line {line} of data file {path} is over {MAX_LINE_BYTES // 2 ** 20} MB; reading it "
+                           f"would take about 8 times that in memory. Put one example per line, or cut its text")
 
 
 def load_tokenizer(name_or_path, trust_remote_code=False):
