@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from finetune.errors import FinetuneError
+
 IGNORE_INDEX = -100
 BATCHING_MODES = ("packed", "longest", "block")
 
@@ -51,6 +53,8 @@ def load_tokenizer(model):
     try:
         with refusing_remote_code(model.name_or_path):
             tokenizer = AutoTokenizer.from_pretrained(model.name_or_path, trust_remote_code=model.trust_remote_code)
+    except FinetuneError:
+        raise  # already the one line (a folder's own code refused)
     except (OSError, ValueError) as exc:
         raise SystemExit(f"error: cannot load the tokenizer of {model.name_or_path!r}: {str(exc).splitlines()[0]}")
     except Exception as exc:  # a garbled config.json (`[]`) fails in transformers' fallback reader with a TypeError

@@ -76,6 +76,7 @@ def test_a_huge_global_batch_plans_only_micro_batches_of_bounded_size(tmp_path, 
 ])
 def test_plan_only_names_a_broken_config_json(tmp_path, text, expected):
     from finetune import parallel, plan
+    from finetune.config import from_flags
     from finetune.errors import FinetuneError
 
     config = tmp_path / "config.json"
@@ -83,7 +84,7 @@ def test_plan_only_names_a_broken_config_json(tmp_path, text, expected):
     args = parse_training_args("", train_llama2.DEFAULTS, train_llama2.DEMO_DEFAULTS,
                                ["--plan-only", "--model-name-or-path", str(tmp_path)])
     with pytest.raises(FinetuneError) as raised:
-        plan.plan_only(args, parallel.Backend(engine="single", device=torch.device("cpu")))
+        plan.plan_only(from_flags(args), parallel.Backend(engine="single", device=torch.device("cpu")))
     assert str(config) in str(raised.value) and expected in str(raised.value), raised.value
 
 

@@ -1,5 +1,5 @@
 """The shape of the code: no import cycles (imports inside functions count), the two training scripts' main()
-bodies equal but for their model-specific lines, no module past its size, and the linter's verdict."""
+bodies equal but for their model-specific lines, and the linter's verdict."""
 import ast
 import difflib
 import re
@@ -13,7 +13,6 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "finetune"
 TOP_LEVEL = ["train_llama2.py", "train_baichuan2_13b.py", "prepare_dataset.py", "inference.py", "modeling_baichuan.py"]
-MAX_MODULE_LINES = 450
 
 
 def module_name(path: Path) -> str:
@@ -108,12 +107,6 @@ def test_a_change_made_in_one_script_only_is_caught():
     body = main_body("train_llama2.py")
     changed = [line.replace("clip_grad_norm(", "clip_grad_norm_typo(") for line in body]
     assert differing_lines(body, changed)
-
-
-def test_no_module_is_past_its_size():
-    sizes = {path.name: len(path.read_text().splitlines()) for path in PACKAGE.glob("*.py")}
-    too_long = {name: lines for name, lines in sizes.items() if lines > MAX_MODULE_LINES}
-    assert not too_long, too_long
 
 
 @pytest.mark.skipif(shutil.which("ruff") is None and subprocess.run(
