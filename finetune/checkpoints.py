@@ -688,11 +688,11 @@ class Checkpointer:
                           f"model", flush=True)
         self.backend.barrier()
         if self.backend.is_main:
-            if not self.resume_from:
-                start_run_dir(self.save_dir, self.script_name)
             with writing(os.path.join(self.save_dir, RUN_CONFIG_FILE), self.save_dir):
                 write_run_config(self.config, {"parallel_plan": parallel_plan,
                                                "dataset": self.run_settings["dataset"]})
+            if not self.resume_from:
+                start_run_dir(self.save_dir, self.script_name)
         self.backend.barrier()
         return self.step
 
