@@ -179,6 +179,8 @@ def load_model(backend, model_class, model, layout=None, attn_implementation=Non
         if chunked:  # the loss a chunk of tokens at a time, inside the model's own forward (FSDP2 gathers)
             use_chunked_loss(loaded.get_base_model() if adapters else loaded)
         return loaded
+    except FinetuneError:
+        raise  # already the one line (a folder's own code refused, a model that cannot be sharded)
     except Exception as exc:
         damaged = damaged_weight_file(model_path)  # whatever the reader raised, a damaged file is the cause
         if damaged:
