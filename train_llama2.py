@@ -26,7 +26,8 @@ import finetune.packed_attention  # noqa: F401  (registers the "packed_sdpa" att
 import prepare_dataset
 from finetune import data, demo, enable_advanced_parallelization, parallel, plan
 from finetune.args import parse_run_config
-from finetune.checkpoints import Checkpointer, save_final_model
+from finetune.checkpoints import Checkpointer
+from finetune.final_model import save_final_model
 from finetune.metrics import MetricsLog
 from finetune.training import NonFiniteGuard, Validation, clip_grad_norm, set_seed, warmup_cosine_schedule
 

@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from finetune import lora
-from finetune.checkpoints import writing
+from finetune.run_folder import writing
 
 # Dense peak TFLOP/s per GPU for bf16 (fp32 is taken as tf32 where the chip has it). Override with --peak-tflops.
 GPU_PEAK_TFLOPS = {

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from finetune.checkpoints import list_checkpoints
+from finetune.run_folder import list_checkpoints
 from finetune.data import BatchFormat, collate_rows, move_to
 
 

@@ -115,13 +115,13 @@ def earlier_run_folder(tiny_run, tmp_path_factory):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from finetune import checkpoints, parallel, training
+    from finetune import checkpoints, parallel, run_folder, training
 
     folder = tmp_path_factory.mktemp("earlier") / "run"
     model = AutoModelForCausalLM.from_pretrained(tiny_run["llama"], dtype=torch.float32)
     optim = torch.optim.AdamW(model.parameters(), lr=1e-3)
     scheduler = training.warmup_cosine_schedule(optim, 10, 0.03, 0.1)
-    checkpoints.start_run_dir(str(folder), "train_llama2.py")
+    run_folder.start_run_dir(str(folder), "train_llama2.py")
     # The settings that fix the data order, as args_for() passes them.
     settings = {"epoch": 0, "seed": 0, "batch_size": 4, "batching": "packed", "block_size": 128}
     checkpoints.save_checkpoint(str(folder), 2, model, optim, scheduler, settings,

@@ -51,7 +51,7 @@ def scenario(group):
 
 def run_main(argv, script="llama"):
     """main(argv) of a training script in this process, as a Result like that of `python train_*.py argv`."""
-    from finetune import checkpoints
+    from finetune import run_folder
 
     module = importlib.import_module({"llama": "train_llama2", "baichuan": "train_baichuan2_13b"}[script])
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
@@ -72,7 +72,7 @@ def run_main(argv, script="llama"):
             traceback.print_exc()
             code = 1
         finally:
-            checkpoints.release_run_locks()  # the process would end here, and the OS would drop the lock
+            run_folder.release_run_locks()  # the process would end here, and the OS would drop the lock
             sys.stdout.flush()
             sys.stderr.flush()
             os.dup2(saved[0], 1)
@@ -286,7 +286,7 @@ def sigterm_during_the_last_step_then_resume_writes_the_same_model(lab):
 
 @scenario(1)
 def a_second_run_into_a_locked_folder_is_refused_at_once(lab):
-    from finetune import checkpoints
+    from finetune import run_folder
 
     run = lab.copy_of_reference("locked", drop_checkpoints=[STEPS])
     holder = os.open(run, os.O_RDONLY)  # another run, as far as flock is concerned
@@ -305,7 +305,7 @@ def a_second_run_into_a_locked_folder_is_refused_at_once(lab):
     same_weights(run, lab.reference())
 
     # A data-loader worker forked while the folder is locked must not keep it locked once the run is gone.
-    assert checkpoints.lock_run_dir(str(run)) is None
+    assert run_folder.lock_run_dir(str(run)) is None
     ready_read, ready_write = os.pipe()
     child = os.fork()
     if child == 0:
@@ -314,7 +314,7 @@ def a_second_run_into_a_locked_folder_is_refused_at_once(lab):
         os._exit(0)
     try:
         os.read(ready_read, 1)
-        checkpoints.release_run_locks()  # the run ends; its worker lives on for a moment
+        run_folder.release_run_locks()  # the run ends; its worker lives on for a moment
         probe = os.open(run, os.O_RDONLY)
         try:
             fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises if the worker still holds the lock
@@ -532,7 +532,7 @@ def a_billion_epochs_start_at_once_or_are_refused_with_one_line(lab):
 
 @scenario(2)
 def a_stop_signal_sent_twice_still_writes_one_checkpoint(lab):
-    from finetune import checkpoints
+    from finetune import stop_signals
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         run = lab.folder(f"twice_{sig.name}")
@@ -542,7 +542,7 @@ def a_stop_signal_sent_twice_still_writes_one_checkpoint(lab):
         assert checkpoint_names(run) == ["step-00000002"]
     # A second Ctrl-C well after the first: stop at once, with one line.
     run = lab.folder("twice_late")
-    with signal_at_step(2, signal.SIGINT, signal.SIGINT), patched(checkpoints.StopRequest, "REPEAT_SECONDS", -1):
+    with signal_at_step(2, signal.SIGINT, signal.SIGINT), patched(stop_signals.StopRequest, "REPEAT_SECONDS", -1):
         line = one_error_line(lab.train(run))
     assert "second SIGINT" in line, line
     assert not any(name.endswith(".partial") for name in checkpoint_names(run))

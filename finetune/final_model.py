@@ -1,0 +1,69 @@
+"""The final export: the finished model (with LoRA: the adapter and the merged model), its tokenizer and the
+parallel plan, written to a staging folder and moved into `--save-model-dir`."""
+import contextlib
+import json
+import os
+
+from safetensors import SafetensorError
+
+from finetune import lora
+from finetune.parallel import full_state_dict_on_rank0
+from finetune.run_folder import FINAL_STAGING, describe_error, fsync_dir, remove_path
+
+
+def _usual_file_modes(folder):
+    """Weights are written through private temporary files (mode 0600); give them the mode of any new file."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            os.chmod(path, 0o666 & ~umask)
+
+
+def _move_into_place(staging, save_dir):
+    """Move the finished files from `staging` into `save_dir`, weights last and their index after them: until
+    the last rename the folder holds no weights that could pass for the finished model."""
+    def order(name):
+        weights = name.startswith("model") and ".safetensors" in name
+        return (weights, name.endswith(".index.json"), name)
+    for name in sorted(os.listdir(staging), key=order):
+        source, target = os.path.join(staging, name), os.path.join(save_dir, name)
+        if os.path.isdir(source):  # a folder (adapter/) cannot replace another one in one rename
+            remove_path(target)
+        os.replace(source, target)
+    os.rmdir(staging)
+    fsync_dir(save_dir)
+
+
+def save_final_model(model, tokenizer, backend, save_dir, plan):
+    """The finished model as `save_pretrained` (safetensors) plus its tokenizer and the parallel plan (rank 0),
+    written to a temporary folder and moved into place. With LoRA: the adapter in `adapter/` and, as the model,
+    the adapter merged into the base. Raises SystemExit with one line, on every rank, if it could not be written."""
+    adapters = lora.is_lora(model)
+    state_dict = full_state_dict_on_rank0(model, backend, trainable_only=adapters)
+    problem = None
+    if backend.is_main:
+        staging = os.path.join(save_dir, FINAL_STAGING)
+        try:
+            remove_path(staging)  # left by an earlier save; a link there is removed, not followed
+            if adapters:
+                lora.save_adapter_and_merged(model, state_dict, staging)
+                _usual_file_modes(os.path.join(staging, lora.ADAPTER_DIR))
+            else:
+                model.save_pretrained(staging, state_dict=state_dict, safe_serialization=True)
+            tokenizer.save_pretrained(staging)
+            with open(os.path.join(staging, "parallel_plan.json"), "w") as f:
+                json.dump(plan, f, indent=2)
+            _usual_file_modes(staging)
+            _move_into_place(staging, save_dir)
+        except (OSError, SafetensorError) as exc:
+            path = getattr(exc, "filename", None) or save_dir
+            problem = f"error: could not save the final model to {path!r} ({describe_error(exc)})"
+            with contextlib.suppress(OSError):  # the error above is what matters
+                remove_path(staging)
+    problem = backend.all_gather(problem)[0]
+    if problem:
+        raise SystemExit(problem)
+    if backend.is_main:
+        print(f"saved model and tokenizer to {save_dir}", flush=True)
