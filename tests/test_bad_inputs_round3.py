@@ -15,7 +15,7 @@ import torch
 from conftest import PYTHON, REPO_ROOT, assert_one_line_error, run_script
 
 import train_llama2
-from finetune import memory
+from finetune import memory, memory_cache, memory_process
 from finetune.args import parse_training_args
 
 
@@ -56,7 +56,7 @@ def test_a_huge_global_batch_plans_only_micro_batches_of_bounded_size(tmp_path, 
     """A million rows on one device used to simulate micro-batches of up to a million rows (hours)."""
     monkeypatch.setenv("FINETUNE_MEMORY_CACHE", str(tmp_path / "cache"))
     child = RecordingChild()
-    monkeypatch.setattr(memory, "_SimulationChild", lambda: contextlib.nullcontext(child))
+    monkeypatch.setattr(memory_process, "SimulationChild", lambda: contextlib.nullcontext(child))
     config = {"model_type": "llama", "vocab_size": 128, "hidden_size": 32, "intermediate_size": 64,
               "num_hidden_layers": 2, "num_attention_heads": 4}
     plan = memory.plan_candidates(config, 1, 2 ** 20, 128, device_memory_gb=80)
@@ -105,9 +105,9 @@ TINY_CONFIG = {"model_type": "llama", "vocab_size": 128, "hidden_size": 32, "int
 def plan_with(cache, monkeypatch, capsys):
     """A small plan through a recording stand-in for the simulation child: (plan, sizes simulated, stderr)."""
     monkeypatch.setenv("FINETUNE_MEMORY_CACHE", str(cache))
-    monkeypatch.setattr(memory, "_UNUSABLE_CACHES", set())
+    monkeypatch.setattr(memory_cache, "_UNUSABLE_CACHES", set())
     child = RecordingChild()
-    monkeypatch.setattr(memory, "_SimulationChild", lambda: contextlib.nullcontext(child))
+    monkeypatch.setattr(memory_process, "SimulationChild", lambda: contextlib.nullcontext(child))
     plan = memory.plan_candidates(TINY_CONFIG, 1, 8, 128, device_memory_gb=80, checkpointing=False,
                                   cpu_offload=False)
     return plan, child.asked, capsys.readouterr().err

@@ -16,7 +16,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from finetune import memory  # noqa: E402
+from finetune import memory, memory_cache, memory_step, torch_internals  # noqa: E402
 
 if __name__ != "__main__":
     from conftest import PYTHON, run_script, torchrun
@@ -39,15 +39,32 @@ BAICHUAN_13B = dict(model_type="baichuan", vocab_size=125696, hidden_size=5120, 
 
 
 @pytest.fixture(autouse=True)
-def memory_cache(tmp_path_factory, monkeypatch):
+def separate_memory_cache(tmp_path_factory, monkeypatch):
     """One simulation cache for this module's tests, never the user's."""
     monkeypatch.setenv("FINETUNE_MEMORY_CACHE", str(tmp_path_factory.getbasetemp() / "memory_cache"))
 
 
 def real_single_process_readings(config, setup, passes=1):
-    prepared = memory.prepare_step(config, setup, fake=False)
-    segments, names = memory.tracked_step(prepared, MICRO, passes)
-    return memory.readings_from_segments(segments, names)
+    prepared = memory_step.prepare_step(config, setup, fake=False)
+    segments, names = memory_step.tracked_step(prepared, MICRO, passes)
+    return memory_step.readings_from_segments(segments, names)
+
+
+def test_the_private_tracker_members_the_simulation_uses_are_all_there():
+    """A PyTorch upgrade that moves what finetune/torch_internals.py subclasses or reads fails here, by name."""
+    import torch
+
+    missing = torch_internals.missing_private_members()
+    assert not missing, f"torch {torch.__version__} moved or renamed: {', '.join(missing)} (finetune/torch_internals.py)"
+
+
+def test_the_private_member_check_names_what_moved(monkeypatch):
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    monkeypatch.delattr(MemTracker, "_update_peak_stats")
+    monkeypatch.setitem(torch_internals.TRACKER_METHODS, "_track_module_params_and_buffers", ("module", "renamed"))
+    assert torch_internals.missing_private_members() == [
+        "MemTracker._track_module_params_and_buffers(module, renamed)", "MemTracker._update_peak_stats"]
 
 
 def assert_close_peaks(simulated, real):
@@ -100,13 +117,13 @@ def made_up_readings(config, setup, runs, stop, child):
                           "categories": {"Activation": activations}},
             "offloaded": {"device_peak": 5 * memory.GIB + activations, "host_peak": 35 * memory.GIB,
                           "categories": {"Activation": activations}}}
-        if memory._exceeds(readings[micro], stop):
+        if memory_step.exceeds(readings[micro], stop):
             break
     return readings
 
 
 def test_plan_rule_prefers_no_offload_then_no_checkpointing_then_the_largest_micro_batch(monkeypatch):
-    monkeypatch.setattr(memory, "_readings", made_up_readings)
+    monkeypatch.setattr(memory_cache, "readings", made_up_readings)
     config = dict(DEMO["llama"])
 
     def chosen(device_gb, **kwargs):
@@ -122,7 +139,7 @@ def test_plan_rule_prefers_no_offload_then_no_checkpointing_then_the_largest_mic
 
 
 def test_plan_simulates_only_what_the_choice_needs_unless_exhaustive(monkeypatch):
-    monkeypatch.setattr(memory, "_readings", made_up_readings)
+    monkeypatch.setattr(memory_cache, "readings", made_up_readings)
     plan = memory.plan_candidates(dict(DEMO["llama"]), 8, 128, BLOCK, 80)
     by_setting = {(c.cpu_offload, c.checkpointing, c.micro_batch_size): c for c in plan.candidates}
     assert all(c.accumulation_steps * c.micro_batch_size == 16 for c in plan.candidates)
@@ -186,11 +203,11 @@ def real_fsdp2_step(out_path, config_path, precision, checkpointing, passes):
         config = json.loads(Path(config_path).read_text())
         setup = memory._setup(dist.get_world_size(), BLOCK, checkpointing == "True", False, precision, "none",
                               None, True)
-        prepared = memory.prepare_step(config, setup, init_device_mesh("cpu", (dist.get_world_size(),)),
+        prepared = memory_step.prepare_step(config, setup, init_device_mesh("cpu", (dist.get_world_size(),)),
                                        fake=False)
-        segments, names = memory.tracked_step(prepared, MICRO, int(passes))
+        segments, names = memory_step.tracked_step(prepared, MICRO, int(passes))
         if dist.get_rank() == 0:
-            Path(out_path).write_text(json.dumps(memory.readings_from_segments(segments, names)))
+            Path(out_path).write_text(json.dumps(memory_step.readings_from_segments(segments, names)))
     finally:
         dist.destroy_process_group()
 
@@ -212,8 +229,8 @@ def depth_cases(out_path, config_path):
     for setup in setups:
         engine_mesh = mesh if setup["engine"] == "fsdp2" else None
         cases.append({"setup": setup,
-                      "carried": memory.simulate_readings(config, setup, [(2, 2)], engine_mesh),
-                      "full": memory.simulate_readings(config, setup, [(2, 2)], engine_mesh, full_depth=True)})
+                      "carried": memory_step.simulate_readings(config, setup, [(2, 2)], engine_mesh),
+                      "full": memory_step.simulate_readings(config, setup, [(2, 2)], engine_mesh, full_depth=True)})
     Path(out_path).write_text(json.dumps(cases))
 
 
@@ -234,13 +251,13 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.testing._internal.distributed.fake_pg import FakeStore
 from transformers import LlamaConfig, LlamaForCausalLM
-from finetune import memory, parallel
+from finetune import parallel, sharding
 
 dist.init_process_group("fake", rank=0, world_size=8, store=FakeStore())
 model = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                      num_attention_heads=4, num_key_value_heads=4))
 whole = 8 * sum(p.numel() for p in model.parameters())
-memory.shard_model(model, init_device_mesh("cpu", (8,)), "no")
+sharding.shard_model(model, mesh=init_device_mesh("cpu", (8,)))
 print(whole, parallel.optimizer_state_bytes(model))
 """)
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)

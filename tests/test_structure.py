@@ -80,6 +80,24 @@ def test_the_cycle_finder_finds_a_cycle_through_a_function_level_import(tmp_path
     assert find_cycle(graph) == ["a", "b", "a"]
 
 
+MOST_LINES = 450
+# The model file follows the layout of the upstream model it reimplements, one class per part of the model.
+LONG_MODULES_ALLOWED = {"modeling_baichuan"}
+
+
+def modules_past(most_lines: int) -> dict[str, int]:
+    counts = {name: len(path.read_text().splitlines()) for name, path in our_modules().items()}
+    return {name: count for name, count in counts.items() if count > most_lines and name not in LONG_MODULES_ALLOWED}
+
+
+def test_no_module_is_past_450_lines():
+    assert not modules_past(MOST_LINES), f"split these by concern: {modules_past(MOST_LINES)}"
+
+
+def test_the_line_limit_finds_a_long_module():
+    assert "finetune.parallel" in modules_past(100)
+
+
 def main_body(script: str) -> list[str]:
     tree = ast.parse((ROOT / script).read_text())
     main = next(node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "main")
