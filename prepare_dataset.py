@@ -22,8 +22,9 @@ import argparse
 
 from finetune import demo
 from finetune.errors import FinetuneError, error_line
-from finetune.preparation import (PrepareError, claim_save_path, format_report, load_raw_dataset, load_tokenizer,
-                                  prepare, require, write_output)
+from finetune.dataset_output import claim_save_path, write_output
+from finetune.preparation import format_report, prepare, require
+from finetune.raw_data import load_raw_dataset, load_tokenizer
 
 
 # ----------------------------------------------------------------------------------------------
@@ -76,7 +77,7 @@ def demo_sample_file(recipe_name):
     """The bundled sample data of a recipe (--demo); other recipes bring their own --dataset-name-or-path."""
     if recipe_name not in demo.DEMO_SAMPLE_FILES:
         columns = ", ".join(RECIPES[recipe_name]["columns"])
-        raise PrepareError(f"--demo has no bundled sample data for recipe '{recipe_name}'; pass "
+        raise FinetuneError(f"--demo has no bundled sample data for recipe '{recipe_name}'; pass "
                            f"--dataset-name-or-path with your own data (columns {columns})")
     return demo.DEMO_SAMPLE_FILES[recipe_name]
 
@@ -167,7 +168,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         return run(args)
-    except (PrepareError, FinetuneError) as problem:
+    except FinetuneError as problem:
         raise SystemExit(error_line(problem)) from None
     except KeyboardInterrupt:  # the output folder is already back as it was (see write_output)
         raise SystemExit("error: interrupted; --save-path is unchanged") from None

@@ -46,6 +46,7 @@ import finetune.data as fu  # noqa: E402
 from finetune import metrics  # noqa: E402
 import finetune.packed_attention  # noqa: F401,E402  (registers "packed_sdpa")
 import finetune.preparation as preparation  # noqa: E402
+import finetune.raw_data as raw_data  # noqa: E402
 import prepare_dataset  # noqa: E402
 from finetune import demo as demo_assets  # noqa: E402
 from finetune import parallel  # noqa: E402
@@ -349,7 +350,7 @@ def main(argv=None):
     model_path = demo_assets.ensure_demo_model(MODEL_RECIPE)
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=False)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    raw = preparation.load_raw_dataset(demo_assets.DEMO_SAMPLE_FILES[args.recipe_data])
+    raw = raw_data.load_raw_dataset(demo_assets.DEMO_SAMPLE_FILES[args.recipe_data])
     dataset, _ = preparation.prepare(args.recipe_data, prepare_dataset.RECIPES[args.recipe_data], tokenizer, raw,
                                      block_size=args.block_size)
     train = dataset["train"]

@@ -227,12 +227,12 @@ def ensure_demo_model(family: str) -> str:
 # Prepared data set
 # ----------------------------------------------------------------------------------------------
 def _build_dataset(recipe_name: str, recipe: dict, block_size: int, folder: Path):
-    from finetune import preparation
+    from finetune import dataset_output, preparation, raw_data
 
     tokenizer = load_demo_tokenizer(family_of(recipe["model"]))
-    raw = preparation.load_raw_dataset(DEMO_SAMPLE_FILES[recipe_name])
+    raw = raw_data.load_raw_dataset(DEMO_SAMPLE_FILES[recipe_name])
     dataset, report = preparation.prepare(recipe_name, recipe, tokenizer, raw, block_size=block_size)
-    preparation.save_dataset_and_report(dataset, report, folder)
+    dataset_output.save_dataset_and_report(dataset, report, folder)
 
 
 def ensure_demo_dataset(recipe_name: str, recipe: dict, block_size: int = 1024) -> str:

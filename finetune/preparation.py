@@ -1,46 +1,22 @@
-"""The engine behind prepare_dataset.py: tokenise examples with a recipe, report, and write the output safely.
+"""The engine behind prepare_dataset.py: tokenise examples with a recipe, split, and report.
 
 A recipe (defined in prepare_dataset.py) is a dict with `build_prompt`, a function that splits an example into
 head, body, tail and response strings, and `columns`, the text columns it reads. Everything here is
-recipe-agnostic: tokenisation that keeps the response, label masks, the train/validation split, loading local
-or hub data, and an atomic write of the output folder.
+recipe-agnostic: tokenisation that keeps the response, label masks, the train/validation split and the report.
+Loading local or hub data is finetune/raw_data.py; the atomic write of the output folder, finetune/dataset_output.py.
 """
-import codecs
-import ctypes
-import errno
-import fcntl
-import json
-import os
-import re
-import shutil
 import time
-from contextlib import contextmanager
-from pathlib import Path
 
-from finetune.hub import HubUnreachable, hub_offline, looks_like_path, require_hub, root_cause_message
-from finetune.remote_code import asks_for_remote_code, remote_code_error
+from finetune.dataset_output import MADE_BY
+from finetune.errors import FinetuneError
 
 IGNORE_INDEX = -100
-REPORT_FILE = "prepare_report.json"
-MADE_BY = "prepare_dataset.py"
-LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
-
-
-class PrepareError(Exception):
-    """A problem with the user's input; prepare_dataset.py prints it as one `error: ...` line."""
 
 
 def require(ok, message):
     """A command-line check in one line: stop with `error: message` unless `ok`."""
     if not ok:
         raise SystemExit(f"error: {message}")
-
-
-def require_hub_or_fail(what, name):
-    try:
-        require_hub(what, name)
-    except HubUnreachable as exc:
-        raise PrepareError(str(exc)) from None
 
 
 def full_text(parts):
@@ -138,7 +114,7 @@ def tokenize_examples(batch, build_prompt, tokenizer, block_size, train_on_promp
                 # The response alone does not fit: drop the body, keep the start of the response. No EOS,
                 # since the answer does not end there.
                 if room < 0:
-                    raise PrepareError(
+                    raise FinetuneError(
                         f"--block-size {block_size} is too small to hold the prompt wrapper plus one response token "
                         f"(needs at least {block_size - room})")
                 body, response = [], response[:room + 1]
@@ -157,7 +133,7 @@ def split_train_validation(raw, seed=0, validation_fraction=0.05):
     from datasets import DatasetDict
 
     if "train" not in raw:
-        raise PrepareError(f"the data set has no 'train' split (splits: {', '.join(raw) or 'none'})")
+        raise FinetuneError(f"the data set has no 'train' split (splits: {', '.join(raw) or 'none'})")
     if "validation" in raw:
         return DatasetDict(train=raw["train"], validation=raw["validation"])
     train = raw["train"]
@@ -171,15 +147,15 @@ def split_train_validation(raw, seed=0, validation_fraction=0.05):
 def check_columns(raw, recipe_name, columns):
     for split_name, split in raw.items():
         if len(split) == 0:
-            raise PrepareError(f"split '{split_name}' of the data set is empty")
+            raise FinetuneError(f"split '{split_name}' of the data set is empty")
         missing = [name for name in columns if name not in split.column_names]
         if missing:
-            raise PrepareError(f"the {recipe_name} recipe needs column(s) {', '.join(missing)}; "
+            raise FinetuneError(f"the {recipe_name} recipe needs column(s) {', '.join(missing)}; "
                                f"the data set has {', '.join(split.column_names) or 'no columns'}")
         for name in columns:
             dtype = getattr(split.features[name], "dtype", None)
             if dtype not in ("string", "large_string"):
-                raise PrepareError(f"column '{name}' must hold text, but it holds {dtype or split.features[name]}")
+                raise FinetuneError(f"column '{name}' must hold text, but it holds {dtype or split.features[name]}")
 
 
 def percentile(sorted_values, fraction):
@@ -197,9 +173,9 @@ def prepare(recipe_name, recipe, tokenizer, raw_dataset_dict, block_size=1024, t
     import pyarrow.compute as pc
 
     if block_size < 1:
-        raise PrepareError(f"--block-size must be positive, got {block_size}")
+        raise FinetuneError(f"--block-size must be positive, got {block_size}")
     if tokenizer.eos_token_id is None:
-        raise PrepareError("the tokenizer has no EOS token")
+        raise FinetuneError("the tokenizer has no EOS token")
     if max_examples:  # cap the source before splitting, so a quick try keeps the usual train/validation shape
         raw_dataset_dict = raw_dataset_dict.__class__(
             {name: split.select(range(min(max_examples, len(split)))) for name, split in raw_dataset_dict.items()})
@@ -221,7 +197,7 @@ def prepare(recipe_name, recipe, tokenizer, raw_dataset_dict, block_size=1024, t
             desc=f"tokenizing ({recipe_name})",
         )
     except TypeError as problem:  # e.g. None in a text column
-        raise PrepareError(f"could not build prompts from columns {', '.join(columns)}: {problem}") from None
+        raise FinetuneError(f"could not build prompts from columns {', '.join(columns)}: {problem}") from None
     seconds = time.perf_counter() - started
 
     report = {"made_by": MADE_BY, "recipe": recipe_name, "block_size": block_size, "train_on_prompt": train_on_prompt,
@@ -267,270 +243,3 @@ def format_report(report):
     if report.get("tokens_per_second"):
         lines.append(f"  tokenized in {report['tokenize_seconds']:.2f} s ({report['tokens_per_second']} tokens/s)")
     return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------------------------
-# Loading inputs (local files first; the hub only when it can answer)
-# ----------------------------------------------------------------------------------------------
-def load_raw_dataset(name_or_path, config_name=None):
-    """DatasetDict from a local file (json, jsonl, csv, parquet, arrow), a save_to_disk folder, a folder of
-    data files, or a hub id."""
-    import datasets
-    from datasets import DatasetDict
-
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # our one error line replaces the library's log lines
-    path = Path(name_or_path).expanduser()
-    try:
-        if path.is_file():
-            if path.stat().st_size == 0:
-                raise PrepareError(f"data file {path} is empty")
-            file_format = LOCAL_FORMATS.get(path.suffix.lower())
-            if file_format is None:
-                raise PrepareError(f"unsupported data file type '{path.suffix}' ({path}); "
-                                   f"use one of {', '.join(sorted(LOCAL_FORMATS))}")
-            check_text_file(path)
-            return datasets.load_dataset(file_format, data_files={"train": str(path)})
-        if path.is_dir():
-            if not any(entry.is_file() for entry in path.rglob("*")):
-                raise PrepareError(f"data folder {path} holds no files")
-            if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
-                loaded = datasets.load_from_disk(str(path))
-                return loaded if isinstance(loaded, DatasetDict) else DatasetDict(train=loaded)
-            for data_file in sorted(path.rglob("*")):
-                check_text_file(data_file)
-            return datasets.load_dataset(str(path))
-        if looks_like_path(name_or_path):
-            raise PrepareError(f"no such file or folder: {name_or_path}")
-        require_hub_or_fail("data set", name_or_path)
-        return datasets.load_dataset(name_or_path, config_name)
-    except PrepareError:
-        raise
-    except Exception as problem:  # the libraries raise many types for bad files and missing hub data
-        message = root_cause_message(problem)
-        if "corresponds to no data" in message:
-            raise PrepareError(f"data set '{name_or_path}' has no rows") from None
-        if not path.exists() and hub_offline():
-            raise PrepareError(f"data set '{name_or_path}' is not a local path and not in the local cache, "
-                               "and HF_HUB_OFFLINE=1 forbids downloading it; pass a local file or use --demo") from None
-        raise PrepareError(f"could not read data set '{name_or_path}': {message}") from None
-
-
-TEXT_SUFFIXES = (".json", ".jsonl", ".csv")
-# The JSON and CSV readers hold about 8 times a line in memory while they parse it (a 256 MB line: 2.3 GB at
-# the peak, measured); a longer line is refused before they start rather than killed by the kernel.
-MAX_LINE_BYTES = 256 * 2 ** 20
-SCAN_CHUNK_BYTES = 16 * 2 ** 20
-
-
-def check_text_file(path):
-    """A JSON or CSV data file must be UTF-8 (the readers take other bytes into the table as they are, to fail
-    later without a name) and have no line over MAX_LINE_BYTES. One pass over the file, a chunk at a time."""
-    path = Path(path)
-    if path.suffix.lower() not in TEXT_SUFFIXES or not path.is_file():
-        return
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    offset = line_start = newlines = 0  # bytes read, where the current line starts, lines ended so far
-    with open(path, "rb") as f:
-        while True:
-            chunk = f.read(SCAN_CHUNK_BYTES)
-            try:
-                decoder.decode(chunk, final=not chunk)
-            except UnicodeDecodeError as problem:
-                # The decoder's input is the bytes it held back from the last chunk (never a newline) plus this one.
-                position = offset - (len(problem.object) - len(chunk)) + problem.start
-                line = newlines + problem.object[:problem.start].count(b"\n") + 1
-                raise PrepareError(f"data file {path} is not UTF-8 text (line {line}, byte {position} of the file: "
-                                   f"{problem.reason}); save it as UTF-8") from None
-            if not chunk:
-                return
-            # Lines that start and end inside one chunk are shorter than it; only the line running on from the
-            # last chunk, and the one running on to the next, can be long.
-            first = chunk.find(b"\n")
-            if first != -1:
-                _check_line_length(path, newlines + 1, offset + first - line_start)
-                line_start, newlines = offset + chunk.rfind(b"\n") + 1, newlines + chunk.count(b"\n")
-            offset += len(chunk)
-            _check_line_length(path, newlines + 1, offset - line_start)
-
-
-def _check_line_length(path, line, length):
-    if length > MAX_LINE_BYTES:
-        raise PrepareError(f"line {line} of data file {path} is over {MAX_LINE_BYTES // 2 ** 20} MB; reading it "
-                           f"would take about 8 times that in memory. Put one example per line, or cut its text")
-
-
-def load_tokenizer(name_or_path, trust_remote_code=False):
-    """The tokenizer of a local folder or hub id; code the folder ships runs only with `trust_remote_code`."""
-    from transformers import AutoTokenizer
-
-    import modeling_baichuan  # noqa: F401  (registers BaichuanTokenizer so AutoTokenizer finds it)
-    is_local = Path(name_or_path).expanduser().exists()
-    if is_local and not Path(name_or_path).expanduser().is_dir():
-        raise PrepareError(f"tokenizer {name_or_path} is a file; pass the folder that holds it")
-    if not is_local:
-        if looks_like_path(name_or_path):
-            raise PrepareError(f"no such tokenizer folder: {name_or_path}")
-        require_hub_or_fail("tokenizer", name_or_path)
-    try:
-        return AutoTokenizer.from_pretrained(str(Path(name_or_path).expanduser()) if is_local else name_or_path,
-                                             trust_remote_code=trust_remote_code)
-    except Exception as problem:
-        if asks_for_remote_code(problem):
-            raise remote_code_error(name_or_path) from None
-        if not is_local and hub_offline():
-            raise PrepareError(f"tokenizer '{name_or_path}' is not a local folder and not in the local cache, "
-                               "and HF_HUB_OFFLINE=1 forbids downloading it; pass a local folder or use --demo") from None
-        message = root_cause_message(problem)
-        raise PrepareError(f"could not load tokenizer '{name_or_path}': {message}") from None
-
-
-# ----------------------------------------------------------------------------------------------
-# Writing the output safely
-# ----------------------------------------------------------------------------------------------
-def is_our_output(folder):
-    try:
-        report = json.loads((Path(folder) / REPORT_FILE).read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(report, dict) and report.get("made_by") == MADE_BY and (Path(folder) / "dataset_dict.json").exists()
-
-
-def save_dataset_and_report(dataset, report, folder):
-    dataset.save_to_disk(str(folder))
-    (Path(folder) / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
-
-
-def output_folder(save_path):
-    """--save-path as an absolute folder path, and the folders above it that had to be created for it."""
-    target = Path(save_path).expanduser().resolve()
-    if not target.name:
-        raise PrepareError(f"--save-path {save_path} names no folder")
-    if target.exists() and not target.is_dir():
-        raise PrepareError(f"--save-path {save_path} exists and is not a folder; not touching it")
-    created = [folder for folder in target.parents if not folder.exists()]  # deepest first
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as problem:  # a file on the way, no permission, a read-only disk
-        raise PrepareError(f"--save-path {save_path}: cannot create its parent folder ({problem.strerror})") from None
-    return target, created
-
-
-def check_save_path(save_path):
-    """Refuse a --save-path we would have to clobber: a file, or a folder this script did not write."""
-    target = Path(save_path).expanduser()
-    if target.exists():
-        if not target.is_dir():
-            raise PrepareError(f"--save-path {save_path} exists and is not a folder; not touching it")
-        if any(target.iterdir()) and not is_our_output(target):
-            raise PrepareError(f"--save-path {save_path} exists and is not a previous prepare_dataset.py output; "
-                               "choose another path or remove it yourself")
-
-
-# The new output is written into .NAME.tmp beside NAME and swapped in; without an atomic swap the previous output
-# waits in .NAME.old between two renames. Every run holds .NAME.lock meanwhile, so such folders found by the
-# holder are an interrupted run's (".NAME.tmp-xxxx" / ".NAME.old-PID": from versions without the lock).
-def _work_paths(target):
-    return target.parent / f".{target.name}.tmp", target.parent / f".{target.name}.old"
-
-
-def _leftovers(target):
-    pattern = re.compile(rf"\.{re.escape(target.name)}\.(tmp|old)(-\w+)?")
-    found = [path for path in target.parent.iterdir() if pattern.fullmatch(path.name) and path.is_dir()]
-    return sorted(found, key=lambda path: path.stat().st_mtime, reverse=True)  # newest first
-
-
-def recover_leftovers(target):
-    """Finish what an interrupted write left beside `target`: put a previous output that was moved aside but
-    never replaced back in place, and delete half-written or replaced folders. Returns what it did, or None."""
-    leftovers = _leftovers(target)
-    restored = None
-    if not target.exists():
-        restored = next((path for path in leftovers if path.name.startswith(f".{target.name}.old")), None)
-        if restored is not None:
-            os.replace(restored, target)
-    for path in leftovers:
-        if path != restored:
-            shutil.rmtree(path, ignore_errors=True)
-    if restored is not None:
-        return f"restored the previous output from {restored.name}, left by an interrupted run"
-    if leftovers:
-        return f"removed {', '.join(path.name for path in leftovers)}, left by an interrupted run"
-    return None
-
-
-def _exchange(first, second):
-    """Swap two existing paths in one step (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."""
-    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
-    if renameat2 is None:
-        return False
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    at_cwd, rename_exchange = -100, 2
-    if renameat2(at_cwd, os.fsencode(first), at_cwd, os.fsencode(second), rename_exchange) == 0:
-        return True
-    code = ctypes.get_errno()
-    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):  # old kernel, or a file system without it
-        return False
-    raise OSError(code, os.strerror(code), str(first))
-
-
-@contextmanager
-def claim_save_path(save_path):
-    """Hold --save-path for one run: refuse a file, a foreign folder, or a folder another run is writing; recover
-    what an interrupted run left. Yields the absolute folder to pass to write_output."""
-    target, created = output_folder(save_path)
-    lock_path = target.parent / f".{target.name}.lock"
-    while True:
-        try:
-            handle = open(lock_path, "a")
-        except OSError as problem:
-            raise PrepareError(f"--save-path {save_path}: cannot create {lock_path} ({problem.strerror})") from None
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.close()
-            raise PrepareError(f"another prepare_dataset.py run is writing --save-path {save_path}; wait for it to "
-                               "finish or choose another path") from None
-        try:  # the lock file may have been removed by the run that held it just before; take the new one then
-            if os.stat(lock_path).st_ino == os.fstat(handle.fileno()).st_ino:
-                break
-        except FileNotFoundError:
-            pass
-        handle.close()
-    try:
-        note = recover_leftovers(target)
-        if note:
-            print(f"note: --save-path {save_path}: {note}")
-        check_save_path(save_path)
-        yield target
-    finally:
-        try:  # unlinked before unlocking: a run that opened the file meanwhile sees it is gone and starts over
-            if os.stat(lock_path).st_ino == os.fstat(handle.fileno()).st_ino:
-                os.unlink(lock_path)
-        except FileNotFoundError:
-            pass
-        handle.close()
-        for folder in created if not target.exists() else []:  # a failed run leaves no empty folders behind
-            try:
-                folder.rmdir()
-            except OSError:
-                break
-
-
-def write_output(dataset, report, target):
-    """Save into `target` (from claim_save_path, still held) so that a kill at any moment leaves the previous
-    output or the new one there (or, where paths cannot be swapped atomically, beside it until the next run)."""
-    tmp, old = _work_paths(target)
-    try:
-        try:
-            save_dataset_and_report(dataset, report, tmp)
-        except OSError as problem:  # a full disk, a quota, a read-only file system
-            raise PrepareError(f"could not write the new output for {target}: {problem.strerror or problem}") from None
-        if not target.exists():
-            os.replace(tmp, target)
-        elif not _exchange(tmp, target):
-            os.replace(target, old)
-            os.replace(tmp, target)
-    finally:  # on success this deletes the replaced output; after an error it puts the previous one back
-        recover_leftovers(target)
-    return str(target)

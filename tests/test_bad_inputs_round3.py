@@ -414,10 +414,10 @@ def test_a_latin1_data_file_is_one_line_naming_it_and_the_place(tiny_run, tmp_pa
 
 
 def test_a_line_past_the_limit_is_refused_before_reading(tiny_run, tmp_path, monkeypatch):
-    from finetune import preparation
+    from finetune import raw_data
 
-    monkeypatch.setattr(preparation, "MAX_LINE_BYTES", 2 ** 20)
-    monkeypatch.setattr(preparation, "SCAN_CHUNK_BYTES", 2 ** 16)  # the long line spans many chunks
+    monkeypatch.setattr(raw_data, "MAX_LINE_BYTES", 2 ** 20)
+    monkeypatch.setattr(raw_data, "SCAN_CHUNK_BYTES", 2 ** 16)  # the long line spans many chunks
     data = tmp_path / "long.jsonl"
     data.write_text(articles("w5", " ".join(["w6"] * 2 ** 19), "w7"))
     line = prepare_error(["llama2", "--model-name-or-path", tiny_run["llama"], "--dataset-name-or-path", str(data),

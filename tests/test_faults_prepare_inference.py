@@ -16,7 +16,7 @@ import pytest
 from conftest import PYTHON, REPO_ROOT
 
 import prepare_dataset as pd
-from finetune import preparation
+from finetune import dataset_output
 
 
 def error_of(main, argv):
@@ -78,13 +78,13 @@ def test_ctrl_c_or_a_full_disk_while_writing_keeps_the_previous_output(tiny_sour
     save_path = tmp_path / "out"
     pd.main(tiny_source + ["--save-path", str(save_path)])
     before = snapshot(tmp_path)
-    real_save = preparation.save_dataset_and_report
+    real_save = dataset_output.save_dataset_and_report
 
     def failing(dataset, report, folder):
         real_save(dataset, report, folder)
         raise fault
 
-    monkeypatch.setattr(preparation, "save_dataset_and_report", failing)
+    monkeypatch.setattr(dataset_output, "save_dataset_and_report", failing)
     try:
         message = error_of(pd.main, tiny_source + ["--save-path", str(save_path), "--max-examples", "2"])
     except (KeyboardInterrupt, OSError) as escaped:
@@ -99,16 +99,16 @@ def snapshot(folder):
 
 # ---- prepare_dataset.py: kills mid-write and two runs at once ----------------------------------------------------
 
-# A child process claims a save path and writes a stand-in data set through finetune.preparation, counting every
-# file-system step (file writes, renames, the atomic swap, deletions). At step STOP it dies on the spot (os._exit:
-# no cleanup, like SIGKILL) or waits for a "go" file. It imports only finetune.preparation, not the package's
+# A child process claims a save path and writes a stand-in data set through finetune.dataset_output, counting
+# every file-system step (file writes, renames, the atomic swap, deletions). At step STOP it dies on the spot (os._exit:
+# no cleanup, like SIGKILL) or waits for a "go" file. It imports only finetune.dataset_output, not the package's
 # torch-heavy __init__, so that each of the ~30 children starts in a fraction of a second.
 CHILD = r'''
 import os, shutil, sys, time, types
 from pathlib import Path
 package = types.ModuleType("finetune"); package.__path__ = [os.path.join(os.getcwd(), "finetune")]
 sys.modules["finetune"] = package
-from finetune import preparation
+from finetune import dataset_output
 
 target, stop, how, swap, signals = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], Path(sys.argv[5])
 steps = 0
@@ -128,7 +128,7 @@ def step(function):
 
 for owner, name in ((os, "replace"), (os, "unlink"), (os, "rmdir"), (shutil, "rmtree"), (Path, "write_text")):
     setattr(owner, name, step(getattr(owner, name)))
-preparation._exchange = step(preparation._exchange if swap == "exchange" else lambda first, second: False)
+dataset_output._exchange = step(dataset_output._exchange if swap == "exchange" else lambda first, second: False)
 
 class StandIn:
     def save_to_disk(self, folder):
@@ -136,8 +136,8 @@ class StandIn:
         for name in ("dataset_dict.json", "data.arrow"):
             Path(folder, name).write_text("new")
 
-with preparation.claim_save_path(target) as folder:
-    preparation.write_output(StandIn(), {"made_by": preparation.MADE_BY, "run": "new"}, folder)
+with dataset_output.claim_save_path(target) as folder:
+    dataset_output.write_output(StandIn(), {"made_by": dataset_output.MADE_BY, "run": "new"}, folder)
 '''
 
 
@@ -145,16 +145,16 @@ def write_stand_in(folder, run):
     folder.mkdir()
     for name in ("dataset_dict.json", "data.arrow"):
         (folder / name).write_text(run)
-    (folder / preparation.REPORT_FILE).write_text(json.dumps({"made_by": preparation.MADE_BY, "run": run}))
+    (folder / dataset_output.REPORT_FILE).write_text(json.dumps({"made_by": dataset_output.MADE_BY, "run": run}))
 
 
 def state(folder):
     """'old' or 'new' for a complete stand-in output, 'missing', or 'broken' for anything in between."""
     if not folder.exists():
         return "missing"
-    if sorted(os.listdir(folder)) != ["data.arrow", "dataset_dict.json", preparation.REPORT_FILE]:
+    if sorted(os.listdir(folder)) != ["data.arrow", "dataset_dict.json", dataset_output.REPORT_FILE]:
         return "broken"
-    run = json.loads((folder / preparation.REPORT_FILE).read_text())["run"]
+    run = json.loads((folder / dataset_output.REPORT_FILE).read_text())["run"]
     data = {(folder / name).read_text() for name in ("data.arrow", "dataset_dict.json")}
     return run if data == {run} else "broken"
 
@@ -171,7 +171,7 @@ def test_a_kill_at_any_step_keeps_an_output_and_the_next_run_recovers(tmp_path, 
     (claiming the path) puts the old output back or keeps the new one, and leaves nothing else."""
     if swap == "exchange":
         (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
-        if not preparation._exchange(tmp_path / "a", tmp_path / "b"):
+        if not dataset_output._exchange(tmp_path / "a", tmp_path / "b"):
             pytest.skip("this file system cannot swap two folders in one step")
     seen = []
     for stop in range(1, 40):
@@ -192,7 +192,7 @@ def test_a_kill_at_any_step_keeps_an_output_and_the_next_run_recovers(tmp_path, 
             assert swap == "two renames" and state(root / ".out.old") == "old"
         else:
             assert now in ("old", "new") if previous else now in ("missing", "new")
-        with preparation.claim_save_path(out):  # what the next run does first
+        with dataset_output.claim_save_path(out):  # what the next run does first
             pass
         after = state(out)
         assert after == ("old" if now == "missing" and previous else now)
@@ -211,7 +211,7 @@ def test_leftovers_of_the_unlocked_writer_are_recovered(tmp_path):
     (tmp_path / ".out.tmp-k2x9a0zq").mkdir()
     (tmp_path / ".out.tmp-k2x9a0zq" / "data.arrow").write_text("half")
     write_stand_in(tmp_path / ".out.tmp.old", "other")  # left by an output named "out.tmp": not ours to touch
-    with preparation.claim_save_path(out):
+    with dataset_output.claim_save_path(out):
         pass
     assert state(out) == "old" and sorted(os.listdir(tmp_path)) == [".out.tmp.old", "out"]
 
@@ -252,8 +252,8 @@ def replace(source, destination):
         os._exit(9)
     return real_replace(source, destination)
 os.replace = replace
-import finetune.preparation
-finetune.preparation._exchange = lambda first, second: False
+import finetune.dataset_output
+finetune.dataset_output._exchange = lambda first, second: False
 sys.argv = sys.argv[1:]
 runpy.run_path("prepare_dataset.py", run_name="__main__")
 ''', "prepare_dataset.py", *tiny_source, "--save-path", str(out)], cwd=REPO_ROOT, capture_output=True, text=True,
@@ -265,7 +265,7 @@ runpy.run_path("prepare_dataset.py", run_name="__main__")
     error_of(pd.main, failing)
     assert snapshot(out) == previous and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     pd.main(tiny_source + ["--save-path", str(out)])
-    report = json.loads((out / preparation.REPORT_FILE).read_text())
+    report = json.loads((out / dataset_output.REPORT_FILE).read_text())
     assert report["splits"]["train"]["examples"] + report["splits"]["validation"]["examples"] == 5
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 

@@ -10,7 +10,9 @@ from datasets import Dataset, DatasetDict, load_from_disk
 
 import finetune.preparation as prep
 import prepare_dataset as pd
-from finetune.preparation import IGNORE_INDEX, PrepareError
+from finetune.errors import FinetuneError
+from finetune.dataset_output import REPORT_FILE
+from finetune.preparation import IGNORE_INDEX
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -125,7 +127,7 @@ def test_response_cut_only_when_it_alone_does_not_fit(llama_tokenizer):
 
 
 def test_block_size_smaller_than_wrapper_is_an_error(llama_tokenizer):
-    with pytest.raises(PrepareError, match="too small"):
+    with pytest.raises(FinetuneError, match="too small"):
         tokenize_one("llama2", llama_tokenizer, NEWS, block_size=3)
 
 
@@ -167,7 +169,7 @@ def test_cli_demo_end_to_end(tmp_path, capsys):
         assert split.column_names == ["input_ids", "labels"]
         for ids, labels in zip(split["input_ids"], split["labels"]):
             assert len(ids) == len(labels) <= 64
-    report = json.loads((save_path / prep.REPORT_FILE).read_text())
+    report = json.loads((save_path / REPORT_FILE).read_text())
     assert report["splits"]["train"]["prompt_truncated"] > 0  # most demo examples are longer than 64 tokens
     # Running again replaces our own previous output.
     pd.main(["baichuan2", "--demo", "--save-path", str(save_path), "--max-examples", "20"])
