@@ -6,6 +6,7 @@ import sys
 
 from finetune.config import RunConfig, from_flags
 from finetune.data import BATCHING_MODES
+from finetune.errors import FinetuneError
 
 LORA_LR = 2e-4  # the default --lr with --lora / --qlora
 # Upper bounds far past any real job, so a typo (an extra zero or ten) is one line at parse time rather than an
@@ -130,7 +131,7 @@ class _Parser(argparse.ArgumentParser):
         """argparse's own complaints (unknown flag, not a number) as our one line, printed by rank 0 only."""
         if int(os.environ.get("RANK", "0")) == 0:
             self.print_usage(sys.stderr)
-        raise SystemExit(f"error: {message}")
+        raise FinetuneError(message)
 
 
 # (flag, lowest, highest, lowest allowed itself): every numeric flag, checked at parse time.
@@ -158,16 +159,16 @@ def check_numbers(args):
             continue
         flag = "--" + name.replace("_", "-")
         if not math.isfinite(value):
-            raise SystemExit(f"error: {flag} must be a finite number (got {value})")
+            raise FinetuneError(f"{flag} must be a finite number (got {value})")
         if value < low or (value == low and not low_ok) or (high is not None and value > high):
             bound = (f"from {low} to {high}" if high is not None else
                      f"at least {low}" if low_ok else f"greater than {low}")
-            raise SystemExit(f"error: {flag} must be {bound} (got {value})")
+            raise FinetuneError(f"{flag} must be {bound} (got {value})")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if not args.plan_only and args.batch_size % world_size:
-        raise SystemExit(f"error: --batch-size {args.batch_size} is not divisible by the {world_size} processes")
+        raise FinetuneError(f"--batch-size {args.batch_size} is not divisible by the {world_size} processes")
     if not args.plan_only and args.micro_batch_size and (args.batch_size // world_size) % args.micro_batch_size:
-        raise SystemExit(f"error: --micro-batch-size {args.micro_batch_size} does not divide the "
+        raise FinetuneError(f"--micro-batch-size {args.micro_batch_size} does not divide the "
                          f"{args.batch_size // world_size} rows each process takes per step")
 
 
@@ -177,7 +178,7 @@ def _check_lora_args(args, defaults, lr_given):
                                                           "lora_target_modules") if getattr(args, name) is not None]
     if not (args.lora or args.qlora):
         if given:
-            raise SystemExit(f"error: {' '.join(given)} needs --lora or --qlora")
+            raise FinetuneError(f"{' '.join(given)} needs --lora or --qlora")
         return
     args.lora = True  # --qlora is LoRA on a 4-bit base
     if not lr_given and not args.demo:  # adapters start from zero and need a far larger step than full weights
@@ -189,13 +190,13 @@ def _check_lora_args(args, defaults, lr_given):
         args.lora_target_modules = defaults.get("lora_target_modules", "q_proj,k_proj,v_proj,o_proj,gate_proj,"
                                                                        "up_proj,down_proj")
     if not 1 <= args.lora_rank <= MAX_LORA_RANK:
-        raise SystemExit(f"error: --lora-rank must be positive and at most {MAX_LORA_RANK} (got {args.lora_rank})")
+        raise FinetuneError(f"--lora-rank must be positive and at most {MAX_LORA_RANK} (got {args.lora_rank})")
     if not (args.lora_alpha > 0 and math.isfinite(args.lora_alpha)):
-        raise SystemExit(f"error: --lora-alpha must be a positive number (got {args.lora_alpha})")
+        raise FinetuneError(f"--lora-alpha must be a positive number (got {args.lora_alpha})")
     if not 0 <= args.lora_dropout < 1:
-        raise SystemExit(f"error: --lora-dropout must be at least 0 and below 1 (got {args.lora_dropout})")
+        raise FinetuneError(f"--lora-dropout must be at least 0 and below 1 (got {args.lora_dropout})")
     names = [name.strip() for name in args.lora_target_modules.split(",")]
     if not all(name.isidentifier() for name in names) or len(set(names)) != len(names):
-        raise SystemExit(f"error: --lora-target-modules must be distinct layer names separated by commas, like "
+        raise FinetuneError(f"--lora-target-modules must be distinct layer names separated by commas, like "
                          f"q_proj,v_proj (got {args.lora_target_modules!r})")
     args.lora_target_modules = ",".join(names)

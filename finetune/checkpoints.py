@@ -36,12 +36,11 @@ from torch.distributed.checkpoint.api import CheckpointException
 from tqdm import tqdm
 
 from finetune import lora, safe_checkpoint
-from finetune.config import RUN_CONFIG_FILE, write_run_config
 from finetune.checksums import CHECKSUMS, verify_checkpoint, write_checksums
+from finetune.config import RUN_CONFIG_FILE, write_run_config
 from finetune.errors import FinetuneError
-from finetune.run_folder import (check_save_dir, create_run_dir, describe_error, fsync_dir, list_checkpoints,
-                                 lock_run_dir, newest_checkpoint_note, remove_path, start_run_dir, truncate_metrics,
-                                 writing)
+from finetune.run_folder import (check_save_dir, claim_run_dir, describe_error, fsync_dir, list_checkpoints,
+                                 newest_checkpoint_note, remove_path, start_run_dir, truncate_metrics, writing)
 from finetune.stop_signals import StopRequest
 
 # ----------------------------------------------------------------------------------------------------------
@@ -168,7 +167,7 @@ def save_checkpoint(save_dir, step, model, optimizer, scheduler, trainer_state, 
                 remove_path(partial)
         previous = [c for c in list_checkpoints(save_dir) if c != final]
         kept = f"the previous checkpoint {previous[-1]!r} is intact" if previous else "no earlier checkpoint exists"
-        raise SystemExit(f"error: could not write the checkpoint for step {step} in {partial!r} "
+        raise FinetuneError(f"could not write the checkpoint for step {step} in {partial!r} "
                          f"({describe_error(exc)}); {kept}")
     return final
 
@@ -212,7 +211,7 @@ def read_trainer_state(path):
         if not isinstance(state, dict):
             raise ValueError
     except (OSError, ValueError, UnicodeDecodeError) as exc:
-        raise SystemExit(f"error: checkpoint {path!r} is unreadable ({exc.__class__.__name__}); nothing was deleted")
+        raise FinetuneError(f"checkpoint {path!r} is unreadable ({exc.__class__.__name__}); nothing was deleted")
     if not isinstance(state.get("non_tensor_state"), dict):
         raise FinetuneError(f"checkpoint {path!r} was written by an earlier version of these scripts, which stored "
                             f"the optimiser's settings and the RNG states as pickles; loading those could run "
@@ -228,14 +227,14 @@ def check_same_run(path, state, settings):
         if key == "epoch" or key not in state or state[key] == value:
             continue
         if key == "dataset":
-            raise SystemExit(f"error: --dataset-name-or-path: the training split differs from the one of the run "
+            raise FinetuneError(f"--dataset-name-or-path: the training split differs from the one of the run "
                              f"being resumed ({path}); resume with the same data. Nothing was deleted")
         if key == "adapters":
             _check_same_adapters(path, state[key], value)
             continue
         then, now = ("not given" if v is None else v for v in (state[key], value))
         flag = "--" + key.replace("_", "-")
-        raise SystemExit(f"error: {flag} {now} differs from the run being resumed ({flag} {then}, {path}); a "
+        raise FinetuneError(f"{flag} {now} differs from the run being resumed ({flag} {then}, {path}); a "
                          f"resumed run keeps the flags it started with (see README, Preemption and resume). "
                          f"Nothing was deleted")
 
@@ -245,7 +244,7 @@ def _check_same_adapters(path, saved, record):
     mismatch = lora.resume_mismatch(saved, record)
     if mismatch:
         flag, then, now = mismatch
-        raise SystemExit(f"error: {flag} differs from the run being resumed ({path}): it has {lora.describe(then)}, "
+        raise FinetuneError(f"{flag} differs from the run being resumed ({path}): it has {lora.describe(then)}, "
                          f"this run {lora.describe(now)}; resume with the same adapter flags. Nothing was deleted")
 
 
@@ -259,10 +258,10 @@ def load_checkpoint(path, model, optimizer, scheduler, backend, expected_state=N
     state = read_trainer_state(path)
     check_same_run(path, state, expected_state or {})
     if state.get("model") != model_fingerprint(model):
-        raise SystemExit(f"error: checkpoint {path!r} was written for another model "
+        raise FinetuneError(f"checkpoint {path!r} was written for another model "
                          f"({state.get('model')}); nothing was deleted")
     if not os.path.isfile(os.path.join(path, ".metadata")):  # DCP would print tracebacks while looking for it
-        raise SystemExit(f"error: checkpoint {path!r} is corrupt or incomplete (no .metadata); nothing was deleted")
+        raise FinetuneError(f"checkpoint {path!r} is corrupt or incomplete (no .metadata); nothing was deleted")
     tensors, _ = _split_trained_state(model, optimizer)
     try:
         with _quiet_checkpoint_library():
@@ -271,7 +270,7 @@ def load_checkpoint(path, model, optimizer, scheduler, backend, expected_state=N
         raise FinetuneError(f"{exc}; nothing was deleted") from None
     # DCP wraps storage and format errors in several exception types; its CheckpointException is a BaseException.
     except (Exception, CheckpointException) as exc:
-        raise SystemExit(f"error: checkpoint {path!r} is corrupt or incomplete ({exc.__class__.__name__}); "
+        raise FinetuneError(f"checkpoint {path!r} is corrupt or incomplete ({exc.__class__.__name__}); "
                          f"nothing was deleted")
     try:
         restored = merge_state(tensors, state["non_tensor_state"])
@@ -316,18 +315,9 @@ class Checkpointer:
         self.step = self.epoch = 0
         save_dir = section.save_model_dir
         if os.path.exists(save_dir) and not os.path.isdir(save_dir):
-            raise SystemExit(f"error: --save-model-dir {save_dir!r} exists and is not a folder")
+            raise FinetuneError(f"--save-model-dir {save_dir!r} exists and is not a folder")
         # One run per folder: rank 0 holds the lock, and every rank hears if it could not get it.
-        problem = None
-        if backend.is_main:
-            try:
-                create_run_dir(save_dir)
-                problem = lock_run_dir(save_dir)
-            except SystemExit as exc:
-                problem = str(exc.code)
-        problem = backend.all_gather(problem)[0]
-        if problem:
-            raise SystemExit(problem)
+        backend.on_rank0(lambda: claim_run_dir(save_dir))
         newest = check_save_dir(save_dir, section.resume, section.overwrite, section.resume_if_possible)
         self.resume_from = newest and self._verified(newest, fall_back=section.resume_if_possible)
         if self.resume_from:
@@ -343,11 +333,11 @@ class Checkpointer:
                 return path
             message = f"checkpoint {path!r} is corrupt: {problem}"
             if not fall_back:
-                raise SystemExit(f"error: {message}; nothing was deleted (--resume-if-possible falls back to the "
+                raise FinetuneError(f"{message}; nothing was deleted (--resume-if-possible falls back to the "
                                  f"newest checkpoint that verifies)")
             if self.backend.is_main:
                 print(f"warning: {message}; trying an older one", flush=True)
-        raise SystemExit(f"error: no checkpoint in {self.save_dir!r} matches its checksums; nothing was deleted")
+        raise FinetuneError(f"no checkpoint in {self.save_dir!r} matches its checksums; nothing was deleted")
 
     def start(self, model, optimizer, scheduler, steps, parallel_plan=None):
         """Register the states a checkpoint holds (model, optimizer, scheduler), then restore the newest
@@ -398,16 +388,16 @@ class Checkpointer:
         none), so that `--resume` writes the model once the cause is fixed; the error line says which."""
         try:
             yield
-        except SystemExit as exc:
+        except FinetuneError as exc:
             last = os.path.join(self.save_dir, "checkpoints", f"step-{self.step:08d}")
             if not os.path.isdir(last):
-                with contextlib.suppress(SystemExit):  # the same disk may refuse a checkpoint too
+                with contextlib.suppress(FinetuneError):  # the same disk may refuse a checkpoint too
                     self._save()
             if os.path.isdir(last):
                 note = (f"checkpoint {last} holds the finished run: fix the cause and run the same command with "
                         f"--resume to write the model")
             else:
                 note = newest_checkpoint_note(self.save_dir)
-            raise SystemExit(f"{exc.code}; {note}" if isinstance(exc.code, str) else exc.code) from None
+            raise FinetuneError(f"{exc}; {note}") from None
 
 

@@ -27,17 +27,17 @@ def load_prepared_dataset(path):
     from datasets import load_from_disk
 
     if not os.path.isdir(path):
-        raise SystemExit(f"error: dataset folder {path!r} not found; run prepare_dataset.py first")
+        raise FinetuneError(f"dataset folder {path!r} not found; run prepare_dataset.py first")
     try:
         dataset = load_from_disk(path)
     except Exception as exc:  # datasets raises several types for a folder it cannot read
-        raise SystemExit(f"error: {path!r} is not a prepare_dataset.py output folder ({exc.__class__.__name__})")
+        raise FinetuneError(f"{path!r} is not a prepare_dataset.py output folder ({exc.__class__.__name__})")
     if not hasattr(dataset, "keys") or "train" not in dataset:
-        raise SystemExit(f"error: {path!r} has no 'train' split; run prepare_dataset.py to make one")
+        raise FinetuneError(f"{path!r} has no 'train' split; run prepare_dataset.py to make one")
     for name in dataset:
         missing = {"input_ids", "labels"} - set(dataset[name].column_names)
         if missing:
-            raise SystemExit(f"error: split {name!r} of {path!r} lacks column(s) {sorted(missing)}")
+            raise FinetuneError(f"split {name!r} of {path!r} lacks column(s) {sorted(missing)}")
     return dataset
 
 
@@ -56,9 +56,9 @@ def load_tokenizer(model):
     except FinetuneError:
         raise  # already the one line (a folder's own code refused)
     except (OSError, ValueError) as exc:
-        raise SystemExit(f"error: cannot load the tokenizer of {model.name_or_path!r}: {str(exc).splitlines()[0]}")
+        raise FinetuneError(f"cannot load the tokenizer of {model.name_or_path!r}: {str(exc).splitlines()[0]}")
     except Exception as exc:  # a garbled config.json (`[]`) fails in transformers' fallback reader with a TypeError
-        raise SystemExit(f"error: cannot load the tokenizer of {model.name_or_path!r}: "
+        raise FinetuneError(f"cannot load the tokenizer of {model.name_or_path!r}: "
                          f"{root_cause_message(exc)}") from None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return tokenizer, pad_id
@@ -68,7 +68,7 @@ def check_block_size(config, block_size):
     """Rows longer than the model's positions would train on positions it never had."""
     max_length = getattr(config, "model_max_length", None) or config.max_position_embeddings
     if max_length < block_size:
-        raise SystemExit(f"error: --block-size {block_size} exceeds the model's length limit {max_length}")
+        raise FinetuneError(f"--block-size {block_size} exceeds the model's length limit {max_length}")
 
 
 def load_token_tables(data):
@@ -80,10 +80,10 @@ def load_token_tables(data):
     validation = TokenTable(dataset["validation"]) if len(dataset.get("validation", [])) else None
     too_long = sum(int((table.lengths > block_size).sum()) for table in (train, validation) if table)
     if too_long:
-        raise SystemExit(f"error: {too_long} examples are longer than --block-size {block_size}; run "
+        raise FinetuneError(f"{too_long} examples are longer than --block-size {block_size}; run "
                          f"prepare_dataset.py with --block-size {block_size}")
     if not train.num_targets.sum():  # else every step's loss is 0/0, reported as a non-finite loss
-        raise SystemExit(f"error: no targets to learn in {path!r}: every label of the training split is -100 "
+        raise FinetuneError(f"no targets to learn in {path!r}: every label of the training split is -100 "
                          f"(an example's first token never counts); prepare it with labels on the responses")
     return train, validation
 
@@ -95,12 +95,12 @@ def check_token_ids(config, *tables):
     for table in (t for t in tables if t is not None):
         if table.input_ids.min() < 0 or table.input_ids.max() >= vocab:
             found = table.input_ids.max() if table.input_ids.max() >= vocab else table.input_ids.min()
-            raise SystemExit(f"error: the dataset holds token id {found}, but the model's vocabulary has {vocab} "
+            raise FinetuneError(f"the dataset holds token id {found}, but the model's vocabulary has {vocab} "
                              f"ids (0 to {vocab - 1}); was it prepared with another model's tokenizer?")
         labels = table.labels[table.labels != IGNORE_INDEX]
         if len(labels) and (labels.min() < 0 or labels.max() >= vocab):
             found = labels.max() if labels.max() >= vocab else labels.min()
-            raise SystemExit(f"error: the dataset holds label {found}; a label must be -100 (no loss) or a token "
+            raise FinetuneError(f"the dataset holds label {found}; a label must be -100 (no loss) or a token "
                              f"id below the model's vocabulary size {vocab}")
 
 
@@ -110,17 +110,17 @@ class TokenTable:
     def __init__(self, split):
         table = split.with_format("arrow")[:] if len(split) else None
         if table is None:
-            raise SystemExit("error: the dataset split is empty")
+            raise FinetuneError("the dataset split is empty")
         ids = table.column("input_ids").combine_chunks()
         labels = table.column("labels").combine_chunks()
         self.offsets = ids.offsets.to_numpy().astype(np.int64)
         self.input_ids = ids.values.to_numpy().astype(np.int64)
         self.labels = labels.values.to_numpy().astype(np.int64)
         if not np.array_equal(self.offsets, labels.offsets.to_numpy()):
-            raise SystemExit("error: input_ids and labels differ in length in some example")
+            raise FinetuneError("input_ids and labels differ in length in some example")
         self.lengths = np.diff(self.offsets)
         if (self.lengths == 0).any():
-            raise SystemExit("error: the dataset has empty examples")
+            raise FinetuneError("the dataset has empty examples")
         # Targets an example contributes: its first label is never predicted (nothing precedes it in the row).
         has_target = self.labels != IGNORE_INDEX
         has_target[self.offsets[:-1]] = False
@@ -201,14 +201,14 @@ class StepRows:
         self.batching, self.seed = batching, seed
         self._counts, self._latest = {}, (None, None)
         if not self.steps_in_epoch(0):
-            raise SystemExit(f"error: the training split makes fewer than --batch-size {batch_size} rows; "
+            raise FinetuneError(f"the training split makes fewer than --batch-size {batch_size} rows; "
                              f"use a smaller --batch-size or more data")
         if max_steps:
             self.total_steps = max_steps
         elif batching != "packed":
             self.total_steps = epochs * self.steps_in_epoch(0)
         elif epochs * len(lengths) > PACKING_COUNT_BUDGET:
-            raise SystemExit(f"error: --epochs {epochs}: counting the steps would mean packing "
+            raise FinetuneError(f"--epochs {epochs}: counting the steps would mean packing "
                              f"{epochs * len(lengths):.3g} examples; give --max-steps instead (one epoch is about "
                              f"{self.steps_in_epoch(0)} steps)")
         else:

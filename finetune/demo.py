@@ -22,6 +22,8 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from finetune.errors import FinetuneError
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_SAMPLE_FILES = {
     "llama2": str(REPO_ROOT / "data" / "llama2_sample.jsonl"),
@@ -239,7 +241,7 @@ def ensure_demo_dataset(recipe_name: str, recipe: dict, block_size: int = 1024) 
     """The bundled sample data of `recipe_name`, prepared with `recipe` (a prepare_dataset.RECIPES entry) and
     the demo tokenizer of its family: a prepare_dataset.py output folder (train/validation, input_ids/labels)."""
     if recipe_name not in DEMO_SAMPLE_FILES:
-        raise SystemExit(f"error: --demo has no bundled sample data for recipe {recipe_name!r}; pass "
+        raise FinetuneError(f"--demo has no bundled sample data for recipe {recipe_name!r}; pass "
                          f"--dataset-name-or-path with a prepare_dataset.py output folder")
     tokenizer_folder = ensure_demo_tokenizer(family_of(recipe["model"]))
     # The prompt function's source is part of the key, so editing a recipe rebuilds its demo data.

@@ -7,6 +7,7 @@ import os
 from safetensors import SafetensorError
 
 from finetune import lora
+from finetune.errors import FinetuneError
 from finetune.parallel import full_state_dict_on_rank0
 from finetune.run_folder import FINAL_STAGING, describe_error, fsync_dir, remove_path
 
@@ -39,31 +40,31 @@ def _move_into_place(staging, save_dir):
 def save_final_model(model, tokenizer, backend, save_dir, plan):
     """The finished model as `save_pretrained` (safetensors) plus its tokenizer and the parallel plan (rank 0),
     written to a temporary folder and moved into place. With LoRA: the adapter in `adapter/` and, as the model,
-    the adapter merged into the base. Raises SystemExit with one line, on every rank, if it could not be written."""
+    the adapter merged into the base. Raises a FinetuneError, on every rank, if it could not be written."""
     adapters = lora.is_lora(model)
     state_dict = full_state_dict_on_rank0(model, backend, trainable_only=adapters)
-    problem = None
-    if backend.is_main:
-        staging = os.path.join(save_dir, FINAL_STAGING)
-        try:
-            remove_path(staging)  # left by an earlier save; a link there is removed, not followed
-            if adapters:
-                lora.save_adapter_and_merged(model, state_dict, staging)
-                _usual_file_modes(os.path.join(staging, lora.ADAPTER_DIR))
-            else:
-                model.save_pretrained(staging, state_dict=state_dict, safe_serialization=True)
-            tokenizer.save_pretrained(staging)
-            with open(os.path.join(staging, "parallel_plan.json"), "w") as f:
-                json.dump(plan, f, indent=2)
-            _usual_file_modes(staging)
-            _move_into_place(staging, save_dir)
-        except (OSError, SafetensorError) as exc:
-            path = getattr(exc, "filename", None) or save_dir
-            problem = f"error: could not save the final model to {path!r} ({describe_error(exc)})"
-            with contextlib.suppress(OSError):  # the error above is what matters
-                remove_path(staging)
-    problem = backend.all_gather(problem)[0]
-    if problem:
-        raise SystemExit(problem)
+    backend.on_rank0(lambda: _write_final_files(model, state_dict, tokenizer, save_dir, plan, adapters))
     if backend.is_main:
         print(f"saved model and tokenizer to {save_dir}", flush=True)
+
+
+def _write_final_files(model, state_dict, tokenizer, save_dir, plan, adapters):
+    """Rank 0's part of save_final_model: write into the staging folder, then move the files into place."""
+    staging = os.path.join(save_dir, FINAL_STAGING)
+    try:
+        remove_path(staging)  # left by an earlier save; a link there is removed, not followed
+        if adapters:
+            lora.save_adapter_and_merged(model, state_dict, staging)
+            _usual_file_modes(os.path.join(staging, lora.ADAPTER_DIR))
+        else:
+            model.save_pretrained(staging, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        with open(os.path.join(staging, "parallel_plan.json"), "w") as f:
+            json.dump(plan, f, indent=2)
+        _usual_file_modes(staging)
+        _move_into_place(staging, save_dir)
+    except (OSError, SafetensorError) as exc:
+        path = getattr(exc, "filename", None) or save_dir
+        with contextlib.suppress(OSError):  # the error below is what matters
+            remove_path(staging)
+        raise FinetuneError(f"could not save the final model to {path!r} ({describe_error(exc)})") from None

@@ -4,6 +4,8 @@ import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
+from finetune.errors import FinetuneError
+
 DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".arrow")
 
 
@@ -47,4 +49,4 @@ def require_local_or_reachable(model_name_or_path):
     try:
         require_hub("model", model_name_or_path)
     except HubUnreachable as exc:
-        raise SystemExit(f"error: {exc}") from None
+        raise FinetuneError(str(exc)) from None

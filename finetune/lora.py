@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from finetune.errors import FinetuneError
 from finetune.sharding import decoder_layers
 
 ADAPTER_DIR = "adapter"
@@ -90,7 +91,7 @@ def base_dtype(settings, mixed_precision):
 def check_backend(settings, backend):
     """QLoRA's 4-bit base is not sharded: it runs on one device (one GPU, or a CPU bitsandbytes supports)."""
     if settings and settings.quantize_4bit and backend.engine != "single":
-        raise SystemExit(f"error: --qlora runs on one device (one GPU or the CPU), not under {backend.engine}; "
+        raise FinetuneError(f"--qlora runs on one device (one GPU or the CPU), not under {backend.engine}; "
                          f"use --lora to shard a bf16 base over several GPUs")
 
 
@@ -102,7 +103,7 @@ def base_load_kwargs(settings, backend):
             import bitsandbytes  # noqa: F401
             from transformers import BitsAndBytesConfig
         except ImportError as exc:
-            raise SystemExit(f"error: --qlora needs bitsandbytes ({exc}); pip install bitsandbytes") from None
+            raise FinetuneError(f"--qlora needs bitsandbytes ({exc}); pip install bitsandbytes") from None
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16)
@@ -127,7 +128,7 @@ def add_adapters(model, settings):
     available = decoder_linear_names(model)
     missing = [name for name in settings.targets if name not in available]
     if missing:
-        raise SystemExit(f"error: --lora-target-modules names {missing}, not linear layers of this model's "
+        raise FinetuneError(f"--lora-target-modules names {missing}, not linear layers of this model's "
                          f"decoder blocks (they are: {','.join(available)})")
     config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                         target_modules=list(settings.targets), bias="none", task_type="CAUSAL_LM",

@@ -21,8 +21,8 @@ import math
 import sys
 from pathlib import Path
 
-
 from finetune import memory_cache, memory_process
+from finetune.errors import FinetuneError, exit_on_error
 
 GIB = 1024 ** 3
 FIT_FRACTION = 0.92  # of device memory a plan may use: allocator rounding, fragmentation, CUDA context
@@ -228,13 +228,13 @@ def _print_plan(args):
     try:
         config = json.loads(Path(args.config).read_text())
     except (OSError, ValueError) as exc:
-        raise SystemExit(f"error: cannot read the model config {args.config!r}: {exc}")
+        raise FinetuneError(f"cannot read the model config {args.config!r}: {exc}")
     try:
         plan = plan_candidates(config, args.world_size, args.batch_size, args.block_size, args.device_memory_gb,
                                args.host_memory_gb, precision=args.precision, adapter=args.adapter,
                                chunked_loss=not args.plain_loss, exhaustive=args.exhaustive)
     except ValueError as exc:
-        raise SystemExit(f"error: {exc}")
+        raise FinetuneError(str(exc)) from None
     print("\n".join([f"rule: {plan.rule}", *plan.lines()]))
     if plan.chosen:
         print(f"chosen: {json.dumps(plan.chosen.memory.gib())}")
@@ -242,6 +242,7 @@ def _print_plan(args):
         print("chosen: none fits")
 
 
+@exit_on_error
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Simulated training-step memory of a model on a target machine.")
     parser.add_argument("--config", help="the model's config.json (with model_type)")

@@ -23,7 +23,9 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -35,6 +37,7 @@ from finetune.remote_code import refusing_remote_code
 from finetune.sharding import decoder_layers, shard_model
 from finetune.weight_files import damaged_weight_file
 
+T = TypeVar("T")
 
 
 @dataclass
@@ -82,6 +85,20 @@ class Backend:
         gathered = [None] * self.world_size
         dist.all_gather_object(gathered, obj, group=self.control_group)
         return gathered
+
+    def on_rank0(self, work: Callable[[], T]) -> T:
+        """Run `work` on rank 0 only and give every rank its outcome: what it returned (small, picklable), or
+        the same FinetuneError. Every rank must call it, as any collective."""
+        outcome = (None, None)
+        if self.is_main:
+            try:
+                outcome = (work(), None)
+            except FinetuneError as exc:  # every rank must hear it, not wait in the gather
+                outcome = (None, str(exc))
+        result, problem = self.all_gather(outcome)[0]
+        if problem is not None:
+            raise FinetuneError(problem)
+        return result
 
     def barrier(self):
         if self.distributed:
@@ -186,11 +203,11 @@ def load_model(backend, model_class, model, layout=None, attn_implementation=Non
         if damaged:
             raise FinetuneError(f"cannot load the model {model_path!r}: {damaged}") from None
         if isinstance(exc, (OSError, ValueError)):
-            raise SystemExit(f"error: cannot load the model {model_path!r}: {str(exc).splitlines()[0]}") from None
+            raise FinetuneError(f"cannot load the model {model_path!r}: {str(exc).splitlines()[0]}") from None
         if not (adapters and adapters.quantize_4bit and isinstance(exc, (RuntimeError, NotImplementedError,
                                                                            ImportError))):
             raise
-        raise SystemExit(f"error: --qlora: bitsandbytes cannot load a 4-bit model on {backend.device} here "
+        raise FinetuneError(f"--qlora: bitsandbytes cannot load a 4-bit model on {backend.device} here "
                          f"({str(exc).splitlines()[0]})") from None
 
 
@@ -281,9 +298,9 @@ CPU_MICRO_BATCH_TOKENS = 2048  # measured on the demo model: ~2k tokens per forw
 def split_global_batch(batch_size, world_size, micro_batch_size=None, device_type="cpu", block_size=1024):
     """(micro_batch_size, accumulation_steps) for `batch_size` rows per step over `world_size` ranks."""
     if batch_size <= 0:
-        raise SystemExit("error: --batch-size must be a positive number of rows")
+        raise FinetuneError("--batch-size must be a positive number of rows")
     if batch_size % world_size:
-        raise SystemExit(f"error: --batch-size {batch_size} is not divisible by the {world_size} processes")
+        raise FinetuneError(f"--batch-size {batch_size} is not divisible by the {world_size} processes")
     per_rank = batch_size // world_size
     if micro_batch_size is None:
         # CPUs run fastest on a couple of thousand tokens at a time; GPUs start from the largest power of two
@@ -293,7 +310,7 @@ def split_global_batch(batch_size, world_size, micro_batch_size=None, device_typ
         while per_rank % micro_batch_size:
             micro_batch_size //= 2
     if micro_batch_size <= 0 or per_rank % micro_batch_size:
-        raise SystemExit(f"error: --micro-batch-size {micro_batch_size} does not divide the {per_rank} rows "
+        raise FinetuneError(f"--micro-batch-size {micro_batch_size} does not divide the {per_rank} rows "
                          f"each process takes per step")
     return micro_batch_size, per_rank // micro_batch_size
 
@@ -338,6 +355,6 @@ def probe_micro_batch(model, backend, micro_batch_size, per_rank, block_size, cp
             micro -= 1
     del reserve
     if not fits:
-        raise SystemExit(f"error: one row of {block_size} tokens does not fit in GPU memory; use "
+        raise FinetuneError(f"one row of {block_size} tokens does not fit in GPU memory; use "
                          f"--activation-checkpointing on, a smaller --block-size, or more GPUs")
     return micro

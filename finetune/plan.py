@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from finetune import lora, memory
-from finetune.errors import FinetuneError, error_line
+from finetune.errors import FinetuneError
 from finetune.parallel import probe_micro_batch, split_global_batch
 
 # Shapes of the models this collection targets, so `--plan-only` works offline and without downloading.
@@ -66,7 +66,7 @@ def model_shape(model_name_or_path, trust_remote_code=False):
         with refusing_remote_code(model_name_or_path):
             config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code).to_dict()
     except (OSError, ValueError):
-        raise SystemExit(f"error: no config.json in {model_name_or_path!r}, it could not be downloaded, and it is "
+        raise FinetuneError(f"no config.json in {model_name_or_path!r}, it could not be downloaded, and it is "
                          f"not one of {sorted(KNOWN_CONFIGS)}") from None
     return check_shape(config, f"the config of {model_name_or_path}")
 
@@ -135,7 +135,7 @@ def simulated_plan(config, model_shape_dict, world_size, device_memory_gb, host_
                                       cpu_offload=_toggle(parallel.cpu_offload),
                                       chunked_loss=parallel.chunked_loss != "off")
     except ValueError as exc:
-        raise SystemExit(f"error: {exc}") from None
+        raise FinetuneError(str(exc)) from None
 
 
 def plan_lines(result, header, facts=()):
@@ -165,7 +165,7 @@ def plan_only(config, backend):
     target, adapters = config.plan_only, config.lora
     world = target.num_devices or backend.world_size
     if adapters and adapters.quantize_4bit and world > 1:
-        raise SystemExit("error: --qlora runs on one device; plan it with --num-devices 1, or use --lora")
+        raise FinetuneError("--qlora runs on one device; plan it with --num-devices 1, or use --lora")
     result = simulated_plan(config, shape, world, target.device_memory_gb, target.host_memory_gb)
     training = training_kind(adapters)
     parameters = count_parameters(shape)
@@ -194,7 +194,7 @@ def _simulated_layout(config, backend):
                             host_memory_gb() * backend.world_size / max(1, local))
     print("\n".join(plan_lines(result, "this job")), flush=True)
     if result.chosen is None:
-        raise SystemExit("error: no layout of this job fits its devices' memory (see the candidates above); "
+        raise FinetuneError("no layout of this job fits its devices' memory (see the candidates above); "
                          "use more GPUs, --lora or --qlora, or a smaller --block-size")
     chosen = result.chosen
     return dict(micro_batch_size=chosen.micro_batch_size, accumulation_steps=chosen.accumulation_steps,
@@ -218,17 +218,10 @@ def choose_layout(config, backend) -> Layout:
                     chunked_loss=parallel.chunked_loss == "on" or (parallel.chunked_loss == "auto"
                                                                    and backend.device.type == "cuda"))
     if backend.device.type == "cuda":  # rank 0 simulates; every rank takes its choice (or its error)
-        problem = None
-        if backend.is_main:
-            try:
-                layout = dataclasses.replace(layout, **_simulated_layout(config, backend))
-            except (SystemExit, FinetuneError) as exc:  # every rank must hear it, not wait in the gather
-                problem = error_line(exc.code if isinstance(exc, SystemExit) else exc)
-        layout, problem = backend.all_gather((layout, problem))[0]
-        if problem:
-            raise SystemExit(problem)
+        planned = layout
+        layout = backend.on_rank0(lambda: dataclasses.replace(planned, **_simulated_layout(config, backend)))
     if layout.cpu_offload and backend.engine != "fsdp2":
-        raise SystemExit("error: CPU offload runs through FSDP2: start the job with torchrun (one process per GPU, "
+        raise FinetuneError("CPU offload runs through FSDP2: start the job with torchrun (one process per GPU, "
                          "--nproc_per_node 1 on one GPU)")
     return layout
 

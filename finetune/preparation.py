@@ -16,7 +16,7 @@ IGNORE_INDEX = -100
 def require(ok, message):
     """A command-line check in one line: stop with `error: message` unless `ok`."""
     if not ok:
-        raise SystemExit(f"error: {message}")
+        raise FinetuneError(message)
 
 
 def full_text(parts):

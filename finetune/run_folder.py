@@ -68,7 +68,7 @@ def writing(what, save_dir=None):
     except (OSError, SafetensorError) as exc:
         path = getattr(exc, "filename", None) or what
         note = f"; {newest_checkpoint_note(save_dir)}" if save_dir else ""
-        raise SystemExit(f"error: could not write {path!r} ({describe_error(exc)}){note}") from None
+        raise FinetuneError(f"could not write {path!r} ({describe_error(exc)}){note}") from None
 
 
 _locked_fds = []  # run folders this process holds locked
@@ -86,17 +86,17 @@ os.register_at_fork(after_in_child=_drop_locks_in_child)
 
 def lock_run_dir(save_dir):
     """Hold an exclusive lock on the run folder until this process ends (the OS drops it however the process
-    ends, so a crashed run never blocks its own --resume). Returns an error line if another run holds it."""
+    ends, so a crashed run never blocks its own --resume). A FinetuneError if another run holds it."""
     try:
         fd = os.open(save_dir, os.O_RDONLY)
     except OSError as exc:
-        return f"error: cannot open --save-model-dir {save_dir!r} ({describe_error(exc)})"
+        raise FinetuneError(f"cannot open --save-model-dir {save_dir!r} ({describe_error(exc)})") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        return (f"error: another run is using --save-model-dir {save_dir!r} (it holds the folder's lock); wait "
-                f"for it to end or choose another folder")
+        raise FinetuneError(f"another run is using --save-model-dir {save_dir!r} (it holds the folder's lock); "
+                            f"wait for it to end or choose another folder") from None
     except OSError as exc:  # a file system without flock (some network mounts): run unguarded, but say so
         os.close(fd)
         print(f"warning: cannot lock {save_dir!r} ({describe_error(exc)}); make sure no other run uses it",
@@ -104,6 +104,12 @@ def lock_run_dir(save_dir):
         return None
     _locked_fds.append(fd)
     return None
+
+
+def claim_run_dir(save_dir: str) -> None:
+    """Create the run folder (rank 0) and lock it for this run."""
+    create_run_dir(save_dir)
+    lock_run_dir(save_dir)
 
 
 def release_run_locks():
@@ -166,10 +172,10 @@ def check_save_dir(save_dir, resume, overwrite, resume_if_possible=False):
     Every rank calls this before anything is written, so all of them reach the same verdict.
     """
     if os.path.exists(save_dir) and not os.path.isdir(save_dir):
-        raise SystemExit(f"error: --save-model-dir {save_dir!r} exists and is not a folder")
+        raise FinetuneError(f"--save-model-dir {save_dir!r} exists and is not a folder")
     ours = os.path.isfile(os.path.join(save_dir, RUN_MARKER))
     if os.path.isdir(save_dir) and os.listdir(save_dir) and not ours:
-        raise SystemExit(f"error: --save-model-dir {save_dir!r} holds files this script did not write; "
+        raise FinetuneError(f"--save-model-dir {save_dir!r} holds files this script did not write; "
                          f"choose an empty or new folder")
     check_no_links(save_dir)
     checkpoints = list_checkpoints(save_dir) if ours else []
@@ -177,10 +183,10 @@ def check_save_dir(save_dir, resume, overwrite, resume_if_possible=False):
         return checkpoints[-1]
     if resume:
         if not checkpoints:
-            raise SystemExit(f"error: --resume: no complete checkpoint in {save_dir!r}")
+            raise FinetuneError(f"--resume: no complete checkpoint in {save_dir!r}")
         return checkpoints[-1]
     if checkpoints and not overwrite:
-        raise SystemExit(f"error: {save_dir!r} holds checkpoints of an earlier run; pass --resume to continue "
+        raise FinetuneError(f"{save_dir!r} holds checkpoints of an earlier run; pass --resume to continue "
                          f"it or --overwrite to start over")
     return None
 

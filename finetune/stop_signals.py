@@ -27,6 +27,8 @@ class StopRequest:
             self.event.set()
         elif signum == signal.SIGINT and time.monotonic() - self.first_at > self.REPEAT_SECONDS:
             note = newest_checkpoint_note(self.save_dir) if self.save_dir else ""
+            # Raised from a signal handler, so it lands in whatever code runs: SystemExit, unlike FinetuneError,
+            # passes through the `except Exception` of that code (a data loader's, a library's) untouched.
             raise SystemExit(f"error: stopped at once by a second SIGINT, without writing a checkpoint; {note}")
 
     def requested(self):

@@ -7,8 +7,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from finetune.run_folder import list_checkpoints
 from finetune.data import BatchFormat, collate_rows, move_to
+from finetune.errors import FinetuneError
+from finetune.run_folder import list_checkpoints
 
 
 def set_seed(seed):
@@ -52,7 +53,7 @@ class NonFiniteGuard:
         if self.skipped > self.allowed:
             last = list_checkpoints(self.save_dir)
             kept = f"; the last good checkpoint is {last[-1]}" if last else ""
-            raise SystemExit(f"error: non-finite loss or gradient norm at step {step}{kept}")
+            raise FinetuneError(f"non-finite loss or gradient norm at step {step}{kept}")
         if self.backend.is_main:
             tqdm.write(f"warning: skipped the update of step {step}: non-finite loss or gradient norm")
         return False

@@ -217,7 +217,7 @@ def test_bad_baichuan_config_gives_one_error_line_naming_the_key(tiny_run, tmp_p
 @pytest.mark.parametrize("failure, expected", [
     ('RuntimeError("injected failure on rank 1")', "injected failure on rank 1"),
     # One of our error lines met by rank 1 alone (its own disk, say): rank 1 says it, naming itself, once.
-    ('SystemExit("error: injected problem on rank 1")', "error: [rank 1] injected problem on rank 1\n"),
+    ('FinetuneError("injected problem on rank 1")', "error: [rank 1] injected problem on rank 1\n"),
 ])
 def test_a_rank_that_raises_ends_the_torchrun_job_quickly(tiny_run, tmp_path, failure, expected):
     """Rank 1 raises in its second optimiser step: the whole job must end non-zero, not hang in a collective."""
@@ -225,6 +225,7 @@ def test_a_rank_that_raises_ends_the_torchrun_job_quickly(tiny_run, tmp_path, fa
     script.write_text(f"import sys\nsys.path.insert(0, {str(REPO_ROOT)!r})\n" + textwrap.dedent("""
         import os
         import torch
+        from finetune.errors import FinetuneError
         real_step, calls = torch.optim.AdamW.step, []
         def step(self, *args, **kwargs):
             calls.append(1)

@@ -17,14 +17,15 @@ from conftest import PYTHON, REPO_ROOT, assert_one_line_error, run_script
 import train_llama2
 from finetune import memory, memory_cache, memory_process
 from finetune.args import parse_training_args
+from finetune.errors import FinetuneError
 
 
 def parse_error(*argv):
-    """The one `error:` line parse_training_args stops with for the training flags `argv`."""
-    with pytest.raises(SystemExit) as raised:
+    """The one-line FinetuneError parse_training_args stops with for the training flags `argv`."""
+    with pytest.raises(FinetuneError) as raised:
         parse_training_args("", train_llama2.DEFAULTS, train_llama2.DEMO_DEFAULTS, list(argv))
-    message = raised.value.code
-    assert isinstance(message, str) and message.startswith("error: ") and "\n" not in message, message
+    message = str(raised.value)
+    assert message and "\n" not in message, message
     return message
 
 

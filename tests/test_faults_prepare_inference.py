@@ -1,9 +1,11 @@
 """Faults in prepare_dataset.py and inference.py: nonsense flags, bad files, kills mid-write, two runs at once.
 
-Every bad input must end in one `error: ...` line (a SystemExit here; the scripts' own processes print it) and
-leave what was on disk as it was.
+Every bad input must end in one `error: ...` line (printed, or a SystemExit's message; the scripts' own processes
+print it) and leave what was on disk as it was.
 """
+import contextlib
 import errno
+import io
 import json
 import os
 import shutil
@@ -20,11 +22,14 @@ from finetune import dataset_output
 
 
 def error_of(main, argv):
-    """The one `error: ...` line a script's main() stops with."""
-    with pytest.raises(SystemExit) as stopped:
+    """The one `error: ...` line a script's main() stops with: its SystemExit's message, or the line it printed
+    before exiting with status 1."""
+    printed = io.StringIO()
+    with pytest.raises(SystemExit) as stopped, contextlib.redirect_stderr(printed):
         main(argv)
-    message = str(stopped.value)
-    assert message.startswith("error: ") and "\n" not in message, message
+    code = stopped.value.code
+    message = code if isinstance(code, str) else (printed.getvalue().strip().splitlines() or [""])[-1]
+    assert code and message.startswith("error: ") and "\n" not in message, message
     return message
 
 

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from finetune import data, lora, parallel
 from finetune.config import DataConfig, ModelConfig
+from finetune.errors import FinetuneError
 
 TRAIN = {"llama": REPO_ROOT / "train_llama2.py", "baichuan": REPO_ROOT / "train_baichuan2_13b.py"}
 # A small learning rate: the first updates of LoRA's A matrices see gradients near zero (B starts at zero),
@@ -96,18 +97,18 @@ def test_lora_flags_defaults_per_model_and_bad_values():
                           (("--qlora", "--lora-dropout", "1"), "--lora-dropout must be at least 0 and below 1"),
                           (("--lora", "--lora-target-modules", "q_proj,,v_proj"), "distinct layer names"),
                           (("--lora", "--lora-target-modules", "q_proj,q_proj"), "distinct layer names")]:
-        with pytest.raises(SystemExit, match=message):
+        with pytest.raises(FinetuneError, match=message):
             parse(train_llama2, *argv)
 
 
 def test_unknown_target_module_and_qlora_under_torchrun_are_refused(tiny_run):
     from transformers import AutoModelForCausalLM
 
-    with pytest.raises(SystemExit, match=r"names \['W_pack'\], not linear layers .*q_proj"):
+    with pytest.raises(FinetuneError, match=r"names \['W_pack'\], not linear layers .*q_proj"):
         parallel.load_model(CPU, AutoModelForCausalLM, ModelConfig(tiny_run["llama"]),
                             adapters=lora_settings(tiny_run, "llama", ["q_proj", "W_pack"]))
     sharded = parallel.Backend(engine="fsdp2", device=torch.device("cpu"), world_size=2)
-    with pytest.raises(SystemExit, match="--qlora runs on one device"):
+    with pytest.raises(FinetuneError, match="--qlora runs on one device"):
         parallel.load_model(sharded, AutoModelForCausalLM, ModelConfig(tiny_run["llama"]),
                             adapters=lora_settings(tiny_run, "llama", ["q_proj"], quantize=True))
 

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 import finetune.data as fu
 import finetune.parallel as parallel
 import finetune.plan as plan
+from finetune.errors import FinetuneError
 
 TRAIN = {"llama": REPO_ROOT / "train_llama2.py", "baichuan": REPO_ROOT / "train_baichuan2_13b.py"}
 
@@ -176,9 +177,9 @@ def test_global_batch_split_into_micro_batches_and_accumulation():
     assert parallel.split_global_batch(24, 2, None, "cpu", 128) == (12, 1)
     assert parallel.split_global_batch(8, 1, None, "cpu", 128) == (8, 1)
     assert parallel.split_global_batch(24, 1, None, "cuda") == (8, 3)
-    with pytest.raises(SystemExit):
+    with pytest.raises(FinetuneError, match="not divisible by the 4 processes"):
         parallel.split_global_batch(10, 4)
-    with pytest.raises(SystemExit):
+    with pytest.raises(FinetuneError, match="--micro-batch-size 3 does not divide"):
         parallel.split_global_batch(16, 2, 3)
 
 
@@ -351,14 +352,18 @@ def test_demo_learns_saves_and_generates(tmp_path, kind, recipe):
     assert "--- greedy ---" in generated.stdout and "--- sampled ---" in generated.stdout
 
 
-def test_inference_rejects_bad_examples_with_one_line(tiny_run):
+def test_inference_rejects_bad_examples_with_one_line(tiny_run, capsys):
     import inference
 
     with pytest.raises(SystemExit, match="not valid JSON"):
         inference.main(["--model-dir", tiny_run["llama"], "--recipe", "llama2", "--example", '{"article": '])
-    with pytest.raises(SystemExit, match=r"lacks column\(s\) \['category', 'intent'\]"):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as raised:
         inference.main(["--model-dir", tiny_run["baichuan"], "--recipe", "baichuan2",
                         "--example", '{"instruction": "Where is my parcel?"}'])
+    assert raised.value.code == 1
+    assert re.fullmatch(r"error: the example lacks column\(s\) \['category', 'intent'\] .*\n",
+                        capsys.readouterr().err)
 
 
 def test_inference_chat_prompt_uses_the_baichuan_chat_tokens(tiny_run):
