@@ -29,16 +29,20 @@ import logging
 import os
 import random
 import warnings
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.optim.lr_scheduler import LRScheduler
 from tqdm import tqdm
 
 from finetune import lora, safe_checkpoint
 from finetune.checksums import CHECKSUMS, verify_checkpoint, write_checksums
-from finetune.config import RUN_CONFIG_FILE, write_run_config
+from finetune.config import RUN_CONFIG_FILE, RunConfig, write_run_config
+from finetune.data import StepRows
 from finetune.errors import FinetuneError
+from finetune.parallel import Backend
 from finetune.run_folder import (check_save_dir, claim_run_dir, describe_error, fsync_dir, list_checkpoints,
                                  newest_checkpoint_note, remove_path, start_run_dir, truncate_metrics, writing)
 from finetune.stop_signals import StopRequest
@@ -75,11 +79,11 @@ def _set_rng_state(state):
         torch.cuda.set_rng_state_all([_byte_tensor(text) for text in state["cuda"]])
 
 
-def rng_file(folder, rank):
+def rng_file(folder: str, rank: int) -> str:
     return os.path.join(folder, f"rng_rank{rank}.json")
 
 
-def restore_rng(path):
+def restore_rng(path: str) -> None:
     """Set this process's RNGs from the file `path`; anything unusable in it is one error line naming it."""
     try:
         with open(path) as f:
@@ -93,7 +97,7 @@ def restore_rng(path):
 # Tensors go to DCP, everything else to JSON: nothing of a checkpoint needs unpickling to load
 # ----------------------------------------------------------------------------------------------------------
 
-def split_tensors(state):
+def split_tensors(state: dict) -> tuple[dict, dict]:
     """(tensors, rest): the nested dict `state` as two nested dicts of its shape, one holding its tensors and
     the other every other value (the optimiser's param_groups), for DCP and JSON respectively."""
     tensors, rest = {}, {}
@@ -109,7 +113,7 @@ def split_tensors(state):
     return tensors, rest
 
 
-def merge_state(tensors, rest):
+def merge_state(tensors: dict, rest: dict) -> dict:
     """The nested dict that `split_tensors` split into `tensors` and `rest`."""
     merged = dict(tensors)
     for key, value in rest.items():
@@ -117,7 +121,7 @@ def merge_state(tensors, rest):
     return merged
 
 
-def model_fingerprint(model):
+def model_fingerprint(model: torch.nn.Module) -> dict:
     """Parameter names and full shapes: enough to tell a checkpoint of another model apart."""
     config = model.config
     return {"model_type": config.model_type, "vocab_size": config.vocab_size,
@@ -125,7 +129,8 @@ def model_fingerprint(model):
             "num_parameters": sum(int(np.prod(p.shape)) for p in model.parameters())}
 
 
-def save_checkpoint(save_dir, step, model, optimizer, scheduler, trainer_state, backend, keep_last):
+def save_checkpoint(save_dir: str, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: LRScheduler, trainer_state: dict, backend: Backend, keep_last: int) -> str:
     """Write a resumable checkpoint for `step` (every rank calls this), then prune old ones."""
     import torch.distributed.checkpoint as dcp
 
@@ -203,7 +208,7 @@ def _quiet_checkpoint_library():
         root.setLevel(level)
 
 
-def read_trainer_state(path):
+def read_trainer_state(path: str) -> dict:
     """trainer_state.json of the checkpoint `path`, which is refused unless this version can resume it safely."""
     try:
         with open(os.path.join(path, "trainer_state.json")) as f:
@@ -219,7 +224,7 @@ def read_trainer_state(path):
     return state
 
 
-def check_same_run(path, state, settings):
+def check_same_run(path: str, state: dict, settings: dict) -> None:
     """A resumed run is the same run: refuse any flag that differs from the one the checkpoint was written with
     (the data order, the optimiser and its schedule, the run's length). Settings the checkpoint does not record
     (checkpoints of earlier versions) are not compared."""
@@ -248,7 +253,8 @@ def _check_same_adapters(path, saved, record):
                          f"this run {lora.describe(now)}; resume with the same adapter flags. Nothing was deleted")
 
 
-def load_checkpoint(path, model, optimizer, scheduler, backend, expected_state=None):
+def load_checkpoint(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: LRScheduler,
+                    backend: Backend, expected_state: dict | None = None) -> dict:
     """Restore model, optimiser, schedule and RNG from `path`; returns its trainer state.
 
     `expected_state` holds the settings the run must share with the checkpoint (`check_same_run`).
@@ -290,7 +296,7 @@ def load_checkpoint(path, model, optimizer, scheduler, backend, expected_state=N
 # What the training scripts call
 # ----------------------------------------------------------------------------------------------------------
 
-def dataset_fingerprint(lengths):
+def dataset_fingerprint(lengths: Sequence[int] | np.ndarray) -> dict:
     """The training split as far as the data order sees it: how many examples, and their lengths."""
     return {"examples": int(len(lengths)),
             "lengths_sha256": hashlib.sha256(np.ascontiguousarray(lengths, dtype=np.int64).tobytes()).hexdigest()}
@@ -301,7 +307,7 @@ class Checkpointer:
     signal, keep the last `--keep-last`. Made before the model is loaded, so a bad folder, a corrupt checkpoint
     or a flag that differs from the checkpoint's fails fast."""
 
-    def __init__(self, config, backend, script_name):
+    def __init__(self, config: RunConfig, backend: Backend, script_name: str) -> None:
         """`config`: the RunConfig; its checkpoint section says where and how often, and the settings it fixes
         (`fixed_on_resume`) must match those of a checkpoint it resumes."""
         section = config.checkpoint
@@ -339,7 +345,8 @@ class Checkpointer:
                 print(f"warning: {message}; trying an older one", flush=True)
         raise FinetuneError(f"no checkpoint in {self.save_dir!r} matches its checksums; nothing was deleted")
 
-    def start(self, model, optimizer, scheduler, steps, parallel_plan=None):
+    def start(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: LRScheduler,
+              steps: StepRows, parallel_plan: dict | None = None) -> int:
         """Register the states a checkpoint holds (model, optimizer, scheduler), then restore the newest
         checkpoint (when resuming) or start a fresh run folder; returns the step reached. `steps`: the run's
         data.StepRows. Writes run_config.json: the configuration, the parallel plan and the data set's
@@ -366,7 +373,7 @@ class Checkpointer:
         self.backend.barrier()
         return self.step
 
-    def after_step(self, step, epoch):
+    def after_step(self, step: int, epoch: int) -> bool:
         """Save when due or when any rank got a stop signal; True means stop now (the checkpoint is written)."""
         self.step, self.epoch = step, epoch
         stopping = self.backend.any_rank(self.stop.requested())
@@ -383,7 +390,7 @@ class Checkpointer:
                                dict(self.run_settings, epoch=self.epoch), self.backend, self.keep_last)
 
     @contextlib.contextmanager
-    def final_save(self):
+    def final_save(self) -> Iterator[None]:
         """Around the final save: when it fails, a checkpoint of the last step is left (written now if there is
         none), so that `--resume` writes the model once the cause is fixed; the error line says which."""
         try:

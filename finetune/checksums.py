@@ -5,6 +5,7 @@ import json
 import os
 import re
 
+from finetune.parallel import Backend
 from finetune.run_folder import describe_error
 
 CHECKSUMS = "checksums.sha256"
@@ -15,14 +16,14 @@ def _sha256(path):
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def hashed_by(name, world_size):
+def hashed_by(name: str, world_size: int) -> int:
     """The rank that hashes a checkpoint file: the one that wrote it (DCP's __R_N.distcp, our rng_rankR.json), so
     the bytes are read where they were just written, not fetched from another node; rank 0 for the rest."""
     written = re.fullmatch(r"__(\d+)_\d+\.distcp|rng_rank(\d+)\.json", name)
     return int(written.group(1) or written.group(2)) % world_size if written else 0
 
 
-def write_checksums(folder, backend):
+def write_checksums(folder: str, backend: Backend) -> None:
     """Record the SHA-256 of every file in `folder` (each rank hashes what it wrote; rank 0 writes the list)."""
     names = sorted(name for name in os.listdir(folder) if name != CHECKSUMS)
     try:
@@ -42,7 +43,7 @@ def write_checksums(folder, backend):
             os.fsync(f.fileno())
 
 
-def verify_checkpoint(path, backend):
+def verify_checkpoint(path: str, backend: Backend) -> str | None:
     """None if every file of the checkpoint matches the checksum recorded when it was written, else what is
     wrong, naming the file (every rank checks its share and all of them get the same answer)."""
     expected, problem = {}, None

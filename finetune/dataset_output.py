@@ -1,6 +1,8 @@
 """The output folder of prepare_dataset.py (`--save-path`): held by one run at a time, written beside the old
 output and swapped in, so that a kill at any moment leaves the previous output or the new one; what an
 interrupted run left is recovered by the next."""
+from __future__ import annotations
+
 import ctypes
 import errno
 import fcntl
@@ -8,16 +10,21 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from finetune.errors import FinetuneError
+
+if TYPE_CHECKING:
+    from datasets import DatasetDict
 
 REPORT_FILE = "prepare_report.json"
 MADE_BY = "prepare_dataset.py"
 
 
-def is_our_output(folder):
+def is_our_output(folder: str | Path) -> bool:
     try:
         report = json.loads((Path(folder) / REPORT_FILE).read_text())
     except (OSError, ValueError):
@@ -25,12 +32,12 @@ def is_our_output(folder):
     return isinstance(report, dict) and report.get("made_by") == MADE_BY and (Path(folder) / "dataset_dict.json").exists()
 
 
-def save_dataset_and_report(dataset, report, folder):
+def save_dataset_and_report(dataset: DatasetDict, report: dict, folder: str | Path) -> None:
     dataset.save_to_disk(str(folder))
     (Path(folder) / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
 
 
-def output_folder(save_path):
+def output_folder(save_path: str) -> tuple[Path, list[Path]]:
     """--save-path as an absolute folder path, and the folders above it that had to be created for it."""
     target = Path(save_path).expanduser().resolve()
     if not target.name:
@@ -45,7 +52,7 @@ def output_folder(save_path):
     return target, created
 
 
-def check_save_path(save_path):
+def check_save_path(save_path: str) -> None:
     """Refuse a --save-path we would have to clobber: a file, or a folder this script did not write."""
     target = Path(save_path).expanduser()
     if target.exists():
@@ -69,7 +76,7 @@ def _leftovers(target):
     return sorted(found, key=lambda path: path.stat().st_mtime, reverse=True)  # newest first
 
 
-def recover_leftovers(target):
+def recover_leftovers(target: Path) -> str | None:
     """Finish what an interrupted write left beside `target`: put a previous output that was moved aside but
     never replaced back in place, and delete half-written or replaced folders. Returns what it did, or None."""
     leftovers = _leftovers(target)
@@ -104,7 +111,7 @@ def _exchange(first, second):
 
 
 @contextmanager
-def claim_save_path(save_path):
+def claim_save_path(save_path: str) -> Iterator[Path]:
     """Hold --save-path for one run: refuse a file, a foreign folder, or a folder another run is writing; recover
     what an interrupted run left. Yields the absolute folder to pass to write_output."""
     target, created = output_folder(save_path)
@@ -146,7 +153,7 @@ def claim_save_path(save_path):
                 break
 
 
-def write_output(dataset, report, target):
+def write_output(dataset: DatasetDict, report: dict, target: Path) -> str:
     """Save into `target` (from claim_save_path, still held) so that a kill at any moment leaves the previous
     output or the new one there (or, where paths cannot be swapped atomically, beside it until the next run)."""
     tmp, old = _work_paths(target)

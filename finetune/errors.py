@@ -1,6 +1,7 @@
 """The project's one exception type, and the entry-point wrapper that turns it into one `error:` line."""
 import functools
 import sys
+from collections.abc import Callable
 
 
 class FinetuneError(Exception):
@@ -12,7 +13,7 @@ def error_line(message: str) -> str:
     return f"error: {str(message).removeprefix('error: ')}"
 
 
-def exit_on_error(main):
+def exit_on_error(main: Callable) -> Callable:
     """Decorate a single-process script's main(): a FinetuneError becomes one `error:` line on stderr, exit 1."""
     @functools.wraps(main)
     def run(*args, **kwargs):

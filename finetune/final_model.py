@@ -4,11 +4,13 @@ import contextlib
 import json
 import os
 
+import torch
 from safetensors import SafetensorError
+from transformers import PreTrainedTokenizerBase
 
 from finetune import lora
 from finetune.errors import FinetuneError
-from finetune.parallel import full_state_dict_on_rank0
+from finetune.parallel import Backend, full_state_dict_on_rank0
 from finetune.run_folder import FINAL_STAGING, describe_error, fsync_dir, remove_path
 
 
@@ -37,7 +39,8 @@ def _move_into_place(staging, save_dir):
     fsync_dir(save_dir)
 
 
-def save_final_model(model, tokenizer, backend, save_dir, plan):
+def save_final_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, backend: Backend, save_dir: str,
+                     plan: dict) -> None:
     """The finished model as `save_pretrained` (safetensors) plus its tokenizer and the parallel plan (rank 0),
     written to a temporary folder and moved into place. With LoRA: the adapter in `adapter/` and, as the model,
     the adapter merged into the base. Raises a FinetuneError, on every rank, if it could not be written."""

@@ -14,15 +14,22 @@ simulations run in one child process per call (`python -m finetune.memory_proces
 
     python -m finetune.memory --config config.json --world-size 8 --batch-size 256 --device-memory-gb 80
 """
+from __future__ import annotations
+
 import argparse
 import dataclasses
 import json
 import math
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from finetune import memory_cache, memory_process
 from finetune.errors import FinetuneError, exit_on_error
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 GIB = 1024 ** 3
 FIT_FRACTION = 0.92  # of device memory a plan may use: allocator rounding, fragmentation, CUDA context
@@ -53,7 +60,7 @@ class StepMemory:
     breakdown: dict  # parameters / gradients / optimizer / activations / temporaries at the device peak
     tracker: dict  # the tracker's own categories at the device peak
 
-    def gib(self):
+    def gib(self) -> dict[str, float]:
         """The figures in GiB, rounded, for printing and plan files."""
         return {"device_peak": round(self.device_peak / GIB, 2), "host": round(self.host / GIB, 2),
                 **{k: round(v / GIB, 2) for k, v in self.breakdown.items()}}
@@ -76,7 +83,7 @@ class Plan:
     candidates: list
     rule: str = PREFERENCE_RULE
 
-    def lines(self):
+    def lines(self) -> list[str]:
         """One printable line per candidate, the chosen one marked."""
         out = []
         for c in self.candidates:
@@ -96,9 +103,10 @@ class Plan:
 # Public entry points
 # ----------------------------------------------------------------------------------------------------------
 
-def simulate_step_memory(model_config, world_size, micro_batch_size, block_size, checkpointing=False,
-                         cpu_offload=False, precision="bf16", adapter="none", lora=None, chunked_loss=True,
-                         accumulation_steps=1):
+def simulate_step_memory(model_config: PretrainedConfig | dict, world_size: int, micro_batch_size: int,
+                         block_size: int, checkpointing: bool = False, cpu_offload: bool = False,
+                         precision: str = "bf16", adapter: str = "none", lora: dict | None = None,
+                         chunked_loss: bool = True, accumulation_steps: int = 1) -> StepMemory:
     """Peak memory per device of one training step of this configuration (a StepMemory).
 
     model_config: a transformers config or its dict, with `model_type` ("llama", "baichuan", ...).
@@ -114,9 +122,12 @@ def simulate_step_memory(model_config, world_size, micro_batch_size, block_size,
     return _step_memory(readings[micro_batch_size], cpu_offload)
 
 
-def plan_candidates(model_config, world_size, batch_size, block_size, device_memory_gb, host_memory_gb=512,
-                    devices_per_node=None, precision="bf16", adapter="none", lora=None, chunked_loss=True,
-                    micro_batch_size=None, checkpointing=None, cpu_offload=None, exhaustive=False):
+def plan_candidates(model_config: PretrainedConfig | dict, world_size: int, batch_size: int, block_size: int,
+                    device_memory_gb: float, host_memory_gb: float = 512, devices_per_node: int | None = None,
+                    precision: str = "bf16", adapter: str = "none", lora: dict | None = None,
+                    chunked_loss: bool = True, micro_batch_size: int | None = None,
+                    checkpointing: bool | None = None, cpu_offload: bool | None = None,
+                    exhaustive: bool = False) -> Plan:
     """Candidate layouts of a global batch of `batch_size` rows with their simulated memory, and the chosen one
     (PREFERENCE_RULE).
 
@@ -243,7 +254,7 @@ def _print_plan(args):
 
 
 @exit_on_error
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Simulated training-step memory of a model on a target machine.")
     parser.add_argument("--config", help="the model's config.json (with model_type)")
     parser.add_argument("--world-size", type=int, default=1)

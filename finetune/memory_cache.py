@@ -10,13 +10,14 @@ from pathlib import Path
 
 import torch
 
+from finetune.memory_process import SimulationChild
 from finetune.memory_step import exceeds
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # The modules whose code decides a reading: a change to any of them must not reuse old figures.
 SIMULATING_CODE = ("memory.py", "memory_step.py", "torch_internals.py", "chunked_loss.py", "sharding.py")
 
-def cache_dir():
+def cache_dir() -> Path:
     return Path(os.environ.get("FINETUNE_MEMORY_CACHE") or Path.home() / ".cache" / "finetune" / "memory")
 
 
@@ -29,7 +30,8 @@ def _cache_key(config, setup, micro, passes):
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def readings(config, setup, runs, stop, child):
+def readings(config: dict, setup: dict, runs: list[tuple[int, int]], stop: dict | None,
+             child: SimulationChild) -> dict[int, dict]:
     """{micro: reading} for `runs` [(micro-batch size, micro-batches per step)] of one setup, smallest first,
     from the cache or simulated by `child`; with a stop rule, up to the first size that fits in none of the
     offload settings it names."""

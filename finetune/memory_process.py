@@ -5,7 +5,9 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterable
 from pathlib import Path
+from typing import TextIO
 
 from finetune.memory_step import simulate_readings
 
@@ -15,20 +17,20 @@ class SimulationChild:
     """`python -m finetune.memory_process`, started on the first job and kept for the next ones (its
     imports take several seconds); one JSON line per job in, one per result out."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.process = None
 
-    def __enter__(self):
+    def __enter__(self) -> "SimulationChild":
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         if self.process is not None:
             self.process.stdin.close()
             self.process.wait()
             self.process.stderr.close()
             self.process.stdout.close()
 
-    def simulate(self, config, job):
+    def simulate(self, config: dict, job: dict) -> dict[int, dict]:
         """{micro: reading} of one job (setup, runs, stop rule)."""
         if self.process is None:
             env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
@@ -50,7 +52,7 @@ class SimulationChild:
         return {int(micro): reading for micro, reading in answer["readings"].items()}
 
 
-def child_main(lines, out):
+def child_main(lines: Iterable[str], out: TextIO) -> None:
     """Child-process side: one job per line, over a fake process group of the job's world size."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh

@@ -41,6 +41,7 @@ import math
 
 import numpy as np
 import torch
+from torch.distributed.device_mesh import DeviceMesh
 
 from finetune.sharding import decoder_layers, shard_model
 from finetune.torch_internals import BACKWARD, FORWARD, OPTIMIZER, recording_trackers
@@ -52,7 +53,7 @@ HOST_WHEN_OFFLOADED = ("Sharded Param", "Sharded Grad", "OptState")
 SHALLOW_DEPTHS = (3, 4)  # the least depths with a layer between the first and the last in both
 
 
-def exceeds(reading, stop):
+def exceeds(reading: dict, stop: dict | None) -> bool:
     """True when, under the `stop` rule, this reading fits in none of the offload settings it serves."""
     if stop is None:
         return False
@@ -63,7 +64,7 @@ def exceeds(reading, stop):
     return True
 
 
-def build_model(config_dict, setup):
+def build_model(config_dict: dict, setup: dict) -> torch.nn.Module:
     """The model of `config_dict` on the meta device, with checkpointing, loss and adapters as `setup` says."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -123,7 +124,7 @@ class FourBitLinearStandIn(torch.nn.Module):
     """A frozen 4-bit base layer for memory simulation: packed weights and scales (QLORA_BYTES_PER_WEIGHT
     each) in a `storage_dtype` container. Its outputs are not meaningful numbers."""
 
-    def __init__(self, in_features, out_features, storage_dtype):
+    def __init__(self, in_features: int, out_features: int, storage_dtype: torch.dtype) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         item = torch.empty((), dtype=storage_dtype).element_size()
@@ -131,11 +132,11 @@ class FourBitLinearStandIn(torch.nn.Module):
         self.packed = torch.nn.Parameter(torch.empty(count, dtype=storage_dtype, device="meta"),
                                          requires_grad=False)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _DequantizedMatmul.apply(x, self.packed, (self.out_features, self.in_features))
 
 
-def training_batch(vocab_size, micro_batch_size, block_size):
+def training_batch(vocab_size: int, micro_batch_size: int, block_size: int) -> dict:
     """Model inputs shaped like one micro-batch of the training scripts, each row one causal sequence."""
     ids = torch.randint(vocab_size, (micro_batch_size, block_size))
     labels = ids.clone()
@@ -154,7 +155,7 @@ class PreparedStep:
     tensor_mode: object  # a FakeTensorMode, or a no-op context for real tensors
 
 
-def prepare_step(config_dict, setup, mesh=None, fake=True):
+def prepare_step(config_dict: dict, setup: dict, mesh: DeviceMesh | None = None, fake: bool = True) -> PreparedStep:
     """Build, shard (engine "fsdp2": needs the `mesh` of setup["world_size"] ranks) and materialise the model
     (as fake tensors, or real ones to validate the simulation), then run one untracked step."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -209,7 +210,7 @@ def _warm_up(prepared):
         _train_step(prepared, 1)
 
 
-def tracked_step(prepared, micro_batch_size, passes=1):
+def tracked_step(prepared: PreparedStep, micro_batch_size: int, passes: int = 1) -> tuple[dict, list[str]]:
     """One training step under the tracker; returns (split_segments of its timeline, category names)."""
     model, optimizer = prepared.model, prepared.optimizer
     single_tracker, sharded_tracker = recording_trackers()
@@ -227,7 +228,7 @@ def tracked_step(prepared, micro_batch_size, passes=1):
     return split_segments(tracker.timeline, tracker.labels), tracker.category_names()
 
 
-def split_segments(timeline, labels):
+def split_segments(timeline: list[list[int]], labels: list[tuple[int, int]]) -> dict[tuple[int, int], np.ndarray]:
     """{(phase, position): per-op rows of category bytes} for each segment of a step: its phase, and the
     execution position of the decoder layer last entered in it (-1 before the first)."""
     rows = np.asarray(timeline, dtype=np.int64)
@@ -235,7 +236,7 @@ def split_segments(timeline, labels):
     return {key: rows[(keys == key).all(axis=1)] for key in sorted(set(labels))}
 
 
-def readings_from_segments(segments, names):
+def readings_from_segments(segments: dict[tuple[int, int], np.ndarray], names: list[str]) -> dict:
     """The step's peaks: with all state on the device, and with the sharded state offloaded to the host."""
     rows = np.concatenate(list(segments.values()))
     on_host = np.isin(names, HOST_WHEN_OFFLOADED)
@@ -253,7 +254,8 @@ def readings_from_segments(segments, names):
     }
 
 
-def deeper_segments(three, four, depth, names):
+def deeper_segments(three: dict[tuple[int, int], np.ndarray], four: dict[tuple[int, int], np.ndarray], depth: int,
+                    names: list[str]) -> dict[tuple[int, int], np.ndarray]:
     """The segments of a `depth`-layer step that can hold its peaks, from steps of 3 and 4 layers.
 
     Decoder layers are identical, so between two points of a step each layer passed adds the same bytes, op
@@ -293,7 +295,8 @@ def _peak_rows(rows, on_host):
     return rows[[total.argmax(), (total - host).argmax(), host.argmax()]]
 
 
-def simulate_readings(config_dict, setup, runs, mesh=None, stop=None, full_depth=False):
+def simulate_readings(config_dict: dict, setup: dict, runs: list[tuple[int, int]], mesh: DeviceMesh | None = None,
+                      stop: dict | None = None, full_depth: bool = False) -> dict[int, dict]:
     """{micro: reading} for `runs` [(micro-batch size, micro-batches per step)] of one setup, smallest first,
     stopping as `stop` says (see _exceeds).
 

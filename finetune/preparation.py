@@ -5,28 +5,36 @@ head, body, tail and response strings, and `columns`, the text columns it reads.
 recipe-agnostic: tokenisation that keeps the response, label masks, the train/validation split and the report.
 Loading local or hub data is finetune/raw_data.py; the atomic write of the output folder, finetune/dataset_output.py.
 """
+from __future__ import annotations
+
 import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from finetune.dataset_output import MADE_BY
 from finetune.errors import FinetuneError
 
+if TYPE_CHECKING:
+    from datasets import DatasetDict
+    from transformers import PreTrainedTokenizerBase
+
 IGNORE_INDEX = -100
 
 
-def require(ok, message):
+def require(ok: bool, message: str) -> None:
     """A command-line check in one line: stop with `error: message` unless `ok`."""
     if not ok:
         raise FinetuneError(message)
 
 
-def full_text(parts):
+def full_text(parts: dict[str, str]) -> str:
     return parts["head"] + parts["body"] + parts["tail"] + parts["response"]
 
 
 # ----------------------------------------------------------------------------------------------
 # Tokenization
 # ----------------------------------------------------------------------------------------------
-def leading_special_ids(tokenizer):
+def leading_special_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """Ids the tokenizer puts before any text (Llama: [BOS]; Baichuan: none)."""
     with_specials = tokenizer("a")["input_ids"]
     without = tokenizer("a", add_special_tokens=False)["input_ids"]
@@ -34,7 +42,7 @@ def leading_special_ids(tokenizer):
     return list(with_specials[:start])
 
 
-def text_budget(tokenizer, block_size):
+def text_budget(tokenizer: PreTrainedTokenizerBase, block_size: int) -> int:
     """Characters of one text column that can matter for an example of `block_size` tokens.
 
     A token covers at most as many characters as its longest vocabulary entry (SentencePiece's "▁" and
@@ -46,12 +54,13 @@ def text_budget(tokenizer, block_size):
     return 2 * block_size * max(longest, 1)
 
 
-def clip_text(value, budget):
+def clip_text(value: str, budget: int) -> str:
     return value[:budget] if isinstance(value, str) and len(value) > budget else value
 
 
-def tokenize_examples(batch, build_prompt, tokenizer, block_size, train_on_prompt=False, prefix_ids=None,
-                      char_budget=None):
+def tokenize_examples(batch: dict[str, list], build_prompt: Callable[[dict], dict[str, str]],
+                      tokenizer: PreTrainedTokenizerBase, block_size: int, train_on_prompt: bool = False,
+                      prefix_ids: list[int] | None = None, char_budget: int | None = None) -> dict[str, list]:
     """Tokenize a batch (dict of column lists) for datasets.map(batched=True).
 
     The whole text is tokenized once per example, so an example that fits decodes back to exactly
@@ -128,7 +137,7 @@ def tokenize_examples(batch, build_prompt, tokenizer, block_size, train_on_promp
     return out
 
 
-def split_train_validation(raw, seed=0, validation_fraction=0.05):
+def split_train_validation(raw: DatasetDict, seed: int = 0, validation_fraction: float = 0.05) -> DatasetDict:
     """Keep the source's train/validation splits; otherwise carve a seeded validation split out of train."""
     from datasets import DatasetDict
 
@@ -144,7 +153,7 @@ def split_train_validation(raw, seed=0, validation_fraction=0.05):
     return DatasetDict(train=split["train"], validation=split["test"])
 
 
-def check_columns(raw, recipe_name, columns):
+def check_columns(raw: DatasetDict, recipe_name: str, columns: list[str]) -> None:
     for split_name, split in raw.items():
         if len(split) == 0:
             raise FinetuneError(f"split '{split_name}' of the data set is empty")
@@ -158,14 +167,15 @@ def check_columns(raw, recipe_name, columns):
                 raise FinetuneError(f"column '{name}' must hold text, but it holds {dtype or split.features[name]}")
 
 
-def percentile(sorted_values, fraction):
+def percentile(sorted_values: list[int], fraction: float) -> int:
     if not sorted_values:
         return 0
     return sorted_values[min(len(sorted_values) - 1, int(round(fraction * (len(sorted_values) - 1))))]
 
 
-def prepare(recipe_name, recipe, tokenizer, raw_dataset_dict, block_size=1024, train_on_prompt=False, seed=0,
-            validation_fraction=0.05, max_examples=None):
+def prepare(recipe_name: str, recipe: dict, tokenizer: PreTrainedTokenizerBase, raw_dataset_dict: DatasetDict,
+            block_size: int = 1024, train_on_prompt: bool = False, seed: int = 0,
+            validation_fraction: float = 0.05, max_examples: int | None = None) -> tuple[DatasetDict, dict]:
     """Tokenize raw_dataset_dict (a DatasetDict of text columns) with `recipe` (its build_prompt and columns).
 
     Returns (DatasetDict with columns input_ids and labels, report dict)."""
@@ -228,7 +238,7 @@ def prepare(recipe_name, recipe, tokenizer, raw_dataset_dict, block_size=1024, t
     return tokenized.remove_columns(stat_columns), report
 
 
-def format_report(report):
+def format_report(report: dict) -> str:
     lines = [f"recipe {report['recipe']}, block size {report['block_size']}, "
              f"loss on {'prompt and response' if report['train_on_prompt'] else 'response + EOS only'}"]
     for name, stats in report["splits"].items():

@@ -1,23 +1,30 @@
 """Loading the inputs of prepare_dataset.py: data files, folders or hub data sets, and tokenizers. Local paths
 come first; the hub is asked only when it can answer. Every problem is one FinetuneError line."""
+from __future__ import annotations
+
 import codecs
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from finetune.errors import FinetuneError
 from finetune.hub import HubUnreachable, hub_offline, looks_like_path, require_hub, root_cause_message
 from finetune.remote_code import asks_for_remote_code, remote_code_error
 
+if TYPE_CHECKING:
+    from datasets import DatasetDict
+    from transformers import PreTrainedTokenizerBase
+
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
 
 
-def require_hub_or_fail(what, name):
+def require_hub_or_fail(what: str, name: str) -> None:
     try:
         require_hub(what, name)
     except HubUnreachable as exc:
         raise FinetuneError(str(exc)) from None
 
 
-def load_raw_dataset(name_or_path, config_name=None):
+def load_raw_dataset(name_or_path: str, config_name: str | None = None) -> DatasetDict:
     """DatasetDict from a local file (json, jsonl, csv, parquet, arrow), a save_to_disk folder, a folder of
     data files, or a hub id."""
     import datasets
@@ -68,7 +75,7 @@ MAX_LINE_BYTES = 256 * 2 ** 20
 SCAN_CHUNK_BYTES = 16 * 2 ** 20
 
 
-def check_text_file(path):
+def check_text_file(path: str | Path) -> None:
     """A JSON or CSV data file must be UTF-8 (the readers take other bytes into the table as they are, to fail
     later without a name) and have no line over MAX_LINE_BYTES. One pass over the file, a chunk at a time."""
     path = Path(path)
@@ -105,7 +112,7 @@ def _check_line_length(path, line, length):
                            f"would take about 8 times that in memory. Put one example per line, or cut its text")
 
 
-def load_tokenizer(name_or_path, trust_remote_code=False):
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """The tokenizer of a local folder or hub id; code the folder ships runs only with `trust_remote_code`."""
     from transformers import AutoTokenizer
 

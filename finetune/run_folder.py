@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Iterator
 
 from safetensors import SafetensorError
 from torch.distributed.checkpoint.api import CheckpointException
@@ -30,7 +31,7 @@ CHECKPOINT_PATTERN = re.compile(r"^step-(\d{8})$")
 FINAL_STAGING = ".final_model.partial"  # the final model is written here, then moved into place
 
 
-def list_checkpoints(save_dir):
+def list_checkpoints(save_dir: str) -> list[str]:
     """Complete checkpoints, oldest first."""
     root = os.path.join(save_dir, "checkpoints")
     if not os.path.isdir(root):
@@ -40,7 +41,7 @@ def list_checkpoints(save_dir):
     return [path for _, path in sorted(found)]
 
 
-def describe_error(exc):
+def describe_error(exc: BaseException) -> str:
     """The cause of a failed read or write in a few words ("no space left on device", "read-only file system")."""
     if isinstance(exc, CheckpointException) and exc.failures:  # DCP wraps each rank's own exception
         exc = next(iter(exc.failures.values()))[0]
@@ -53,14 +54,14 @@ def describe_error(exc):
     return text.splitlines()[0] if text.strip() else exc.__class__.__name__
 
 
-def newest_checkpoint_note(save_dir):
+def newest_checkpoint_note(save_dir: str) -> str:
     checkpoints = list_checkpoints(save_dir)
     return (f"the newest complete checkpoint is {checkpoints[-1]}; continue from it with --resume" if checkpoints
             else "no checkpoint has been written yet")
 
 
 @contextlib.contextmanager
-def writing(what, save_dir=None):
+def writing(what: str, save_dir: str | None = None) -> Iterator[None]:
     """Turn a failed write (full or read-only disk, a file where a folder should be) into one error line that
     names the path and the cause, and says which checkpoint is still there."""
     try:
@@ -84,7 +85,7 @@ def _drop_locks_in_child():
 os.register_at_fork(after_in_child=_drop_locks_in_child)
 
 
-def lock_run_dir(save_dir):
+def lock_run_dir(save_dir: str) -> None:
     """Hold an exclusive lock on the run folder until this process ends (the OS drops it however the process
     ends, so a crashed run never blocks its own --resume). A FinetuneError if another run holds it."""
     try:
@@ -112,13 +113,13 @@ def claim_run_dir(save_dir: str) -> None:
     lock_run_dir(save_dir)
 
 
-def release_run_locks():
+def release_run_locks() -> None:
     """Drop this process's folder locks (for callers that run several trainings in one process)."""
     while _locked_fds:
         os.close(_locked_fds.pop())
 
 
-def create_run_dir(save_dir):
+def create_run_dir(save_dir: str) -> None:
     """Create `save_dir` (and missing parents); ones still empty when the process exits are removed again, so a
     run refused before it wrote anything leaves the disk as it found it."""
     missing, path = [], os.path.abspath(save_dir)
@@ -136,7 +137,7 @@ def _remove_if_empty(folder):
         os.rmdir(folder)
 
 
-def remove_path(path):
+def remove_path(path: str) -> None:
     """Delete `path` if it is there: a file, a symbolic link (the link itself, never what it points to) or a
     folder with everything in it (links inside it are removed as links). Errors are raised, never ignored."""
     try:
@@ -153,7 +154,7 @@ def remove_path(path):
 KEPT_IN_RUN_DIR = (RUN_MARKER, "metrics.jsonl", "checkpoints", lora.ADAPTER_DIR)
 
 
-def check_no_links(save_dir):
+def check_no_links(save_dir: str) -> None:
     """Refuse a run folder with a symbolic link where the run writes or deletes, naming the link."""
     paths = [os.path.join(save_dir, name) for name in KEPT_IN_RUN_DIR]
     root = os.path.join(save_dir, "checkpoints")
@@ -166,7 +167,7 @@ def check_no_links(save_dir):
                                 f"or choose another --save-model-dir")
 
 
-def check_save_dir(save_dir, resume, overwrite, resume_if_possible=False):
+def check_save_dir(save_dir: str, resume: bool, overwrite: bool, resume_if_possible: bool = False) -> str | None:
     """Refuse a folder that is unsafe to write into; returns the checkpoint to resume from (or None).
 
     Every rank calls this before anything is written, so all of them reach the same verdict.
@@ -191,7 +192,7 @@ def check_save_dir(save_dir, resume, overwrite, resume_if_possible=False):
     return None
 
 
-def start_run_dir(save_dir, script_name):
+def start_run_dir(save_dir: str, script_name: str) -> None:
     """Mark `save_dir` as ours and start a fresh run in it (rank 0 only). Removes only files we wrote: old
     checkpoints and the earlier final weights, so a new run that dies never leaves a folder that looks finished."""
     with writing(save_dir):
@@ -216,7 +217,7 @@ def _logged_step(line):
         return float("inf")
 
 
-def truncate_metrics(save_dir, last_step):
+def truncate_metrics(save_dir: str, last_step: int) -> None:
     """Drop metric rows logged after `last_step` (by a run that died before its next checkpoint)."""
     path = os.path.join(save_dir, "metrics.jsonl")
     if not os.path.isfile(path):
@@ -229,7 +230,7 @@ def truncate_metrics(save_dir, last_step):
         os.replace(path + ".tmp", path)
 
 
-def fsync_dir(path):
+def fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -1,6 +1,7 @@
 """FSDP2 sharding: one unit per decoder layer plus the root. Training (`parallel.load_model`) and the memory
 simulation (`memory`) both call `shard_model`, so the plan simulates exactly the sharding that trains."""
 import torch
+from torch.distributed.device_mesh import DeviceMesh
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -13,7 +14,8 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def shard_model(model: torch.nn.Module, bf16_compute: bool = False, cpu_offload: bool = False,
-                pin_memory: bool = False, compile_layers: bool = False, mesh=None) -> list[torch.nn.Module]:
+                pin_memory: bool = False, compile_layers: bool = False,
+                mesh: DeviceMesh | None = None) -> list[torch.nn.Module]:
     """Shard `model` in place with FSDP2 `fully_shard` per decoder layer and at the root; returns the layers.
 
     bf16_compute: parameters gathered in bf16, gradients reduced in fp32 (master weights stay fp32).

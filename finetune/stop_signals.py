@@ -15,7 +15,7 @@ class StopRequest:
     """
     REPEAT_SECONDS = 5.0
 
-    def __init__(self, save_dir=None):
+    def __init__(self, save_dir: str | None = None) -> None:
         self.event = threading.Event()
         self.signal_name, self.first_at, self.save_dir = None, None, save_dir
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -31,5 +31,5 @@ class StopRequest:
             # passes through the `except Exception` of that code (a data loader's, a library's) untouched.
             raise SystemExit(f"error: stopped at once by a second SIGINT, without writing a checkpoint; {note}")
 
-    def requested(self):
+    def requested(self) -> bool:
         return self.event.is_set()

@@ -47,7 +47,7 @@ def missing_private_members() -> list[str]:
     return missing
 
 
-def recording_trackers():
+def recording_trackers() -> tuple[type, type]:
     """MemTracker / FSDPMemTracker that record, after every op, the bytes held in each of their categories,
     labelled with the phase of the step and the execution position of the decoder layer running.
 
