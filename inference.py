@@ -66,7 +66,7 @@ def load_example(args):
         try:
             example = json.loads(args.example)
         except ValueError as exc:
-            raise SystemExit(f"error: --example is not valid JSON ({exc})")
+            raise SystemExit(f"error: --example is not valid JSON ({exc})") from None
     else:
         path = args.example_file or DEMO_SAMPLE_FILES.get(args.recipe)
         if path is None:
@@ -75,12 +75,13 @@ def load_example(args):
             with open(path, encoding="utf-8") as f:
                 lines = [line for line in f if line.strip()]
         except (OSError, ValueError) as exc:
-            raise SystemExit(f"error: cannot read --example-file {path!r} ({getattr(exc, 'strerror', None) or exc})")
+            reason = getattr(exc, "strerror", None) or exc
+            raise SystemExit(f"error: cannot read --example-file {path!r} ({reason})") from None
         require(args.index < len(lines), f"--index {args.index} is past the end of {path!r} ({len(lines)} examples)")
         try:
             example = json.loads(lines[args.index])
         except ValueError as exc:
-            raise SystemExit(f"error: example {args.index} of {path!r} is not valid JSON ({exc})")
+            raise SystemExit(f"error: example {args.index} of {path!r} is not valid JSON ({exc})") from None
     require(isinstance(example, dict), "the example must be a JSON object")
     return example
 
@@ -156,7 +157,7 @@ def main(argv=None):
         try:
             model = PeftModel.from_pretrained(model, args.adapter)
         except (OSError, ValueError, RuntimeError) as exc:  # RuntimeError: an adapter made for another model
-            raise SystemExit(f"error: cannot apply the adapter {args.adapter!r}: {str(exc).splitlines()[0]}")
+            raise SystemExit(f"error: cannot apply the adapter {args.adapter!r}: {str(exc).splitlines()[0]}") from None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
 

@@ -173,7 +173,7 @@ def save_checkpoint(save_dir: str, step: int, model: torch.nn.Module, optimizer:
         previous = [c for c in list_checkpoints(save_dir) if c != final]
         kept = f"the previous checkpoint {previous[-1]!r} is intact" if previous else "no earlier checkpoint exists"
         raise FinetuneError(f"could not write the checkpoint for step {step} in {partial!r} "
-                         f"({describe_error(exc)}); {kept}")
+                         f"({describe_error(exc)}); {kept}") from None
     return final
 
 
@@ -216,7 +216,8 @@ def read_trainer_state(path: str) -> dict:
         if not isinstance(state, dict):
             raise ValueError
     except (OSError, ValueError, UnicodeDecodeError) as exc:
-        raise FinetuneError(f"checkpoint {path!r} is unreadable ({exc.__class__.__name__}); nothing was deleted")
+        raise FinetuneError(f"checkpoint {path!r} is unreadable ({exc.__class__.__name__}); "
+                            f"nothing was deleted") from None
     if not isinstance(state.get("non_tensor_state"), dict):
         raise FinetuneError(f"checkpoint {path!r} was written by an earlier version of these scripts, which stored "
                             f"the optimiser's settings and the RNG states as pickles; loading those could run "
@@ -277,7 +278,7 @@ def load_checkpoint(path: str, model: torch.nn.Module, optimizer: torch.optim.Op
     # DCP wraps storage and format errors in several exception types; its CheckpointException is a BaseException.
     except (Exception, CheckpointException) as exc:
         raise FinetuneError(f"checkpoint {path!r} is corrupt or incomplete ({exc.__class__.__name__}); "
-                         f"nothing was deleted")
+                         f"nothing was deleted") from None
     try:
         restored = merge_state(tensors, state["non_tensor_state"])
         # Only what trains was saved (LoRA: the adapters); the frozen base came from the model files.

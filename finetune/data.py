@@ -31,7 +31,7 @@ def load_prepared_dataset(path):
     try:
         dataset = load_from_disk(path)
     except Exception as exc:  # datasets raises several types for a folder it cannot read
-        raise FinetuneError(f"{path!r} is not a prepare_dataset.py output folder ({exc.__class__.__name__})")
+        raise FinetuneError(f"{path!r} is not a prepare_dataset.py output folder ({exc.__class__.__name__})") from None
     if not hasattr(dataset, "keys") or "train" not in dataset:
         raise FinetuneError(f"{path!r} has no 'train' split; run prepare_dataset.py to make one")
     for name in dataset:
@@ -56,7 +56,8 @@ def load_tokenizer(model):
     except FinetuneError:
         raise  # already the one line (a folder's own code refused)
     except (OSError, ValueError) as exc:
-        raise FinetuneError(f"cannot load the tokenizer of {model.name_or_path!r}: {str(exc).splitlines()[0]}")
+        raise FinetuneError(f"cannot load the tokenizer of {model.name_or_path!r}: "
+                            f"{str(exc).splitlines()[0]}") from None
     except Exception as exc:  # a garbled config.json (`[]`) fails in transformers' fallback reader with a TypeError
         raise FinetuneError(f"cannot load the tokenizer of {model.name_or_path!r}: "
                          f"{root_cause_message(exc)}") from None

@@ -239,7 +239,7 @@ def _print_plan(args):
     try:
         config = json.loads(Path(args.config).read_text())
     except (OSError, ValueError) as exc:
-        raise FinetuneError(f"cannot read the model config {args.config!r}: {exc}")
+        raise FinetuneError(f"cannot read the model config {args.config!r}: {exc}") from None
     try:
         plan = plan_candidates(config, args.world_size, args.batch_size, args.block_size, args.device_memory_gb,
                                args.host_memory_gb, precision=args.precision, adapter=args.adapter,

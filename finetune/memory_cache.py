@@ -41,7 +41,7 @@ def readings(config: dict, setup: dict, runs: list[tuple[int, int]], stop: dict 
     def entry(micro):
         return folder / f"{_cache_key(config, setup, micro, dict(runs)[micro])}.json"
 
-    for index, (micro, passes) in enumerate(runs):
+    for index, (micro, _) in enumerate(runs):
         cached = _cached_reading(entry(micro))
         if cached is None:
             fresh = child.simulate(config, {"setup": setup, "runs": runs[index:], "stop": stop})

@@ -244,7 +244,7 @@ def readings_from_segments(segments: dict[tuple[int, int], np.ndarray], names: l
     peak, offload_peak = total.argmax(), (total - host).argmax()
 
     def named(row, keep):
-        return {name: int(v) for name, v, k in zip(names, row, keep) if v and k}
+        return {name: int(v) for name, v, k in zip(names, row, keep, strict=True) if v and k}
 
     return {
         "on_device": {"device_peak": int(total[peak]), "host_peak": 0,

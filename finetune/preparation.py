@@ -96,7 +96,7 @@ def tokenize_examples(batch: dict[str, list], build_prompt: Callable[[dict], dic
         probe_ids = encode([p["head"] + p["body"] + p["tail"] for p in parts])
 
     out = {"input_ids": [], "labels": [], "stat_prompt_cut": [], "stat_response_cut": [], "stat_misaligned": []}
-    for ids, n_head, n_head_tail, probe in zip(full_ids, head_lengths, head_tail_lengths, probe_ids):
+    for ids, n_head, n_head_tail, probe in zip(full_ids, head_lengths, head_tail_lengths, probe_ids, strict=True):
         n_tail = n_head_tail - n_head
         # The part found both ways must have the same ids; if not, a part boundary falls inside a token
         # (see the module docstring) and the label mask may be off by a token.
