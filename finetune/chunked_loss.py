@@ -20,7 +20,7 @@ IGNORE_INDEX = -100
 DEFAULT_CHUNK_TOKENS = 1024  # fp32 logits of one chunk: 1024 x 125,696 x 4 B = 0.5 GiB for Baichuan2
 
 
-def shifted_targets(labels):
+def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
     """Next-token targets: position t is scored against labels[t + 1]; the last position has none."""
     return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
 
@@ -65,8 +65,9 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None
 
 
-def chunked_causal_lm_loss(hidden_states, head_weight, labels, num_items_in_batch=None,
-                           chunk_tokens=DEFAULT_CHUNK_TOKENS):
+def chunked_causal_lm_loss(hidden_states: torch.Tensor, head_weight: torch.Tensor, labels: torch.Tensor,
+                           num_items_in_batch: int | torch.Tensor | None = None,
+                           chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> torch.Tensor:
     """Next-token cross-entropy of `hidden_states @ head_weight.T`, computed `chunk_tokens` tokens at a time.
 
     hidden_states: (batch, length, hidden) after the final norm; head_weight: (vocab, hidden), already
@@ -104,7 +105,7 @@ def _head_weight(model):
     return head.weight
 
 
-def use_chunked_loss(model, chunk_tokens=DEFAULT_CHUNK_TOKENS):
+def use_chunked_loss(model: torch.nn.Module, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> torch.nn.Module:
     """Make `model(..., labels=...)` compute its loss with `chunked_causal_lm_loss`; returns the model.
 
     The returned output has `loss` and no `logits`. Calls without labels (generation, logits) keep the model's

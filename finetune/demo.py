@@ -11,6 +11,8 @@ processes ask at once: each asset is built under a lock in a temporary folder th
 "llama2" and "baichuan2" name a model family here: its tokenizer style and model class. Any recipe can use
 the tokenizer of its family (`family_of`), so a newly added recipe works with `--demo` too.
 """
+from __future__ import annotations
+
 import fcntl
 import hashlib
 import inspect
@@ -21,8 +23,12 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from finetune.errors import FinetuneError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_SAMPLE_FILES = {
@@ -52,7 +58,7 @@ def demo_cache_root() -> Path:
 FAMILIES = ("llama2", "baichuan2")
 
 
-def family_of(model_name):
+def family_of(model_name: str) -> str:
     """The demo model family standing in for a hub model: Baichuan's for Baichuan models, Llama's otherwise."""
     return "baichuan2" if "baichuan" in str(model_name).lower() else "llama2"
 
@@ -180,7 +186,7 @@ def ensure_demo_tokenizer(family: str) -> str:
                        _build_baichuan_tokenizer)
 
 
-def load_demo_tokenizer(family: str):
+def load_demo_tokenizer(family: str) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
     if family == "baichuan2":

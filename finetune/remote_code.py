@@ -7,13 +7,14 @@ classes are registered locally (Baichuan2's releases, by modeling_baichuan.py) s
 transformers prefers a registered class to the folder's own code.
 """
 import contextlib
+from collections.abc import Iterator
 
 from finetune.errors import FinetuneError
 
 REFUSAL = "trust_remote_code=True"  # what transformers' refusal asks the caller to pass
 
 
-def asks_for_remote_code(exc):
+def asks_for_remote_code(exc: BaseException | None) -> bool:
     """Whether `exc`, or an exception it came from, is transformers refusing a folder's own code."""
     while exc is not None:
         if isinstance(exc, ValueError) and REFUSAL in str(exc):
@@ -22,13 +23,13 @@ def asks_for_remote_code(exc):
     return False
 
 
-def remote_code_error(name):
+def remote_code_error(name: str) -> FinetuneError:
     return FinetuneError(f"{name} ships its own code (an auto_map in its config.json or tokenizer_config.json), "
                          f"which was not run; pass --trust-remote-code if you trust it")
 
 
 @contextlib.contextmanager
-def refusing_remote_code(name):
+def refusing_remote_code(name: str) -> Iterator[None]:
     """Around a from_pretrained with trust_remote_code: transformers' refusal becomes one error line."""
     try:
         yield

@@ -2,24 +2,27 @@
 guard and the validation pass. The loop itself stays in the training scripts."""
 import math
 import random
+from collections.abc import Callable
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from finetune.data import BatchFormat, collate_rows, move_to
+from finetune.data import BatchFormat, TokenTable, collate_rows, move_to
 from finetune.errors import FinetuneError
+from finetune.parallel import Backend
 from finetune.run_folder import list_checkpoints
 
 
-def set_seed(seed):
+def set_seed(seed: int) -> None:
     """Seed Python, NumPy and PyTorch (every device): weight init of new layers, dropout, sampling."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
 
-def warmup_cosine_schedule(optimizer, total_steps, warmup_ratio, min_lr_ratio):
+def warmup_cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float,
+                           min_lr_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warmup over `warmup_ratio` of the steps, then cosine decay to `min_lr_ratio` of the peak."""
     warmup = max(1, int(total_steps * warmup_ratio))
 
@@ -31,7 +34,7 @@ def warmup_cosine_schedule(optimizer, total_steps, warmup_ratio, min_lr_ratio):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def clip_grad_norm(model, max_norm):
+def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
     """Clip to `max_norm` and return the total norm as a plain tensor (gathered across shards under FSDP2)."""
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
@@ -40,11 +43,11 @@ def clip_grad_norm(model, max_norm):
 class NonFiniteGuard:
     """Keeps a non-finite loss or gradient from reaching the weights; stops the run after `allowed` skips."""
 
-    def __init__(self, allowed, save_dir, backend):
+    def __init__(self, allowed: int, save_dir: str, backend: Backend) -> None:
         self.allowed, self.save_dir, self.backend = allowed, save_dir, backend
         self.skipped = 0
 
-    def update_is_finite(self, step_loss, grad_norm, step):
+    def update_is_finite(self, step_loss: torch.Tensor, grad_norm: torch.Tensor, step: int) -> bool:
         """True when the update of `step` may be applied (on every rank alike). The one host sync of a step."""
         finite = bool(torch.isfinite(grad_norm) & torch.isfinite(step_loss))
         if not self.backend.any_rank(not finite):
@@ -62,14 +65,15 @@ class NonFiniteGuard:
 class Validation:
     """Token-weighted loss over the whole validation split; every rank takes its share of the rows."""
 
-    def __init__(self, table, rows, forward, backend, batch_format: BatchFormat, every=None):
+    def __init__(self, table: TokenTable | None, rows: list, forward: Callable, backend: Backend,
+                 batch_format: BatchFormat, every: int | None = None) -> None:
         self.table, self.rows, self.forward, self.backend = table, rows, forward, backend
         self.format, self.every = batch_format, every
 
-    def due(self, step, epoch_end):
+    def due(self, step: int, epoch_end: bool) -> bool:
         return bool(self.rows) and (epoch_end or bool(self.every and step % self.every == 0))
 
-    def loss(self, model):
+    def loss(self, model: torch.nn.Module) -> float:
         backend, device, micro = self.backend, self.backend.device, self.format.micro_batch_size
         model.eval()
         loss_sum = torch.zeros((), device=device)

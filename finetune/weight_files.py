@@ -12,7 +12,7 @@ from pathlib import Path
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
-def damaged_weight_file(name_or_folder):
+def damaged_weight_file(name_or_folder: str) -> str | None:
     """'<file> is damaged or truncated (<why>)' for the first weight file of a model or adapter folder (or of a
     hub model's local cache) that does not open; None when they all open or there is no folder to look in."""
     folder = _local_folder(name_or_folder)
@@ -32,7 +32,7 @@ def _files_loaded(folder):
     return by_suffix[".safetensors"] or by_suffix[".bin"]
 
 
-def weight_file_problem(path):
+def weight_file_problem(path: str | Path) -> str | None:
     """Why the weight file at `path` does not open, or None."""
     import torch
     from safetensors import safe_open
