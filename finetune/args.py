@@ -169,7 +169,7 @@ def check_numbers(args):
         raise FinetuneError(f"--batch-size {args.batch_size} is not divisible by the {world_size} processes")
     if not args.plan_only and args.micro_batch_size and (args.batch_size // world_size) % args.micro_batch_size:
         raise FinetuneError(f"--micro-batch-size {args.micro_batch_size} does not divide the "
-                         f"{args.batch_size // world_size} rows each process takes per step")
+                            f"{args.batch_size // world_size} rows each process takes per step")
 
 
 def _check_lora_args(args, defaults, lr_given):
@@ -198,5 +198,5 @@ def _check_lora_args(args, defaults, lr_given):
     names = [name.strip() for name in args.lora_target_modules.split(",")]
     if not all(name.isidentifier() for name in names) or len(set(names)) != len(names):
         raise FinetuneError(f"--lora-target-modules must be distinct layer names separated by commas, like "
-                         f"q_proj,v_proj (got {args.lora_target_modules!r})")
+                            f"q_proj,v_proj (got {args.lora_target_modules!r})")
     args.lora_target_modules = ",".join(names)

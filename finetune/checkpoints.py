@@ -173,7 +173,7 @@ def save_checkpoint(save_dir: str, step: int, model: torch.nn.Module, optimizer:
         previous = [c for c in list_checkpoints(save_dir) if c != final]
         kept = f"the previous checkpoint {previous[-1]!r} is intact" if previous else "no earlier checkpoint exists"
         raise FinetuneError(f"could not write the checkpoint for step {step} in {partial!r} "
-                         f"({describe_error(exc)}); {kept}") from None
+                            f"({describe_error(exc)}); {kept}") from None
     return final
 
 
@@ -234,15 +234,15 @@ def check_same_run(path: str, state: dict, settings: dict) -> None:
             continue
         if key == "dataset":
             raise FinetuneError(f"--dataset-name-or-path: the training split differs from the one of the run "
-                             f"being resumed ({path}); resume with the same data. Nothing was deleted")
+                                f"being resumed ({path}); resume with the same data. Nothing was deleted")
         if key == "adapters":
             _check_same_adapters(path, state[key], value)
             continue
         then, now = ("not given" if v is None else v for v in (state[key], value))
         flag = "--" + key.replace("_", "-")
         raise FinetuneError(f"{flag} {now} differs from the run being resumed ({flag} {then}, {path}); a "
-                         f"resumed run keeps the flags it started with (see README, Preemption and resume). "
-                         f"Nothing was deleted")
+                            f"resumed run keeps the flags it started with (see README, Preemption and resume). "
+                            f"Nothing was deleted")
 
 
 def _check_same_adapters(path, saved, record):
@@ -251,7 +251,7 @@ def _check_same_adapters(path, saved, record):
     if mismatch:
         flag, then, now = mismatch
         raise FinetuneError(f"{flag} differs from the run being resumed ({path}): it has {lora.describe(then)}, "
-                         f"this run {lora.describe(now)}; resume with the same adapter flags. Nothing was deleted")
+                            f"this run {lora.describe(now)}; resume with the same adapter flags. Nothing was deleted")
 
 
 def load_checkpoint(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: LRScheduler,
@@ -266,7 +266,7 @@ def load_checkpoint(path: str, model: torch.nn.Module, optimizer: torch.optim.Op
     check_same_run(path, state, expected_state or {})
     if state.get("model") != model_fingerprint(model):
         raise FinetuneError(f"checkpoint {path!r} was written for another model "
-                         f"({state.get('model')}); nothing was deleted")
+                            f"({state.get('model')}); nothing was deleted")
     if not os.path.isfile(os.path.join(path, ".metadata")):  # DCP would print tracebacks while looking for it
         raise FinetuneError(f"checkpoint {path!r} is corrupt or incomplete (no .metadata); nothing was deleted")
     tensors, _ = _split_trained_state(model, optimizer)
@@ -278,7 +278,7 @@ def load_checkpoint(path: str, model: torch.nn.Module, optimizer: torch.optim.Op
     # DCP wraps storage and format errors in several exception types; its CheckpointException is a BaseException.
     except (Exception, CheckpointException) as exc:
         raise FinetuneError(f"checkpoint {path!r} is corrupt or incomplete ({exc.__class__.__name__}); "
-                         f"nothing was deleted") from None
+                            f"nothing was deleted") from None
     try:
         restored = merge_state(tensors, state["non_tensor_state"])
         # Only what trains was saved (LoRA: the adapters); the frozen base came from the model files.
@@ -341,7 +341,7 @@ class Checkpointer:
             message = f"checkpoint {path!r} is corrupt: {problem}"
             if not fall_back:
                 raise FinetuneError(f"{message}; nothing was deleted (--resume-if-possible falls back to the "
-                                 f"newest checkpoint that verifies)")
+                                    f"newest checkpoint that verifies)")
             if self.backend.is_main:
                 print(f"warning: {message}; trying an older one", flush=True)
         raise FinetuneError(f"no checkpoint in {self.save_dir!r} matches its checksums; nothing was deleted")

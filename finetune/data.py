@@ -60,7 +60,7 @@ def load_tokenizer(model):
                             f"{str(exc).splitlines()[0]}") from None
     except Exception as exc:  # a garbled config.json (`[]`) fails in transformers' fallback reader with a TypeError
         raise FinetuneError(f"cannot load the tokenizer of {model.name_or_path!r}: "
-                         f"{root_cause_message(exc)}") from None
+                            f"{root_cause_message(exc)}") from None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return tokenizer, pad_id
 
@@ -82,10 +82,10 @@ def load_token_tables(data):
     too_long = sum(int((table.lengths > block_size).sum()) for table in (train, validation) if table)
     if too_long:
         raise FinetuneError(f"{too_long} examples are longer than --block-size {block_size}; run "
-                         f"prepare_dataset.py with --block-size {block_size}")
+                            f"prepare_dataset.py with --block-size {block_size}")
     if not train.num_targets.sum():  # else every step's loss is 0/0, reported as a non-finite loss
         raise FinetuneError(f"no targets to learn in {path!r}: every label of the training split is -100 "
-                         f"(an example's first token never counts); prepare it with labels on the responses")
+                            f"(an example's first token never counts); prepare it with labels on the responses")
     return train, validation
 
 
@@ -97,12 +97,12 @@ def check_token_ids(config, *tables):
         if table.input_ids.min() < 0 or table.input_ids.max() >= vocab:
             found = table.input_ids.max() if table.input_ids.max() >= vocab else table.input_ids.min()
             raise FinetuneError(f"the dataset holds token id {found}, but the model's vocabulary has {vocab} "
-                             f"ids (0 to {vocab - 1}); was it prepared with another model's tokenizer?")
+                                f"ids (0 to {vocab - 1}); was it prepared with another model's tokenizer?")
         labels = table.labels[table.labels != IGNORE_INDEX]
         if len(labels) and (labels.min() < 0 or labels.max() >= vocab):
             found = labels.max() if labels.max() >= vocab else labels.min()
             raise FinetuneError(f"the dataset holds label {found}; a label must be -100 (no loss) or a token "
-                             f"id below the model's vocabulary size {vocab}")
+                                f"id below the model's vocabulary size {vocab}")
 
 
 class TokenTable:
@@ -203,15 +203,15 @@ class StepRows:
         self._counts, self._latest = {}, (None, None)
         if not self.steps_in_epoch(0):
             raise FinetuneError(f"the training split makes fewer than --batch-size {batch_size} rows; "
-                             f"use a smaller --batch-size or more data")
+                                f"use a smaller --batch-size or more data")
         if max_steps:
             self.total_steps = max_steps
         elif batching != "packed":
             self.total_steps = epochs * self.steps_in_epoch(0)
         elif epochs * len(lengths) > PACKING_COUNT_BUDGET:
             raise FinetuneError(f"--epochs {epochs}: counting the steps would mean packing "
-                             f"{epochs * len(lengths):.3g} examples; give --max-steps instead (one epoch is about "
-                             f"{self.steps_in_epoch(0)} steps)")
+                                f"{epochs * len(lengths):.3g} examples; give --max-steps instead (one epoch is about "
+                                f"{self.steps_in_epoch(0)} steps)")
         else:
             self.total_steps = sum(self.steps_in_epoch(epoch) for epoch in range(epochs))
 

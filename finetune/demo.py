@@ -248,7 +248,7 @@ def ensure_demo_dataset(recipe_name: str, recipe: dict, block_size: int = 1024) 
     the demo tokenizer of its family: a prepare_dataset.py output folder (train/validation, input_ids/labels)."""
     if recipe_name not in DEMO_SAMPLE_FILES:
         raise FinetuneError(f"--demo has no bundled sample data for recipe {recipe_name!r}; pass "
-                         f"--dataset-name-or-path with a prepare_dataset.py output folder")
+                            f"--dataset-name-or-path with a prepare_dataset.py output folder")
     tokenizer_folder = ensure_demo_tokenizer(family_of(recipe["model"]))
     # The prompt function's source is part of the key, so editing a recipe rebuilds its demo data.
     key = _fingerprint(Path(tokenizer_folder).name, DEMO_SAMPLE_FILES[recipe_name], inspect.getsource(

@@ -92,7 +92,7 @@ def check_backend(settings, backend):
     """QLoRA's 4-bit base is not sharded: it runs on one device (one GPU, or a CPU bitsandbytes supports)."""
     if settings and settings.quantize_4bit and backend.engine != "single":
         raise FinetuneError(f"--qlora runs on one device (one GPU or the CPU), not under {backend.engine}; "
-                         f"use --lora to shard a bf16 base over several GPUs")
+                            f"use --lora to shard a bf16 base over several GPUs")
 
 
 def base_load_kwargs(settings, backend):
@@ -129,7 +129,7 @@ def add_adapters(model, settings):
     missing = [name for name in settings.targets if name not in available]
     if missing:
         raise FinetuneError(f"--lora-target-modules names {missing}, not linear layers of this model's "
-                         f"decoder blocks (they are: {','.join(available)})")
+                            f"decoder blocks (they are: {','.join(available)})")
     config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                         target_modules=list(settings.targets), bias="none", task_type="CAUSAL_LM",
                         base_model_name_or_path=settings.base)

@@ -208,7 +208,7 @@ def load_model(backend, model_class, model, layout=None, attn_implementation=Non
                                                                            ImportError))):
             raise
         raise FinetuneError(f"--qlora: bitsandbytes cannot load a 4-bit model on {backend.device} here "
-                         f"({str(exc).splitlines()[0]})") from None
+                            f"({str(exc).splitlines()[0]})") from None
 
 
 def _load_and_place(backend, model_class, model_path, gradient_checkpointing, compile_layers, attn_implementation,
@@ -311,7 +311,7 @@ def split_global_batch(batch_size, world_size, micro_batch_size=None, device_typ
             micro_batch_size //= 2
     if micro_batch_size <= 0 or per_rank % micro_batch_size:
         raise FinetuneError(f"--micro-batch-size {micro_batch_size} does not divide the {per_rank} rows "
-                         f"each process takes per step")
+                            f"each process takes per step")
     return micro_batch_size, per_rank // micro_batch_size
 
 
@@ -356,5 +356,5 @@ def probe_micro_batch(model, backend, micro_batch_size, per_rank, block_size, cp
     del reserve
     if not fits:
         raise FinetuneError(f"one row of {block_size} tokens does not fit in GPU memory; use "
-                         f"--activation-checkpointing on, a smaller --block-size, or more GPUs")
+                            f"--activation-checkpointing on, a smaller --block-size, or more GPUs")
     return micro

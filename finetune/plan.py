@@ -67,7 +67,7 @@ def model_shape(model_name_or_path, trust_remote_code=False):
             config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code).to_dict()
     except (OSError, ValueError):
         raise FinetuneError(f"no config.json in {model_name_or_path!r}, it could not be downloaded, and it is "
-                         f"not one of {sorted(KNOWN_CONFIGS)}") from None
+                            f"not one of {sorted(KNOWN_CONFIGS)}") from None
     return check_shape(config, f"the config of {model_name_or_path}")
 
 
@@ -195,7 +195,7 @@ def _simulated_layout(config, backend):
     print("\n".join(plan_lines(result, "this job")), flush=True)
     if result.chosen is None:
         raise FinetuneError("no layout of this job fits its devices' memory (see the candidates above); "
-                         "use more GPUs, --lora or --qlora, or a smaller --block-size")
+                            "use more GPUs, --lora or --qlora, or a smaller --block-size")
     chosen = result.chosen
     return dict(micro_batch_size=chosen.micro_batch_size, accumulation_steps=chosen.accumulation_steps,
                 activation_checkpointing=chosen.checkpointing, cpu_offload=chosen.cpu_offload,
@@ -222,7 +222,7 @@ def choose_layout(config, backend) -> Layout:
         layout = backend.on_rank0(lambda: dataclasses.replace(planned, **_simulated_layout(config, backend)))
     if layout.cpu_offload and backend.engine != "fsdp2":
         raise FinetuneError("CPU offload runs through FSDP2: start the job with torchrun (one process per GPU, "
-                         "--nproc_per_node 1 on one GPU)")
+                            "--nproc_per_node 1 on one GPU)")
     return layout
 
 

@@ -177,7 +177,7 @@ def check_save_dir(save_dir: str, resume: bool, overwrite: bool, resume_if_possi
     ours = os.path.isfile(os.path.join(save_dir, RUN_MARKER))
     if os.path.isdir(save_dir) and os.listdir(save_dir) and not ours:
         raise FinetuneError(f"--save-model-dir {save_dir!r} holds files this script did not write; "
-                         f"choose an empty or new folder")
+                            f"choose an empty or new folder")
     check_no_links(save_dir)
     checkpoints = list_checkpoints(save_dir) if ours else []
     if resume_if_possible and checkpoints:
@@ -188,7 +188,7 @@ def check_save_dir(save_dir: str, resume: bool, overwrite: bool, resume_if_possi
         return checkpoints[-1]
     if checkpoints and not overwrite:
         raise FinetuneError(f"{save_dir!r} holds checkpoints of an earlier run; pass --resume to continue "
-                         f"it or --overwrite to start over")
+                            f"it or --overwrite to start over")
     return None
 
 
