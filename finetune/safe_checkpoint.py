@@ -12,11 +12,13 @@ It overrides `read_metadata` and `read_data` of FileSystemReader, and uses its p
 """
 import os
 import pickle
+from typing import IO, Any
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
-from torch.distributed.checkpoint.planner import LoadItemType
+from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner
+from torch.futures import Future
 
 from finetune.errors import FinetuneError
 
@@ -49,7 +51,7 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise _ForeignGlobal(f"{module}.{name}")
 
 
-def read_metadata_file(stream, path):
+def read_metadata_file(stream: IO[bytes], path: str) -> Metadata:
     """The DCP `Metadata` pickled in `stream` (the file `path`), built without running anything it names."""
     try:
         metadata = _MetadataUnpickler(stream).load()
@@ -70,11 +72,11 @@ class SafeFileSystemReader(dcp.FileSystemReader):
     """FileSystemReader that unpickles nothing but DCP metadata and reads tensors only. The first refusal is
     kept in `refusal`: DCP wraps its reader's errors, or folds them into the text of another one."""
 
-    def __init__(self, path):
+    def __init__(self, path: str | os.PathLike) -> None:
         super().__init__(path)
         self.refusal = None
 
-    def read_metadata(self, *args, **kwargs):
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         path = self._get_metadata_path(kwargs.get("rank"))
         with self.fs.create_stream(path, "rb") as stream:
             try:
@@ -87,7 +89,7 @@ class SafeFileSystemReader(dcp.FileSystemReader):
         metadata.storage_meta.load_id = self.load_id
         return metadata
 
-    def read_data(self, plan, planner):
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
         pickled = [item.dest_index.fqn for item in plan.items if item.type == LoadItemType.BYTE_IO]
         if pickled:  # DCP would torch.load(weights_only=False) them: any object, any code
             self.refusal = self.refusal or UnsafeCheckpoint(
@@ -97,7 +99,7 @@ class SafeFileSystemReader(dcp.FileSystemReader):
         return super().read_data(plan, planner)
 
 
-def load_tensors(state_dict, path):
+def load_tensors(state_dict: dict, path: str) -> None:
     """dcp.load of `state_dict` (nested dicts of tensors, loaded in place) from the checkpoint folder `path`.
     Raises UnsafeCheckpoint for anything that would run code; DCP's own exceptions for the rest."""
     reader = SafeFileSystemReader(path)

@@ -4,14 +4,20 @@ peft trusts the folder: a config that is not an object or names an unknown type 
 shows up only as NaN probabilities inside generate, and an adapter made for another base model is applied with
 every target the base lacks silently dropped. Here each is one error line naming the file or the mismatch.
 """
+from __future__ import annotations
+
 import json
 import math
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from finetune.errors import FinetuneError
 from finetune.hub import looks_like_path
 from finetune.weight_files import weight_file_problem
+
+if TYPE_CHECKING:
+    import torch
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")  # peft's names, in the order it prefers them
@@ -20,7 +26,7 @@ SHAPE_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", 
                 "num_attention_heads", "num_key_value_heads")
 
 
-def read_adapter(adapter_dir, model_dir):
+def read_adapter(adapter_dir: str, model_dir: str) -> tuple[dict, dict[str, tuple[int, int]]]:
     """(config, adapter_shapes) of a sound LoRA adapter folder naming no other base than `model_dir`; checked
     before the base model loads. check_targets_fit then compares the shapes with the loaded base."""
     config = read_adapter_config(adapter_dir)
@@ -28,7 +34,7 @@ def read_adapter(adapter_dir, model_dir):
     return config, adapter_shapes(adapter_dir)
 
 
-def read_adapter_config(adapter_dir):
+def read_adapter_config(adapter_dir: str) -> dict:
     """adapter_config.json as a dict, with the LoRA fields peft computes with checked."""
     folder = Path(adapter_dir).expanduser()
     if not folder.is_dir():
@@ -50,7 +56,7 @@ def read_adapter_config(adapter_dir):
     return config
 
 
-def lora_config_problem(config):
+def lora_config_problem(config: dict) -> str | None:
     """What in a LoRA adapter config peft would fail on, or compute nonsense with; None if nothing."""
     if config.get("peft_type") != "LORA":
         return f"peft_type is {config.get('peft_type')!r}; only LoRA adapters (\"LORA\") can be applied"
@@ -84,7 +90,7 @@ def _positive_number(value):
     return _number(value) and math.isfinite(value) and value > 0
 
 
-def check_same_base(recorded, model_dir, adapter_dir):
+def check_same_base(recorded: str | None, model_dir: str, adapter_dir: str) -> None:
     """The base the adapter names (base_model_name_or_path) must be --model-dir where the two can be compared:
     two hub ids by name, two local folders by the model shape in their config.json. A hub id against a local
     folder (a download of it, perhaps) is left to the shapes of the targets."""
@@ -114,7 +120,7 @@ def _shape(model_dir):
     return {field: config.get(field) for field in SHAPE_FIELDS} if isinstance(config, dict) else None
 
 
-def adapter_shapes(adapter_dir):
+def adapter_shapes(adapter_dir: str) -> dict[str, tuple[int, int]]:
     """{module path in the base model: (in_features, out_features)} of every LoRA-adapted linear layer, read
     from the weight file's header (lora_A is rank x in, lora_B out x rank)."""
     path = next((Path(adapter_dir) / name for name in WEIGHT_FILES if (Path(adapter_dir) / name).is_file()), None)
@@ -144,7 +150,8 @@ def _tensor_shapes(path):
     return {name: tuple(t.shape) for name, t in torch.load(path, map_location="meta", weights_only=True).items()}
 
 
-def check_targets_fit(config, shapes, model, adapter_dir, model_dir):
+def check_targets_fit(config: dict, shapes: dict[str, tuple[int, int]], model: torch.nn.Module, adapter_dir: str,
+                      model_dir: str) -> None:
     """Every layer the adapter holds weights for must be a linear layer of that shape in the model, and every
     linear layer its target names pick out must have weights in it (a base of another depth fails here)."""
     import torch
