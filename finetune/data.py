@@ -9,20 +9,31 @@ Batching modes (one optimiser step = `batch_size` rows of at most `block_size` t
   longest      one example per row, each micro-batch padded to its longest row.
   block        one example per row, padded to `block_size` (the tutorial's batching).
 """
+from __future__ import annotations
+
 import bisect
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from finetune.errors import FinetuneError
 
+if TYPE_CHECKING:
+    from datasets import Dataset, DatasetDict
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
+
+    from finetune.config import DataConfig, ModelConfig, TrainingConfig
+    from finetune.parallel import Backend
+
 IGNORE_INDEX = -100
 BATCHING_MODES = ("packed", "longest", "block")
 
 
-def load_prepared_dataset(path):
+def load_prepared_dataset(path: str) -> DatasetDict:
     """The DatasetDict written by prepare_dataset.py, with a one-line error for anything else."""
     from datasets import load_from_disk
 
@@ -41,7 +52,7 @@ def load_prepared_dataset(path):
     return dataset
 
 
-def load_tokenizer(model):
+def load_tokenizer(model: ModelConfig) -> tuple[PreTrainedTokenizerBase, int]:
     """(tokenizer, pad id) of the ModelConfig `model`: the model's tokenizer, with EOS standing in as padding
     where it has no pad token (Llama 2). Padding is masked by true lengths, never by this id."""
     from transformers import AutoTokenizer
@@ -65,14 +76,14 @@ def load_tokenizer(model):
     return tokenizer, pad_id
 
 
-def check_block_size(config, block_size):
+def check_block_size(config: PretrainedConfig, block_size: int) -> None:
     """Rows longer than the model's positions would train on positions it never had."""
     max_length = getattr(config, "model_max_length", None) or config.max_position_embeddings
     if max_length < block_size:
         raise FinetuneError(f"--block-size {block_size} exceeds the model's length limit {max_length}")
 
 
-def load_token_tables(data):
+def load_token_tables(data: DataConfig) -> tuple[TokenTable, TokenTable | None]:
     """(train, validation or None) TokenTables of the DataConfig's prepared dataset, every example within its
     block size."""
     path, block_size = data.dataset_name_or_path, data.block_size
@@ -89,7 +100,7 @@ def load_token_tables(data):
     return train, validation
 
 
-def check_token_ids(config, *tables):
+def check_token_ids(config: PretrainedConfig, *tables: TokenTable | None) -> None:
     """Token ids beyond the model's vocabulary (data prepared with another tokenizer) and labels that are neither
     -100 nor a token id would fail deep inside the forward pass: say so once, before training."""
     vocab = config.vocab_size
@@ -108,7 +119,7 @@ def check_token_ids(config, *tables):
 class TokenTable:
     """All examples of one split as flat int arrays plus offsets: fast to slice from data-loader workers."""
 
-    def __init__(self, split):
+    def __init__(self, split: Dataset) -> None:
         table = split.with_format("arrow")[:] if len(split) else None
         if table is None:
             raise FinetuneError("the dataset split is empty")
@@ -130,12 +141,12 @@ class TokenTable:
     def __len__(self):
         return len(self.lengths)
 
-    def example(self, index):
+    def example(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         start, end = self.offsets[index], self.offsets[index + 1]
         return self.input_ids[start:end], self.labels[start:end]
 
 
-def pack_examples(lengths, block_size, order):
+def pack_examples(lengths: np.ndarray, block_size: int, order: Sequence[int]) -> list[list[int]]:
     """Best-fit packing of examples (taken in `order`) into rows of at most `block_size` tokens.
 
     Returns a list of rows, each a list of example indices. Deterministic for a given order.
@@ -158,7 +169,8 @@ def pack_examples(lengths, block_size, order):
     return rows
 
 
-def plan_epoch(lengths, batch_size, block_size, batching, seed, epoch):
+def plan_epoch(lengths: np.ndarray, batch_size: int, block_size: int, batching: str, seed: int,
+               epoch: int) -> list[list[list[int]]]:
     """The rows of every optimiser step of one epoch: a list of steps, each `batch_size` rows of example indices.
 
     Same seed and epoch give the same plan on every process, which is what lets ranks split a global batch
@@ -197,7 +209,8 @@ class StepRows:
     `max_steps` when given (it overrides `epochs`), else the steps of `epochs` epochs.
     """
 
-    def __init__(self, lengths, batch_size, block_size, batching, seed, epochs, max_steps=None):
+    def __init__(self, lengths: np.ndarray, batch_size: int, block_size: int, batching: str, seed: int, epochs: int,
+                 max_steps: int | None = None) -> None:
         self.lengths, self.batch_size, self.block_size = lengths, batch_size, block_size
         self.batching, self.seed = batching, seed
         self._counts, self._latest = {}, (None, None)
@@ -215,21 +228,21 @@ class StepRows:
         else:
             self.total_steps = sum(self.steps_in_epoch(epoch) for epoch in range(epochs))
 
-    def steps_in_epoch(self, epoch):
+    def steps_in_epoch(self, epoch: int) -> int:
         if self.batching != "packed":
             return len(self.lengths) // self.batch_size
         if epoch not in self._counts:
             self._counts[epoch] = len(self.epoch_plan(epoch))
         return self._counts[epoch]
 
-    def epoch_plan(self, epoch):
+    def epoch_plan(self, epoch: int) -> list[list[list[int]]]:
         """The rows of every step of `epoch` (see `plan_epoch`); the latest one is kept."""
         if self._latest[0] != epoch:
             self._latest = (epoch, plan_epoch(self.lengths, self.batch_size, self.block_size, self.batching,
                                               self.seed, epoch))
         return self._latest[1]
 
-    def epochs(self, start_step=0):
+    def epochs(self, start_step: int = 0) -> Iterator[tuple[int, list[list[list[int]]], int]]:
         """(epoch, its plan, its first step) for each epoch with steps in [start_step, total_steps)."""
         epoch = first = 0
         if self.batching != "packed":  # equal epochs: jump straight to the one holding start_step
@@ -243,21 +256,22 @@ class StepRows:
             epoch += 1
 
 
-def step_rows(lengths, data, training) -> StepRows:
+def step_rows(lengths: np.ndarray, data: DataConfig, training: TrainingConfig) -> StepRows:
     """The rows of every step of the run (epochs built lazily) and its `total_steps`, for the DataConfig and
     TrainingConfig sections of the run configuration (`max_steps` overrides `epochs`)."""
     return StepRows(lengths, training.batch_size, data.block_size, data.batching, training.seed, training.epochs,
                     training.max_steps)
 
 
-def rank_micro_batches(step_rows, rank, world_size, micro_batch_size):
+def rank_micro_batches(step_rows: list[list[int]], rank: int, world_size: int,
+                       micro_batch_size: int) -> list[list[list[int]]]:
     """This rank's share of one global batch, cut into micro-batches (lists of rows)."""
     per_rank = len(step_rows) // world_size
     mine = step_rows[rank * per_rank:(rank + 1) * per_rank]
     return [mine[i:i + micro_batch_size] for i in range(0, per_rank, micro_batch_size)]
 
 
-def collate_rows(table, rows, pad_id, pad_to=None):
+def collate_rows(table: TokenTable, rows: list[list[int]], pad_id: int, pad_to: int | None = None) -> dict:
     """Tensors for a micro-batch of rows; each row is a list of example indices laid end to end.
 
     Returns input_ids, labels, position_ids (restarting at 0 for every example, and for the padding tail) and
@@ -303,7 +317,8 @@ def collate_rows(table, rows, pad_id, pad_to=None):
 class StepDataset(torch.utils.data.Dataset):
     """Item s = this rank's micro-batches for optimiser step s of an epoch plan (built in loader workers)."""
 
-    def __init__(self, table, plan, rank, world_size, batch_format: BatchFormat):
+    def __init__(self, table: TokenTable, plan: list[list[list[int]]], rank: int, world_size: int,
+                 batch_format: BatchFormat) -> None:
         self.table, self.plan = table, plan
         self.rank, self.world_size, self.format = rank, world_size, batch_format
 
@@ -326,8 +341,9 @@ class StepDataset(torch.utils.data.Dataset):
         return micro_batches, step_info
 
 
-def make_step_loader(table, plan, rank, world_size, batch_format: BatchFormat, start_step=0, workers=1,
-                     pin_memory=False, stop_step=None):
+def make_step_loader(table: TokenTable, plan: list[list[list[int]]], rank: int, world_size: int,
+                     batch_format: BatchFormat, start_step: int = 0, workers: int = 1, pin_memory: bool = False,
+                     stop_step: int | None = None) -> torch.utils.data.DataLoader:
     """A DataLoader over steps `start_step` (for exact resume) to `stop_step` (default: all) of one epoch plan."""
     dataset = StepDataset(table, plan, rank, world_size, batch_format)
     steps = list(range(start_step, len(plan) if stop_step is None else min(stop_step, len(plan))))
@@ -342,7 +358,8 @@ def make_step_loader(table, plan, rank, world_size, batch_format: BatchFormat, s
     )
 
 
-def epoch_loaders(table, steps: StepRows, start_step, backend, batch_format: BatchFormat, workers=1):
+def epoch_loaders(table: TokenTable, steps: StepRows, start_step: int, backend: Backend, batch_format: BatchFormat,
+                  workers: int = 1) -> Iterator[tuple[int, torch.utils.data.DataLoader]]:
     """(epoch, loader) for each epoch that has steps in [start_step, total_steps); together the loaders yield
     exactly those steps, in order, so a resumed run continues where it stopped and a finished one trains nothing."""
     for epoch, plan, first in steps.epochs(start_step):
@@ -352,13 +369,13 @@ def epoch_loaders(table, steps: StepRows, start_step, backend, batch_format: Bat
                                       stop_step=steps.total_steps - first)
 
 
-def validation_rows(table, data, seed):
+def validation_rows(table: TokenTable | None, data: DataConfig, seed: int) -> list[list[int]]:
     """Rows of the validation split, packed (or not) like training rows (DataConfig `data`); computed once."""
     if table is None:
         return []
     return [row for rows in plan_epoch(table.lengths, 1, data.block_size, data.batching, seed, 0) for row in rows]
 
 
-def move_to(batch, device):
+def move_to(batch: dict, device: torch.device) -> dict:
     """Tensors of a micro-batch on `device` (non-blocking from pinned memory); plain ints stay as they are."""
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
