@@ -1,5 +1,5 @@
 """FSDP2 sharding: one unit per decoder layer plus the root. Training (`parallel.load_model`) and the memory
-simulation (`memory`) both call `shard_model`, so the plan simulates exactly the sharding that trains."""
+simulation (`memory_step`) both call `shard_model`, so the plan simulates exactly the sharding that trains."""
 import torch
 from torch.distributed.device_mesh import DeviceMesh
 
