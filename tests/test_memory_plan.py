@@ -67,6 +67,14 @@ def test_the_private_member_check_names_what_moved(monkeypatch):
         "MemTracker._track_module_params_and_buffers(module, renamed)", "MemTracker._update_peak_stats"]
 
 
+def test_the_memory_command_ends_a_bad_config_with_one_error_line(tmp_path):
+    result = run_script(PYTHON, "-m", "finetune.memory", "--config", str(tmp_path / "missing.json"))
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"error: cannot read the model config {str(tmp_path / 'missing.json')!r}: [Errno 2] No such file or "
+        f"directory: {str(tmp_path / 'missing.json')!r}"]
+
+
 def assert_close_peaks(simulated, real):
     assert abs(simulated - real) <= SIM_VS_REAL * real, (simulated, real, simulated / real - 1)
 
