@@ -9,7 +9,8 @@
     chunked_loss      the causal-LM loss a chunk of tokens at a time
     data              prepared datasets, packing, masks and labels, data loaders
     training          schedule, clipping, the non-finite guard, validation
-    checkpoints       resumable checkpoints (save, load, verify, RNG) and the Checkpointer; checksums their files'
+    checkpoints       resumable checkpoints (save, load, verify, RNG) and the Checkpointer the scripts use
+    checksums         the SHA-256 list of a checkpoint's files
     run_folder        the run folder: marker, lock, fresh start, metrics.jsonl, one-line write errors
     stop_signals      SIGTERM/SIGINT: checkpoint after the current step, then stop
     final_model       the final export, with the LoRA merge
