@@ -48,7 +48,7 @@ from finetune.run_folder import (check_save_dir, claim_run_dir, describe_error, 
 from finetune.stop_signals import StopRequest
 
 # ----------------------------------------------------------------------------------------------------------
-# Save and load
+# Every RNG state of a rank, as JSON
 # ----------------------------------------------------------------------------------------------------------
 
 def _hex(byte_tensor):
