@@ -12,7 +12,7 @@ each example's first token and on padding); segment ids 1, 2, ... are made from 
 
 Options, each a way of telling the model where the examples are:
   per_span       what both training scripts pass: position_ids and segment_spans=... (Baichuan's own keyword,
-                 Llama's "packed_sdpa"): one SDPA call per example span
+                 Llama's "packed_spans"): one SDPA call per example span
   sdpa           transformers' standard padding-free form: position_ids only (restarting), no mask, sdpa
   sdpa_segments  Baichuan only: attention_mask=segment_ids, sdpa
   eager          position_ids only, eager attention
@@ -44,7 +44,7 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import modeling_baichuan  # noqa: E402
 
-try:  # registers Llama's per-span function "packed_sdpa" (moving into the finetune package)
+try:  # registers Llama's per-span function "packed_spans" (moving into the finetune package)
     from finetune import packed_attention  # noqa: F401
 except ImportError:
     import packed_attention  # noqa: F401
@@ -124,7 +124,7 @@ def options_for(name, batch, with_flex):
     positions = {"position_ids": batch["position_ids"]}
     # what the training scripts pass
     per_span = {**positions, "segment_spans": batch["segment_spans"]}
-    options = {"per_span": ("packed_sdpa" if name == "llama" else "sdpa", per_span)}
+    options = {"per_span": ("packed_spans" if name == "llama" else "sdpa", per_span)}
     options["sdpa"] = ("sdpa", positions)
     if name != "llama":
         options["sdpa_segments"] = ("sdpa", {"attention_mask": batch["segment_ids"], **positions})
