@@ -142,8 +142,8 @@ def test_chunked_loss_gradients_equal_the_models_own_loss(family):
             assert torch.allclose(a.grad, b.grad, atol=1e-6, rtol=1e-4), name
 
 
-def lora_settings(base="unused", targets=("auto",)):
-    return LoraSettings(rank=4, alpha=8.0, dropout=0.0, targets=tuple(targets), quantize_4bit=False, base=base)
+def lora_settings(base="unused", targets=("auto",), rank=4):
+    return LoraSettings(rank=rank, alpha=8.0, dropout=0.0, targets=tuple(targets), quantize_4bit=False, base=base)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -243,12 +243,13 @@ def test_phi3_trains_with_lora_and_plans_its_exact_size_through_the_script(phi3_
     adapter = (phi3_folder / "out" / "adapter" / "adapter_config.json").read_text()
     assert "qkv_proj" in adapter and "gate_up_proj" in adapter
     result = run_script(PYTHON, str(REPO_ROOT / "train_llama2.py"), "--model-name-or-path", model_dir,
-                        "--plan-only", "--num-devices", "1", "--device-memory-gb", "80", "--lora")
+                        "--plan-only", "--num-devices", "1", "--device-memory-gb", "80", "--lora", "--block-size", "64",
+                        "--batch-size", "2")
     assert result.returncode == 0, result.stderr[-3000:]
     model = build(family_config("phi3"))
     lines = dict(line.strip().split(": ", 1) for line in result.stdout.splitlines() if ": " in line)
     assert int(lines["parameters"]) == sum(p.numel() for p in model.parameters())
-    adapters = lora.add_adapters(model, lora_settings())
+    adapters = lora.add_adapters(model, lora_settings(rank=16))  # the script's default rank
     assert int(lines["trainable_parameters"]) == lora.count_trainable(adapters)
 
 
