@@ -3,7 +3,8 @@ and metrics.jsonl.
 
 FLOPs count only useful work: 6 x (weights used in matmuls, read off the model) per real token, plus
 12 x layers x heads x head_dim per (query, key) pair that attention actually computes for real tokens
-(block-diagonal when packed). Padding counts for nothing. With LoRA a frozen weight gets no weight gradient: 4 x per token, and 6 x per adapter weight.
+(block-diagonal when packed). Padding counts for nothing. With LoRA a frozen weight gets no weight gradient:
+4 x per token, and 6 x per adapter weight.
 """
 import json
 import os
