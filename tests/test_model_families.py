@@ -257,3 +257,8 @@ def test_a_bad_target_next_to_auto_is_one_line(phi3_folder):
     result = run_script(PYTHON, str(REPO_ROOT / "train_llama2.py"), "--model-name-or-path",
                         str(phi3_folder / "model"), "--plan-only", "--lora", "--lora-target-modules", "auto,q_proj")
     assert "auto stands alone" in assert_one_line_error(result)
+
+
+def test_a_config_transformers_cannot_build_is_one_line_when_sizing():
+    with pytest.raises(FinetuneError, match="cannot build a 'no_such_family' causal LM from its config"):
+        model_size.meta_model(dict(model_type="no_such_family", hidden_size=32))
