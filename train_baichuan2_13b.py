@@ -35,8 +35,7 @@ from finetune.training import NonFiniteGuard, Validation, clip_grad_norm, set_se
 
 RECIPE = "baichuan2"
 DEFAULTS = dict(model="baichuan-inc/Baichuan2-13B-Base", dataset="./baichuan2_dataset",
-                save_dir="./baichuan2_13b_finetuned", epochs=1, batch_size=256, lr=1e-5, log_interval=10,
-                lora_target_modules="W_pack,o_proj,gate_proj,up_proj,down_proj")
+                save_dir="./baichuan2_13b_finetuned", epochs=1, batch_size=256, lr=1e-5, log_interval=10)
 DEMO_DEFAULTS = dict(save_dir="./baichuan2_demo_output", epochs=3, batch_size=4, lr=2e-3, log_interval=2,
                      eval_every=10)
 

@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
-import finetune.packed_attention  # noqa: F401  (registers the "packed_sdpa" attention)
+import finetune.packed_attention  # noqa: F401  (registers the "packed_spans" attention)
 import prepare_dataset
 from finetune import data, demo, enable_advanced_parallelization, parallel, plan
 from finetune.args import parse_run_config
@@ -33,8 +33,7 @@ from finetune.training import NonFiniteGuard, Validation, clip_grad_norm, set_se
 
 RECIPE = "llama2"
 DEFAULTS = dict(model="meta-llama/Llama-2-13b-hf", dataset="./llama2_dataset", save_dir="./llama2_13b_finetuned",
-                epochs=1, batch_size=256, lr=1e-5, log_interval=10,
-                lora_target_modules="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
+                epochs=1, batch_size=256, lr=1e-5, log_interval=10)
 # Five epochs of one row (about twelve short articles) per step: the tiny model first learns the highlights' fixed
 # wording, and only in the last epochs to copy each article's names and numbers into it (benchmarks/demo_rouge.py).
 DEMO_DEFAULTS = dict(save_dir="./llama2_demo_output", epochs=5, batch_size=1, lr=3e-3, log_interval=50, eval_every=100)
@@ -43,7 +42,7 @@ DEMO_DEFAULTS = dict(save_dir="./llama2_demo_output", epochs=5, batch_size=1, lr
 def forward(model, batch, num_items_in_batch):
     """The loss of one micro-batch: the sum of its token losses divided by `num_items_in_batch`.
 
-    Packed rows: each example attends only to itself (the "packed_sdpa" attention runs per example span) and
+    Packed rows: each example attends only to itself (the "packed_spans" attention runs per example span) and
     its rotary positions restart at 0, as if it were alone in the row.
     """
     outputs = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
@@ -79,7 +78,7 @@ def main(argv=None):
     layout = plan.choose_layout(config, backend)  # micro-batch, accumulation, checkpointing, CPU offload
 
     # ---- model and optimiser ------------------------------------------------------------------------------
-    model = parallel.load_model(backend, AutoModelForCausalLM, config.model, layout, attn_implementation="packed_sdpa",
+    model = parallel.load_model(backend, AutoModelForCausalLM, config.model, layout, attn_implementation="packed_spans",
                                 adapters=config.lora,  # --lora / --qlora: frozen base plus adapters
                                 compile_layers=config.parallel.compile)
     data.check_block_size(model.config, config.data.block_size)

@@ -4,16 +4,18 @@
     HF_HUB_OFFLINE=1 python benchmarks/bench_attention.py --quick     # smoke run, figures meaningless
 
 Models: demo-size (hidden 256, 4 layers, 4 heads, intermediate 688, vocabulary 4000, float32) Baichuan with
-ALiBi (13B-style), Baichuan with rotary positions (7B-style) and transformers' LlamaForCausalLM, all with the
-same weights for every option of one model. Micro-batch: --rows rows of --row-length tokens, each holding
+ALiBi (13B-style), Baichuan with rotary positions (7B-style), transformers' LlamaForCausalLM, Mistral and
+Gemma 2 (both with a 64-token sliding window, Gemma 2 also soft-capped), all with the same weights for every
+option of one model. Micro-batch: --rows rows of --row-length tokens, each holding
 about --examples-per-row examples of random lengths end to end plus a short padding tail, laid out the way
 the training collator does (positions restarting at 0 per example, the spans of the examples, labels -100 on
 each example's first token and on padding); segment ids 1, 2, ... are made from the spans here.
 
 Options, each a way of telling the model where the examples are:
   per_span       what both training scripts pass: position_ids and segment_spans=... (Baichuan's own keyword,
-                 Llama's "packed_sdpa"): one SDPA call per example span
+                 Llama's "packed_spans"): one SDPA call per example span
   sdpa           transformers' standard padding-free form: position_ids only (restarting), no mask, sdpa
+                 (not Gemma 2: SDPA has no soft-capping)
   sdpa_segments  Baichuan only: attention_mask=segment_ids, sdpa
   eager          position_ids only, eager attention
   flex           position_ids only, flex_attention (forward only: FlexAttention has no CPU backward)
@@ -40,16 +42,18 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import Gemma2Config, LlamaConfig, LlamaForCausalLM, MistralConfig  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
 
 import modeling_baichuan  # noqa: E402
 
-try:  # registers Llama's per-span function "packed_sdpa" (moving into the finetune package)
+try:  # registers Llama's per-span function "packed_spans" (moving into the finetune package)
     from finetune import packed_attention  # noqa: F401
 except ImportError:
     import packed_attention  # noqa: F401
 
-MODELS = ("baichuan_alibi", "baichuan_rope", "llama")
+MODELS = ("baichuan_alibi", "baichuan_rope", "llama", "mistral", "gemma2")
+WINDOW = 64  # mistral and gemma2: a sliding window shorter than most examples, so it binds
 SIZES = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4)
 VOCAB_SIZE = 4000
 
@@ -113,6 +117,14 @@ def build_model(name):
         config = LlamaConfig(vocab_size=VOCAB_SIZE, num_key_value_heads=SIZES["num_attention_heads"],
                              max_position_embeddings=4096, tie_word_embeddings=False, **SIZES)
         return LlamaForCausalLM(config)
+    if name == "mistral":
+        return AutoModelForCausalLM.from_config(MistralConfig(
+            vocab_size=VOCAB_SIZE, num_key_value_heads=SIZES["num_attention_heads"], max_position_embeddings=4096,
+            sliding_window=WINDOW, **SIZES))
+    if name == "gemma2":  # every other layer local, attention and final-logit soft-capping
+        return AutoModelForCausalLM.from_config(Gemma2Config(
+            vocab_size=VOCAB_SIZE, num_key_value_heads=SIZES["num_attention_heads"], max_position_embeddings=4096,
+            head_dim=SIZES["hidden_size"] // SIZES["num_attention_heads"], sliding_window=WINDOW, **SIZES))
     position = "alibi" if name == "baichuan_alibi" else "rope"
     config = modeling_baichuan.BaichuanConfig(vocab_size=VOCAB_SIZE, position_embedding=position, norm_head=True,
                                               model_max_length=4096, **SIZES)
@@ -124,9 +136,11 @@ def options_for(name, batch, with_flex):
     positions = {"position_ids": batch["position_ids"]}
     # what the training scripts pass
     per_span = {**positions, "segment_spans": batch["segment_spans"]}
-    options = {"per_span": ("packed_sdpa" if name == "llama" else "sdpa", per_span)}
-    options["sdpa"] = ("sdpa", positions)
-    if name != "llama":
+    baichuan = name.startswith("baichuan")
+    options = {"per_span": ("sdpa" if baichuan else "packed_spans", per_span)}
+    if name != "gemma2":  # transformers' SDPA has no soft-capping and refuses Gemma 2
+        options["sdpa"] = ("sdpa", positions)
+    if baichuan:
         options["sdpa_segments"] = ("sdpa", {"attention_mask": batch["segment_ids"], **positions})
     options["eager"] = ("eager", positions)
     if with_flex:

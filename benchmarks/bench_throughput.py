@@ -43,8 +43,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import finetune.data as fu  # noqa: E402
-from finetune import metrics  # noqa: E402
-import finetune.packed_attention  # noqa: F401,E402  (registers "packed_sdpa")
+from finetune import metrics, model_size  # noqa: E402
+import finetune.packed_attention  # noqa: F401,E402  (registers "packed_spans")
 import finetune.preparation as preparation  # noqa: E402
 import finetune.raw_data as raw_data  # noqa: E402
 import prepare_dataset  # noqa: E402
@@ -135,7 +135,7 @@ def load_fresh_model(model_path):
     from transformers import AutoModelForCausalLM
 
     backend = parallel.enable_advanced_parallelization("no")
-    model = parallel.load_model(backend, AutoModelForCausalLM, ModelConfig(model_path), attn_implementation="packed_sdpa")
+    model = parallel.load_model(backend, AutoModelForCausalLM, ModelConfig(model_path), attn_implementation="packed_spans")
     return backend, model
 
 
@@ -157,6 +157,7 @@ def run_our_loop(model_path, table, pad_id, batching, args):
     torch.manual_seed(0)
     backend, model = load_fresh_model(model_path)
     device = backend.device
+    matmul_weights = model_size.matmul_parameters(model)
     total = args.warmup_steps + args.steps
     micro_batch_size, _ = parallel.split_global_batch(args.batch_size, 1, None, device.type, args.block_size)
     pad_to = args.block_size if batching in ("packed", "block") else None
@@ -195,7 +196,7 @@ def run_our_loop(model_path, table, pad_id, batching, args):
             start = time.perf_counter()
         elif step > args.warmup_steps:
             tokens += info["step_tokens"]
-            flops += metrics.step_flops(model.config, info["step_tokens"], attended_pairs)
+            flops += metrics.step_flops(model.config, matmul_weights, info["step_tokens"], attended_pairs)
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "steps": args.steps, "tokens": tokens, "positions": positions, "flops": flops,
             "first_loss": losses[0], "last_loss": losses[-1]}

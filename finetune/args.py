@@ -106,8 +106,8 @@ def parse_training_args(description, defaults, demo_defaults, argv=None):
     lora.add_argument("--lora-dropout", type=float, help="dropout on the adapter input, 0 <= p < 1 (default 0: "
                                                          "runs on any number of processes then agree)")
     lora.add_argument("--lora-target-modules",
-                      help=f"comma-separated names of the decoder-block linear layers that get adapters (default "
-                           f"{defaults.get('lora_target_modules', 'every linear layer of the blocks')})")
+                      help="comma-separated names of the decoder-block linear layers that get adapters, or auto: "
+                           "every linear layer inside the model's decoder blocks, found from the model (default auto)")
     args = p.parse_args(argv)
 
     lr_given = args.lr is not None
@@ -122,7 +122,7 @@ def parse_training_args(description, defaults, demo_defaults, argv=None):
     if args.pad_to_block_size:
         args.batching = "block"
     check_numbers(args)
-    _check_lora_args(args, defaults, lr_given)
+    _check_lora_args(args, lr_given)
     return args
 
 
@@ -172,7 +172,7 @@ def check_numbers(args):
                             f"{args.batch_size // world_size} rows each process takes per step")
 
 
-def _check_lora_args(args, defaults, lr_given):
+def _check_lora_args(args, lr_given):
     """Fill the adapter defaults for --lora / --qlora; adapter flags without either are a mistake."""
     given = [f"--{name.replace('_', '-')}" for name in ("lora_rank", "lora_alpha", "lora_dropout",
                                                           "lora_target_modules") if getattr(args, name) is not None]
@@ -187,8 +187,7 @@ def _check_lora_args(args, defaults, lr_given):
     args.lora_alpha = 32.0 if args.lora_alpha is None else args.lora_alpha
     args.lora_dropout = 0.0 if args.lora_dropout is None else args.lora_dropout
     if args.lora_target_modules is None:
-        args.lora_target_modules = defaults.get("lora_target_modules", "q_proj,k_proj,v_proj,o_proj,gate_proj,"
-                                                                       "up_proj,down_proj")
+        args.lora_target_modules = "auto"  # found from the model when it loads
     if not 1 <= args.lora_rank <= MAX_LORA_RANK:
         raise FinetuneError(f"--lora-rank must be positive and at most {MAX_LORA_RANK} (got {args.lora_rank})")
     if not (args.lora_alpha > 0 and math.isfinite(args.lora_alpha)):
@@ -199,4 +198,6 @@ def _check_lora_args(args, defaults, lr_given):
     if not all(name.isidentifier() for name in names) or len(set(names)) != len(names):
         raise FinetuneError(f"--lora-target-modules must be distinct layer names separated by commas, like "
                             f"q_proj,v_proj (got {args.lora_target_modules!r})")
+    if "auto" in names and len(names) > 1:
+        raise FinetuneError(f"--lora-target-modules auto stands alone (got {args.lora_target_modules!r})")
     args.lora_target_modules = ",".join(names)

@@ -25,18 +25,25 @@ def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
     return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
 
 
+def capped_logits(logits, softcap=None):
+    """fp32 logits, soft-capped as softcap * tanh(logits / softcap) when the model does (Gemma 2's
+    final_logit_softcapping)."""
+    logits = logits.float()
+    return torch.tanh(logits / softcap) * softcap if softcap else logits
+
+
 class _ChunkedCrossEntropy(torch.autograd.Function):
     """Sum of token cross-entropies of (hidden @ weight.T) against targets, one chunk of rows at a time."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, scale, chunk_tokens):
+    def forward(ctx, hidden, weight, targets, scale, chunk_tokens, softcap):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_tokens):
-            logits = (hidden[start:start + chunk_tokens] @ weight.t()).float()
+            logits = capped_logits(hidden[start:start + chunk_tokens] @ weight.t(), softcap)
             total += F.cross_entropy(logits, targets[start:start + chunk_tokens], ignore_index=IGNORE_INDEX,
                                      reduction="sum")
         ctx.save_for_backward(hidden, weight, targets, scale)
-        ctx.chunk_tokens = chunk_tokens
+        ctx.chunk_tokens, ctx.softcap = chunk_tokens, softcap
         return total * scale
 
     @staticmethod
@@ -55,25 +62,30 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             # d(sum of cross-entropies)/d(logits) = softmax - one_hot(target), zero for ignored positions.
             # Masks by arithmetic, not boolean indexing: no host sync, and it runs on fake tensors.
             counted = (chunk_targets != IGNORE_INDEX).unsqueeze(1)
-            grad_logits = torch.softmax((rows @ weight.t()).float(), dim=-1)
+            logits = capped_logits(rows @ weight.t(), ctx.softcap)
+            grad_logits = torch.softmax(logits, dim=-1)
             grad_logits.scatter_add_(1, chunk_targets.clamp(min=0).unsqueeze(1), -counted.float())
+            if ctx.softcap:  # through softcap * tanh(z / softcap): times 1 - tanh^2
+                grad_logits *= 1 - (logits / ctx.softcap).square()
             grad_logits = (grad_logits * (counted * factor)).to(hidden.dtype)
             if grad_hidden is not None:
                 torch.matmul(grad_logits, weight, out=grad_hidden[start:start + ctx.chunk_tokens])
             if grad_weight is not None:
                 grad_weight.addmm_(grad_logits.t(), rows)
-        return grad_hidden, grad_weight, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None
 
 
 def chunked_causal_lm_loss(hidden_states: torch.Tensor, head_weight: torch.Tensor, labels: torch.Tensor,
                            num_items_in_batch: int | torch.Tensor | None = None,
-                           chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> torch.Tensor:
+                           chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+                           softcap: float | None = None) -> torch.Tensor:
     """Next-token cross-entropy of `hidden_states @ head_weight.T`, computed `chunk_tokens` tokens at a time.
 
     hidden_states: (batch, length, hidden) after the final norm; head_weight: (vocab, hidden), already
     row-normalised for Baichuan's NormHead; labels: (batch, length), -100 where no loss is taken. Position t
     predicts labels[t + 1]. The summed token losses are divided by `num_items_in_batch` (the target count of the
-    whole global batch) when given, otherwise by this batch's own target count. Under autocast the head runs in
+    whole global batch) when given, otherwise by this batch's own target count. `softcap`: the model's
+    final_logit_softcapping, applied to the logits before the cross-entropy. Under autocast the head runs in
     the autocast dtype and the cross-entropy in fp32, as in the models' own forward.
     """
     if chunk_tokens < 1:
@@ -92,7 +104,7 @@ def chunked_causal_lm_loss(hidden_states: torch.Tensor, head_weight: torch.Tenso
         head_weight = head_weight.to(hidden_states.dtype)
     hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
     with torch.autocast(device_type, enabled=False):
-        return _ChunkedCrossEntropy.apply(hidden, head_weight, targets, scale, chunk_tokens)
+        return _ChunkedCrossEntropy.apply(hidden, head_weight, targets, scale, chunk_tokens, softcap)
 
 
 def _head_weight(model):
@@ -117,6 +129,10 @@ def use_chunked_loss(model: torch.nn.Module, chunk_tokens: int = DEFAULT_CHUNK_T
 
     if getattr(model.config, "z_loss_weight", 0):
         raise ValueError("the chunked loss has no z-loss term; keep it off for models with z_loss_weight > 0")
+    for name in ("logit_scale", "logits_scaling"):  # Cohere, Granite: the head's logits are rescaled
+        if getattr(model.config, name, 1) not in (None, 1):
+            raise ValueError(f"the chunked loss does not apply {name}; keep it off (--chunked-loss off)")
+    softcap = getattr(model.config, "final_logit_softcapping", None)
     decoder = model.get_decoder()
     plain_forward = model.forward
 
@@ -125,7 +141,7 @@ def use_chunked_loss(model: torch.nn.Module, chunk_tokens: int = DEFAULT_CHUNK_T
             return plain_forward(input_ids=input_ids, logits_to_keep=logits_to_keep, **kwargs)
         outputs = decoder(input_ids=input_ids, **kwargs)
         loss = chunked_causal_lm_loss(outputs.last_hidden_state, _head_weight(model), labels, num_items_in_batch,
-                                      chunk_tokens)
+                                      chunk_tokens, softcap)
         return CausalLMOutputWithPast(loss=loss)  # training runs without a cache
 
     model.forward = forward

@@ -9,6 +9,7 @@ The final save writes `adapter/` (a peft adapter naming its base) and, in the sa
 merged into a copy of the base in the dtype the base trained in (bf16 for QLoRA: the merge goes into the
 unquantised base): an ordinary model folder that loads with AutoModelForCausalLM and no peft.
 """
+import dataclasses
 import logging
 import os
 import re
@@ -21,6 +22,7 @@ from finetune.errors import FinetuneError
 from finetune.sharding import decoder_layers
 
 ADAPTER_DIR = "adapter"
+AUTO_TARGETS = "auto"  # --lora-target-modules default: the model's own decoder linear layers
 # bitsandbytes (imported by peft) warns on every CPU start that an optional faster 4-bit kernel is missing;
 # its own fallback works, so the warning is only noise in the log.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
@@ -117,6 +119,12 @@ def decoder_linear_names(model):
                    for name, module in layer.named_modules() if isinstance(module, torch.nn.Linear)})
 
 
+def resolve_targets(model: torch.nn.Module, targets: tuple) -> tuple:
+    """The layer names adapters go on: `auto` is every linear layer inside the decoder blocks, found from the
+    model (Llama's seven projections, Phi-3's fused qkv_proj and gate_up_proj, Baichuan's W_pack)."""
+    return tuple(decoder_linear_names(model)) if tuple(targets) == (AUTO_TARGETS,) else tuple(targets)
+
+
 def add_adapters(model, settings):
     """Freeze `model` and wrap it in a peft model with LoRA adapters on `settings.targets` in every block.
 
@@ -126,6 +134,7 @@ def add_adapters(model, settings):
     from peft import LoraConfig, get_peft_model
 
     available = decoder_linear_names(model)
+    settings = dataclasses.replace(settings, targets=resolve_targets(model, settings.targets))
     missing = [name for name in settings.targets if name not in available]
     if missing:
         raise FinetuneError(f"--lora-target-modules names {missing}, not linear layers of this model's "
@@ -180,20 +189,13 @@ def save_adapter_and_merged(model, adapter_state, save_dir):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Sizes for the memory plan (no model loaded)
+# Sizes for the memory plan (from a meta-device copy of the model)
 # ----------------------------------------------------------------------------------------------------------
 
-def linear_shapes(cfg):
-    """(in, out) features of each decoder-block linear layer of the Llama and Baichuan families, by name."""
-    h, i = cfg["hidden_size"], cfg["intermediate_size"]
-    heads = cfg["num_attention_heads"]
-    kv = h // heads * (cfg.get("num_key_value_heads") or heads)
-    return {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h), "W_pack": (h, 3 * h),
-            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
-
-
-def adapter_parameters(cfg, rank, targets):
-    """Adapter parameters: rank x (in + out) per targeted layer, in every block. Names it does not know count
-    nothing (adapters are well under 1% of the memory; loading the model checks the names)."""
-    shapes = linear_shapes(cfg)
-    return cfg["num_hidden_layers"] * sum(rank * sum(shapes[t]) for t in targets if t in shapes)
+def adapter_parameters(model: torch.nn.Module, rank: int, targets) -> int:
+    """Adapter parameters: rank x (in + out) per targeted linear layer of every decoder block, read off the
+    model (a meta-device copy will do); `targets` may be `auto`."""
+    names = set(resolve_targets(model, targets))
+    return sum(rank * (module.in_features + module.out_features) for layer in decoder_layers(model)
+               for name, module in layer.named_modules()
+               if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in names)

@@ -68,7 +68,7 @@ def build_model(config_dict: dict, setup: dict) -> torch.nn.Module:
     """The model of `config_dict` on the meta device, with checkpointing, loss and adapters as `setup` says."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    import finetune.packed_attention  # noqa: F401  (registers "packed_sdpa", the Llama script's attention)
+    import finetune.packed_attention  # noqa: F401  (registers "packed_spans")
     import modeling_baichuan  # noqa: F401  (registers Baichuan with the Auto classes)
 
     fields = dict(config_dict)
@@ -76,7 +76,7 @@ def build_model(config_dict: dict, setup: dict) -> torch.nn.Module:
     if getattr(config, "max_position_embeddings", setup["block_size"]) < setup["block_size"]:
         raise ValueError(f"block size {setup['block_size']} exceeds the model's max_position_embeddings "
                          f"{config.max_position_embeddings}")
-    attention = {"attn_implementation": "packed_sdpa"} if config.model_type == "llama" else {}
+    attention = {"attn_implementation": "packed_spans"} if config.model_type != "baichuan" else {}
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, **attention)
     if setup["checkpointing"]:

@@ -1,9 +1,10 @@
 """Honest speed figures and the training log: model FLOPs per step, device peak, MFU, peak memory, the log line
 and metrics.jsonl.
 
-FLOPs count only useful work: 6 x (weights used in matmuls) per real token, plus 12 x layers x hidden per
-(query, key) pair that attention actually computes for real tokens (block-diagonal when packed). Padding
-counts for nothing. With LoRA a frozen weight gets no weight gradient: 4 x per token, and 6 x per adapter weight.
+FLOPs count only useful work: 6 x (weights used in matmuls, read off the model) per real token, plus
+12 x layers x heads x head_dim per (query, key) pair that attention actually computes for real tokens
+(block-diagonal when packed). Padding counts for nothing. With LoRA a frozen weight gets no weight gradient:
+4 x per token, and 6 x per adapter weight.
 """
 import json
 import os
@@ -15,6 +16,7 @@ from tqdm import tqdm
 
 from finetune import lora
 from finetune.run_folder import writing
+from finetune.model_size import attention_width, matmul_parameters
 
 # Dense peak TFLOP/s per GPU for bf16 (fp32 is taken as tf32 where the chip has it). Override with --peak-tflops.
 GPU_PEAK_TFLOPS = {
@@ -24,22 +26,14 @@ GPU_PEAK_TFLOPS = {
 }
 
 
-def matmul_parameters(config):
-    """Weights that take part in a matmul for every token: all linear layers and the output head."""
-    h, i = config.hidden_size, config.intermediate_size
-    heads = config.num_attention_heads
-    kv_dim = h // heads * (getattr(config, "num_key_value_heads", None) or heads)
-    per_layer = 2 * h * h + 2 * h * kv_dim + 3 * h * i
-    return config.num_hidden_layers * per_layer + config.vocab_size * h
-
-
-def step_flops(config, tokens, attended_pairs, adapter_parameters=None):
-    """Training FLOPs (forward + backward) for `tokens` real tokens and the attention pairs among them; with
-    `adapter_parameters` (LoRA) the base weights are frozen: forward and input gradient only."""
-    attention = 12 * config.num_hidden_layers * config.hidden_size * attended_pairs
+def step_flops(config, matmul_weights, tokens, attended_pairs, adapter_parameters=None):
+    """Training FLOPs (forward + backward) for `tokens` real tokens and the attention pairs among them.
+    `matmul_weights`: model_size.matmul_parameters of the model; with `adapter_parameters` (LoRA) the base
+    weights are frozen: forward and input gradient only."""
+    attention = 12 * config.num_hidden_layers * attention_width(config) * attended_pairs
     if adapter_parameters:
-        return (4 * matmul_parameters(config) + 6 * adapter_parameters) * tokens + attention
-    return 6 * matmul_parameters(config) * tokens + attention
+        return (4 * matmul_weights + 6 * adapter_parameters) * tokens + attention
+    return 6 * matmul_weights * tokens + attention
 
 
 def matmul_rate(m, k, n, seconds=0.5):
@@ -94,6 +88,7 @@ class MetricsLog:
         """`logging`: the LoggingConfig section (log interval, peak TFLOP/s for MFU)."""
         self.backend, self.config = backend, model.config
         self.adapter_parameters = lora.count_trainable(model) if lora.is_lora(model) else None
+        self.matmul_weights = matmul_parameters(model)
         self.log_interval, self.total_steps = logging.log_interval, total_steps
         # Only rank 0 writes MFU; on a CPU the peak is measured, and ranks measuring at once would slow each other.
         self.peak_flops, self.peak_source = (device_peak_flops(backend.device, logging.peak_tflops)
@@ -113,8 +108,8 @@ class MetricsLog:
         self.tokens += step_tokens
         self.last_step_tokens = step_tokens
         self.steps += 1
-        self.flops += step_flops(self.config, step_tokens, attended_pairs * self.backend.world_size,
-                                 self.adapter_parameters)
+        self.flops += step_flops(self.config, self.matmul_weights, step_tokens,
+                                 attended_pairs * self.backend.world_size, self.adapter_parameters)
 
     def due(self, step, epoch_end):
         return step % self.log_interval == 0 or step == self.total_steps or epoch_end

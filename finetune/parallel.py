@@ -30,7 +30,7 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
-from finetune import lora
+from finetune import lora, packed_attention
 from finetune.chunked_loss import use_chunked_loss
 from finetune.errors import FinetuneError, error_line
 from finetune.remote_code import refusing_remote_code
@@ -193,6 +193,8 @@ def load_model(backend, model_class, model, layout=None, attn_implementation=Non
         with refusing_remote_code(model_path):
             loaded = _load_and_place(backend, model_class, model_path, checkpointing, compile_layers,
                                      attn_implementation, model.trust_remote_code, adapters, cpu_offload)
+        if attn_implementation == packed_attention.ATTENTION_NAME:
+            packed_attention.check_model_routes_attention(loaded)
         if chunked:  # the loss a chunk of tokens at a time, inside the model's own forward (FSDP2 gathers)
             use_chunked_loss(loaded.get_base_model() if adapters else loaded)
         return loaded
@@ -281,11 +283,19 @@ def full_state_dict_on_rank0(model, backend, trainable_only=False):
     with `trainable_only`, just the parameters that train (LoRA adapters), gathered the same way."""
     if backend.engine != "fsdp2":
         keep = lora.trainable_names(model) if trainable_only else None
-        return {k: v.detach().cpu() for k, v in model.state_dict().items() if keep is None or k in keep}
+        return without_tied_copies(model, {k: v.detach().cpu() for k, v in model.state_dict().items()
+                                           if keep is None or k in keep})
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
-                                                                ignore_frozen_params=trainable_only))
+    return without_tied_copies(model, get_model_state_dict(model, options=StateDictOptions(
+        full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)))
+
+
+def without_tied_copies(model, state_dict: dict) -> dict:
+    """`state_dict` less the weights tied to another one (a tied output head is the embedding): save_pretrained
+    given separate tensors would write both, and the folder would then hold an extra `lm_head.weight`."""
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    return {name: tensor for name, tensor in state_dict.items() if not (name in tied and tied[name] in state_dict)}
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from finetune import lora, memory
+from finetune import lora, memory, model_size
 from finetune.errors import FinetuneError
 from finetune.parallel import probe_micro_batch, split_global_batch
 
@@ -42,13 +42,8 @@ HOST_MEMORY_GB_DEFAULT = 512  # a common 8-GPU server's host memory, for --plan-
 
 
 def count_parameters(cfg):
-    """Parameters of a Llama-style decoder from its shape (Baichuan's fused W_pack has the same count)."""
-    h, i, layers, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
-    heads = cfg["num_attention_heads"]
-    kv_dim = h // heads * (cfg.get("num_key_value_heads") or heads)
-    per_layer = 2 * h * h + 2 * h * kv_dim + 3 * h * i + 2 * h
-    head = 0 if cfg.get("tie_word_embeddings") else vocab * h
-    return vocab * h + layers * per_layer + h + head
+    """Parameters of the model of config dict `cfg`, counted on a meta-device copy (a tied weight once)."""
+    return model_size.parameter_count(model_size.meta_model(cfg))
 
 
 def model_shape(model_name_or_path, trust_remote_code=False):
@@ -125,7 +120,8 @@ def simulated_plan(config, model_shape_dict, world_size, device_memory_gb, host_
     choice."""
     adapters, parallel = config.lora, config.parallel
     lora_kwargs = (dict(r=adapters.rank, lora_alpha=adapters.alpha, lora_dropout=adapters.dropout,
-                        target_modules=list(adapters.targets)) if adapters else None)
+                        target_modules=list(lora.resolve_targets(model_size.meta_model(model_shape_dict),
+                                                                 adapters.targets))) if adapters else None)
     adapter = {"full": "none"}.get(training_kind(adapters), training_kind(adapters))
     try:
         return memory.plan_candidates(model_shape_dict, world_size, config.training.batch_size,
@@ -168,8 +164,9 @@ def plan_only(config, backend):
         raise FinetuneError("--qlora runs on one device; plan it with --num-devices 1, or use --lora")
     result = simulated_plan(config, shape, world, target.device_memory_gb, target.host_memory_gb)
     training = training_kind(adapters)
-    parameters = count_parameters(shape)
-    trainable = lora.adapter_parameters(shape, adapters.rank, adapters.targets) if adapters else parameters
+    model = model_size.meta_model(shape)
+    parameters = model_size.parameter_count(model)
+    trainable = lora.adapter_parameters(model, adapters.rank, adapters.targets) if adapters else parameters
     header = (f"{config.model.name_or_path}, {training} fine-tuning, {world} x {target.device_memory_gb:g} GB "
               f"devices, {target.host_memory_gb:g} GB host, global batch {config.training.batch_size} x "
               f"{config.data.block_size} tokens")

@@ -40,7 +40,7 @@ def tiny_model(kind, seed=0):
 
     torch.manual_seed(seed)
     if kind == "llama":
-        attention = "packed_sdpa" if packed_attention_available() else "sdpa"
+        attention = "packed_spans" if packed_attention_available() else "sdpa"
         config = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
         return AutoModelForCausalLM.from_config(config, attn_implementation=attention)

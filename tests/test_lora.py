@@ -8,7 +8,7 @@ import torch
 from conftest import PYTHON, REPO_ROOT, assert_one_line_error, run_script, torchrun
 from safetensors.torch import load_file
 
-from finetune import data, lora, parallel
+from finetune import data, lora, model_size, parallel
 from finetune.config import DataConfig, ModelConfig
 from finetune.errors import FinetuneError
 
@@ -84,11 +84,11 @@ def test_lora_flags_defaults_per_model_and_bad_values():
     args = parse(train_llama2, "--lora")
     assert (args.lora_rank, args.lora_alpha, args.lora_dropout, args.lr) == (16, 32.0, 0.0, 2e-4)
     assert parse(train_llama2, "--lora", "--lr", "1e-3").lr == 1e-3 and parse(train_llama2).lr == 1e-5
-    assert args.lora_target_modules == "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    assert args.lora_target_modules == "auto"  # the model's own decoder linear layers, found when it loads
     assert adapters(args).quantize_4bit is False
     args = parse(train_baichuan2_13b, "--qlora", "--lora-target-modules", "W_pack, o_proj", "--lora-rank", "8")
     assert args.lora and adapters(args).quantize_4bit and args.lora_target_modules == "W_pack,o_proj"
-    assert parse(train_baichuan2_13b, "--lora").lora_target_modules == "W_pack,o_proj,gate_proj,up_proj,down_proj"
+    assert parse(train_baichuan2_13b, "--lora").lora_target_modules == "auto"
     assert adapters(parse(train_llama2)) is None
 
     for argv, message in [(("--lora-rank", "8"), "--lora-rank needs --lora or --qlora"),
@@ -96,7 +96,8 @@ def test_lora_flags_defaults_per_model_and_bad_values():
                           (("--lora", "--lora-alpha", "nan"), "--lora-alpha must be a positive number"),
                           (("--qlora", "--lora-dropout", "1"), "--lora-dropout must be at least 0 and below 1"),
                           (("--lora", "--lora-target-modules", "q_proj,,v_proj"), "distinct layer names"),
-                          (("--lora", "--lora-target-modules", "q_proj,q_proj"), "distinct layer names")]:
+                          (("--lora", "--lora-target-modules", "q_proj,q_proj"), "distinct layer names"),
+                          (("--lora", "--lora-target-modules", "auto,q_proj"), "auto stands alone")]:
         with pytest.raises(FinetuneError, match=message):
             parse(train_llama2, *argv)
 
@@ -116,16 +117,17 @@ def test_unknown_target_module_and_qlora_under_torchrun_are_refused(tiny_run):
 def test_lora_flops_leave_out_weight_gradients_of_the_frozen_base(tiny_run):
     from transformers import AutoConfig
 
-    from finetune.metrics import matmul_parameters, step_flops
+    from finetune.metrics import step_flops
 
     config = AutoConfig.from_pretrained(tiny_run["llama"])
-    weights = matmul_parameters(config)
-    assert step_flops(config, 10, 0) == 6 * weights * 10
-    assert step_flops(config, 10, 0, adapter_parameters=7) == (4 * weights + 6 * 7) * 10
+    weights = 1000
+    assert step_flops(config, weights, 10, 0) == 6 * weights * 10
+    assert step_flops(config, weights, 10, 0, adapter_parameters=7) == (4 * weights + 6 * 7) * 10
 
 
 @pytest.mark.parametrize("kind, targets", [("llama", "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"),
-                                           ("baichuan", "W_pack,o_proj,gate_proj,up_proj,down_proj")])
+                                           ("baichuan", "W_pack,o_proj,gate_proj,up_proj,down_proj"),
+                                           ("baichuan", "auto"), ("llama", "q_proj,v_proj")])
 def test_planned_adapter_size_matches_peft(tiny_run, kind, targets):
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -135,7 +137,8 @@ def test_planned_adapter_size_matches_peft(tiny_run, kind, targets):
     with torch.device("meta"):
         model = lora.add_adapters(AutoModelForCausalLM.from_config(config),
                                   lora_settings(tiny_run, kind, targets.split(",")))
-    assert lora.count_trainable(model) == lora.adapter_parameters(config.to_dict(), 4, targets.split(","))
+    assert lora.count_trainable(model) == lora.adapter_parameters(model_size.meta_model(config.to_dict()), 4,
+                                                                  targets.split(","))
     assert lora.count_trainable(model) > 0
 
 

@@ -115,7 +115,7 @@ def _packed_vs_separate_losses(model, examples, packed_kwargs):
     return loss_packed.item(), summed / total
 
 
-@pytest.mark.parametrize("kind, attention", [("llama", "packed_sdpa"), ("llama", "sdpa"), ("baichuan", "spans"),
+@pytest.mark.parametrize("kind, attention", [("llama", "packed_spans"), ("llama", "sdpa"), ("baichuan", "spans"),
                                              ("baichuan", None)])
 def test_packed_row_loss_equals_token_weighted_loss_of_examples_run_one_by_one(tiny_run, kind, attention):
     from transformers import AutoModelForCausalLM
@@ -130,7 +130,7 @@ def test_packed_row_loss_equals_token_weighted_loss_of_examples_run_one_by_one(t
     for length in (13, 21, 9, 17):
         ids = [1] + rng.integers(3, 128, length - 2).tolist() + [2]
         examples.append((ids, [-100] * (length // 2) + ids[length // 2:]))
-    if attention == "packed_sdpa":  # what train_llama2.py does: attention within each example's span
+    if attention == "packed_spans":  # what train_llama2.py does: attention within each example's span
         kwargs = lambda b: {"position_ids": b["position_ids"], "segment_spans": b["segment_spans"]}  # noqa: E731
     elif kind == "llama":  # transformers' own route: a block-diagonal mask built from restarting positions
         kwargs = lambda b: {"position_ids": b["position_ids"]}  # noqa: E731
