@@ -25,7 +25,7 @@ def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
     return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
 
 
-def capped_logits(logits, softcap=None):
+def capped_logits(logits: torch.Tensor, softcap: float | None = None) -> torch.Tensor:
     """fp32 logits, soft-capped as softcap * tanh(logits / softcap) when the model does (Gemma 2's
     final_logit_softcapping)."""
     logits = logits.float()

@@ -2,9 +2,14 @@
 that take part in matmuls for FLOPs and MFU. Without weights (`--plan-only`) the model is built on the meta
 device from its config, so grouped-query attention, a head_dim that is not hidden_size / heads (Qwen3), fused
 projections (Phi-3, Baichuan) and tied embeddings all count as they are."""
+from typing import TYPE_CHECKING
+
 import torch
 
 from finetune.errors import FinetuneError
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 # Fields of a config.json that describe the files, not the model's shape.
 NOT_SHAPE = ("architectures", "auto_map", "torch_dtype", "dtype", "transformers_version", "quantization_config")
@@ -40,7 +45,7 @@ def matmul_parameters(model: torch.nn.Module) -> int:
                if isinstance(module, torch.nn.Linear) and ".lora_" not in f".{name}")
 
 
-def attention_width(config) -> int:
+def attention_width(config: "PretrainedConfig") -> int:
     """Query heads x head_dim: the width of the (query . key) and (probabilities . value) products."""
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
