@@ -165,9 +165,8 @@ def run(args):
 
 
 def main(argv=None):
-    args = parse_args(argv)
     try:
-        return run(args)
+        return run(parse_args(argv))
     except FinetuneError as problem:
         raise SystemExit(error_line(problem)) from None
     except KeyboardInterrupt:  # the output folder is already back as it was (see write_output)
