@@ -129,9 +129,9 @@ class MlflowTracker:
 
         previous = state.get("mlflow", {}) if start_step else {}
         uri = previous.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")
-        if not uri:  # the local file store; MLflow 3 asks for this opt-in, since its default is now a database
+        uri = uri or "file://" + os.path.abspath(os.path.join(save_dir, "mlruns"))
+        if uri.startswith("file:"):  # a local file store: MLflow 3 asks for this opt-in (its default is a database)
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-            uri = "file://" + os.path.abspath(os.path.join(save_dir, "mlruns"))
         self.client = MlflowClient(tracking_uri=uri)
         if previous.get("run_id"):
             self.run_id = previous["run_id"]
