@@ -38,8 +38,9 @@ def tracked_run(tmp_path_factory):
     after logging steps 3 and 4 but before saving them), and `--resume` redoes steps 3 and 4 from step 2."""
     root = tmp_path_factory.mktemp("tracked")
     out = root / "run"
+    # One thread: the tiny model gains nothing from more, and on a busy machine they only wait for each other.
     env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "TRACKIO_DIR": str(root / "trackio"),
-           "MLFLOW_TRACKING_URI": ""}
+           "MLFLOW_TRACKING_URI": "", "OMP_NUM_THREADS": "1"}
     os.environ["TRACKIO_DIR"] = env["TRACKIO_DIR"]  # this process reads trackio's store back
     first = run_script(PYTHON, str(TRAIN), *RUN_ARGS, "--save-model-dir", str(out), env=env, timeout=600)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
