@@ -78,8 +78,13 @@ def test_tensorboard_event_files_hold_each_step_once_after_the_resume(tracked_ru
         want = [(step, values[field]) for step, values in expected.items() if field in values]
         assert [s for s, _ in logged] == [s for s, _ in want], field
         assert [v for _, v in logged] == pytest.approx([v for _, v in want], rel=1e-6), field
-    # The run's settings as hyperparameters and as text, once.
-    assert "_hparams_/experiment" in events.Tags()["tensors"]
+    # The run's settings as hyperparameters (TensorBoard's HPARAMS data) and as text, once.
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    session = plugin_data_pb2.HParamsPluginData.FromString(
+        events.PluginTagToContent("hparams")["_hparams_/session_start_info"]).session_start_info
+    assert session.hparams["optimizer.lr"].number_value == pytest.approx(3e-3)
+    assert session.hparams["flags.report_to"].string_value == json.dumps(ALL.split(","))
     text = events.Tensors("run_config/text_summary")
     assert len(text) == 1 and b'"report_to"' in text[0].tensor_proto.string_val[0]
 
@@ -122,8 +127,9 @@ def test_wandb_offline_runs_continue_one_run_without_repeating_steps(tracked_run
             if kind == "history":
                 step = record.history.step.num
                 assert step not in history, f"step {step} logged twice"
-                history[step] = {item.key: json.loads(item.value_json) for item in record.history.item
-                                 if not item.key.startswith("_")}
+                items = {item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                         for item in record.history.item}
+                history[step] = {key: value for key, value in items.items() if not key.startswith("_")}
             elif kind == "run":
                 assert record.run.run_id == run_id
                 configs.append({item.key: json.loads(item.value_json) for item in record.run.config.update})
