@@ -181,6 +181,16 @@ TRACKERS = {"tensorboard": TensorBoardTracker, "wandb": WandbTracker, "mlflow": 
             "trackio": TrackioTracker}
 
 
+def start_tracker(name, save_dir, state, start_step, config):
+    """The tracker `name`, its run started or resumed; a library that refuses (no login, a bad tracking URI, an
+    unreachable server) gives one line, whatever it raised."""
+    try:
+        return TRACKERS[name](save_dir, state, start_step, config)
+    except Exception as exc:  # each library has its own exception types; the user needs its message only
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise FinetuneError(f"--report-to {name}: could not start the run: {first_line}") from None
+
+
 class Trackers:
     """The trackers of --report-to for one run (made on rank 0 only); `log(row)` sends one metrics.jsonl row."""
 
@@ -192,7 +202,7 @@ class Trackers:
         self.skip_through = self.state.get("logged_through", 0)
         with open(os.path.join(save_dir, RUN_CONFIG_FILE)) as f:
             config = json.load(f)
-        self.trackers = {name: TRACKERS[name](save_dir, self.state, start_step, config) for name in names}
+        self.trackers = {name: start_tracker(name, save_dir, self.state, start_step, config) for name in names}
         self._save_state(start_step)
 
     def _save_state(self, step):

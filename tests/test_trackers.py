@@ -262,6 +262,18 @@ def test_report_to_rejects_an_unknown_tracker_and_takes_none():
         parse_report_to("tensorboard,comet")
 
 
+def test_a_tracker_that_cannot_start_is_one_line(tmp_path, monkeypatch):
+    from finetune.errors import FinetuneError
+    from finetune.trackers import Trackers
+
+    (tmp_path / "run_config.json").write_text("{}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "nosuchscheme://host/path")
+    with pytest.raises(FinetuneError, match=r"^--report-to mlflow: could not start the run: .*nosuchscheme") as error:
+        Trackers(str(tmp_path), ("mlflow",), 0)
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "trackers.json").exists()
+
+
 def test_prepare_dataset_shows_progress_while_tokenising(tmp_path):
     result = run_script(PYTHON, str(REPO_ROOT / "prepare_dataset.py"), "llama2", "--demo", "--block-size", "256",
                         "--save-path", str(tmp_path / "data"))
