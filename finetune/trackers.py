@@ -17,6 +17,7 @@ import json
 import os
 import time
 
+from finetune.checkpoints import remove_path, writing
 from finetune.config import RUN_CONFIG_FILE
 from finetune.errors import FinetuneError
 
@@ -78,14 +79,12 @@ class TensorBoardTracker:
     def __init__(self, save_dir, state, start_step, config):
         from torch.utils.tensorboard import SummaryWriter
 
-        from finetune.checkpoints import remove_path
-
         log_dir = os.path.join(save_dir, TENSORBOARD_DIR)
         if not start_step:
             remove_path(log_dir)  # an earlier run's events in this folder (--overwrite)
         # Resumed: TensorBoard's readers drop the earlier events from this step on, as metrics.jsonl did.
         self.writer = SummaryWriter(log_dir, purge_step=start_step + 1 if start_step else None)
-        if not start_step:
+        if "tensorboard" not in state:  # a new log folder (a resumed one has the settings already)
             self._log_config(config)
         state["tensorboard"] = {"log_dir": log_dir}
 
@@ -207,7 +206,8 @@ class Trackers:
 
     def _save_state(self, step):
         self.state["logged_through"] = max(step, self.skip_through)
-        write_state(self.save_dir, self.state)
+        with writing(os.path.join(self.save_dir, STATE_FILE), self.save_dir):  # a full disk: one line
+            write_state(self.save_dir, self.state)
 
     def log(self, row: dict) -> None:
         step = row["step"]
