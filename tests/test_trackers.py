@@ -10,6 +10,7 @@ import os
 import shutil
 import struct
 import subprocess
+import sys
 
 import pytest
 
@@ -241,14 +242,23 @@ def test_progress_bar_shows_loss_speed_and_time_left(tracked_run):
 
 @pytest.mark.parametrize("name, package", [("wandb", "wandb"), ("mlflow", "mlflow-skinny"),
                                            ("tensorboard", "tensorboard"), ("trackio", "trackio")])
-def test_a_missing_tracker_library_is_one_line_before_any_work(tmp_path, name, package):
+def test_a_missing_tracker_library_names_its_package(monkeypatch, name, package):
+    from finetune.errors import FinetuneError
+    from finetune.trackers import parse_report_to
+
+    monkeypatch.setitem(sys.modules, name, None)  # `import name` now fails
+    with pytest.raises(FinetuneError) as error:
+        parse_report_to(f"tensorboard,{name}" if name != "tensorboard" else "wandb,tensorboard")
+    assert str(error.value) == f"--report-to {name} needs the {package} package: pip install {package}"
+
+
+def test_a_missing_tracker_library_is_one_line_before_any_work(tmp_path):
     out = tmp_path / "run"
-    blocked = (f"import sys, runpy; sys.modules[{name!r}] = None; "  # `import {name}` now fails
+    blocked = ("import sys, runpy; sys.modules['wandb'] = None; "  # `import wandb` now fails
                f"sys.argv = ['train_llama2.py', '--demo', '--save-model-dir', {str(out)!r}, '--report-to', "
-               f"'tensorboard,{name}']; runpy.run_path('train_llama2.py', run_name='__main__')")
-    result = run_script(PYTHON, "-c", blocked)
-    line = assert_one_line_error(result)
-    assert line == f"error: --report-to {name} needs the {package} package: pip install {package}"
+               f"'tensorboard,wandb']; runpy.run_path('train_llama2.py', run_name='__main__')")
+    line = assert_one_line_error(run_script(PYTHON, "-c", blocked))
+    assert line == "error: --report-to wandb needs the wandb package: pip install wandb"
     assert not out.exists()
 
 
