@@ -20,6 +20,8 @@ prepare_report.json with the numbers printed at the end.
 
 import argparse
 
+import datasets
+
 from finetune import demo
 from finetune.errors import FinetuneError, error_line
 from finetune.dataset_output import claim_save_path, write_output
@@ -153,6 +155,7 @@ def run(args):
     with claim_save_path(save_path) as target:
         tokenizer = load_tokenizer(model, args.trust_remote_code)
         raw = load_raw_dataset(dataset_name, config_name)
+        datasets.enable_progress_bars()  # loading stays quiet; tokenising shows its progress
         dataset, report = prepare(args.recipe, recipe, tokenizer, raw, block_size=args.block_size,
                                   train_on_prompt=args.train_on_prompt, seed=args.seed,
                                   validation_fraction=args.validation_fraction, max_examples=args.max_examples)

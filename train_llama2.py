@@ -96,7 +96,7 @@ def main(argv=None):
 
     save_dir = config.checkpoint.save_model_dir
     guard = NonFiniteGuard(config.training.skip_nonfinite, save_dir, backend)
-    metrics = MetricsLog(save_dir, backend, model, config.logging, total_steps)
+    metrics = MetricsLog(save_dir, backend, model, config.logging, total_steps, step)  # + --report-to trackers
     validation = Validation(eval_table, data.validation_rows(eval_table, config.data, config.training.seed),
                             forward, backend, batch_format, config.logging.eval_every)
 
@@ -131,8 +131,9 @@ def main(argv=None):
                 epoch_end = info["last_in_epoch"] or step == total_steps
                 if metrics.due(step, epoch_end) or validation.due(step, epoch_end):
                     val_loss = validation.loss(model) if validation.due(step, epoch_end) else None
-                    metrics.log(step, epoch, step_loss, grad_norm, scheduler.get_last_lr()[0], val_loss)
+                    metrics.log(step, epoch, step_loss, grad_norm, scheduler.get_last_lr()[0], val_loss, progress=bar)
                 if checkpoints.after_step(step, epoch):
+                    metrics.close()
                     backend.shutdown()  # stopped by a signal: the checkpoint is written, resume with --resume
                     return 0
 

@@ -7,6 +7,7 @@ import sys
 from finetune.config import RunConfig, from_flags
 from finetune.data import BATCHING_MODES
 from finetune.errors import FinetuneError
+from finetune.trackers import BACKENDS, parse_report_to
 
 LORA_LR = 2e-4  # the default --lr with --lora / --qlora
 # Upper bounds far past any real job, so a typo (an extra zero or ten) is one line at parse time rather than an
@@ -78,6 +79,9 @@ def parse_training_args(description, defaults, demo_defaults, argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
     p.add_argument("--num-workers", type=int, default=1, help="data-loader worker processes (default 1)")
     p.add_argument("--peak-tflops", type=float, help="device peak TFLOP/s for MFU (default: table for GPUs, measured on CPU)")
+    p.add_argument("--report-to", default="none",
+                   help=f"also send metrics.jsonl's rows and run_config.json to these trackers: "
+                        f"{', '.join(BACKENDS)} (comma-separated) or none (default none)")
     p.add_argument("--plan-only", action="store_true", help="print the parallel plan for --num-devices and exit "
                                                              "without loading weights")
     p.add_argument("--num-devices", type=int, help="devices for --plan-only (default: this job's world size)")
@@ -123,6 +127,7 @@ def parse_training_args(description, defaults, demo_defaults, argv=None):
         args.batching = "block"
     check_numbers(args)
     _check_lora_args(args, lr_given)
+    args.report_to = parse_report_to(args.report_to)  # a tracker that is not installed: one line, now
     return args
 
 

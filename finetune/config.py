@@ -10,6 +10,7 @@ import json
 import os
 from dataclasses import dataclass
 
+from finetune import provenance
 from finetune.lora import LoraSettings
 
 RUN_CONFIG_FILE = "run_config.json"
@@ -86,6 +87,7 @@ class LoggingConfig:
     log_interval: int = 10
     eval_every: int | None = None
     peak_tflops: float | None = None
+    report_to: tuple[str, ...] = ()   # --report-to: the trackers that get metrics.jsonl's rows too
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,7 @@ class RunConfig:
     logging: LoggingConfig
     lora: LoraSettings | None = None   # --lora / --qlora; None for full fine-tuning
     demo: bool = False
+    flags: dict | None = None          # every command-line flag after its default and --demo's, as parsed
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -132,15 +135,19 @@ def from_flags(args) -> RunConfig:
         plan_only=PlanOnlyConfig(args.plan_only, args.num_devices, args.device_memory_gb, args.host_memory_gb),
         checkpoint=CheckpointConfig(args.save_model_dir, args.save_every, args.keep_last, args.resume,
                                     args.resume_if_possible, args.overwrite),
-        logging=LoggingConfig(args.log_interval, args.eval_every, args.peak_tflops),
+        logging=LoggingConfig(args.log_interval, args.eval_every, args.peak_tflops, tuple(args.report_to)),
         lora=lora,
         demo=args.demo,
+        flags=dict(vars(args)),
     )
 
 
 def run_config_json(config: RunConfig, extra: dict | None = None) -> str:
-    """The text of run_config.json: the configuration, plus what the run decided (`extra`: the plan, ...)."""
-    return json.dumps({**config.to_dict(), **(extra or {})}, indent=2, sort_keys=True, default=str) + "\n"
+    """The text of run_config.json: the configuration, what the run decided (`extra`: the plan, the data set's
+    fingerprint), the library versions and the scripts' git commit."""
+    provenance_record = {"library_versions": provenance.library_versions(), "git": provenance.git_commit()}
+    return json.dumps({**config.to_dict(), **(extra or {}), **provenance_record}, indent=2, sort_keys=True,
+                      default=str) + "\n"
 
 
 def write_run_config(config: RunConfig, extra: dict | None = None) -> str:

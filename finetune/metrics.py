@@ -1,5 +1,5 @@
-"""Honest speed figures and the training log: model FLOPs per step, device peak, MFU, peak memory, the log line
-and metrics.jsonl.
+"""Honest speed figures and the training log: model FLOPs per step, device peak, MFU, peak memory, the log line,
+metrics.jsonl and, from it, the trackers of --report-to and training_curves.png.
 
 FLOPs count only useful work: 6 x (weights used in matmuls, read off the model) per real token, plus
 12 x layers x heads x head_dim per (query, key) pair that attention actually computes for real tokens
@@ -15,8 +15,10 @@ import torch
 from tqdm import tqdm
 
 from finetune import lora
-from finetune.run_folder import writing
 from finetune.model_size import attention_width, matmul_parameters
+from finetune.plot import write_training_curves
+from finetune.run_folder import writing
+from finetune.trackers import Trackers
 
 # Dense peak TFLOP/s per GPU for bf16 (fp32 is taken as tf32 where the chip has it). Override with --peak-tflops.
 GPU_PEAK_TFLOPS = {
@@ -82,10 +84,12 @@ def peak_memory_gib(device):
 
 
 class MetricsLog:
-    """The tutorial-shaped log line and one metrics.jsonl row per logged step (rank 0 writes; all ranks call)."""
+    """The tutorial-shaped log line and one metrics.jsonl row per logged step, sent on to the trackers (rank 0
+    writes; all ranks call)."""
 
-    def __init__(self, save_dir, backend, model, logging, total_steps):
-        """`logging`: the LoggingConfig section (log interval, peak TFLOP/s for MFU)."""
+    def __init__(self, save_dir, backend, model, logging, total_steps, start_step=0):
+        """`logging`: the LoggingConfig section (log interval, peak TFLOP/s for MFU, trackers); `start_step`: the
+        step a resumed run starts at (0: a fresh run)."""
         self.backend, self.config = backend, model.config
         self.adapter_parameters = lora.count_trainable(model) if lora.is_lora(model) else None
         self.matmul_weights = matmul_parameters(model)
@@ -94,10 +98,12 @@ class MetricsLog:
         self.peak_flops, self.peak_source = (device_peak_flops(backend.device, logging.peak_tflops)
                                              if backend.is_main else (None, None))
         self.save_dir, self.path = save_dir, os.path.join(save_dir, "metrics.jsonl")
-        self.file = None
+        self.file = self.trackers = None
         if backend.is_main:
             with writing(self.path, save_dir):  # unbuffered: a failed write leaves nothing to flush at exit
                 self.file = open(self.path, "ab", buffering=0)
+            if logging.report_to:
+                self.trackers = Trackers(save_dir, logging.report_to, start_step)
         self._start_interval()
 
     def _start_interval(self):
@@ -114,8 +120,9 @@ class MetricsLog:
     def due(self, step, epoch_end):
         return step % self.log_interval == 0 or step == self.total_steps or epoch_end
 
-    def log(self, step, epoch, step_loss, grad_norm, lr, val_loss=None):
-        """Write the row and the line for `step` (every rank calls this: the loss is summed across ranks)."""
+    def log(self, step, epoch, step_loss, grad_norm, lr, val_loss=None, progress=None):
+        """Write the row and the line for `step` (every rank calls this: the loss is summed across ranks), send
+        the row to the trackers and show its loss and speed on the `progress` bar."""
         loss = self.backend.all_reduce_sum(step_loss.clone()).item()
         elapsed = time.perf_counter() - self.started
         world_peak = self.peak_flops * self.backend.world_size if self.peak_flops else None
@@ -133,8 +140,17 @@ class MetricsLog:
                 line = memoryview((json.dumps(row) + "\n").encode())
                 while line:
                     line = line[self.file.write(line):]
+            if self.trackers:
+                self.trackers.log(row)
+            if progress is not None:
+                progress.set_postfix_str(f"loss {loss:.4f}, {row['tokens_per_sec']:.0f} tokens/s")
         self._start_interval()
 
     def close(self):
+        """End of the run (finished or stopped): close the trackers' runs and draw training_curves.png."""
         if self.file:
             self.file.close()
+            if self.trackers:
+                self.trackers.finish()
+            if os.path.getsize(self.path):
+                write_training_curves(self.save_dir)
