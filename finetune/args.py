@@ -6,6 +6,7 @@ import sys
 
 from finetune.config import RunConfig, from_flags
 from finetune.data import BATCHING_MODES
+from finetune.final_weights import SAVE_DTYPES
 
 LORA_LR = 2e-4  # the default --lr with --lora / --qlora
 # Upper bounds far past any real job, so a typo (an extra zero or ten) is one line at parse time rather than an
@@ -57,6 +58,9 @@ def parse_training_args(description, defaults, demo_defaults, argv=None):
                    help="like --resume, but start fresh when there is no checkpoint yet (for requeued jobs)")
     p.add_argument("--overwrite", action="store_true", help="start over in a --save-model-dir that holds an earlier "
                                                              "run's checkpoints (deletes only files this script wrote)")
+    p.add_argument("--save-dtype", choices=SAVE_DTYPES, default="compute",
+                   help="dtype of the final model: compute (bf16 after bf16 training, half the size) or fp32 "
+                        "(the master weights) (default compute)")
     p.add_argument("--batching", choices=BATCHING_MODES, default="packed",
                    help="packed: several examples per row, no attention across them (default); longest: one example "
                         "per row padded to the longest in its micro-batch; block: one per row padded to --block-size")

@@ -48,7 +48,7 @@ from safetensors import SafetensorError
 from torch.distributed.checkpoint.api import CheckpointException
 from tqdm import tqdm
 
-from finetune import lora, safe_checkpoint
+from finetune import final_weights, lora, safe_checkpoint
 from finetune.config import RUN_CONFIG_FILE, write_run_config
 from finetune.errors import FinetuneError
 
@@ -275,7 +275,8 @@ def _rng_state():
             "numpy": numpy_words.tolist(), "numpy_pos": int(numpy_pos),
             "numpy_gauss": [int(numpy_has_gauss), float(numpy_gauss)],
             "torch": _hex(torch.get_rng_state()),
-            "cuda": [_hex(state) for state in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else []}
+            # This process's own device only: a resume with fewer GPUs per node must still find its state.
+            "cuda": [_hex(torch.cuda.get_rng_state())] if torch.cuda.is_available() else []}
 
 
 def _set_rng_state(state):
@@ -284,7 +285,10 @@ def _set_rng_state(state):
                          *state["numpy_gauss"]))
     torch.set_rng_state(_byte_tensor(state["torch"]))
     if torch.cuda.is_available() and state["cuda"]:
-        torch.cuda.set_rng_state_all([_byte_tensor(text) for text in state["cuda"]])
+        # Earlier checkpoints hold every visible device's state: this device's is the one at its index.
+        saved = state["cuda"]
+        own = saved[torch.cuda.current_device()] if len(saved) > torch.cuda.current_device() else saved[0]
+        torch.cuda.set_rng_state(_byte_tensor(own))
 
 
 def rng_file(folder, rank):
@@ -763,7 +767,9 @@ def save_final_model(model, tokenizer, backend, save_dir, plan):
     from finetune.parallel import full_state_dict_on_rank0
 
     adapters = lora.is_lora(model)
-    state_dict = full_state_dict_on_rank0(model, backend, trainable_only=adapters)
+    dtype = getattr(torch, plan.get("saved_dtype", "float32"))  # the merged LoRA model keeps its base's dtype
+    state_dict = (full_state_dict_on_rank0(model, backend, trainable_only=True) if adapters
+                  else final_weights.gathered_state_dict(model, backend.is_main, dtype))
     problem = None
     if backend.is_main:
         staging = os.path.join(save_dir, FINAL_STAGING)
@@ -774,6 +780,7 @@ def save_final_model(model, tokenizer, backend, save_dir, plan):
                 _usual_file_modes(os.path.join(staging, lora.ADAPTER_DIR))
             else:
                 model.save_pretrained(staging, state_dict=state_dict, safe_serialization=True)
+                final_weights.record_saved_dtype(staging, dtype)
             tokenizer.save_pretrained(staging)
             with open(os.path.join(staging, "parallel_plan.json"), "w") as f:
                 json.dump(plan, f, indent=2)

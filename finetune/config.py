@@ -79,6 +79,7 @@ class CheckpointConfig:
     resume: bool = False
     resume_if_possible: bool = False
     overwrite: bool = False
+    save_dtype: str = "compute"   # compute (bf16 after bf16 training) | fp32 (the master weights)
 
 
 @dataclass(frozen=True)
@@ -131,7 +132,7 @@ def from_flags(args) -> RunConfig:
                                 args.cpu_offload, args.chunked_loss, args.compile),
         plan_only=PlanOnlyConfig(args.plan_only, args.num_devices, args.device_memory_gb, args.host_memory_gb),
         checkpoint=CheckpointConfig(args.save_model_dir, args.save_every, args.keep_last, args.resume,
-                                    args.resume_if_possible, args.overwrite),
+                                    args.resume_if_possible, args.overwrite, args.save_dtype),
         logging=LoggingConfig(args.log_interval, args.eval_every, args.peak_tflops),
         lora=lora,
         demo=args.demo,

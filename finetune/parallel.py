@@ -47,6 +47,7 @@ class Backend:
     world_size: int = 1
     mixed_precision: str = "no"  # "bf16" or "no"
     control_group: object = None  # a gloo group for small host-side agreements (stop flags)
+    download_group: object = None  # a gloo group with a long timeout: the others wait there while rank 0 downloads
 
     @property
     def is_main(self):
@@ -87,8 +88,13 @@ class Backend:
         if self.distributed:
             dist.barrier(group=self.control_group)
 
+    def wait_for_download(self):
+        """Every rank waits here (gloo, hours of timeout) until rank 0 has fetched the weights."""
+        if self.distributed:
+            dist.barrier(group=self.download_group or self.control_group)
+
     def shutdown(self):
-        self.control_group = None  # a held reference would keep the group alive past destroy_process_group
+        self.control_group = self.download_group = None  # a held reference would keep the group alive past destroy_process_group
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 
@@ -148,11 +154,22 @@ def enable_advanced_parallelization(mixed_precision="auto", timeout_minutes=30):
         device = torch.device("cpu")
     # A bounded timeout turns a peer that died mid-collective into an error here instead of a hang.
     timeout = datetime.timedelta(minutes=timeout_minutes)
-    dist.init_process_group("nccl" if has_cuda else "gloo", timeout=timeout,
-                            device_id=device if has_cuda else None)
+    dist.init_process_group(process_group_backend(has_cuda), timeout=timeout, device_id=device if has_cuda else None)
     control = dist.new_group(backend="gloo", timeout=timeout) if has_cuda else dist.group.WORLD
+    # Waiting for rank 0 to download the weights may take hours; only this gloo group waits that long.
+    download = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=DOWNLOAD_TIMEOUT_HOURS))
     return Backend(engine="fsdp2", device=device, rank=rank, local_rank=local_rank, world_size=world_size,
-                   mixed_precision=mixed_precision, control_group=control)
+                   mixed_precision=mixed_precision, control_group=control, download_group=download)
+
+
+DOWNLOAD_TIMEOUT_HOURS = 24
+
+
+def process_group_backend(has_cuda: bool) -> str:
+    """The default group's backends: NCCL for GPU tensors and gloo beside it for CPU tensors. CPU offload keeps
+    gradients on the host, so clipping reduces their norms there; an NCCL-only group refuses that ("No backend
+    type associated with device type cpu")."""
+    return "cuda:nccl,cpu:gloo" if has_cuda else "gloo"
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import torch
 
 from finetune import lora, memory
 from finetune.errors import FinetuneError, error_line
+from finetune.final_weights import saved_dtype
 from finetune.parallel import probe_micro_batch, split_global_batch
 
 # Shapes of the models this collection targets, so `--plan-only` works offline and without downloading.
@@ -259,6 +260,7 @@ def describe_parallel_plan(model, backend, config, layout: Layout) -> dict:
             **dataclasses.asdict(layout),
             "dtype": "bf16 compute, fp32 master weights and reduction" if backend.mixed_precision == "bf16"
             else "fp32",
+            "saved_dtype": str(saved_dtype(config.checkpoint.save_dtype, backend.mixed_precision))[len("torch."):],
             "training": "lora" if adapters else "full",
             "trainable_parameters": lora.count_trainable(model) if adapters else parameters}
     if backend.is_main:
