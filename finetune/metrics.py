@@ -81,10 +81,22 @@ def device_peak_flops(device, override_tflops=None):
 
 
 def peak_memory_gib(device):
-    """Peak memory so far: allocated GPU memory, or the process's resident set on CPU."""
+    """Peak memory since the last reset: allocated GPU memory, or the process's resident set on CPU (never reset)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux reports KiB
+
+
+def peak_reserved_gib(device):
+    """Peak memory the caching allocator held from the GPU since the last reset (what another process could not
+    use, fragmentation included); None on a CPU."""
+    return torch.cuda.max_memory_reserved(device) / 2 ** 30 if device.type == "cuda" else None
+
+
+def reset_peak_memory(device):
+    """Start the peaks afresh: loading (rank 0 held the whole model) and the probe are not training."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 class MetricsLog:
@@ -103,6 +115,7 @@ class MetricsLog:
         if backend.is_main:
             with writing(self.path, save_dir):  # unbuffered: a failed write leaves nothing to flush at exit
                 self.file = open(self.path, "ab", buffering=0)
+        reset_peak_memory(backend.device)  # created after loading and probing, just before the first step
         self._start_interval()
 
     def _start_interval(self):
@@ -127,7 +140,8 @@ class MetricsLog:
         row = {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "tokens": self.last_step_tokens,
                "step_time": elapsed / self.steps, "tokens_per_sec": self.tokens / elapsed,
                "grad_norm": float(grad_norm), "mfu": self.flops / elapsed / world_peak if world_peak else None,
-               "peak_memory_gib": peak_memory_gib(self.backend.device)}
+               "peak_memory_gib": peak_memory_gib(self.backend.device),
+               "peak_reserved_gib": peak_reserved_gib(self.backend.device)}
         if val_loss is not None:
             row["val_loss"] = val_loss
         if self.file:

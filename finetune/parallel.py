@@ -265,6 +265,8 @@ def _load_and_place(backend, model_class, model_path, gradient_checkpointing, co
         for module in model.modules():
             for name, buffer in module.named_buffers(recurse=False):
                 module._buffers[name] = buffer.to(backend.device)
+    # Rank 0 may still be downloading the weights: the first NCCL collective (below) would time out meanwhile.
+    backend.wait_for_download()
     set_model_state_dict(model, full_state,
                          options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     del full_state
@@ -320,41 +322,3 @@ def optimizer_state_bytes(model):
     parameter is a DTensor whose numel() is the whole tensor's; this process holds only its local shard."""
     return 8 * sum((p.to_local() if hasattr(p, "to_local") else p).numel()
                    for p in model.parameters() if p.requires_grad)
-
-
-def probe_micro_batch(model, backend, micro_batch_size, per_rank, block_size, cpu_offload=False):
-    """On a GPU: run a real forward+backward at full width and halve the micro-batch until it fits.
-
-    Device memory for the optimiser state (allocated only at the first step; on the host with CPU offload) is
-    held aside while probing. Every rank probes the same synthetic rows, so all of them run out of memory at the
-    same point and agree on the size.
-    """
-    reserve = torch.empty(0 if cpu_offload else optimizer_state_bytes(model), dtype=torch.uint8,
-                          device=backend.device)
-    generator = torch.Generator(device=backend.device).manual_seed(0)
-    micro = micro_batch_size
-    while True:
-        try:
-            ids = torch.randint(model.config.vocab_size, (micro, block_size), device=backend.device,
-                                generator=generator)
-            with backend.autocast():
-                model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
-            fits = True
-        except torch.OutOfMemoryError:
-            fits = False
-        model.zero_grad(set_to_none=True)
-        torch.cuda.empty_cache()
-        if backend.distributed:
-            flag = torch.tensor([0 if fits else 1], device=backend.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            fits = flag.item() == 0
-        if fits or micro == 1:
-            break
-        micro //= 2
-        while per_rank % micro:
-            micro -= 1
-    del reserve
-    if not fits:
-        raise SystemExit(f"error: one row of {block_size} tokens does not fit in GPU memory; use "
-                         f"--activation-checkpointing on, a smaller --block-size, or more GPUs")
-    return micro

@@ -17,7 +17,8 @@ import torch
 from finetune import lora, memory
 from finetune.errors import FinetuneError, error_line
 from finetune.final_weights import saved_dtype
-from finetune.parallel import probe_micro_batch, split_global_batch
+from finetune.parallel import optimizer_state_bytes, split_global_batch
+from finetune.probe import probe_micro_batch
 
 # Shapes of the models this collection targets, so `--plan-only` works offline and without downloading.
 KNOWN_CONFIGS = {
@@ -234,14 +235,15 @@ def choose_layout(config, backend) -> Layout:
     return layout
 
 
-def confirm_on_device(model, backend, config, layout: Layout) -> Layout:
-    """The final layout. On GPUs, unless --micro-batch-size is given: run real steps, halving the planned
-    micro-batch until one fits (the simulation counts tensors, not the allocator's fragmentation)."""
+def confirm_on_device(model, backend, config, layout: Layout, forward) -> Layout:
+    """The final layout. On GPUs, unless --micro-batch-size is given: measure real training steps (`forward`, the
+    script's) and take the largest micro-batch up to the planned one that fits (the simulation counts tensors, not
+    the allocator's fragmentation)."""
     if backend.device.type != "cuda" or config.parallel.micro_batch_size is not None:
         return layout
     per_rank = config.training.batch_size // backend.world_size
-    micro = probe_micro_batch(model, backend, layout.micro_batch_size, per_rank, config.data.block_size,
-                              cpu_offload=layout.cpu_offload)
+    micro = probe_micro_batch(model, backend, layout.micro_batch_size, per_rank, config.data.block_size, forward,
+                              optimizer_bytes=0 if layout.cpu_offload else optimizer_state_bytes(model))
     if micro == layout.micro_batch_size:
         return layout
     # the simulated figure was for the planned micro-batch

@@ -1,0 +1,314 @@
+"""The CUDA-only paths, reproduced on the CPU where their mechanism can be: a process group without a CPU
+backend, a rank that runs out of memory in the probe, the rank's own RNG, the saved dtype, the peak reset, the
+download barrier. What only a GPU can confirm is checked by benchmarks/gpu_smoke.py."""
+import json
+import textwrap
+import types
+
+import pytest
+import torch
+from conftest import PYTHON, REPO_ROOT, run_script, torchrun
+from safetensors.torch import load_file
+
+TRAIN = {"llama": REPO_ROOT / "train_llama2.py", "baichuan": REPO_ROOT / "train_baichuan2_13b.py"}
+COMMON = ["--block-size", "128", "--batch-size", "8", "--max-steps", "2", "--lr", "1e-2", "--log-interval", "1",
+          "--seed", "0", "--num-workers", "0"]
+
+
+def _worker(tmp_path, name, body):
+    path = tmp_path / name
+    path.write_text(f"import sys\nsys.path.insert(0, {str(REPO_ROOT)!r})\n" + textwrap.dedent(body))
+    return path
+
+
+# ---- 1: the default group has a CPU backend beside NCCL -----------------------------------------------------
+
+OFFLOAD_CLIP = """
+    import torch, torch.distributed as dist
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from finetune.parallel import process_group_backend
+    from finetune.sharding import shard_model
+    from finetune.training import clip_grad_norm
+    # NCCL needs GPUs: gloo stands in for it as the "cuda" backend, which CPU tensors never reach.
+    backend = process_group_backend(True).replace("nccl", "gloo") if sys.argv[1] == "ours" else sys.argv[1]
+    dist.init_process_group(backend)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2))
+    shard_model(model, cpu_offload=True)
+    ids = torch.randint(64, (1, 8))
+    model(input_ids=ids, labels=ids).loss.backward()
+    sys.stdout.write(f"norm={float(clip_grad_norm(model, 1.0))}\\n")  # one write: the ranks' lines do not interleave
+    sys.stdout.flush()
+    dist.destroy_process_group()
+"""
+
+
+def test_offloaded_gradients_clip_with_the_process_group_backends(tmp_path):
+    worker = _worker(tmp_path, "clip.py", OFFLOAD_CLIP)
+    ours = torchrun(2, worker, "ours", timeout=180)
+    assert ours.returncode == 0, ours.stderr[-3000:]
+    assert ours.stdout.count("norm=") == 2
+    # The mechanism of the crash: a group whose only backend serves the accelerator cannot reduce host tensors
+    # (here the CPU mesh fails already in the forward; on GPUs the shards travel on the device and the clip fails).
+    accelerator_only = torchrun(2, worker, "cuda:gloo", timeout=180)
+    assert accelerator_only.returncode != 0
+    assert "No backend type associated with device type cpu" in accelerator_only.stderr
+
+
+# ---- 7: each rank saves and restores its own device's RNG ---------------------------------------------------
+
+class FakeCudaRng:
+    """torch.cuda's RNG calls for a process bound to device `current` of a node with several GPUs."""
+
+    def __init__(self, current):
+        self.current, self.set_calls = current, []
+
+    def install(self, monkeypatch):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: self.current)
+        monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": torch.tensor([self.current, 7],
+                                                                                             dtype=torch.uint8))
+        monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": self.set_calls.append(
+            state.tolist()))
+
+        def every_device(*args):
+            raise AssertionError("the states of every visible device were asked for")
+        monkeypatch.setattr(torch.cuda, "get_rng_state_all", every_device)
+        monkeypatch.setattr(torch.cuda, "set_rng_state_all", every_device)
+
+
+def test_rng_state_holds_the_current_device_only(monkeypatch):
+    from finetune import checkpoints
+
+    fake = FakeCudaRng(current=5)  # local rank 5 of an 8-GPU node
+    fake.install(monkeypatch)
+    state = json.loads(json.dumps(checkpoints._rng_state()))
+    assert state["cuda"] == [bytes([5, 7]).hex()]
+    # Resumed on a 2-GPU node as local rank 1: its state is restored, no IndexError.
+    fake.current = 1
+    checkpoints._set_rng_state(state)
+    assert fake.set_calls == [[5, 7]]
+
+
+def test_rng_state_of_an_earlier_checkpoint_with_every_device(monkeypatch):
+    from finetune import checkpoints
+
+    fake = FakeCudaRng(current=2)
+    fake.install(monkeypatch)
+    state = json.loads(json.dumps(checkpoints._rng_state()))
+    state["cuda"] = [bytes([index, 9]).hex() for index in range(4)]  # written by a version saving all four
+    checkpoints._set_rng_state(state)
+    assert fake.set_calls == [[2, 9]]
+
+
+# ---- 5: the final model in the compute dtype; inference in bf16 on GPUs --------------------------------------
+
+def test_saved_dtype_follows_the_compute_dtype():
+    from finetune.final_weights import saved_dtype
+
+    assert saved_dtype("compute", "bf16") == torch.bfloat16
+    assert saved_dtype("compute", "no") == torch.float32
+    assert saved_dtype("fp32", "bf16") == torch.float32
+    with pytest.raises(ValueError):
+        saved_dtype("fp16", "bf16")
+
+
+def _weights(folder):
+    return load_file(f"{folder}/model.safetensors"), json.loads((folder / "config.json").read_text())
+
+
+def test_bf16_training_saves_bf16_unless_fp32_is_asked(tiny_run, tmp_path):
+    """Two processes with CPU offload (shards gathered from the host) save bf16; one process with
+    --save-dtype fp32 saves the fp32 master weights of the same run."""
+    common = ["--model-name-or-path", tiny_run["llama"], "--dataset-name-or-path", tiny_run["data"], *COMMON,
+              "--mixed-precision", "bf16"]
+    compute = torchrun(2, TRAIN["llama"], *common, "--save-model-dir", str(tmp_path / "bf16"), "--cpu-offload", "on",
+                       timeout=400)
+    assert compute.returncode == 0, compute.stderr[-3000:]
+    fp32 = run_script(PYTHON, str(TRAIN["llama"]), *common, "--save-model-dir", str(tmp_path / "fp32"),
+                      "--save-dtype", "fp32")
+    assert fp32.returncode == 0, fp32.stderr[-3000:]
+    (half, half_config), (full, full_config) = _weights(tmp_path / "bf16"), _weights(tmp_path / "fp32")
+    assert {t.dtype for t in half.values()} == {torch.bfloat16} and half_config["dtype"] == "bfloat16"
+    assert {t.dtype for t in full.values()} == {torch.float32} and full_config["dtype"] == "float32"
+    assert json.loads((tmp_path / "bf16" / "parallel_plan.json").read_text())["saved_dtype"] == "bfloat16"
+    for name in full:  # the same training (bf16 compute either way), saved at two precisions
+        torch.testing.assert_close(half[name].float(), full[name], atol=2e-2, rtol=2e-2)
+
+
+def test_inference_loads_bf16_on_a_gpu_and_fp32_on_a_cpu(tiny_run, monkeypatch):
+    import inference
+
+    _, model = inference.load_model(tiny_run["llama"])
+    assert model.dtype == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    _, model = inference.load_model(tiny_run["llama"])
+    assert model.dtype == torch.bfloat16
+
+
+# ---- 8: peaks start at the first step; reserved memory is reported -------------------------------------------
+
+def test_metrics_reset_the_peak_and_report_reserved_memory(monkeypatch, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from finetune import metrics
+
+    resets = []
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: resets.append(device))
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: 3 * 2 ** 30)
+    gpu = torch.device("cuda", 0)
+    backend = types.SimpleNamespace(device=gpu, is_main=False, world_size=1)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2))
+    logging = types.SimpleNamespace(log_interval=1, peak_tflops=None)
+    metrics.MetricsLog(str(tmp_path), backend, model, logging, total_steps=1)
+    assert resets == [gpu]
+    assert metrics.peak_reserved_gib(gpu) == 3.0
+    assert metrics.peak_reserved_gib(torch.device("cpu")) is None
+
+
+# ---- 4: the probe measures the training step, leaves nothing behind and cannot desync ranks ------------------
+
+class FakeMemory:
+    """Allocator figures of a device of `total` bytes whose step peak is `fixed + per_row x rows`."""
+
+    def __init__(self, total, fixed, per_row):
+        self.total_bytes, self.fixed, self.per_row = total, fixed, per_row
+        self.rows, self.resets = 0, 0
+
+    def total(self):
+        return self.total_bytes
+
+    def reset_peak(self):
+        self.resets += 1
+
+    def allocated(self):  # between steps: the weights (and the optimiser reserve), a little below the fixed part
+        return self.fixed - 5
+
+    def peak(self):
+        return self.fixed + self.per_row * self.rows
+
+
+def _probe_model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import finetune.packed_attention  # noqa: F401
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, attention_dropout=0.5, max_position_embeddings=64)
+    names = [name for name in ("packed_attention", "packed_sdpa") if name in _registered_attention()]
+    return LlamaForCausalLM._from_config(config, attn_implementation=names[0]).train()
+
+
+def _registered_attention():
+    from transformers import AttentionInterface
+
+    return set(AttentionInterface._global_mapping)
+
+
+def _training_forward(memory, seen):
+    def forward(model, batch, num_items_in_batch):
+        memory.rows = batch["input_ids"].shape[0]
+        seen.append(batch)
+        return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                     segment_spans=batch["segment_spans"], labels=batch["labels"],
+                     num_items_in_batch=num_items_in_batch, use_cache=False).loss
+    return forward
+
+
+def test_probe_takes_the_largest_fitting_micro_batch_and_leaves_no_state():
+    from finetune.probe import probe_micro_batch
+
+    model = _probe_model()
+    backend = types.SimpleNamespace(device=torch.device("cpu"), autocast=lambda: torch.autocast("cpu", enabled=False),
+                                    all_gather=lambda value: [value])
+    memory, seen = FakeMemory(total=100, fixed=30, per_row=12), []
+    rng_before = torch.get_rng_state()
+    # 0.9 x 100 = 90 bytes hold 30 + 12 x 5; 5 does not divide 16 rows, 4 does.
+    chosen = probe_micro_batch(model, backend, 8, 16, 32, _training_forward(memory, seen), memory=memory)
+    assert chosen == 4
+    assert torch.equal(torch.get_rng_state(), rng_before)  # dropout ran, yet the training draws are unchanged
+    assert all(p.grad is None for p in model.parameters())
+    assert memory.resets >= 3
+    # The training step: packed rows (several spans a row), two micro-batches accumulated, at 1 and 2 rows.
+    assert [b["input_ids"].shape[0] for b in seen[-4:]] == [1, 1, 2, 2]
+    assert all(len(spans) > 1 for b in seen for spans in b["segment_spans"])
+    # Never above the plan's micro-batch, and one row where two would not fit.
+    assert probe_micro_batch(model, backend, 2, 16, 32, _training_forward(memory, []), memory=memory) == 2
+    tight = FakeMemory(total=100, fixed=50, per_row=30)
+    assert probe_micro_batch(model, backend, 8, 16, 32, _training_forward(tight, []), memory=tight) == 1
+
+
+PROBE_RANKS = """
+    import torch
+    from finetune.parallel import enable_advanced_parallelization, errors_from_rank0
+    from finetune.probe import probe_micro_batch
+    sys.path.insert(0, {tests!r})
+    from test_gpu_readiness import FakeMemory, _probe_model, _training_forward
+
+    @errors_from_rank0
+    def main():
+        backend = enable_advanced_parallelization("no")
+        from finetune.sharding import shard_model
+        model = _probe_model()
+        shard_model(model)
+        # Rank 1's device is smaller; with "oom", it runs out of memory in its first forward.
+        memory = FakeMemory(total=100 if backend.rank == 0 else 70, fixed=30, per_row=12)
+        forward = _training_forward(memory, [])
+        if sys.argv[1] == "oom" and backend.rank == 1:
+            def forward(model, batch, num_items_in_batch):
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        chosen = probe_micro_batch(model, backend, 8, 16, 32, forward, memory=memory)
+        sys.stdout.write(f"rank {{backend.rank}} chose {{chosen}}\\n")
+        sys.stdout.flush()
+        backend.shutdown()
+    main()
+"""
+
+
+def test_probe_ranks_agree_and_an_out_of_memory_rank_ends_the_job(tmp_path):
+    worker = _worker(tmp_path, "probe.py", PROBE_RANKS.format(tests=str(REPO_ROOT / "tests")))
+    agreed = torchrun(2, worker, "fit", timeout=180)
+    assert agreed.returncode == 0, agreed.stderr[-3000:]
+    # rank 1 holds 0.9 x 70 = 63 bytes: 30 + 12 x 2 -> both ranks take 2 (rank 0 alone would take 4)
+    assert "rank 0 chose 2" in agreed.stdout and "rank 1 chose 2" in agreed.stdout
+    oom = torchrun(2, worker, "oom", timeout=120)  # before: rank 0 waited in FSDP's collective for ever
+    assert oom.returncode != 0
+    assert "do not fit in GPU memory" in oom.stderr
+    assert "chose" not in oom.stdout
+
+
+# ---- 6: the others wait for rank 0's download behind a long-timeout barrier ----------------------------------
+
+SLOW_DOWNLOAD = """
+    import time
+    from transformers import AutoModelForCausalLM
+    from finetune import parallel
+    from finetune.config import ModelConfig
+
+    class SlowDownload(AutoModelForCausalLM):
+        @classmethod
+        def from_pretrained(cls, *args, **kwargs):
+            time.sleep(8)  # rank 0 fetching the weights: longer than the group's timeout
+            return AutoModelForCausalLM.from_pretrained(*args, **kwargs)
+
+    if sys.argv[2] == "no-barrier":
+        parallel.Backend.wait_for_download = lambda self: None
+    backend = parallel.enable_advanced_parallelization("no", timeout_minutes=0.05)  # 3 s
+    model = parallel.load_model(backend, SlowDownload, ModelConfig(sys.argv[1]))
+    sys.stdout.write(f"loaded {sum(p.to_local().sum().item() for p in model.parameters())}\\n")
+    sys.stdout.flush()
+    backend.shutdown()
+"""
+
+
+def test_ranks_wait_for_the_download_past_the_group_timeout(tiny_run, tmp_path):
+    worker = _worker(tmp_path, "download.py", SLOW_DOWNLOAD)
+    waited = torchrun(2, worker, tiny_run["llama"], "barrier", timeout=180)
+    assert waited.returncode == 0, waited.stderr[-3000:]
+    assert waited.stdout.count("loaded") == 2
+    unguarded = torchrun(2, worker, tiny_run["llama"], "no-barrier", timeout=180)
+    assert unguarded.returncode != 0  # the first collective timed out while rank 0 was still downloading
