@@ -6,6 +6,7 @@ import sys
 
 from finetune.config import RunConfig, from_flags
 from finetune.data import BATCHING_MODES
+from finetune.errors import FinetuneError
 from finetune.final_weights import SAVE_DTYPES
 
 LORA_LR = 2e-4  # the default --lr with --lora / --qlora
@@ -78,7 +79,8 @@ def parse_training_args(description, defaults, demo_defaults, argv=None):
                    help="auto: bf16 compute on GPUs, fp32 on CPU; master weights are always fp32")
     p.add_argument("--activation-checkpointing", choices=("auto", "on", "off"), default="auto",
                    help="recompute activations in backward to save memory (auto: when the plan needs it)")
-    p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
+    p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (refused for now: "
+                   "the packed attention's span lists would recompile it for every packing layout)")
     p.add_argument("--num-workers", type=int, default=1, help="data-loader worker processes (default 1)")
     p.add_argument("--peak-tflops", type=float, help="device peak TFLOP/s for MFU (default: table for GPUs, measured on CPU)")
     p.add_argument("--plan-only", action="store_true", help="print the parallel plan for --num-devices and exit "
@@ -126,7 +128,16 @@ def parse_training_args(description, defaults, demo_defaults, argv=None):
         args.batching = "block"
     check_numbers(args)
     _check_lora_args(args, defaults, lr_given)
+    check_compile(args.compile)
     return args
+
+
+def check_compile(compile_layers: bool) -> None:
+    """Refuse --compile while the attention takes each row's example spans as Python lists: a compiled layer
+    guards on them, so every new packing layout recompiles it, and after 8 layouts it falls back to eager."""
+    if compile_layers:
+        raise FinetuneError("--compile: packed attention takes each row's example spans as Python lists, so every "
+                            "new packing layout would recompile each layer (eager after 8); leave --compile off")
 
 
 class _Parser(argparse.ArgumentParser):

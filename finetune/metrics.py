@@ -16,7 +16,8 @@ from tqdm import tqdm
 from finetune import lora
 from finetune.checkpoints import writing
 
-# Dense peak TFLOP/s per GPU for bf16 (fp32 is taken as tf32 where the chip has it). Override with --peak-tflops.
+# Dense peak TFLOP/s per GPU for bf16 with fp32 accumulation, what training runs (consumer cards: half their fp16-
+# accumulate figure; fp32 is taken as tf32 where the chip has it). Override with --peak-tflops.
 GPU_PEAK_TFLOPS = {
     "H200": 989.0, "H100 SXM": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 989.0, "H800": 989.0,
     "A100": 312.0, "A800": 312.0, "A10G": 70.0, "A10": 125.0, "L40S": 362.0, "L40": 181.0, "L4": 121.0,

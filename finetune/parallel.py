@@ -165,6 +165,13 @@ def enable_advanced_parallelization(mixed_precision="auto", timeout_minutes=30):
 DOWNLOAD_TIMEOUT_HOURS = 24
 
 
+def offload_threads() -> int:
+    """CPU threads for this process under CPU offload: its share of the node's cores. torchrun sets one thread
+    per process (OMP_NUM_THREADS=1), which leaves AdamW over billions of host-side parameters on one core."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
 def process_group_backend(has_cuda: bool) -> str:
     """The default group's backends: NCCL for GPU tensors and gloo beside it for CPU tensors. CPU offload keeps
     gradients on the host, so clipping reduces their norms there; an NCCL-only group refuses that ("No backend
@@ -188,6 +195,8 @@ def load_model(backend, model_class, model, layout=None, attn_implementation=Non
     model_path = model.name_or_path
     checkpointing, cpu_offload, chunked = ((layout.activation_checkpointing, layout.cpu_offload, layout.chunked_loss)
                                            if layout else (False, False, False))
+    if cpu_offload:
+        torch.set_num_threads(offload_threads())  # the optimiser step runs on the host
     lora.check_backend(adapters, backend)
     try:
         with refusing_remote_code(model_path):

@@ -122,6 +122,17 @@ def training_kind(adapters):
     return "qlora" if adapters and adapters.quantize_4bit else "lora" if adapters else "full"
 
 
+def offload_choice(config):
+    """--cpu-offload as the plan takes it: QLoRA runs on one device without FSDP2, so it is never offered offload
+    (whose advice, torchrun, --qlora then refuses)."""
+    if training_kind(config.lora) == "qlora":
+        if config.parallel.cpu_offload == "on":
+            raise FinetuneError("--qlora runs on one device without FSDP2, which CPU offload needs; use "
+                                "--cpu-offload off (or auto)")
+        return False
+    return _toggle(config.parallel.cpu_offload)
+
+
 def simulated_plan(config, model_shape_dict, world_size, device_memory_gb, host_memory_gb):
     """memory.plan_candidates for this RunConfig: every candidate layout with its simulated memory, and the
     choice."""
@@ -134,7 +145,7 @@ def simulated_plan(config, model_shape_dict, world_size, device_memory_gb, host_
                                       config.data.block_size, device_memory_gb, host_memory_gb, precision="bf16",
                                       adapter=adapter, lora=lora_kwargs, micro_batch_size=parallel.micro_batch_size,
                                       checkpointing=_toggle(parallel.activation_checkpointing),
-                                      cpu_offload=_toggle(parallel.cpu_offload),
+                                      cpu_offload=offload_choice(config),
                                       chunked_loss=parallel.chunked_loss != "off")
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from None
@@ -215,7 +226,7 @@ def choose_layout(config, backend) -> Layout:
                                              parallel.micro_batch_size, backend.device.type, config.data.block_size)
     layout = Layout(micro_batch_size=micro, accumulation_steps=accumulation,
                     activation_checkpointing=parallel.activation_checkpointing == "on",
-                    cpu_offload=parallel.cpu_offload == "on",
+                    cpu_offload=bool(offload_choice(config)),
                     # fp32 logits of a whole micro-batch are GiBs for large vocabularies on GPUs; a CPU has room
                     chunked_loss=parallel.chunked_loss == "on" or (parallel.chunked_loss == "auto"
                                                                    and backend.device.type == "cuda"))

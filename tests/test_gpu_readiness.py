@@ -312,3 +312,84 @@ def test_ranks_wait_for_the_download_past_the_group_timeout(tiny_run, tmp_path):
     assert waited.stdout.count("loaded") == 2
     unguarded = torchrun(2, worker, tiny_run["llama"], "no-barrier", timeout=180)
     assert unguarded.returncode != 0  # the first collective timed out while rank 0 was still downloading
+
+
+# ---- 3: --compile with span lists -----------------------------------------------------------------------------
+
+def test_compile_is_refused_while_span_lists_recompile_each_layout(tiny_run, tmp_path):
+    from torch._dynamo.utils import counters
+
+    model = _probe_model().eval()
+    torch._dynamo.reset()
+    counters.clear()
+    model.model.layers[0].compile(backend="eager")  # the guards are the same whatever the backend
+    ids = torch.randint(64, (1, 12))
+    try:
+        for spans in ([(0, 12)], [(0, 5), (5, 12)], [(0, 3), (3, 9), (9, 12)]):
+            positions = torch.cat([torch.arange(end - start) for start, end in spans])[None]
+            with torch.no_grad():
+                model(input_ids=ids, position_ids=positions, segment_spans=[spans], use_cache=False)
+        assert counters["stats"]["unique_graphs"] >= 3  # one compilation per packing layout
+    finally:
+        torch._dynamo.reset()
+    result = run_script(PYTHON, str(TRAIN["llama"]), "--model-name-or-path", tiny_run["llama"],
+                        "--dataset-name-or-path", tiny_run["data"], "--save-model-dir", str(tmp_path / "out"),
+                        *COMMON, "--compile")
+    assert result.returncode != 0 and result.stderr.strip().splitlines()[-1].startswith("error: --compile")
+    assert not (tmp_path / "out").exists()
+
+
+# ---- 9: the input embedding is an FSDP unit of its own --------------------------------------------------------
+
+def test_embedding_is_its_own_fsdp_unit_unless_tied():
+    import torch.distributed as dist
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import modeling_baichuan
+    from finetune.sharding import shard_model
+
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        baichuan = modeling_baichuan.BaichuanForCausalLM(modeling_baichuan.BaichuanConfig(
+            vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+            model_max_length=64))
+        shard_model(baichuan)
+        assert type(baichuan.get_input_embeddings()).__name__.startswith("FSDP")
+        assert not type(baichuan.get_output_embeddings()).__name__.startswith("FSDP")
+        ids = torch.randint(64, (1, 8))
+        baichuan(input_ids=ids, labels=ids).loss.backward()  # the units gather and reduce in order
+        assert baichuan.get_input_embeddings().weight.grad is not None
+        tied = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                            num_attention_heads=2, tie_word_embeddings=True))
+        shard_model(tied)
+        assert not type(tied.get_input_embeddings()).__name__.startswith("FSDP")
+    finally:
+        dist.destroy_process_group()
+
+
+# ---- 10, 11: QLoRA is never offered offload; offload gives the host optimiser the node's cores -------------
+
+def test_qlora_plan_never_offers_cpu_offload(tiny_run):
+    plan = ["--model-name-or-path", tiny_run["llama"], "--plan-only", "--num-devices", "1",
+            "--device-memory-gb", "0.0005", "--block-size", "128", "--batch-size", "8"]
+    lora = run_script(PYTHON, str(TRAIN["llama"]), *plan, "--lora")
+    assert lora.returncode == 0, lora.stderr[-2000:]
+    assert "offload on" in lora.stdout  # the same plan without 4-bit weights does consider offload
+    qlora = run_script(PYTHON, str(TRAIN["llama"]), *plan, "--qlora")
+    assert qlora.returncode == 0, qlora.stderr[-2000:]
+    assert "offload on" not in qlora.stdout and "cpu_offload: false" in qlora.stdout
+    refused = run_script(PYTHON, str(TRAIN["llama"]), *plan, "--qlora", "--cpu-offload", "on")
+    assert refused.returncode != 0
+    assert refused.stderr.strip().splitlines()[-1].startswith("error: --qlora runs on one device without FSDP2")
+
+
+def test_offload_threads_are_the_process_share_of_the_node(monkeypatch):
+    import os
+
+    from finetune.parallel import offload_threads
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert offload_threads() == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "32")
+    assert offload_threads() == 1
