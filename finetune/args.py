@@ -60,8 +60,8 @@ def parse_training_args(description, defaults, demo_defaults, argv=None):
     p.add_argument("--overwrite", action="store_true", help="start over in a --save-model-dir that holds an earlier "
                                                              "run's checkpoints (deletes only files this script wrote)")
     p.add_argument("--save-dtype", choices=SAVE_DTYPES, default="compute",
-                   help="dtype of the final model: compute (bf16 after bf16 training, half the size) or fp32 "
-                        "(the master weights) (default compute)")
+                   help="dtype of the final model: compute (bf16 after bf16 training, half the size), fp32 "
+                        "(the master weights) or none (no weights: timing runs) (default compute)")
     p.add_argument("--batching", choices=BATCHING_MODES, default="packed",
                    help="packed: several examples per row, no attention across them (default); longest: one example "
                         "per row padded to the longest in its micro-batch; block: one per row padded to --block-size")

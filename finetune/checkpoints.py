@@ -767,15 +767,19 @@ def save_final_model(model, tokenizer, backend, save_dir, plan):
     from finetune.parallel import full_state_dict_on_rank0
 
     adapters = lora.is_lora(model)
-    dtype = getattr(torch, plan.get("saved_dtype", "float32"))  # the merged LoRA model keeps its base's dtype
-    state_dict = (full_state_dict_on_rank0(model, backend, trainable_only=True) if adapters
-                  else final_weights.gathered_state_dict(model, backend.is_main, dtype))
+    dtype = final_weights.dtype_of(plan)  # None: no weights (--save-dtype none); LoRA merges in its base's dtype
+    state_dict = None
+    if dtype is not None:
+        state_dict = (full_state_dict_on_rank0(model, backend, trainable_only=True) if adapters
+                      else final_weights.gathered_state_dict(model, backend.is_main, dtype))
     problem = None
     if backend.is_main:
         staging = os.path.join(save_dir, FINAL_STAGING)
         try:
             remove_path(staging)  # left by an earlier save; a link there is removed, not followed
-            if adapters:
+            if dtype is None:
+                os.makedirs(staging)
+            elif adapters:
                 lora.save_adapter_and_merged(model, state_dict, staging)
                 _usual_file_modes(os.path.join(staging, lora.ADAPTER_DIR))
             else:

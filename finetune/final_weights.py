@@ -10,14 +10,28 @@ import os
 
 import torch
 
-SAVE_DTYPES = ("compute", "fp32")
+SAVE_DTYPES = ("compute", "fp32", "none")
 
 
-def saved_dtype(save_dtype: str, mixed_precision: str) -> torch.dtype:
-    """The dtype the final weights are written in: `--save-dtype compute` follows the training compute dtype."""
+def saved_dtype(save_dtype: str, mixed_precision: str) -> torch.dtype | None:
+    """The dtype the final weights are written in: `compute` follows the training compute dtype, `fp32` keeps the
+    master weights, `none` writes no weights (timing runs, benchmarks/gpu_check.py)."""
     if save_dtype not in SAVE_DTYPES:
         raise ValueError(f"save_dtype must be one of {SAVE_DTYPES}, not {save_dtype!r}")
+    if save_dtype == "none":
+        return None
     return torch.bfloat16 if save_dtype == "compute" and mixed_precision == "bf16" else torch.float32
+
+
+def dtype_name(dtype: torch.dtype | None) -> str:
+    """How parallel_plan.json records it: "bfloat16", "float32" or "none"."""
+    return str(dtype).removeprefix("torch.") if dtype is not None else "none"
+
+
+def dtype_of(plan: dict) -> torch.dtype | None:
+    """The saved dtype a parallel plan records (None: no weights)."""
+    name = plan.get("saved_dtype", "float32")
+    return None if name == "none" else getattr(torch, name)
 
 
 def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

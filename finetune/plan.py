@@ -16,7 +16,7 @@ import torch
 
 from finetune import lora, memory
 from finetune.errors import FinetuneError, error_line
-from finetune.final_weights import saved_dtype
+from finetune.final_weights import dtype_name, saved_dtype
 from finetune.parallel import optimizer_state_bytes, split_global_batch
 from finetune.probe import probe_micro_batch
 
@@ -273,7 +273,7 @@ def describe_parallel_plan(model, backend, config, layout: Layout) -> dict:
             **dataclasses.asdict(layout),
             "dtype": "bf16 compute, fp32 master weights and reduction" if backend.mixed_precision == "bf16"
             else "fp32",
-            "saved_dtype": str(saved_dtype(config.checkpoint.save_dtype, backend.mixed_precision))[len("torch."):],
+            "saved_dtype": dtype_name(saved_dtype(config.checkpoint.save_dtype, backend.mixed_precision)),
             "training": "lora" if adapters else "full",
             "trainable_parameters": lora.count_trainable(model) if adapters else parameters}
     if backend.is_main:
