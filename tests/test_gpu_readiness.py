@@ -417,3 +417,68 @@ def test_gpu_check_launches_times_and_fails_as_it_should(tiny_run):
     result = run_script(PYTHON, str(REPO_ROOT / "benchmarks" / "gpu_check.py"), "--steps", "2", "--timeout", "0.5",
                         "--", "--model-name-or-path", tiny_run["llama"], "--dataset-name-or-path", tiny_run["data"])
     assert result.returncode != 0 and "did not finish in 0.5 s" in result.stderr
+
+
+# ---- 2: one attention kernel per layer for packed rows --------------------------------------------------------
+
+SPANS = [[(0, 5), (5, 17), (17, 24)], [(0, 24)], [(0, 9), (9, 20), (20, 24)]]
+
+
+def _qkv(kv_heads=2, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(3, 4, 24, 8, generator=generator), torch.randn(3, kv_heads, 24, 8, generator=generator),
+            torch.randn(3, kv_heads, 24, 8, generator=generator))
+
+
+def _span_loop(query, key, value):
+    """Each example alone, one causal attention per span: the reference."""
+    key, value = key.repeat_interleave(4 // key.shape[1], 1), value.repeat_interleave(4 // value.shape[1], 1)
+    out = torch.empty_like(query)
+    for row, spans in enumerate(SPANS):
+        for start, end in spans:
+            out[row, :, start:end] = torch.nn.functional.scaled_dot_product_attention(
+                query[row:row + 1, :, start:end], key[row:row + 1, :, start:end], value[row:row + 1, :, start:end],
+                is_causal=True, scale=0.3)[0]
+    return out.transpose(1, 2)
+
+
+def test_cumulative_lengths_lay_the_rows_end_to_end():
+    from finetune.varlen_attention import cumulative_lengths, document_ids
+
+    bounds, longest = cumulative_lengths(SPANS, 24, "cpu")
+    assert bounds.tolist() == [0, 5, 17, 24, 48, 57, 68, 72] and bounds.dtype == torch.int32 and longest == 24
+    assert document_ids(SPANS, 24, "cpu")[0].tolist() == [0] * 5 + [1] * 12 + [2] * 7
+    with pytest.raises(ValueError):
+        cumulative_lengths([[(0, 5)]], 24, "cpu")  # a row not covered to its end
+
+
+def test_varlen_spans_passes_the_flattened_layout_the_kernel_documents(monkeypatch):
+    """torch's varlen kernel is CUDA only: a CPU stand-in that follows its documented contract (tokens x heads x
+    dim, cumulative lengths, window (-1, 0) = causal, enable_gqa) checks everything our side does."""
+    import torch.nn.attention.varlen as varlen
+
+    from finetune.varlen_attention import varlen_spans
+
+    def documented_kernel(query, key, value, cu_q, cu_k, max_q, max_k, scale=None, window_size=(-1, -1),
+                          enable_gqa=False):
+        assert window_size == (-1, 0) and torch.equal(cu_q, cu_k) and max_q == max_k
+        out = torch.empty_like(query)
+        for start, end in zip(cu_q.tolist(), cu_q.tolist()[1:]):
+            q, k, v = (x[start:end].transpose(0, 1)[None] for x in (query, key, value))
+            assert max_q >= end - start
+            out[start:end] = torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, is_causal=True, scale=scale, enable_gqa=enable_gqa)[0].transpose(0, 1)
+        return out
+    monkeypatch.setattr(varlen, "varlen_attn", documented_kernel)
+    query, key, value = _qkv()
+    out, _ = varlen_spans(None, query, key, value, None, scaling=0.3, segment_spans=SPANS)
+    torch.testing.assert_close(out, _span_loop(query, key, value))
+
+
+def test_flex_spans_equals_the_span_loop_forward():
+    """FlexAttention has no CPU backward in this torch: the forward is checked here, gradients by gpu_smoke.py."""
+    from finetune.varlen_attention import flex_spans
+
+    query, key, value = _qkv(seed=1)
+    out, _ = flex_spans(None, query, key, value, None, scaling=0.3, segment_spans=SPANS)
+    torch.testing.assert_close(out, _span_loop(query, key, value))

@@ -1,0 +1,95 @@
+"""Attention for packed rows in one kernel per layer: each example attends causally to itself only.
+
+The span loop (finetune/packed_attention.py) calls attention once per example span: right everywhere and the
+fastest on a CPU, but on a GPU a 13B step at 4 x 1024 tokens with 5-12 examples a row is tens of thousands of
+small kernel launches. Here the same spans become one call per layer:
+
+  "varlen_spans"  torch's variable-length FlashAttention (torch.nn.attention.varlen), given the cumulative example
+                  lengths of the whole micro-batch flattened into one sequence. CUDA only.
+  "flex_spans"    FlexAttention with a document mask (same example and causal), compiled on GPUs.
+
+Both take the forward's `segment_spans` (per row, the (start, end) of each example and of the padding tail, as
+the collator makes them), so the training scripts pass the same keywords whatever the attention. Importing
+this module registers both names with transformers. benchmarks/gpu_smoke.py checks them against the span loop
+on a GPU (outputs and gradients) and times them.
+"""
+import torch
+from transformers import AttentionInterface
+
+
+def cumulative_lengths(segment_spans, length: int, device) -> tuple[torch.Tensor, int]:
+    """(cu_seqlens as int32 on `device`, longest span) of the rows laid end to end: row r's span (s, e) is
+    (r x length + s, r x length + e) of the flattened micro-batch."""
+    bounds, longest = [0], 1
+    for row, spans in enumerate(segment_spans):
+        for start, end in spans:
+            bounds.append(row * length + end)
+            longest = max(longest, end - start)
+    if bounds[-1] != len(segment_spans) * length:
+        raise ValueError("segment_spans must cover every position of every row")
+    return torch.tensor(bounds, dtype=torch.int32).to(device, non_blocking=True), longest
+
+
+def document_ids(segment_spans, length: int, device) -> torch.Tensor:
+    """(rows, length) index of the span each position belongs to."""
+    ids = torch.empty((len(segment_spans), length), dtype=torch.int32)
+    for row, spans in enumerate(segment_spans):
+        for index, (start, end) in enumerate(spans):
+            ids[row, start:end] = index
+    return ids.to(device, non_blocking=True)
+
+
+def _no_dropout(name, dropout):
+    if dropout:
+        raise ValueError(f"{name} has no attention dropout; set attention_dropout to 0 or use the span loop")
+
+
+def varlen_spans(module, query, key, value, attention_mask, scaling=None, dropout=0.0, segment_spans=None,
+                 **kwargs):
+    """query/key/value: (batch, heads, length, head_dim); returns (batch, length, heads, head_dim), None."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    _no_dropout("varlen_spans", dropout)
+    rows, heads, length, head_dim = query.shape
+    spans = segment_spans if segment_spans is not None else [[(0, length)]] * rows
+    cu_seqlens, longest = cumulative_lengths(spans, length, query.device)
+
+    def flat(x):  # (batch, heads, length, dim) -> (batch x length, heads, dim)
+        return x.transpose(1, 2).reshape(rows * length, x.shape[1], head_dim)
+    out = varlen_attn(flat(query), flat(key), flat(value), cu_seqlens, cu_seqlens, longest, longest,
+                      scale=scaling, window_size=(-1, 0), enable_gqa=key.shape[1] != heads)
+    return out.view(rows, length, heads, head_dim), None
+
+
+_compiled_flex = None
+
+
+def _flex():
+    """flex_attention, compiled once per process on GPUs (eager elsewhere: the CPU runs it unfused)."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False) if torch.cuda.is_available() else flex_attention
+    return _compiled_flex
+
+
+def flex_spans(module, query, key, value, attention_mask, scaling=None, dropout=0.0, segment_spans=None,
+               **kwargs):
+    """query/key/value: (batch, heads, length, head_dim); returns (batch, length, heads, head_dim), None."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    _no_dropout("flex_spans", dropout)
+    rows, heads, length, _ = query.shape
+    spans = segment_spans if segment_spans is not None else [[(0, length)]] * rows
+    document = document_ids(spans, length, query.device)
+
+    def same_example_causal(b, h, q, kv):
+        return (document[b, q] == document[b, kv]) & (q >= kv)
+    mask = create_block_mask(same_example_causal, rows, None, length, length, device=query.device)
+    out = _flex()(query, key, value, block_mask=mask, scale=scaling, enable_gqa=key.shape[1] != heads)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register("varlen_spans", varlen_spans)
+AttentionInterface.register("flex_spans", flex_spans)
