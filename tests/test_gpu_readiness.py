@@ -482,3 +482,18 @@ def test_flex_spans_equals_the_span_loop_forward():
     query, key, value = _qkv(seed=1)
     out, _ = flex_spans(None, query, key, value, None, scaling=0.3, segment_spans=SPANS)
     torch.testing.assert_close(out, _span_loop(query, key, value))
+
+
+# ---- the first GPU run: one command; its dry run here -----------------------------------------------------------
+
+def test_gpu_smoke_dry_run_lists_every_check_and_runs_the_process_group_one(tmp_path):
+    result = run_script(PYTHON, str(REPO_ROOT / "benchmarks" / "gpu_smoke.py"), "--dry-run", "--work-dir",
+                        str(tmp_path), timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["dry_run"] is True
+    assert summary["checks"] == ["attention", "process_group", "train", "resume", "offload", "lora", "compile"]
+    assert summary["process_group"]["ok"] and summary["process_group"]["grad_norm"] > 0
+    listed = [line.split(":")[0] for line in result.stdout.splitlines()[:-1] if ": " in line]
+    assert {"train", "resume", "offload", "lora", "compile", "attention"} <= set(listed)
+    assert "--cpu-offload on" in result.stdout and "--lora" in result.stdout and "--resume" in result.stdout
