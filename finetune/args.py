@@ -8,6 +8,7 @@ from finetune.config import RunConfig, from_flags
 from finetune.data import BATCHING_MODES
 from finetune.errors import FinetuneError
 from finetune.final_weights import SAVE_DTYPES
+from finetune.varlen_attention import ATTENTION_CHOICES
 
 LORA_LR = 2e-4  # the default --lr with --lora / --qlora
 # Upper bounds far past any real job, so a typo (an extra zero or ten) is one line at parse time rather than an
@@ -81,6 +82,10 @@ def parse_training_args(description, defaults, demo_defaults, argv=None):
                    help="recompute activations in backward to save memory (auto: when the plan needs it)")
     p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (refused for now: "
                    "the packed attention's span lists would recompile it for every packing layout)")
+    p.add_argument("--attn-implementation", choices=ATTENTION_CHOICES, default="auto",
+                   help="attention for packed rows: spans (one attention per example, fastest on a CPU), varlen "
+                        "(one FlashAttention varlen kernel per layer, CUDA), flex (FlexAttention document mask, "
+                        "CUDA); auto picks the fastest correct one for the device (default auto)")
     p.add_argument("--num-workers", type=int, default=1, help="data-loader worker processes (default 1)")
     p.add_argument("--peak-tflops", type=float, help="device peak TFLOP/s for MFU (default: table for GPUs, measured on CPU)")
     p.add_argument("--plan-only", action="store_true", help="print the parallel plan for --num-devices and exit "

@@ -33,6 +33,7 @@ from finetune.chunked_loss import use_chunked_loss
 from finetune.errors import FinetuneError, error_line
 from finetune.remote_code import refusing_remote_code
 from finetune.sharding import decoder_layers, shard_model
+from finetune.varlen_attention import attention_name
 from finetune.weight_files import damaged_weight_file
 
 
@@ -198,6 +199,8 @@ def load_model(backend, model_class, model, layout=None, attn_implementation=Non
     if cpu_offload:
         torch.set_num_threads(offload_threads())  # the optimiser step runs on the host
     lora.check_backend(adapters, backend)
+    attn_implementation = attention_name(attn_implementation, layout.attention if layout else "auto",
+                                         backend.device, backend.mixed_precision)
     try:
         with refusing_remote_code(model_path):
             loaded = _load_and_place(backend, model_class, model_path, checkpointing, compile_layers,

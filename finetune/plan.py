@@ -112,6 +112,7 @@ class Layout:
     cpu_offload: bool
     chunked_loss: bool
     memory_gib_per_device: dict | None = None   # the simulated figures of this layout (GPUs), if it was planned
+    attention: str = "auto"   # --attn-implementation; parallel.load_model resolves it for the model and device
 
 
 def _toggle(value):
@@ -226,7 +227,7 @@ def choose_layout(config, backend) -> Layout:
                                              parallel.micro_batch_size, backend.device.type, config.data.block_size)
     layout = Layout(micro_batch_size=micro, accumulation_steps=accumulation,
                     activation_checkpointing=parallel.activation_checkpointing == "on",
-                    cpu_offload=bool(offload_choice(config)),
+                    cpu_offload=bool(offload_choice(config)), attention=parallel.attn_implementation,
                     # fp32 logits of a whole micro-batch are GiBs for large vocabularies on GPUs; a CPU has room
                     chunked_loss=parallel.chunked_loss == "on" or (parallel.chunked_loss == "auto"
                                                                    and backend.device.type == "cuda"))
@@ -274,6 +275,7 @@ def describe_parallel_plan(model, backend, config, layout: Layout) -> dict:
             "dtype": "bf16 compute, fp32 master weights and reduction" if backend.mixed_precision == "bf16"
             else "fp32",
             "saved_dtype": dtype_name(saved_dtype(config.checkpoint.save_dtype, backend.mixed_precision)),
+            "attention": getattr(model.config, "_attn_implementation", None),  # as resolved for model and device
             "training": "lora" if adapters else "full",
             "trainable_parameters": lora.count_trainable(model) if adapters else parameters}
     if backend.is_main:

@@ -16,6 +16,11 @@ on a GPU (outputs and gradients) and times them.
 import torch
 from transformers import AttentionInterface
 
+from finetune.errors import FinetuneError
+
+ATTENTION_CHOICES = ("auto", "spans", "varlen", "flex")
+KERNEL_NAMES = {"varlen": "varlen_spans", "flex": "flex_spans"}
+
 
 def cumulative_lengths(segment_spans, length: int, device) -> tuple[torch.Tensor, int]:
     """(cu_seqlens as int32 on `device`, longest span) of the rows laid end to end: row r's span (s, e) is
@@ -89,6 +94,40 @@ def flex_spans(module, query, key, value, attention_mask, scaling=None, dropout=
     mask = create_block_mask(same_example_causal, rows, None, length, length, device=query.device)
     out = _flex()(query, key, value, block_mask=mask, scale=scaling, enable_gqa=key.shape[1] != heads)
     return out.transpose(1, 2).contiguous(), None
+
+
+def varlen_available(device: torch.device) -> bool:
+    """torch's varlen attention is FlashAttention: CUDA, Ampere (compute capability 8.0) or newer."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def attention_name(span_loop_name: str | None, choice: str, device: torch.device, mixed_precision: str) -> str | None:
+    """The attention a training script's model loads with, for `--attn-implementation` `choice`.
+
+    `span_loop_name` is the script's span-loop attention (None: the model's own code takes the spans, as
+    Baichuan's ALiBi attention does). `auto`: one varlen kernel per layer on an Ampere-or-newer GPU computing in
+    bf16, the span loop elsewhere (on a CPU it is the fastest: one small attention per example, no mask).
+    """
+    if choice not in ATTENTION_CHOICES:
+        raise FinetuneError(f"--attn-implementation must be one of {', '.join(ATTENTION_CHOICES)}, not {choice!r}")
+    if choice == "auto":
+        fastest = varlen_available(device) and mixed_precision == "bf16"
+        return KERNEL_NAMES["varlen"] if fastest and span_loop_name else span_loop_name
+    if choice == "spans":
+        return span_loop_name
+    if span_loop_name is None:
+        raise FinetuneError(f"--attn-implementation {choice}: this model's own attention takes the packed spans "
+                            f"(Baichuan's ALiBi); use spans or auto")
+    if device.type != "cuda":
+        raise FinetuneError(f"--attn-implementation {choice} needs a GPU (varlen is CUDA FlashAttention; FlexAttention "
+                            f"has no CPU backward); use spans or auto on a CPU")
+    if choice == "varlen" and not varlen_available(device):
+        raise FinetuneError("--attn-implementation varlen needs torch's varlen attention on an Ampere or newer GPU")
+    return KERNEL_NAMES[choice]
 
 
 AttentionInterface.register("varlen_spans", varlen_spans)

@@ -497,3 +497,30 @@ def test_gpu_smoke_dry_run_lists_every_check_and_runs_the_process_group_one(tmp_
     listed = [line.split(":")[0] for line in result.stdout.splitlines()[:-1] if ": " in line]
     assert {"train", "resume", "offload", "lora", "compile", "attention"} <= set(listed)
     assert "--cpu-offload on" in result.stdout and "--lora" in result.stdout and "--resume" in result.stdout
+
+
+def test_attention_choice_resolves_for_device_and_model(monkeypatch):
+    from finetune.errors import FinetuneError
+    from finetune.varlen_attention import attention_name
+
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+    capability = [(9, 0)]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability[0])
+    assert attention_name("packed_sdpa", "auto", gpu, "bf16") == "varlen_spans"  # one kernel per layer
+    assert attention_name("packed_sdpa", "auto", gpu, "no") == "packed_sdpa"  # FlashAttention needs bf16/fp16
+    assert attention_name("packed_sdpa", "auto", cpu, "no") == "packed_sdpa"  # the span loop is fastest here
+    assert attention_name(None, "auto", gpu, "bf16") is None  # Baichuan's own attention takes the spans
+    assert attention_name("packed_sdpa", "flex", gpu, "bf16") == "flex_spans"
+    assert attention_name("packed_sdpa", "spans", gpu, "bf16") == "packed_sdpa"
+    capability[0] = (7, 5)  # a T4: no FlashAttention
+    assert attention_name("packed_sdpa", "auto", gpu, "bf16") == "packed_sdpa"
+    for model, choice, device in [("packed_sdpa", "varlen", gpu), ("packed_sdpa", "flex", cpu), (None, "flex", gpu)]:
+        with pytest.raises(FinetuneError):
+            attention_name(model, choice, device, "bf16")
+
+
+def test_one_kernel_attention_is_refused_on_a_cpu_with_one_line(tiny_run, tmp_path):
+    run = run_script(PYTHON, str(TRAIN["llama"]), "--model-name-or-path", tiny_run["llama"], "--dataset-name-or-path",
+                     tiny_run["data"], "--save-model-dir", str(tmp_path / "out"), *COMMON, "--attn-implementation",
+                     "flex")
+    assert run.returncode != 0 and "error: --attn-implementation flex needs a GPU" in run.stderr.splitlines()[-1]
