@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from finetune import lora, memory
+from finetune import lora, memory, step_time
 from finetune.errors import FinetuneError, error_line
 from finetune.final_weights import dtype_name, saved_dtype
 from finetune.parallel import optimizer_state_bytes, split_global_batch
@@ -136,20 +136,45 @@ def offload_choice(config):
 
 def simulated_plan(config, model_shape_dict, world_size, device_memory_gb, host_memory_gb):
     """memory.plan_candidates for this RunConfig: every candidate layout with its simulated memory, and the
-    choice."""
+    choice. When only offloaded layouts fit, the offloaded ones with activation checkpointing are simulated too and
+    the fitting layout with the least estimated step time wins (step_time: offload pays host traffic per
+    micro-batch, so fewer, larger micro-batches are faster)."""
     adapters, parallel = config.lora, config.parallel
     lora_kwargs = (dict(r=adapters.rank, lora_alpha=adapters.alpha, lora_dropout=adapters.dropout,
                         target_modules=list(adapters.targets)) if adapters else None)
     adapter = {"full": "none"}.get(training_kind(adapters), training_kind(adapters))
-    try:
+    checkpointing = _toggle(parallel.activation_checkpointing)
+
+    def simulate(**overrides):
+        settings = {"checkpointing": checkpointing, "cpu_offload": offload_choice(config), **overrides}
         return memory.plan_candidates(model_shape_dict, world_size, config.training.batch_size,
                                       config.data.block_size, device_memory_gb, host_memory_gb, precision="bf16",
                                       adapter=adapter, lora=lora_kwargs, micro_batch_size=parallel.micro_batch_size,
-                                      checkpointing=_toggle(parallel.activation_checkpointing),
-                                      cpu_offload=offload_choice(config),
-                                      chunked_loss=parallel.chunked_loss != "off")
+                                      chunked_loss=parallel.chunked_loss != "off", **settings)
+    try:
+        result = simulate()
+        if result.chosen is None or not result.chosen.cpu_offload or checkpointing is not None:
+            return result
+        with_checkpointing = simulate(checkpointing=True, cpu_offload=True).candidates
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from None
+    candidates = [c for c in result.candidates if not (c.cpu_offload and c.checkpointing)] + with_checkpointing
+    chosen = step_time.fastest(candidates, count_parameters(model_shape_dict), world_size, config.data.block_size)
+    return memory.Plan(chosen, candidates, rule=result.rule + "; among offloaded layouts that fit, the least "
+                       "estimated step time (compute + host-device traffic)")
+
+
+def estimate_facts(result, model_shape_dict, world_size, block_size):
+    """The chosen layout's estimated step time as plan lines (a ranking figure, not a measurement)."""
+    if result.chosen is None:
+        return []
+    c = result.chosen
+    compute, traffic = step_time.step_seconds(count_parameters(model_shape_dict), world_size, c.micro_batch_size,
+                                              c.accumulation_steps, block_size, c.checkpointing, c.cpu_offload)
+    return [("estimated_step_seconds", round(compute + traffic, 1)),
+            ("estimated_step_breakdown", f"compute {compute:.1f} s at {step_time.ASSUMED_MFU:.0%} of "
+                                         f"{step_time.DEFAULT_PEAK_FLOPS / 1e12:g} TFLOP/s + host-device traffic "
+                                         f"{traffic:.1f} s at {step_time.HOST_LINK_BYTES_PER_S / 1e9:g} GB/s")]
 
 
 def plan_lines(result, header, facts=()):
@@ -189,7 +214,8 @@ def plan_only(config, backend):
               f"{config.data.block_size} tokens")
     facts = [("world_size", world), ("device_memory_gb", target.device_memory_gb),
              ("host_memory_gb", target.host_memory_gb), ("training", training), ("parameters", parameters),
-             ("trainable_parameters", trainable)]
+             ("trainable_parameters", trainable),
+             *estimate_facts(result, shape, world, config.data.block_size)]
     if backend.is_main:
         print("\n".join(plan_lines(result, header, facts)), flush=True)
     return 0
@@ -204,9 +230,11 @@ def _simulated_layout(config, backend):
     """The simulated plan for this job's own devices and host memory (printed), as layout entries."""
     device_gb = torch.cuda.get_device_properties(backend.device).total_memory / GIB
     local = int(os.environ.get("LOCAL_WORLD_SIZE", backend.world_size))
-    result = simulated_plan(config, model_shape(config.model.name_or_path, config.model.trust_remote_code), backend.world_size, device_gb,
+    shape = model_shape(config.model.name_or_path, config.model.trust_remote_code)
+    result = simulated_plan(config, shape, backend.world_size, device_gb,
                             host_memory_gb() * backend.world_size / max(1, local))
-    print("\n".join(plan_lines(result, "this job")), flush=True)
+    facts = estimate_facts(result, shape, backend.world_size, config.data.block_size)
+    print("\n".join(plan_lines(result, "this job", facts)), flush=True)
     if result.chosen is None:
         raise SystemExit("error: no layout of this job fits its devices' memory (see the candidates above); "
                          "use more GPUs, --lora or --qlora, or a smaller --block-size")
