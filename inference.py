@@ -109,6 +109,11 @@ def prompt_ids(tokenizer, recipe, example, chat):
     return leading_special_ids(tokenizer) + tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def inference_dtype() -> torch.dtype:
+    """bf16 on a GPU that has it: a 13B model in fp32 (52 GB) does not fit the 24/48 GB cards; fp32 on a CPU."""
+    return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+
+
 def load_model(model_dir, trust_remote_code=False):
     """Tokenizer and model of a saved folder; anything unreadable in it is one error line, and so is code the
     folder ships unless `trust_remote_code`."""
@@ -118,7 +123,7 @@ def load_model(model_dir, trust_remote_code=False):
     require_local_or_reachable(model_dir)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=inference_dtype(),
                                                      trust_remote_code=trust_remote_code)
     except Exception as exc:  # a truncated or garbled file raises whatever its reader raises
         if asks_for_remote_code(exc):

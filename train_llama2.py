@@ -83,7 +83,7 @@ def main(argv=None):
                                 compile_layers=config.parallel.compile)
     data.check_block_size(model.config, config.data.block_size)
     data.check_token_ids(model.config, train_table, eval_table)  # data prepared with another tokenizer
-    layout = plan.confirm_on_device(model, backend, config, layout)  # final: the probe may lower the micro-batch
+    layout = plan.confirm_on_device(model, backend, config, layout, forward)  # final: the probe may lower it
     parallel_plan = plan.describe_parallel_plan(model, backend, config, layout)
     batch_format = data.BatchFormat(layout.micro_batch_size, pad_id, config.data.pad_to)
 

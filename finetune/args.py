@@ -7,6 +7,8 @@ import sys
 from finetune.config import RunConfig, from_flags
 from finetune.data import BATCHING_MODES
 from finetune.errors import FinetuneError
+from finetune.final_weights import SAVE_DTYPES
+from finetune.varlen_attention import ATTENTION_CHOICES
 from finetune.trackers import BACKENDS, parse_report_to
 
 LORA_LR = 2e-4  # the default --lr with --lora / --qlora
@@ -59,6 +61,9 @@ def parse_training_args(description, defaults, demo_defaults, argv=None):
                    help="like --resume, but start fresh when there is no checkpoint yet (for requeued jobs)")
     p.add_argument("--overwrite", action="store_true", help="start over in a --save-model-dir that holds an earlier "
                                                              "run's checkpoints (deletes only files this script wrote)")
+    p.add_argument("--save-dtype", choices=SAVE_DTYPES, default="compute",
+                   help="dtype of the final model: compute (bf16 after bf16 training, half the size), fp32 "
+                        "(the master weights) or none (no weights: timing runs) (default compute)")
     p.add_argument("--batching", choices=BATCHING_MODES, default="packed",
                    help="packed: several examples per row, no attention across them (default); longest: one example "
                         "per row padded to the longest in its micro-batch; block: one per row padded to --block-size")
@@ -76,7 +81,12 @@ def parse_training_args(description, defaults, demo_defaults, argv=None):
                    help="auto: bf16 compute on GPUs, fp32 on CPU; master weights are always fp32")
     p.add_argument("--activation-checkpointing", choices=("auto", "on", "off"), default="auto",
                    help="recompute activations in backward to save memory (auto: when the plan needs it)")
-    p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
+    p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (refused for now: "
+                   "the packed attention's span lists would recompile it for every packing layout)")
+    p.add_argument("--attn-implementation", choices=ATTENTION_CHOICES, default="auto",
+                   help="attention for packed rows: spans (one attention per example, fastest on a CPU), varlen "
+                        "(one FlashAttention varlen kernel per layer, CUDA), flex (FlexAttention document mask, "
+                        "CUDA); auto picks the fastest correct one for the device (default auto)")
     p.add_argument("--num-workers", type=int, default=1, help="data-loader worker processes (default 1)")
     p.add_argument("--peak-tflops", type=float, help="device peak TFLOP/s for MFU (default: table for GPUs, measured on CPU)")
     p.add_argument("--report-to", default="none",
@@ -128,7 +138,16 @@ def parse_training_args(description, defaults, demo_defaults, argv=None):
     check_numbers(args)
     _check_lora_args(args, lr_given)
     args.report_to = parse_report_to(args.report_to)  # a tracker that is not installed: one line, now
+    check_compile(args.compile)
     return args
+
+
+def check_compile(compile_layers: bool) -> None:
+    """Refuse --compile while the attention takes each row's example spans as Python lists: a compiled layer
+    guards on them, so every new packing layout recompiles it, and after 8 layouts it falls back to eager."""
+    if compile_layers:
+        raise FinetuneError("--compile: packed attention takes each row's example spans as Python lists, so every "
+                            "new packing layout would recompile each layer (eager after 8); leave --compile off")
 
 
 class _Parser(argparse.ArgumentParser):

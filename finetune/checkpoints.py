@@ -67,7 +67,8 @@ def _rng_state():
             "numpy": numpy_words.tolist(), "numpy_pos": int(numpy_pos),
             "numpy_gauss": [int(numpy_has_gauss), float(numpy_gauss)],
             "torch": _hex(torch.get_rng_state()),
-            "cuda": [_hex(state) for state in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else []}
+            # This process's own device only: a resume with fewer GPUs per node must still find its state.
+            "cuda": [_hex(torch.cuda.get_rng_state())] if torch.cuda.is_available() else []}
 
 
 def _set_rng_state(state):
@@ -76,7 +77,10 @@ def _set_rng_state(state):
                          *state["numpy_gauss"]))
     torch.set_rng_state(_byte_tensor(state["torch"]))
     if torch.cuda.is_available() and state["cuda"]:
-        torch.cuda.set_rng_state_all([_byte_tensor(text) for text in state["cuda"]])
+        # Earlier checkpoints hold every visible device's state: this device's is the one at its index.
+        saved = state["cuda"]
+        own = saved[torch.cuda.current_device()] if len(saved) > torch.cuda.current_device() else saved[0]
+        torch.cuda.set_rng_state(_byte_tensor(own))
 
 
 def rng_file(folder: str, rank: int) -> str:

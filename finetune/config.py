@@ -61,6 +61,7 @@ class ParallelConfig:
     cpu_offload: str = "auto"
     chunked_loss: str = "auto"
     compile: bool = False
+    attn_implementation: str = "auto"       # auto | spans | varlen | flex (packed rows' attention)
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,7 @@ class CheckpointConfig:
     resume: bool = False
     resume_if_possible: bool = False
     overwrite: bool = False
+    save_dtype: str = "compute"   # compute (bf16 after bf16 training) | fp32 (the master weights)
 
 
 @dataclass(frozen=True)
@@ -131,10 +133,10 @@ def from_flags(args) -> RunConfig:
         optimizer=OptimizerConfig(args.lr, args.weight_decay, args.warmup_ratio, args.min_lr_ratio,
                                   args.max_grad_norm),
         parallel=ParallelConfig(args.mixed_precision, args.micro_batch_size, args.activation_checkpointing,
-                                args.cpu_offload, args.chunked_loss, args.compile),
+                                args.cpu_offload, args.chunked_loss, args.compile, args.attn_implementation),
         plan_only=PlanOnlyConfig(args.plan_only, args.num_devices, args.device_memory_gb, args.host_memory_gb),
         checkpoint=CheckpointConfig(args.save_model_dir, args.save_every, args.keep_last, args.resume,
-                                    args.resume_if_possible, args.overwrite),
+                                    args.resume_if_possible, args.overwrite, args.save_dtype),
         logging=LoggingConfig(args.log_interval, args.eval_every, args.peak_tflops, tuple(args.report_to)),
         lora=lora,
         demo=args.demo,

@@ -8,9 +8,9 @@ import torch
 from safetensors import SafetensorError
 from transformers import PreTrainedTokenizerBase
 
-from finetune import lora
+from finetune import final_weights, lora
 from finetune.errors import FinetuneError
-from finetune.parallel import Backend, full_state_dict_on_rank0
+from finetune.parallel import Backend, full_state_dict_on_rank0, without_tied_copies
 from finetune.run_folder import FINAL_STAGING, describe_error, fsync_dir, remove_path
 
 
@@ -45,22 +45,29 @@ def save_final_model(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
     written to a temporary folder and moved into place. With LoRA: the adapter in `adapter/` and, as the model,
     the adapter merged into the base. Raises a FinetuneError, on every rank, if it could not be written."""
     adapters = lora.is_lora(model)
-    state_dict = full_state_dict_on_rank0(model, backend, trainable_only=adapters)
-    backend.on_rank0(lambda: _write_final_files(model, state_dict, tokenizer, save_dir, plan, adapters))
+    dtype = final_weights.dtype_of(plan)  # None: no weights (--save-dtype none); LoRA merges in its base's dtype
+    state_dict = None
+    if dtype is not None:
+        state_dict = (full_state_dict_on_rank0(model, backend, trainable_only=True) if adapters else
+                      without_tied_copies(model, final_weights.gathered_state_dict(model, backend.is_main, dtype)))
+    backend.on_rank0(lambda: _write_final_files(model, state_dict, tokenizer, save_dir, plan, adapters, dtype))
     if backend.is_main:
         print(f"saved model and tokenizer to {save_dir}", flush=True)
 
 
-def _write_final_files(model, state_dict, tokenizer, save_dir, plan, adapters):
+def _write_final_files(model, state_dict, tokenizer, save_dir, plan, adapters, dtype):
     """Rank 0's part of save_final_model: write into the staging folder, then move the files into place."""
     staging = os.path.join(save_dir, FINAL_STAGING)
     try:
         remove_path(staging)  # left by an earlier save; a link there is removed, not followed
-        if adapters:
+        if dtype is None:
+            os.makedirs(staging)
+        elif adapters:
             lora.save_adapter_and_merged(model, state_dict, staging)
             _usual_file_modes(os.path.join(staging, lora.ADAPTER_DIR))
         else:
             model.save_pretrained(staging, state_dict=state_dict, safe_serialization=True)
+            final_weights.record_saved_dtype(staging, dtype)
         tokenizer.save_pretrained(staging)
         with open(os.path.join(staging, "parallel_plan.json"), "w") as f:
             json.dump(plan, f, indent=2)

@@ -20,7 +20,8 @@ from finetune.plot import write_training_curves
 from finetune.run_folder import writing
 from finetune.trackers import Trackers
 
-# Dense peak TFLOP/s per GPU for bf16 (fp32 is taken as tf32 where the chip has it). Override with --peak-tflops.
+# Dense peak TFLOP/s per GPU for bf16 with fp32 accumulation, what training runs (consumer cards: half their fp16-
+# accumulate figure; fp32 is taken as tf32 where the chip has it). Override with --peak-tflops.
 GPU_PEAK_TFLOPS = {
     "H200": 989.0, "H100 SXM": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 989.0, "H800": 989.0,
     "A100": 312.0, "A800": 312.0, "A10G": 70.0, "A10": 125.0, "L40S": 362.0, "L40": 181.0, "L4": 121.0,
@@ -77,10 +78,22 @@ def device_peak_flops(device, override_tflops=None):
 
 
 def peak_memory_gib(device):
-    """Peak memory so far: allocated GPU memory, or the process's resident set on CPU."""
+    """Peak memory since the last reset: allocated GPU memory, or the process's resident set on CPU (never reset)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux reports KiB
+
+
+def peak_reserved_gib(device):
+    """Peak memory the caching allocator held from the GPU since the last reset (what another process could not
+    use, fragmentation included); None on a CPU."""
+    return torch.cuda.max_memory_reserved(device) / 2 ** 30 if device.type == "cuda" else None
+
+
+def reset_peak_memory(device):
+    """Start the peaks afresh: loading (rank 0 held the whole model) and the probe are not training."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 class MetricsLog:
@@ -104,6 +117,7 @@ class MetricsLog:
                 self.file = open(self.path, "ab", buffering=0)
             if logging.report_to:
                 self.trackers = Trackers(save_dir, logging.report_to, start_step)
+        reset_peak_memory(backend.device)  # created after loading and probing, just before the first step
         self._start_interval()
 
     def _start_interval(self):
@@ -129,7 +143,8 @@ class MetricsLog:
         row = {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "tokens": self.last_step_tokens,
                "step_time": elapsed / self.steps, "tokens_per_sec": self.tokens / elapsed,
                "grad_norm": float(grad_norm), "mfu": self.flops / elapsed / world_peak if world_peak else None,
-               "peak_memory_gib": peak_memory_gib(self.backend.device)}
+               "peak_memory_gib": peak_memory_gib(self.backend.device),
+               "peak_reserved_gib": peak_reserved_gib(self.backend.device)}
         if val_loss is not None:
             row["val_loss"] = val_loss
         if self.file:

@@ -35,6 +35,7 @@ from finetune.chunked_loss import use_chunked_loss
 from finetune.errors import FinetuneError, error_line
 from finetune.remote_code import refusing_remote_code
 from finetune.sharding import decoder_layers, shard_model
+from finetune.varlen_attention import attention_name
 from finetune.weight_files import damaged_weight_file
 
 T = TypeVar("T")
@@ -50,6 +51,7 @@ class Backend:
     world_size: int = 1
     mixed_precision: str = "no"  # "bf16" or "no"
     control_group: object = None  # a gloo group for small host-side agreements (stop flags)
+    download_group: object = None  # a gloo group with a long timeout: the others wait there while rank 0 downloads
 
     @property
     def is_main(self):
@@ -104,8 +106,13 @@ class Backend:
         if self.distributed:
             dist.barrier(group=self.control_group)
 
+    def wait_for_download(self):
+        """Every rank waits here (gloo, hours of timeout) until rank 0 has fetched the weights."""
+        if self.distributed:
+            dist.barrier(group=self.download_group or self.control_group)
+
     def shutdown(self):
-        self.control_group = None  # a held reference would keep the group alive past destroy_process_group
+        self.control_group = self.download_group = None  # a held reference would keep the group alive past destroy_process_group
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 
@@ -165,11 +172,29 @@ def enable_advanced_parallelization(mixed_precision="auto", timeout_minutes=30):
         device = torch.device("cpu")
     # A bounded timeout turns a peer that died mid-collective into an error here instead of a hang.
     timeout = datetime.timedelta(minutes=timeout_minutes)
-    dist.init_process_group("nccl" if has_cuda else "gloo", timeout=timeout,
-                            device_id=device if has_cuda else None)
+    dist.init_process_group(process_group_backend(has_cuda), timeout=timeout, device_id=device if has_cuda else None)
     control = dist.new_group(backend="gloo", timeout=timeout) if has_cuda else dist.group.WORLD
+    # Waiting for rank 0 to download the weights may take hours; only this gloo group waits that long.
+    download = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=DOWNLOAD_TIMEOUT_HOURS))
     return Backend(engine="fsdp2", device=device, rank=rank, local_rank=local_rank, world_size=world_size,
-                   mixed_precision=mixed_precision, control_group=control)
+                   mixed_precision=mixed_precision, control_group=control, download_group=download)
+
+
+DOWNLOAD_TIMEOUT_HOURS = 24
+
+
+def offload_threads() -> int:
+    """CPU threads for this process under CPU offload: its share of the node's cores. torchrun sets one thread
+    per process (OMP_NUM_THREADS=1), which leaves AdamW over billions of host-side parameters on one core."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
+def process_group_backend(has_cuda: bool) -> str:
+    """The default group's backends: NCCL for GPU tensors and gloo beside it for CPU tensors. CPU offload keeps
+    gradients on the host, so clipping reduces their norms there; an NCCL-only group refuses that ("No backend
+    type associated with device type cpu")."""
+    return "cuda:nccl,cpu:gloo" if has_cuda else "gloo"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -188,7 +213,11 @@ def load_model(backend, model_class, model, layout=None, attn_implementation=Non
     model_path = model.name_or_path
     checkpointing, cpu_offload, chunked = ((layout.activation_checkpointing, layout.cpu_offload, layout.chunked_loss)
                                            if layout else (False, False, False))
+    if cpu_offload:
+        torch.set_num_threads(offload_threads())  # the optimiser step runs on the host
     lora.check_backend(adapters, backend)
+    attn_implementation = attention_name(attn_implementation, layout.attention if layout else "auto",
+                                         backend.device, backend.mixed_precision)
     try:
         with refusing_remote_code(model_path):
             loaded = _load_and_place(backend, model_class, model_path, checkpointing, compile_layers,
@@ -267,6 +296,8 @@ def _load_and_place(backend, model_class, model_path, gradient_checkpointing, co
         for module in model.modules():
             for name, buffer in module.named_buffers(recurse=False):
                 module._buffers[name] = buffer.to(backend.device)
+    # Rank 0 may still be downloading the weights: the first NCCL collective (below) would time out meanwhile.
+    backend.wait_for_download()
     set_model_state_dict(model, full_state,
                          options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     del full_state
@@ -330,41 +361,3 @@ def optimizer_state_bytes(model):
     parameter is a DTensor whose numel() is the whole tensor's; this process holds only its local shard."""
     return 8 * sum((p.to_local() if hasattr(p, "to_local") else p).numel()
                    for p in model.parameters() if p.requires_grad)
-
-
-def probe_micro_batch(model, backend, micro_batch_size, per_rank, block_size, cpu_offload=False):
-    """On a GPU: run a real forward+backward at full width and halve the micro-batch until it fits.
-
-    Device memory for the optimiser state (allocated only at the first step; on the host with CPU offload) is
-    held aside while probing. Every rank probes the same synthetic rows, so all of them run out of memory at the
-    same point and agree on the size.
-    """
-    reserve = torch.empty(0 if cpu_offload else optimizer_state_bytes(model), dtype=torch.uint8,
-                          device=backend.device)
-    generator = torch.Generator(device=backend.device).manual_seed(0)
-    micro = micro_batch_size
-    while True:
-        try:
-            ids = torch.randint(model.config.vocab_size, (micro, block_size), device=backend.device,
-                                generator=generator)
-            with backend.autocast():
-                model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
-            fits = True
-        except torch.OutOfMemoryError:
-            fits = False
-        model.zero_grad(set_to_none=True)
-        torch.cuda.empty_cache()
-        if backend.distributed:
-            flag = torch.tensor([0 if fits else 1], device=backend.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            fits = flag.item() == 0
-        if fits or micro == 1:
-            break
-        micro //= 2
-        while per_rank % micro:
-            micro -= 1
-    del reserve
-    if not fits:
-        raise FinetuneError(f"one row of {block_size} tokens does not fit in GPU memory; use "
-                            f"--activation-checkpointing on, a smaller --block-size, or more GPUs")
-    return micro

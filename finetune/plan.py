@@ -14,9 +14,11 @@ from dataclasses import dataclass
 
 import torch
 
-from finetune import lora, memory, model_size
+from finetune import lora, memory, model_size, step_time
 from finetune.errors import FinetuneError
-from finetune.parallel import probe_micro_batch, split_global_batch
+from finetune.final_weights import dtype_name, saved_dtype
+from finetune.parallel import optimizer_state_bytes, split_global_batch
+from finetune.probe import probe_micro_batch
 
 # Shapes of the models this collection targets, so `--plan-only` works offline and without downloading.
 KNOWN_CONFIGS = {
@@ -105,6 +107,7 @@ class Layout:
     cpu_offload: bool
     chunked_loss: bool
     memory_gib_per_device: dict | None = None   # the simulated figures of this layout (GPUs), if it was planned
+    attention: str = "auto"   # --attn-implementation; parallel.load_model resolves it for the model and device
 
 
 def _toggle(value):
@@ -115,23 +118,59 @@ def training_kind(adapters):
     return "qlora" if adapters and adapters.quantize_4bit else "lora" if adapters else "full"
 
 
+def offload_choice(config):
+    """--cpu-offload as the plan takes it: QLoRA runs on one device without FSDP2, so it is never offered offload
+    (whose advice, torchrun, --qlora then refuses)."""
+    if training_kind(config.lora) == "qlora":
+        if config.parallel.cpu_offload == "on":
+            raise FinetuneError("--qlora runs on one device without FSDP2, which CPU offload needs; use "
+                                "--cpu-offload off (or auto)")
+        return False
+    return _toggle(config.parallel.cpu_offload)
+
+
 def simulated_plan(config, model_shape_dict, world_size, device_memory_gb, host_memory_gb):
     """memory.plan_candidates for this RunConfig: every candidate layout with its simulated memory, and the
-    choice."""
+    choice. When only offloaded layouts fit, the offloaded ones with activation checkpointing are simulated too and
+    the fitting layout with the least estimated step time wins (step_time: offload pays host traffic per
+    micro-batch, so fewer, larger micro-batches are faster)."""
     adapters, parallel = config.lora, config.parallel
     lora_kwargs = (dict(r=adapters.rank, lora_alpha=adapters.alpha, lora_dropout=adapters.dropout,
                         target_modules=list(lora.resolve_targets(model_size.meta_model(model_shape_dict),
                                                                  adapters.targets))) if adapters else None)
     adapter = {"full": "none"}.get(training_kind(adapters), training_kind(adapters))
-    try:
+    checkpointing = _toggle(parallel.activation_checkpointing)
+
+    def simulate(**overrides):
+        settings = {"checkpointing": checkpointing, "cpu_offload": offload_choice(config), **overrides}
         return memory.plan_candidates(model_shape_dict, world_size, config.training.batch_size,
                                       config.data.block_size, device_memory_gb, host_memory_gb, precision="bf16",
                                       adapter=adapter, lora=lora_kwargs, micro_batch_size=parallel.micro_batch_size,
-                                      checkpointing=_toggle(parallel.activation_checkpointing),
-                                      cpu_offload=_toggle(parallel.cpu_offload),
-                                      chunked_loss=parallel.chunked_loss != "off")
+                                      chunked_loss=parallel.chunked_loss != "off", **settings)
+    try:
+        result = simulate()
+        if result.chosen is None or not result.chosen.cpu_offload or checkpointing is not None:
+            return result
+        with_checkpointing = simulate(checkpointing=True, cpu_offload=True).candidates
     except ValueError as exc:
         raise FinetuneError(str(exc)) from None
+    candidates = [c for c in result.candidates if not (c.cpu_offload and c.checkpointing)] + with_checkpointing
+    chosen = step_time.fastest(candidates, count_parameters(model_shape_dict), world_size, config.data.block_size)
+    return memory.Plan(chosen, candidates, rule=result.rule + "; among offloaded layouts that fit, the least "
+                       "estimated step time (compute + host-device traffic)")
+
+
+def estimate_facts(result, model_shape_dict, world_size, block_size):
+    """The chosen layout's estimated step time as plan lines (a ranking figure, not a measurement)."""
+    if result.chosen is None:
+        return []
+    c = result.chosen
+    compute, traffic = step_time.step_seconds(count_parameters(model_shape_dict), world_size, c.micro_batch_size,
+                                              c.accumulation_steps, block_size, c.checkpointing, c.cpu_offload)
+    return [("estimated_step_seconds", round(compute + traffic, 1)),
+            ("estimated_step_breakdown", f"compute {compute:.1f} s at {step_time.ASSUMED_MFU:.0%} of "
+                                         f"{step_time.DEFAULT_PEAK_FLOPS / 1e12:g} TFLOP/s + host-device traffic "
+                                         f"{traffic:.1f} s at {step_time.HOST_LINK_BYTES_PER_S / 1e9:g} GB/s")]
 
 
 def plan_lines(result, header, facts=()):
@@ -172,7 +211,8 @@ def plan_only(config, backend):
               f"{config.data.block_size} tokens")
     facts = [("world_size", world), ("device_memory_gb", target.device_memory_gb),
              ("host_memory_gb", target.host_memory_gb), ("training", training), ("parameters", parameters),
-             ("trainable_parameters", trainable)]
+             ("trainable_parameters", trainable),
+             *estimate_facts(result, shape, world, config.data.block_size)]
     if backend.is_main:
         print("\n".join(plan_lines(result, header, facts)), flush=True)
     return 0
@@ -187,9 +227,11 @@ def _simulated_layout(config, backend):
     """The simulated plan for this job's own devices and host memory (printed), as layout entries."""
     device_gb = torch.cuda.get_device_properties(backend.device).total_memory / GIB
     local = int(os.environ.get("LOCAL_WORLD_SIZE", backend.world_size))
-    result = simulated_plan(config, model_shape(config.model.name_or_path, config.model.trust_remote_code), backend.world_size, device_gb,
+    shape = model_shape(config.model.name_or_path, config.model.trust_remote_code)
+    result = simulated_plan(config, shape, backend.world_size, device_gb,
                             host_memory_gb() * backend.world_size / max(1, local))
-    print("\n".join(plan_lines(result, "this job")), flush=True)
+    facts = estimate_facts(result, shape, backend.world_size, config.data.block_size)
+    print("\n".join(plan_lines(result, "this job", facts)), flush=True)
     if result.chosen is None:
         raise FinetuneError("no layout of this job fits its devices' memory (see the candidates above); "
                             "use more GPUs, --lora or --qlora, or a smaller --block-size")
@@ -210,7 +252,7 @@ def choose_layout(config, backend) -> Layout:
                                              parallel.micro_batch_size, backend.device.type, config.data.block_size)
     layout = Layout(micro_batch_size=micro, accumulation_steps=accumulation,
                     activation_checkpointing=parallel.activation_checkpointing == "on",
-                    cpu_offload=parallel.cpu_offload == "on",
+                    cpu_offload=bool(offload_choice(config)), attention=parallel.attn_implementation,
                     # fp32 logits of a whole micro-batch are GiBs for large vocabularies on GPUs; a CPU has room
                     chunked_loss=parallel.chunked_loss == "on" or (parallel.chunked_loss == "auto"
                                                                    and backend.device.type == "cuda"))
@@ -223,14 +265,15 @@ def choose_layout(config, backend) -> Layout:
     return layout
 
 
-def confirm_on_device(model, backend, config, layout: Layout) -> Layout:
-    """The final layout. On GPUs, unless --micro-batch-size is given: run real steps, halving the planned
-    micro-batch until one fits (the simulation counts tensors, not the allocator's fragmentation)."""
+def confirm_on_device(model, backend, config, layout: Layout, forward) -> Layout:
+    """The final layout. On GPUs, unless --micro-batch-size is given: measure real training steps (`forward`, the
+    script's) and take the largest micro-batch up to the planned one that fits (the simulation counts tensors, not
+    the allocator's fragmentation)."""
     if backend.device.type != "cuda" or config.parallel.micro_batch_size is not None:
         return layout
     per_rank = config.training.batch_size // backend.world_size
-    micro = probe_micro_batch(model, backend, layout.micro_batch_size, per_rank, config.data.block_size,
-                              cpu_offload=layout.cpu_offload)
+    micro = probe_micro_batch(model, backend, layout.micro_batch_size, per_rank, config.data.block_size, forward,
+                              optimizer_bytes=0 if layout.cpu_offload else optimizer_state_bytes(model))
     if micro == layout.micro_batch_size:
         return layout
     # the simulated figure was for the planned micro-batch
@@ -249,6 +292,8 @@ def describe_parallel_plan(model, backend, config, layout: Layout) -> dict:
             **dataclasses.asdict(layout),
             "dtype": "bf16 compute, fp32 master weights and reduction" if backend.mixed_precision == "bf16"
             else "fp32",
+            "saved_dtype": dtype_name(saved_dtype(config.checkpoint.save_dtype, backend.mixed_precision)),
+            "attention": getattr(model.config, "_attn_implementation", None),  # as resolved for model and device
             "training": "lora" if adapters else "full",
             "trainable_parameters": lora.count_trainable(model) if adapters else parameters}
     if backend.is_main:

@@ -1,5 +1,6 @@
-"""FSDP2 sharding: one unit per decoder layer plus the root. Training (`parallel.load_model`) and the memory
-simulation (`memory_step`) both call `shard_model`, so the plan simulates exactly the sharding that trains."""
+"""FSDP2 sharding: one unit per decoder layer, one for the input embedding, plus the root. Training
+(`parallel.load_model`) and the memory simulation (`memory_step`) both call `shard_model`, so the plan simulates
+exactly the sharding that trains."""
 import torch
 from torch.distributed.device_mesh import DeviceMesh
 
@@ -33,10 +34,26 @@ def shard_model(model: torch.nn.Module, bf16_compute: bool = False, cpu_offload:
         if compile_layers:
             layer.compile()
         fully_shard(layer, mesh=mesh, mp_policy=policy, offload_policy=offload)
+    embedding = own_unit_embedding(model)
+    if embedding is not None:
+        fully_shard(embedding, mesh=mesh, mp_policy=policy, offload_policy=offload)
     fully_shard(model, mesh=mesh, mp_policy=policy, offload_policy=offload)
     # Gradients are summed over ranks, not averaged: the loss is already normalised by the global token count.
     # Each unit keeps its own setting; force_sum keeps the reduction a plain SUM, which gloo supports.
-    for unit in [*layers, model]:
+    for unit in [*layers, *([embedding] if embedding is not None else []), model]:
         unit.set_gradient_divide_factor(1.0)
         unit.set_force_sum_reduction_for_comms(True)
     return layers
+
+
+def own_unit_embedding(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The input embedding, to shard as a unit of its own (Baichuan2 13B's is 0.64B parameters: in the root unit it
+    would stay gathered for the whole step). None when the output head shares its weight: one unit must hold it.
+
+    The output head stays in the root: the chunked loss reads its weight inside the root's forward."""
+    get = getattr(model, "get_input_embeddings", None)
+    embedding = get() if get else None
+    if not isinstance(embedding, torch.nn.Embedding):
+        return None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return None if head is not None and getattr(head, "weight", None) is embedding.weight else embedding
