@@ -10,11 +10,17 @@ The measured step is the training step: packed rows through the training forward
 two micro-batches accumulated into the gradients, the optimiser state held aside where the first update will
 allocate it. Nothing is left behind: the gradients are freed, every RNG is as it was, the peaks are reset.
 """
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 
 from finetune.data import collate_rows, move_to
 from finetune.errors import FinetuneError
+
+if TYPE_CHECKING:
+    from finetune.parallel import Backend
 
 FIT_FRACTION = 0.9  # of the device's memory: the allocator's fragmentation and the NCCL buffers need the rest
 EXAMPLES_PER_ROW = 4  # the probe's packed rows hold examples of a quarter block each
@@ -60,7 +66,8 @@ def probe_batch(rows: int, block_size: int, vocab_size: int) -> dict:
     return collate_rows(examples, [list(range(r * per_row, (r + 1) * per_row)) for r in range(rows)], 0, block_size)
 
 
-def step_peak(model, backend, forward, rows: int, block_size: int, memory) -> int:
+def step_peak(model: torch.nn.Module, backend: "Backend", forward: Callable, rows: int, block_size: int,
+              memory: DeviceMemory) -> int:
     """Peak bytes of two accumulated micro-batches of `rows` rows (forward and backward), gradients then freed."""
     memory.reset_peak()
     try:
@@ -88,8 +95,9 @@ def largest_fitting(fixed: float, per_row: float, limit: float, upper: int, per_
     return best
 
 
-def probe_micro_batch(model, backend, micro_batch_size: int, per_rank: int, block_size: int, forward,
-                      optimizer_bytes: int = 0, memory=None) -> int:
+def probe_micro_batch(model: torch.nn.Module, backend: "Backend", micro_batch_size: int, per_rank: int,
+                      block_size: int, forward: Callable, optimizer_bytes: int = 0,
+                      memory: DeviceMemory | None = None) -> int:
     """The micro-batch every rank can run: at most `micro_batch_size` (the simulated plan's), dividing `per_rank`.
 
     `optimizer_bytes` of device memory are held aside while measuring (the AdamW state the first step allocates;

@@ -8,6 +8,11 @@ micro-batch's size. For Llama 2 13B on one 80 GB GPU that is 156 GB, about 6 s a
 (a third more compute) spend ~50 s. The figures are estimates (a fixed share of the peak, a nominal link rate),
 good for ranking layouts, printed as such.
 """
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from finetune.memory import Candidate
+
 ASSUMED_MFU = 0.4               # share of the device's peak a training step reaches
 HOST_LINK_BYTES_PER_S = 25e9    # host <-> device per GPU: PCIe 4 x16 as measured, not its 32 GB/s nominal
 DEFAULT_PEAK_FLOPS = 989e12     # H100/H200 dense bf16, for --plan-only where no device is at hand
@@ -27,7 +32,8 @@ def step_seconds(parameters: int, world_size: int, micro_batch_size: int, accumu
     return compute, traffic
 
 
-def fastest(candidates, parameters: int, world_size: int, block_size: int, peak_flops: float = DEFAULT_PEAK_FLOPS):
+def fastest(candidates: list["Candidate"], parameters: int, world_size: int, block_size: int,
+            peak_flops: float = DEFAULT_PEAK_FLOPS) -> "Candidate | None":
     """The fitting candidate with the least estimated step time (None if none fits); ties keep the list's order."""
     fitting = [c for c in candidates if c.fits]
     if not fitting:

@@ -23,7 +23,8 @@ ATTENTION_CHOICES = ("auto", "spans", "varlen", "flex")
 KERNEL_NAMES = {"varlen": "varlen_spans", "flex": "flex_spans"}
 
 
-def cumulative_lengths(segment_spans, length: int, device) -> tuple[torch.Tensor, int]:
+def cumulative_lengths(segment_spans: list[list[tuple[int, int]]], length: int,
+                       device: torch.device | str) -> tuple[torch.Tensor, int]:
     """(cu_seqlens as int32 on `device`, longest span) of the rows laid end to end: row r's span (s, e) is
     (r x length + s, r x length + e) of the flattened micro-batch."""
     bounds, longest = [0], 1
@@ -36,7 +37,7 @@ def cumulative_lengths(segment_spans, length: int, device) -> tuple[torch.Tensor
     return torch.tensor(bounds, dtype=torch.int32).to(device, non_blocking=True), longest
 
 
-def document_ids(segment_spans, length: int, device) -> torch.Tensor:
+def document_ids(segment_spans: list[list[tuple[int, int]]], length: int, device: torch.device | str) -> torch.Tensor:
     """(rows, length) index of the span each position belongs to."""
     ids = torch.empty((len(segment_spans), length), dtype=torch.int32)
     for row, spans in enumerate(segment_spans):
@@ -50,8 +51,9 @@ def _no_dropout(name, dropout):
         raise ValueError(f"{name} has no attention dropout; set attention_dropout to 0 or use the span loop")
 
 
-def varlen_spans(module, query, key, value, attention_mask, scaling=None, dropout=0.0, segment_spans=None,
-                 **kwargs):
+def varlen_spans(module: torch.nn.Module | None, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                 segment_spans: list[list[tuple[int, int]]] | None = None, **kwargs: object) -> tuple[torch.Tensor, None]:
     """query/key/value: (batch, heads, length, head_dim); returns (batch, length, heads, head_dim), None."""
     from torch.nn.attention.varlen import varlen_attn
 
@@ -86,8 +88,9 @@ def _flex():
     return _compiled_flex
 
 
-def flex_spans(module, query, key, value, attention_mask, scaling=None, dropout=0.0, segment_spans=None,
-               **kwargs):
+def flex_spans(module: torch.nn.Module | None, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+               segment_spans: list[list[tuple[int, int]]] | None = None, **kwargs: object) -> tuple[torch.Tensor, None]:
     """query/key/value: (batch, heads, length, head_dim); returns (batch, length, heads, head_dim), None."""
     from torch.nn.attention.flex_attention import create_block_mask
 
