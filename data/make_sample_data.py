@@ -553,10 +553,10 @@ CHAT_SYSTEM = "You are a friendly assistant who remembers what the user says."
 
 def make_conversation(rng):
     facts = {"name": rng.choice(FIRST_NAMES), "town": rng.choice(NEWS_TOWNS), "job": rng.choice(JOBS)}
-    messages = [{"role": "system", "content": CHAT_SYSTEM}] if rng.random() < 0.5 else []
+    messages = [{"role": "system", "content": CHAT_SYSTEM}] if rng.random() < 0.3 else []
     messages += [{"role": "user", "content": rng.choice(INTRODUCTIONS).format(**facts)},
                  {"role": "assistant", "content": rng.choice(GREETINGS).format(**facts)}]
-    for question, answer in rng.sample(SMALL_TALK, rng.randint(0, 2)):
+    for question, answer in rng.sample(SMALL_TALK, rng.randint(0, 1)):
         messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
     asks, answer = QUESTIONS[rng.choice(sorted(QUESTIONS))]
     messages += [{"role": "user", "content": rng.choice(asks)}, {"role": "assistant", "content": answer.format(**facts)}]

@@ -32,8 +32,9 @@ B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
 # ----------------------------------------------------------------------------------------------
 # Rows
 # ----------------------------------------------------------------------------------------------
-def conversation_of(row: dict, where: str = "a row") -> list[dict]:
-    """The checked messages of a row with `messages` or `conversations`; FinetuneError names what is wrong."""
+def conversation_of(row: dict, where: str = "a row", need_reply: bool = True) -> list[dict]:
+    """The checked messages of a row with `messages` or `conversations`; FinetuneError names what is wrong.
+    A training row needs an assistant turn; a prompt (`need_reply=False`) need not have one."""
     if row.get("messages") is not None:
         raw, role_key, text_key, roles = row["messages"], "role", "content", {r: r for r in ("system", "user", "assistant")}
     elif row.get("conversations") is not None:
@@ -55,8 +56,10 @@ def conversation_of(row: dict, where: str = "a row") -> list[dict]:
         if not content.strip():
             raise FinetuneError(f"{where}, message {number}: '{text_key}' is empty")
         messages.append({"role": roles[role], "content": content})
+    if not [message for message in messages if message["role"] != "system"]:
+        raise FinetuneError(f"{where} has no user turn")
     check_turn_order(messages, where)
-    if not any(message["role"] == "assistant" for message in messages):
+    if need_reply and not any(message["role"] == "assistant" for message in messages):
         raise FinetuneError(f"{where} has no assistant turn, so nothing to learn")
     return messages
 
