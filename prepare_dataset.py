@@ -170,12 +170,12 @@ def recipe_columns(recipe_name, split, split_name):
     """Only the columns the recipe reads, in one layout per recipe, so that several sources can be mixed."""
     if recipe_name == "chat":
         return normalize_conversations(split, split_name)
-    from datasets import DatasetDict, Value
+    from datasets import DatasetDict, Features, Value
 
     columns = RECIPES[recipe_name]["columns"]
     check_columns(DatasetDict({split_name: split}), recipe_name, columns)
     kept = split.select_columns(list(columns))
-    return kept.cast(kept.features.copy() | {name: Value("string") for name in columns})
+    return kept.cast(Features({name: Value("string") for name in columns}))
 
 
 def load_sources(args, recipe, dataset_names, config_name):

@@ -82,8 +82,8 @@ def prepare_chat(tokenizer, raw_dataset_dict, block_size=1024, chat_format_name=
     if max_examples:
         raw_dataset_dict = DatasetDict({name: split.select(range(min(max_examples, len(split))))
                                         for name, split in raw_dataset_dict.items()})
-    raw = split_train_validation(raw_dataset_dict, seed=seed, validation_fraction=validation_fraction)
-    raw = DatasetDict({name: normalize_conversations(split, name) for name, split in raw.items()})
+    checked = DatasetDict({name: normalize_conversations(split, name) for name, split in raw_dataset_dict.items()})
+    raw = split_train_validation(checked, seed=seed, validation_fraction=validation_fraction)
     started = time.perf_counter()
     tokenized = raw.map(tokenize_conversations, batched=True, batch_size=256, remove_columns=["messages"],
                         fn_kwargs=dict(fmt=fmt, block_size=block_size, last_only=train_on_turns == "last"),
