@@ -165,12 +165,16 @@ def generation_budget(model, prompt_length, max_new_tokens):
     return min(max_new_tokens, room)
 
 
-def generate(model, tokenizer, ids, args, eos_ids, sample):
-    """The continuation of `ids` as text: greedy, or sampled with --temperature/--top-p/--top-k."""
+def check_prompt(model, ids, args):
+    """The prompt's ids must be in the model's vocabulary. Returns how many tokens may follow it."""
     vocab = model.get_input_embeddings().num_embeddings
     require(max(ids) < vocab, f"the prompt has token id {max(ids)} but the model only {vocab} embeddings: the "
                               f"tokenizer{' (or the --chat format)' if args.chat else ''} does not match the model")
-    max_new_tokens = generation_budget(model, len(ids), args.max_new_tokens)
+    return generation_budget(model, len(ids), args.max_new_tokens)
+
+
+def generate(model, tokenizer, ids, args, eos_ids, sample, max_new_tokens):
+    """The continuation of `ids` as text: greedy, or sampled with --temperature/--top-p/--top-k."""
     input_ids = torch.tensor([ids], device=model.device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     settings = dict(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k) if sample \
@@ -203,7 +207,8 @@ def interactive_chat(model, tokenizer, args):
         history.append({"role": "user", "content": line})
         ids = fmt.prompt(history)
         torch.manual_seed(args.seed + len(history))
-        reply = generate(model, tokenizer, ids, args, fmt.end_of_turn_ids(), sample=True).strip()
+        reply = generate(model, tokenizer, ids, args, fmt.end_of_turn_ids(), True, check_prompt(model, ids, args))
+        reply = reply.strip()
         print(f"model> {reply}   ({len(ids)} prompt tokens)", flush=True)
         history.append({"role": "assistant", "content": reply or "..."})
 
@@ -231,10 +236,11 @@ def main(argv=None):
 
     ids = prompt_ids(tokenizer, args.recipe, example, args.chat and args.chat_format)
     eos_ids = chat_format(tokenizer, args.chat_format).end_of_turn_ids() if args.chat else tokenizer.eos_token_id
+    max_new_tokens = check_prompt(model, ids, args)
     print(f"--- prompt ({len(ids)} tokens) ---\n{tokenizer.decode(ids, skip_special_tokens=True)}")
-    greedy = generate(model, tokenizer, ids, args, eos_ids, sample=False)
+    greedy = generate(model, tokenizer, ids, args, eos_ids, False, max_new_tokens)
     torch.manual_seed(args.seed)
-    sampled = generate(model, tokenizer, ids, args, eos_ids, sample=True)
+    sampled = generate(model, tokenizer, ids, args, eos_ids, True, max_new_tokens)
     for name, text in (("greedy", greedy), ("sampled", sampled)):
         print(f"--- {name} ---\n{text}")
     return 0
