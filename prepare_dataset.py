@@ -181,6 +181,8 @@ def recipe_columns(recipe_name, split, split_name):
 def load_sources(args, recipe, dataset_names, config_name):
     """The raw data: one source as it is, several mixed by --dataset-weights. Returns (DatasetDict, mixing report)."""
     weights = check_weights(dataset_names, args.dataset_weights)
+    if len(set(dataset_names)) < len(dataset_names):
+        raise FinetuneError("a source is named twice in --dataset-name-or-path; give it a larger weight instead")
     if len(dataset_names) == 1:
         return load_raw_dataset(dataset_names[0], config_name), None
     sources = {}
@@ -190,8 +192,6 @@ def load_sources(args, recipe, dataset_names, config_name):
             raw = raw.__class__({split: rows.select(range(min(args.max_examples, len(rows))))
                                  for split, rows in raw.items()})
         sources[name] = raw.__class__({split: recipe_columns(args.recipe, rows, split) for split, rows in raw.items()})
-    if len(sources) < len(dataset_names):
-        raise FinetuneError("a source is named twice in --dataset-name-or-path; give it a larger weight instead")
     return mix_sources(sources, weights, seed=args.seed, validation_fraction=args.validation_fraction)
 
 

@@ -60,5 +60,5 @@ def mix_sources(sources: dict, weights: list[float], seed: int = 0, validation_f
 
 def format_mixing_report(report: list[dict]) -> str:
     return "\n".join(f"  source {row['source']}: weight {row['weight']:g} ({row['share']:.1%} of the mixture), "
-                     f"{row['rows']} training rows used {row['rows_used']} times in all "
-                     f"({row['times_used']:g} each)" for row in report)
+                     f"{row['rows']} training rows -> {row['rows_used']} drawn ({row['times_used']:g} times each)"
+                     for row in report)

@@ -134,3 +134,19 @@ def test_readme_chat_quick_start_runs_as_written(tmp_path):
         outputs.append(result.stdout)
     assert "chat format llama2" in outputs[0]
     assert "--- greedy ---" in outputs[-1] and "Which town do I live in?" in outputs[-1]
+
+
+def test_chat_recall_benchmark_scores_held_out_questions(tiny_run):
+    """The benchmark scores the held-out conversations' last questions; the figures are its business, not ours."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("demo_chat_recall", REPO_ROOT / "benchmarks" / "demo_chat_recall.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    conversations = bench.held_out_conversations(limit=3)
+    assert len(conversations) == 3
+    for messages, fact in conversations:
+        assert messages[-1]["role"] == "user" and fact in " ".join(m["content"] for m in messages[:3])
+        assert fact not in " ".join(m["content"] for m in bench.without_introduction(messages))
+    figures = bench.main(["--limit", "3", "--max-new-tokens", "2"])
+    assert figures["conversations"] == 3 and 0 <= figures["before"] <= 1
