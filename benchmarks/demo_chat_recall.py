@@ -11,7 +11,9 @@ prompted with the same code as `inference.py --chat` (the chat format `auto` pic
 reply counts as right when it holds the asked fact. Scored: the untrained demo model ("before", the weights
 `--demo` starts from), the trained one ("after"), and the trained one with the first round (the introduction)
 removed from the prompt: without the history the fact can only be guessed, and the best guess (the commonest
-answer among the held-out questions) is printed as the no-history baseline. It prints figures; it judges nothing.
+answer among the held-out questions) is printed as the no-history baseline. Also scored, before and after: the
+reply to the introduction itself ("greeting"), right when it repeats the name the user gave in that turn.
+It prints figures; it judges nothing.
 The last line printed is one JSON object with the figures.
 """
 import argparse
@@ -46,6 +48,16 @@ def parse_args(argv=None):
     if args.max_new_tokens <= 0 or (args.limit is not None and args.limit <= 0):
         raise SystemExit("error: --max-new-tokens and --limit must be positive")
     return args
+
+
+def greetings(conversations):
+    """(messages up to the introduction, the user's name) of each conversation: the greeting repeats the name."""
+    found = []
+    for messages, _ in conversations:
+        start = 1 if messages[0]["role"] == "system" else 0
+        greeting = messages[start + 1]["content"].replace("Nice to meet you, ", "Hello ")  # "Hello Maria, ..."
+        found.append((messages[:start + 1], greeting.split(",")[0].split(".")[0].split()[-1]))
+    return found
 
 
 def held_out_conversations(limit=None):
@@ -90,11 +102,14 @@ def main(argv=None):
     facts = Counter(fact for _, fact in conversations)
     figures = {"conversations": len(conversations),
                "no_history_baseline": round(facts.most_common(1)[0][1] / len(conversations), 3)}
-    runs = [("before", demo.ensure_demo_model("llama2"), False)]
+    runs = [("before", demo.ensure_demo_model("llama2"), conversations, False),
+            ("greeting_before", demo.ensure_demo_model("llama2"), greetings(conversations), False)]
     if args.model_dir:
-        runs += [("after", args.model_dir, False), ("after_without_introduction", args.model_dir, True)]
-    for name, model_dir, drop_history in runs:
-        accuracy, (question, fact, reply) = recall(model_dir, conversations, args.max_new_tokens, drop_history)
+        runs += [("after", args.model_dir, conversations, False),
+                 ("after_without_introduction", args.model_dir, conversations, True),
+                 ("greeting_after", args.model_dir, greetings(conversations), False)]
+    for name, model_dir, questions, drop_history in runs:
+        accuracy, (question, fact, reply) = recall(model_dir, questions, args.max_new_tokens, drop_history)
         figures[name] = round(accuracy, 3)
         print(f"{name}: {accuracy:.3f} of {len(conversations)} replies hold the fact "
               f"(e.g. {question!r} -> {reply!r}; the fact: {fact!r})")
