@@ -3,11 +3,15 @@
   python inference.py --model-dir ./llama2_13b_finetuned --recipe llama2 \
       --example '{"article": "The city council voted on Tuesday to ..."}'
   python inference.py --model-dir ./baichuan2_demo_output --recipe baichuan2 --example-file data/baichuan2_sample.jsonl --index 3
-  python inference.py --model-dir ./baichuan2_13b_finetuned --recipe baichuan2 --chat --example '{"instruction": "..."}'
+  python inference.py --model-dir ./chat_demo_output --chat --example-file data/chat_sample.jsonl --index 3
+  python inference.py --model-dir ./chat_demo_output --chat      # on a terminal: a multi-turn chat
 
 The prompt is built by the same recipe function as the training data (prepare_dataset.py), with the response
-left empty, so the model sees exactly what it was trained to continue. `--chat` uses Baichuan2's own chat
-format (user/assistant tokens) instead.
+left empty, so the model sees exactly what it was trained to continue. `--chat` builds it with the chat code of
+`prepare_dataset.py chat` instead (finetune/chat.py, --chat-format): the example is a conversation (`messages` or
+`conversations`; a recipe row's first prompt column is taken as one user turn), prompted up to its last user turn,
+and generation stops at the format's end-of-turn token. With no example on a terminal, --chat is an interactive
+chat that keeps the history (/reset starts over, /quit or Ctrl-D ends).
 """
 import argparse
 import json
@@ -19,7 +23,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import modeling_baichuan  # noqa: F401  (registers Baichuan with the Auto classes)
-from finetune.demo import DEMO_SAMPLE_FILES
+from finetune.chat import CHAT_FORMATS, chat_format, conversation_of
+from finetune.demo import DEMO_CHAT_FILE, DEMO_SAMPLE_FILES
 from finetune.errors import exit_on_error
 from finetune.hub import looks_like_path, require_local_or_reachable, root_cause_message
 from finetune.preparation import leading_special_ids, require
@@ -39,7 +44,12 @@ def parse_args(argv=None):
     p.add_argument("--example", help="the example as JSON, with the recipe's prompt columns")
     p.add_argument("--example-file", help="a .jsonl file of examples (default: the bundled sample data)")
     p.add_argument("--index", type=int, default=0, help="which line of --example-file (default 0)")
-    p.add_argument("--chat", action="store_true", help="Baichuan2 chat format instead of the recipe prompt")
+    p.add_argument("--chat", action="store_true",
+                   help="a conversation in the model's chat format (see --chat-format) instead of the recipe prompt; "
+                        "interactive on a terminal when no example is given")
+    p.add_argument("--chat-format", choices=CHAT_FORMATS, default="auto",
+                   help="--chat layout, as in prepare_dataset.py chat (default auto: baichuan2 for Baichuan "
+                        "tokenizers, else the tokenizer's chat template if it has one, else llama2)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate (default 128)")
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default 0.7)")
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default 0.9)")
@@ -68,7 +78,7 @@ def load_example(args):
         except ValueError as exc:
             raise SystemExit(f"error: --example is not valid JSON ({exc})") from None
     else:
-        path = args.example_file or DEMO_SAMPLE_FILES.get(args.recipe)
+        path = args.example_file or (DEMO_CHAT_FILE if args.chat else DEMO_SAMPLE_FILES.get(args.recipe))
         if path is None:
             raise SystemExit(f"error: no bundled examples for recipe {args.recipe!r}; pass --example or --example-file")
         try:
@@ -86,8 +96,22 @@ def load_example(args):
     return example
 
 
+def chat_messages(example, recipe):
+    """The conversation to prompt with: the example's messages up to its last user turn (a recipe row: its first
+    prompt column as the one user turn)."""
+    if "messages" not in example and "conversations" not in example:
+        check_example(example, recipe, chat=True)
+        example = {"messages": [{"role": "user", "content": example[RECIPES[recipe]["columns"][0]]}]}
+    messages = conversation_of(example, "the example", need_reply=False)
+    last_user = max(index for index, message in enumerate(messages) if message["role"] == "user")
+    return messages[:last_user + 1]
+
+
 def check_example(example, recipe, chat):
     """The columns the prompt needs must be there and hold text (checked before the slow model load)."""
+    if chat and ("messages" in example or "conversations" in example):
+        chat_messages(example, recipe)
+        return
     prompt_columns = RECIPES[recipe]["columns"][:-1]
     needed = prompt_columns[:1] if chat else prompt_columns
     missing = [c for c in needed if c not in example]
@@ -96,14 +120,14 @@ def check_example(example, recipe, chat):
     require(not not_text, f"the example's column(s) {not_text} must hold text")
 
 
-def prompt_ids(tokenizer, recipe, example, chat):
-    """Token ids of the prompt, exactly as the training data laid them out before the response."""
+def prompt_ids(tokenizer, recipe, example, chat=None):
+    """Token ids of the prompt, exactly as the training data laid them out before the response. `chat`: the name
+    of a chat format (or True for auto), for a conversation."""
+    chat = "auto" if chat is True else chat
     check_example(example, recipe, chat)
-    columns = RECIPES[recipe]["columns"]
-    prompt_columns, response_column = columns[:-1], columns[-1]
     if chat:
-        question = example[prompt_columns[0]]
-        return modeling_baichuan.build_chat_input(tokenizer, [{"role": "user", "content": question}])
+        return chat_format(tokenizer, chat).prompt(chat_messages(example, recipe))
+    response_column = RECIPES[recipe]["columns"][-1]
     parts = RECIPES[recipe]["build_prompt"](dict(example, **{response_column: ""}))
     text = parts["head"] + parts["body"] + parts["tail"]
     return leading_special_ids(tokenizer) + tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -147,15 +171,63 @@ def generation_budget(model, prompt_length, max_new_tokens):
     return min(max_new_tokens, room)
 
 
+def check_prompt(model, ids, args):
+    """The prompt's ids must be in the model's vocabulary. Returns how many tokens may follow it."""
+    vocab = model.get_input_embeddings().num_embeddings
+    require(max(ids) < vocab, f"the prompt has token id {max(ids)} but the model only {vocab} embeddings: the "
+                              f"tokenizer{' (or the --chat format)' if args.chat else ''} does not match the model")
+    return generation_budget(model, len(ids), args.max_new_tokens)
+
+
+def generate(model, tokenizer, ids, args, eos_ids, sample, max_new_tokens):
+    """The continuation of `ids` as text: greedy, or sampled with --temperature/--top-p/--top-k."""
+    input_ids = torch.tensor([ids], device=model.device)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    settings = dict(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k) if sample \
+        else dict(do_sample=False)
+    with torch.no_grad():
+        output = model.generate(input_ids, max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_ids,
+                                attention_mask=torch.ones_like(input_ids), **settings)
+    return tokenizer.decode(output[0, len(ids):], skip_special_tokens=True)
+
+
+def interactive_chat(model, tokenizer, args):
+    """A multi-turn chat on the terminal: every turn is prompted with the whole conversation so far."""
+    fmt = chat_format(tokenizer, args.chat_format)
+    print(f"chat format {fmt.name}; /reset starts over, /quit or Ctrl-D ends", flush=True)
+    history = []
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            print()
+            return 0
+        if line == "/quit":
+            return 0
+        if line == "/reset":
+            history = []
+            print("(conversation cleared)", flush=True)
+            continue
+        if not line:
+            continue
+        history.append({"role": "user", "content": line})
+        ids = fmt.prompt(history)
+        torch.manual_seed(args.seed + len(history))
+        reply = generate(model, tokenizer, ids, args, fmt.end_of_turn_ids(), True, check_prompt(model, ids, args))
+        reply = reply.strip()
+        print(f"model> {reply}   ({len(ids)} prompt tokens)", flush=True)
+        history.append({"role": "assistant", "content": reply or "..."})
+
+
 @exit_on_error
 def main(argv=None):
     args = parse_args(argv)
-    example = load_example(args)
-    check_example(example, args.recipe, args.chat)
+    interactive = args.chat and args.example is None and args.example_file is None and sys.stdin.isatty()
+    example = None if interactive else load_example(args)
+    if example is not None:
+        check_example(example, args.recipe, args.chat)
     adapter = read_adapter(args.adapter, args.model_dir) if args.adapter else None
     tokenizer, model = load_model(args.model_dir, args.trust_remote_code)
-    require(not args.chat or model.config.model_type == "baichuan",
-            f"--chat is Baichuan2's chat format; {args.model_dir!r} holds a {model.config.model_type} model")
     if args.adapter:
         from peft import PeftModel
         check_targets_fit(*adapter, model, args.adapter, args.model_dir)
@@ -165,24 +237,17 @@ def main(argv=None):
             raise SystemExit(f"error: cannot apply the adapter {args.adapter!r}: {str(exc).splitlines()[0]}") from None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
+    if interactive:
+        return interactive_chat(model, tokenizer, args)
 
-    ids = prompt_ids(tokenizer, args.recipe, example, args.chat)
-    vocab = model.get_input_embeddings().num_embeddings
-    require(max(ids) < vocab, f"the prompt has token id {max(ids)} but the model only {vocab} embeddings: the "
-                              f"tokenizer{' (or the --chat format)' if args.chat else ''} does not match the model")
-    max_new_tokens = generation_budget(model, len(ids), args.max_new_tokens)
-    input_ids = torch.tensor([ids], device=device)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    common = dict(max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id,
-                  attention_mask=torch.ones_like(input_ids))
+    ids = prompt_ids(tokenizer, args.recipe, example, args.chat and args.chat_format)
+    eos_ids = chat_format(tokenizer, args.chat_format).end_of_turn_ids() if args.chat else tokenizer.eos_token_id
+    max_new_tokens = check_prompt(model, ids, args)
     print(f"--- prompt ({len(ids)} tokens) ---\n{tokenizer.decode(ids, skip_special_tokens=True)}")
-    with torch.no_grad():
-        greedy = model.generate(input_ids, do_sample=False, **common)
-        torch.manual_seed(args.seed)
-        sampled = model.generate(input_ids, do_sample=True, temperature=args.temperature, top_p=args.top_p,
-                                 top_k=args.top_k, **common)
-    for name, output in (("greedy", greedy), ("sampled", sampled)):
-        text = tokenizer.decode(output[0, len(ids):], skip_special_tokens=True)
+    greedy = generate(model, tokenizer, ids, args, eos_ids, False, max_new_tokens)
+    torch.manual_seed(args.seed)
+    sampled = generate(model, tokenizer, ids, args, eos_ids, True, max_new_tokens)
+    for name, text in (("greedy", greedy), ("sampled", sampled)):
         print(f"--- {name} ---\n{text}")
     return 0
 

@@ -3,6 +3,8 @@
     python prepare_dataset.py llama2      # summarisation (the Llama 2 tutorial; cnn_dailymail 3.0.0)
     python prepare_dataset.py baichuan2   # customer-support chat (the Baichuan2 tutorial; bitext)
     python prepare_dataset.py llama2 --demo --save-path /tmp/llama2_demo   # offline: tiny tokenizer, bundled data
+    python prepare_dataset.py chat --dataset-name-or-path chats.jsonl     # conversations (messages / conversations)
+    python prepare_dataset.py llama2 --dataset-name-or-path a.jsonl b.jsonl --dataset-weights 3 1   # a mixture
 
 A recipe is one small function that splits an example into four strings:
     head      fixed prompt text at the start                (always kept)
@@ -14,6 +16,8 @@ prompt, copy a recipe function and edit its strings; put part boundaries just be
 so that tokenizing the parts gives the same tokens as tokenizing the whole text.
 
 Loss is taken on the response and EOS only (prompt labels are -100) unless --train-on-prompt is given.
+The `chat` recipe takes conversations instead (finetune/chat.py): each row becomes one example in the model's
+own chat format, with the loss on every assistant reply and its end-of-turn token(s).
 The output is a datasets.DatasetDict written with save_to_disk (splits train and validation) plus a
 prepare_report.json with the numbers printed at the end.
 """
@@ -23,9 +27,12 @@ import argparse
 import datasets
 
 from finetune import demo
+from finetune.chat import CHAT_FORMATS
+from finetune.chat_data import format_chat_report, normalize_conversations, prepare_chat
 from finetune.errors import FinetuneError, error_line
 from finetune.dataset_output import claim_save_path, write_output
-from finetune.preparation import format_report, prepare, require
+from finetune.mixing import check_weights, format_mixing_report, mix_sources
+from finetune.preparation import check_columns, format_report, prepare, require
 from finetune.raw_data import load_raw_dataset, load_tokenizer
 
 
@@ -69,6 +76,15 @@ RECIPES = {
         "dataset_config": None,
         "save_path": "./baichuan2_dataset",
     },
+    # Conversations: no prompt function; the layout is the model's own chat format (--chat-format).
+    "chat": {
+        "columns": ("messages",),
+        "model": "meta-llama/Llama-2-13b-chat-hf",
+        "dataset": None,
+        "dataset_config": None,
+        "save_path": "./chat_dataset",
+        "demo_data": demo.DEMO_CHAT_FILE,
+    },
 }
 
 
@@ -77,6 +93,8 @@ RECIPES = {
 # ----------------------------------------------------------------------------------------------
 def demo_sample_file(recipe_name):
     """The bundled sample data of a recipe (--demo); other recipes bring their own --dataset-name-or-path."""
+    if RECIPES[recipe_name].get("demo_data"):
+        return RECIPES[recipe_name]["demo_data"]
     if recipe_name not in demo.DEMO_SAMPLE_FILES:
         columns = ", ".join(RECIPES[recipe_name]["columns"])
         raise FinetuneError(f"--demo has no bundled sample data for recipe '{recipe_name}'; pass "
@@ -95,15 +113,26 @@ def build_parser():
                     "(-100 where no loss is taken), saved with DatasetDict.save_to_disk.")
     parser.add_argument("recipe", choices=sorted(RECIPES),
                         help="llama2: summarisation ([SUMMARIZE] article [/SUMMARIZE] summary); "
-                             "baichuan2: customer-support chat ([INST] question ... [/INST] answer)")
+                             "baichuan2: customer-support chat ([INST] question ... [/INST] answer); "
+                             "chat: conversations (messages or conversations), in the model's own chat format")
     parser.add_argument("--model-name-or-path", default=None,
                         help="tokenizer: hub id or local folder (default: meta-llama/Llama-2-13b-hf for llama2, "
                              "baichuan-inc/Baichuan2-13B-Base for baichuan2; the demo tokenizer with --demo)")
-    parser.add_argument("--dataset-name-or-path", default=None,
+    parser.add_argument("--dataset-name-or-path", default=None, nargs="+",
                         help="hub id, or a local file (json, jsonl, csv, parquet, arrow) or folder (save_to_disk output "
                              "or data files); needs columns article, highlights (llama2) or instruction, category, "
-                             "intent, response (baichuan2). Default: cnn_dailymail 3.0.0 / bitext customer support; "
+                             "intent, response (baichuan2) or messages / conversations (chat). Several sources are "
+                             "mixed (see --dataset-weights). Default: cnn_dailymail 3.0.0 / bitext customer support; "
                              "the bundled sample with --demo")
+    parser.add_argument("--dataset-weights", type=float, nargs="+", default=None,
+                        help="one weight per source of --dataset-name-or-path: their proportions in the training "
+                             "mixture, over- or under-sampled with --seed (default: 1 each)")
+    parser.add_argument("--chat-format", choices=CHAT_FORMATS, default="auto",
+                        help="chat recipe: baichuan2 (its fine-tune.py layout, tokens 195/196), llama2 (Meta's "
+                             "[INST] <<SYS>> layout), template (the tokenizer's chat_template), or auto: baichuan2 "
+                             "for Baichuan tokenizers, else template if the tokenizer has one, else llama2")
+    parser.add_argument("--train-on-turns", choices=("all", "last"), default="all",
+                        help="chat recipe: loss on all assistant replies or only the last (default: all)")
     parser.add_argument("--dataset-config-name", default=None,
                         help="configuration of a hub data set (default: 3.0.0 for cnn_dailymail)")
     parser.add_argument("--block-size", type=int, default=1024,
@@ -135,7 +164,38 @@ def parse_args(argv=None):
             f"--validation-fraction must be in [0, 1), got {args.validation_fraction}")
     require(args.max_examples is None or args.max_examples >= 1,
             f"--max-examples must be a positive integer, got {args.max_examples}")
+    require(args.dataset_weights is None or args.dataset_name_or_path is not None or args.demo,
+            "--dataset-weights needs the sources in --dataset-name-or-path")
     return args
+
+
+def recipe_columns(recipe_name, split, split_name):
+    """Only the columns the recipe reads, in one layout per recipe, so that several sources can be mixed."""
+    if recipe_name == "chat":
+        return normalize_conversations(split, split_name)
+    from datasets import DatasetDict, Features, Value
+
+    columns = RECIPES[recipe_name]["columns"]
+    check_columns(DatasetDict({split_name: split}), recipe_name, columns)
+    kept = split.select_columns(list(columns))
+    return kept.cast(Features({name: Value("string") for name in columns}))
+
+
+def load_sources(args, recipe, dataset_names, config_name):
+    """The raw data: one source as it is, several mixed by --dataset-weights. Returns (DatasetDict, mixing report)."""
+    weights = check_weights(dataset_names, args.dataset_weights)
+    if len(set(dataset_names)) < len(dataset_names):
+        raise FinetuneError("a source is named twice in --dataset-name-or-path; give it a larger weight instead")
+    if len(dataset_names) == 1:
+        return load_raw_dataset(dataset_names[0], config_name), None
+    sources = {}
+    for name in dataset_names:
+        raw = load_raw_dataset(name, config_name)
+        if args.max_examples:
+            raw = raw.__class__({split: rows.select(range(min(args.max_examples, len(rows))))
+                                 for split, rows in raw.items()})
+        sources[name] = raw.__class__({split: recipe_columns(args.recipe, rows, split) for split, rows in raw.items()})
+    return mix_sources(sources, weights, seed=args.seed, validation_fraction=args.validation_fraction)
 
 
 def run(args):
@@ -143,26 +203,41 @@ def run(args):
     save_path = args.save_path or recipe["save_path"]
     if args.demo:  # the tiny demo tokenizer of the recipe's model family serves any recipe
         model = args.model_name_or_path or demo.ensure_demo_tokenizer(demo.family_of(recipe["model"]))
-        dataset_name = args.dataset_name_or_path or demo_sample_file(args.recipe)
+        dataset_names = args.dataset_name_or_path or [demo_sample_file(args.recipe)]
     else:
         model = args.model_name_or_path or recipe["model"]
-        dataset_name = args.dataset_name_or_path or recipe["dataset"]
+        dataset_names = args.dataset_name_or_path or [recipe["dataset"]]
+    if dataset_names == [None]:
+        raise FinetuneError(f"the {args.recipe} recipe has no default data set; pass --dataset-name-or-path")
     config_name = args.dataset_config_name
-    if config_name is None and dataset_name == recipe["dataset"]:
+    if config_name is None and dataset_names == [recipe["dataset"]]:
         config_name = recipe["dataset_config"]
 
     # Claimed before tokenization: a foreign folder or a concurrent run into the same path fails at once.
     with claim_save_path(save_path) as target:
         tokenizer = load_tokenizer(model, args.trust_remote_code)
-        raw = load_raw_dataset(dataset_name, config_name)
+        raw, mixing = load_sources(args, recipe, dataset_names, config_name)
         datasets.enable_progress_bars()  # loading stays quiet; tokenising shows its progress
-        dataset, report = prepare(args.recipe, recipe, tokenizer, raw, block_size=args.block_size,
-                                  train_on_prompt=args.train_on_prompt, seed=args.seed,
-                                  validation_fraction=args.validation_fraction, max_examples=args.max_examples)
+        max_examples = args.max_examples if mixing is None else None  # a mixture was capped per source
+        if args.recipe == "chat":
+            dataset, report = prepare_chat(tokenizer, raw, block_size=args.block_size,
+                                           chat_format_name=args.chat_format, train_on_turns=args.train_on_turns,
+                                           seed=args.seed, validation_fraction=args.validation_fraction,
+                                           max_examples=max_examples)
+        else:
+            dataset, report = prepare(args.recipe, recipe, tokenizer, raw, block_size=args.block_size,
+                                      train_on_prompt=args.train_on_prompt, seed=args.seed,
+                                      validation_fraction=args.validation_fraction, max_examples=max_examples)
         report["tokenizer"] = str(model)
-        report["dataset"] = str(dataset_name)
+        report["dataset"] = " ".join(map(str, dataset_names))
+        if mixing is not None:
+            report["sources"] = mixing
         written = write_output(dataset, report, target)
     print(format_report(report))
+    if args.recipe == "chat":
+        print(format_chat_report(report))
+    if mixing is not None:
+        print(format_mixing_report(mixing))
     print(f"saved to {written}")
     return written
 

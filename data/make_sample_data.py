@@ -1,9 +1,12 @@
-"""Write the bundled sample data sets (data/llama2_sample.jsonl, data/baichuan2_sample.jsonl).
+"""Write the bundled sample data sets (data/llama2_sample.jsonl, data/baichuan2_sample.jsonl, data/chat_sample.jsonl).
 
 Both files are small, made-up stand-ins for the tutorials' data sets so that the demo runs offline:
   * llama2_sample.jsonl   - short news-like articles with two-sentence highlights (columns article, highlights)
   * baichuan2_sample.jsonl - customer-support requests and answers
                             (columns instruction, category, intent, response)
+  * chat_sample.jsonl     - multi-turn conversations (column messages): the user says who they are in the first
+                            turn, small talk follows, and the last question can only be answered from that
+                            first turn (their name, town or job), so learning it needs the history
 The text comes from the templates and word lists below, filled in with a seeded random generator, so
 running this script again gives byte-identical files:  python data/make_sample_data.py
 The highlights restate each article's key facts in a fixed pattern per topic: a tiny model learns the
@@ -17,6 +20,7 @@ from pathlib import Path
 DATA_DIR = Path(__file__).resolve().parent
 NUM_ARTICLES = 2000
 NUM_SUPPORT_DIALOGUES = 400
+NUM_CONVERSATIONS = 1500
 
 # ----------------------------------------------------------------------------------------------
 # News articles
@@ -524,6 +528,41 @@ def make_support_dialogue(rng):
     return {"instruction": instruction, "category": category, "intent": intent, "response": response}
 
 
+# ----------------------------------------------------------------------------------------------
+# Conversations that need their history
+# ----------------------------------------------------------------------------------------------
+INTRODUCTIONS = ["Hi, I am {name}. I live in {town} and I work as a {job}.",
+                 "Hello! My name is {name}, I am a {job} from {town}.",
+                 "Good morning. I'm {name}, a {job}, and my home is in {town}."]
+GREETINGS = ["Nice to meet you, {name}. How can I help you today?",
+             "Hello {name}, welcome. What can I do for you?"]
+SMALL_TALK = [
+    ("Can you recommend a good book?", "Many readers enjoy a short novel on a quiet evening."),
+    ("What should I cook tonight?", "A simple soup with fresh bread is quick and warm."),
+    ("Is it a good day for a walk?", "A short walk in the afternoon is always a good idea."),
+    ("How do I get better sleep?", "Go to bed at the same time every night and keep the room dark."),
+    ("Any tips for saving money?", "Write down what you spend each week and set a small goal."),
+]
+QUESTIONS = {
+    "town": (["Which town do I live in?", "Where is my home?"], "You live in {town}."),
+    "name": (["What is my name?", "Do you remember my name?"], "Your name is {name}."),
+    "job": (["What is my job?", "What do I do for work?"], "You work as a {job}."),
+}
+CHAT_SYSTEM = "You are a friendly assistant who remembers what the user says."
+
+
+def make_conversation(rng):
+    facts = {"name": rng.choice(FIRST_NAMES), "town": rng.choice(NEWS_TOWNS), "job": rng.choice(JOBS)}
+    messages = [{"role": "system", "content": CHAT_SYSTEM}] if rng.random() < 0.3 else []
+    messages += [{"role": "user", "content": rng.choice(INTRODUCTIONS).format(**facts)},
+                 {"role": "assistant", "content": rng.choice(GREETINGS).format(**facts)}]
+    for question, answer in rng.sample(SMALL_TALK, rng.randint(0, 1)):
+        messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    asks, answer = QUESTIONS[rng.choice(sorted(QUESTIONS))]
+    messages += [{"role": "user", "content": rng.choice(asks)}, {"role": "assistant", "content": answer.format(**facts)}]
+    return {"messages": messages}
+
+
 def write_jsonl(path, rows):
     with open(path, "w", encoding="utf-8") as handle:
         for row in rows:
@@ -535,6 +574,8 @@ def main():
     write_jsonl(DATA_DIR / "llama2_sample.jsonl", [make_article(rng) for _ in range(NUM_ARTICLES)])
     rng = random.Random(20240602)
     write_jsonl(DATA_DIR / "baichuan2_sample.jsonl", [make_support_dialogue(rng) for _ in range(NUM_SUPPORT_DIALOGUES)])
+    rng = random.Random(20240603)
+    write_jsonl(DATA_DIR / "chat_sample.jsonl", [make_conversation(rng) for _ in range(NUM_CONVERSATIONS)])
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ DEMO_SAMPLE_FILES = {
     "llama2": str(REPO_ROOT / "data" / "llama2_sample.jsonl"),
     "baichuan2": str(REPO_ROOT / "data" / "baichuan2_sample.jsonl"),
 }
+DEMO_CHAT_FILE = str(REPO_ROOT / "data" / "chat_sample.jsonl")  # conversations (prepare_dataset.py chat --demo)
 # Bump when the way an asset is built changes; the cache key also hashes the inputs (sample data, code).
 DEMO_ASSETS_VERSION = "1"
 DEMO_VOCAB_SIZE = 4000

@@ -370,9 +370,11 @@ def test_inference_chat_prompt_uses_the_baichuan_chat_tokens(tiny_run):
     import inference
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(tiny_run["baichuan"])
-    ids = inference.prompt_ids(tokenizer, "baichuan2", {"instruction": "w5 w6"}, chat=True)
+    from finetune import demo
+
+    ids = inference.prompt_ids(demo.load_demo_tokenizer("baichuan2"), "baichuan2", {"instruction": "w5 w6"}, chat=True)
     assert ids[0] == 195 and ids[-1] == 196
+    tokenizer = AutoTokenizer.from_pretrained(tiny_run["baichuan"])
     recipe_ids = inference.prompt_ids(tokenizer, "baichuan2",
                                       {"instruction": "w5", "category": "w7", "intent": "w8"}, chat=False)
     assert 195 not in recipe_ids
