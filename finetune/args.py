@@ -3,6 +3,7 @@ import argparse
 import math
 import os
 import sys
+from collections.abc import Callable, Sequence
 
 from finetune.config import RunConfig, from_flags
 from finetune.data import BATCHING_MODES
@@ -20,7 +21,9 @@ MAX_BATCH_ROWS = 2 ** 20      # rows per optimiser step: a billion tokens at --b
 MAX_LORA_RANK = 8192          # the widest layers here (Llama 2 70B) are 8192: a higher rank adds nothing
 
 
-def parse_run_config(description, defaults, demo_defaults, demo_assets=None, argv=None) -> RunConfig:
+def parse_run_config(description: str, defaults: dict, demo_defaults: dict,
+                     demo_assets: Callable[[int], tuple[str, str]] | None = None,
+                     argv: Sequence[str] | None = None) -> RunConfig:
     """The frozen RunConfig of a training script's command line. With --demo, `demo_assets(block_size)` gives
     (model folder, prepared dataset folder) of the embedded tiny model and sample data for the paths not given."""
     args = parse_training_args(description, defaults, demo_defaults, argv)
@@ -31,7 +34,8 @@ def parse_run_config(description, defaults, demo_defaults, demo_assets=None, arg
     return from_flags(args)
 
 
-def parse_training_args(description, defaults, demo_defaults, argv=None):
+def parse_training_args(description: str, defaults: dict, demo_defaults: dict,
+                        argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse the flags of a training script; `defaults` hold the tutorial's values, `demo_defaults` those of
     --demo. A flag the user gives always wins over both."""
     flag_names = {"save_dir": "save-model-dir"}
@@ -173,7 +177,7 @@ NUMBER_RANGES = [
 ]
 
 
-def check_numbers(args):
+def check_numbers(args: argparse.Namespace) -> None:
     """One line for the first numeric flag outside its range (NaN and infinity included), and for a global
     batch that the torchrun processes cannot share: caught before any process group starts. (Under torchrun
     every rank reaches the same verdict; `parallel.errors_from_rank0` lets only rank 0 print it.)"""

@@ -5,6 +5,7 @@ resumed run is compared against the settings a checkpoint fixes (`RunConfig.fixe
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -119,7 +120,7 @@ class RunConfig:
                 "epochs": None if self.training.max_steps else self.training.epochs}
 
 
-def from_flags(args) -> RunConfig:
+def from_flags(args: argparse.Namespace) -> RunConfig:
     """The RunConfig of parsed, checked and defaulted training flags (finetune.args)."""
     lora = None
     if args.lora:

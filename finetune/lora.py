@@ -15,6 +15,7 @@ import os
 import re
 import warnings
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 
@@ -28,6 +29,13 @@ AUTO_TARGETS = "auto"  # --lora-target-modules default: the model's own decoder 
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
+class _Placement(Protocol):
+    """What these helpers read of parallel.Backend (which imports this module, so it is not imported here)."""
+    engine: str
+    device: torch.device
+    mixed_precision: str
+
+
 @dataclass(frozen=True)
 class LoraSettings:
     """The adapter shape and how the base is held: the `lora` section of the run configuration."""
@@ -39,7 +47,7 @@ class LoraSettings:
     base: str                 # hub id or folder of the base model, named in the saved adapter
     trust_remote_code: bool = False
 
-    def record(self):
+    def record(self) -> dict[str, Any]:
         """What a checkpoint stores of the adapters: a resumed run must train adapters of the same shape, scale
         and dropout. The targets are a set: the order they were named in changes nothing."""
         return {"kind": "qlora" if self.quantize_4bit else "lora", "rank": self.rank, "alpha": self.alpha,
@@ -51,7 +59,7 @@ RESUME_FLAGS = {"kind": "--lora/--qlora", "rank": "--lora-rank", "alpha": "--lor
                 "dropout": "--lora-dropout", "targets": "--lora-target-modules"}
 
 
-def describe(record):
+def describe(record: dict[str, Any] | None) -> str:
     """A record() as words, for error lines."""
     if record is None:
         return "no adapters (full fine-tuning)"
@@ -70,7 +78,8 @@ def _record_of_description(line):
     return {"kind": kind, "rank": int(rank), "alpha": float(alpha), "targets": sorted(targets.split(","))}
 
 
-def resume_mismatch(saved, record):
+def resume_mismatch(saved: dict[str, Any] | str | None, record: dict[str, Any] | None
+                    ) -> tuple[str, dict[str, Any] | None, dict[str, Any] | None] | None:
     """The first adapter flag in which this run (`record`, a record() or None) differs from the checkpoint's
     `saved` adapters, as (flag, the checkpoint's record, this run's); None when they agree."""
     if isinstance(saved, str):
@@ -85,19 +94,19 @@ def resume_mismatch(saved, record):
     return None
 
 
-def base_dtype(settings, mixed_precision):
+def base_dtype(settings: LoraSettings, mixed_precision: str) -> torch.dtype:
     """The frozen base needs no fp32 master copy: bf16 whenever compute is bf16, and always for QLoRA."""
     return torch.bfloat16 if settings.quantize_4bit or mixed_precision == "bf16" else torch.float32
 
 
-def check_backend(settings, backend):
+def check_backend(settings: LoraSettings | None, backend: _Placement) -> None:
     """QLoRA's 4-bit base is not sharded: it runs on one device (one GPU, or a CPU bitsandbytes supports)."""
     if settings and settings.quantize_4bit and backend.engine != "single":
         raise FinetuneError(f"--qlora runs on one device (one GPU or the CPU), not under {backend.engine}; "
                             f"use --lora to shard a bf16 base over several GPUs")
 
 
-def base_load_kwargs(settings, backend):
+def base_load_kwargs(settings: LoraSettings, backend: _Placement) -> dict[str, Any]:
     """from_pretrained arguments for the frozen base: its dtype, and for QLoRA the 4-bit quantisation."""
     kwargs = {"dtype": base_dtype(settings, backend.mixed_precision)}
     if settings.quantize_4bit:
@@ -113,7 +122,7 @@ def base_load_kwargs(settings, backend):
     return kwargs
 
 
-def decoder_linear_names(model):
+def decoder_linear_names(model: torch.nn.Module) -> list[str]:
     """Names (last part) of the linear layers inside the decoder blocks: what adapters can target."""
     return sorted({name.rsplit(".", 1)[-1] for layer in decoder_layers(model)
                    for name, module in layer.named_modules() if isinstance(module, torch.nn.Linear)})
@@ -125,7 +134,7 @@ def resolve_targets(model: torch.nn.Module, targets: tuple) -> tuple:
     return tuple(decoder_linear_names(model)) if tuple(targets) == (AUTO_TARGETS,) else tuple(targets)
 
 
-def add_adapters(model, settings):
+def add_adapters(model: torch.nn.Module, settings: LoraSettings) -> torch.nn.Module:
     """Freeze `model` and wrap it in a peft model with LoRA adapters on `settings.targets` in every block.
 
     Adapters start as peft initialises them (A random, B zero), from the current torch RNG: every process that
@@ -156,20 +165,20 @@ def add_adapters(model, settings):
     return model
 
 
-def is_lora(model):
+def is_lora(model: torch.nn.Module) -> bool:
     return getattr(model, "lora_settings", None) is not None
 
 
-def trainable_names(model):
+def trainable_names(model: torch.nn.Module) -> set[str]:
     """Parameters the optimiser updates (all of them in full fine-tuning, the adapters with LoRA)."""
     return {name for name, p in model.named_parameters() if p.requires_grad}
 
 
-def count_trainable(model):
+def count_trainable(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def save_adapter_and_merged(model, adapter_state, save_dir):
+def save_adapter_and_merged(model: torch.nn.Module, adapter_state: dict[str, torch.Tensor], save_dir: str) -> None:
     """Rank 0: `adapter/` from the gathered adapter weights, then the merge into a fresh copy of the base."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -192,7 +201,7 @@ def save_adapter_and_merged(model, adapter_state, save_dir):
 # Sizes for the memory plan (from a meta-device copy of the model)
 # ----------------------------------------------------------------------------------------------------------
 
-def adapter_parameters(model: torch.nn.Module, rank: int, targets) -> int:
+def adapter_parameters(model: torch.nn.Module, rank: int, targets: tuple[str, ...]) -> int:
     """Adapter parameters: rank x (in + out) per targeted linear layer of every decoder block, read off the
     model (a meta-device copy will do); `targets` may be `auto`."""
     names = set(resolve_targets(model, targets))

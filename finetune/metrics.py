@@ -10,6 +10,7 @@ import json
 import os
 import resource
 import time
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm import tqdm
@@ -20,6 +21,12 @@ from finetune.plot import write_training_curves
 from finetune.run_folder import writing
 from finetune.trackers import Trackers
 
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+    from finetune.config import LoggingConfig
+    from finetune.parallel import Backend
+
 # Dense peak TFLOP/s per GPU for bf16 with fp32 accumulation, what training runs (consumer cards: half their fp16-
 # accumulate figure; fp32 is taken as tf32 where the chip has it). Override with --peak-tflops.
 GPU_PEAK_TFLOPS = {
@@ -29,7 +36,8 @@ GPU_PEAK_TFLOPS = {
 }
 
 
-def step_flops(config, matmul_weights, tokens, attended_pairs, adapter_parameters=None):
+def step_flops(config: "PretrainedConfig", matmul_weights: int, tokens: int, attended_pairs: int,
+               adapter_parameters: int | None = None) -> int:
     """Training FLOPs (forward + backward) for `tokens` real tokens and the attention pairs among them.
     `matmul_weights`: model_size.matmul_parameters of the model; with `adapter_parameters` (LoRA) the base
     weights are frozen: forward and input gradient only."""
@@ -39,7 +47,7 @@ def step_flops(config, matmul_weights, tokens, attended_pairs, adapter_parameter
     return 6 * matmul_weights * tokens + attention
 
 
-def matmul_rate(m, k, n, seconds=0.5):
+def matmul_rate(m: int, k: int, n: int, seconds: float = 0.5) -> float:
     """Best fp32 FLOP/s of an (m x k) @ (k x n) matmul with PyTorch's current threads."""
     a, b = torch.randn(m, k), torch.randn(k, n)
     for _ in range(3):
@@ -55,14 +63,14 @@ def matmul_rate(m, k, n, seconds=0.5):
 _cpu_peak_cache = {}
 
 
-def measure_cpu_peak_flops(size=1024, seconds=0.5):
+def measure_cpu_peak_flops(size: int = 1024, seconds: float = 0.5) -> float:
     """The CPU's fp32 matmul peak as MFU's denominator: a square matmul, measured once per process."""
     if size not in _cpu_peak_cache:
         _cpu_peak_cache[size] = matmul_rate(size, size, size, seconds)
     return _cpu_peak_cache[size]
 
 
-def device_peak_flops(device, override_tflops=None):
+def device_peak_flops(device: torch.device, override_tflops: float | None = None) -> tuple[float | None, str]:
     """(peak FLOP/s, where the figure came from) for this device."""
     if override_tflops:
         return override_tflops * 1e12, "--peak-tflops"
@@ -77,20 +85,20 @@ def device_peak_flops(device, override_tflops=None):
     return None, "unknown device"
 
 
-def peak_memory_gib(device):
+def peak_memory_gib(device: torch.device) -> float:
     """Peak memory since the last reset: allocated GPU memory, or the process's resident set on CPU (never reset)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux reports KiB
 
 
-def peak_reserved_gib(device):
+def peak_reserved_gib(device: torch.device) -> float | None:
     """Peak memory the caching allocator held from the GPU since the last reset (what another process could not
     use, fragmentation included); None on a CPU."""
     return torch.cuda.max_memory_reserved(device) / 2 ** 30 if device.type == "cuda" else None
 
 
-def reset_peak_memory(device):
+def reset_peak_memory(device: torch.device) -> None:
     """Start the peaks afresh: loading (rank 0 held the whole model) and the probe are not training."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -100,7 +108,8 @@ class MetricsLog:
     """The tutorial-shaped log line and one metrics.jsonl row per logged step, sent on to the trackers (rank 0
     writes; all ranks call)."""
 
-    def __init__(self, save_dir, backend, model, logging, total_steps, start_step=0):
+    def __init__(self, save_dir: str, backend: "Backend", model: torch.nn.Module, logging: "LoggingConfig",
+                 total_steps: int, start_step: int = 0):
         """`logging`: the LoggingConfig section (log interval, peak TFLOP/s for MFU, trackers); `start_step`: the
         step a resumed run starts at (0: a fresh run)."""
         self.backend, self.config = backend, model.config
@@ -123,7 +132,7 @@ class MetricsLog:
     def _start_interval(self):
         self.tokens, self.flops, self.steps, self.started = 0, 0.0, 0, time.perf_counter()
 
-    def add_step(self, step_tokens, attended_pairs):
+    def add_step(self, step_tokens: int, attended_pairs: int) -> None:
         """Count a finished step: its real tokens (all ranks) and this rank's attended (query, key) pairs."""
         self.tokens += step_tokens
         self.last_step_tokens = step_tokens
@@ -131,10 +140,11 @@ class MetricsLog:
         self.flops += step_flops(self.config, self.matmul_weights, step_tokens,
                                  attended_pairs * self.backend.world_size, self.adapter_parameters)
 
-    def due(self, step, epoch_end):
+    def due(self, step: int, epoch_end: bool) -> bool:
         return step % self.log_interval == 0 or step == self.total_steps or epoch_end
 
-    def log(self, step, epoch, step_loss, grad_norm, lr, val_loss=None, progress=None):
+    def log(self, step: int, epoch: int, step_loss: torch.Tensor, grad_norm: torch.Tensor | float, lr: float,
+            val_loss: float | None = None, progress: tqdm | None = None) -> None:
         """Write the row and the line for `step` (every rank calls this: the loss is summed across ranks), send
         the row to the trackers and show its loss and speed on the `progress` bar."""
         loss = self.backend.all_reduce_sum(step_loss.clone()).item()
@@ -161,7 +171,7 @@ class MetricsLog:
                 progress.set_postfix_str(f"loss {loss:.4f}, {row['tokens_per_sec']:.0f} tokens/s")
         self._start_interval()
 
-    def close(self):
+    def close(self) -> None:
         """End of the run (finished or stopped): close the trackers' runs and draw training_curves.png."""
         if self.file:
             self.file.close()

@@ -17,6 +17,8 @@ layers: the last `sliding_window` keys, the query's own included) and attention 
 An attention keyword it cannot honour is refused with one line rather than ignored.
 """
 import math
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -87,8 +89,10 @@ def span_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, dropout_p=dropout)
 
 
-def packed_spans(module, query, key, value, attention_mask, scaling=None, dropout=0.0, segment_spans=None,
-                 **kwargs):
+def packed_spans(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                 segment_spans: Sequence[Sequence[tuple[int, int]]] | None = None,
+                 **kwargs: Any) -> tuple[torch.Tensor, None]:
     """query/key/value: (batch, heads, length, head_dim); returns (batch, length, heads, head_dim), None."""
     sliding_window, softcap = kwargs.pop("sliding_window", None), kwargs.pop("softcap", None)
     check_attention_kwargs(module, kwargs)

@@ -25,7 +25,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, ParamSpec, Protocol, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -38,7 +38,13 @@ from finetune.sharding import decoder_layers, shard_model
 from finetune.varlen_attention import attention_name
 from finetune.weight_files import damaged_weight_file
 
+if TYPE_CHECKING:
+    from transformers import AutoModelForCausalLM, PreTrainedModel
+
+    from finetune.config import ModelConfig
+
 T = TypeVar("T")
+P = ParamSpec("P")
 
 
 @dataclass
@@ -54,25 +60,25 @@ class Backend:
     download_group: object = None  # a gloo group with a long timeout: the others wait there while rank 0 downloads
 
     @property
-    def is_main(self):
+    def is_main(self) -> bool:
         return self.rank == 0
 
     @property
-    def distributed(self):
+    def distributed(self) -> bool:
         return self.world_size > 1
 
-    def autocast(self):
+    def autocast(self) -> contextlib.AbstractContextManager[object]:
         """bf16 autocast where FSDP's own mixed precision is not doing the casting."""
         if self.mixed_precision == "bf16" and not (self.engine == "fsdp2" and self.device.type == "cuda"):
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def all_reduce_sum(self, tensor):
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.distributed:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
-    def any_rank(self, flag):
+    def any_rank(self, flag: bool) -> bool:
         """True on every rank if `flag` is true on any rank (host-side, no device sync)."""
         if not self.distributed:
             return bool(flag)
@@ -80,7 +86,7 @@ class Backend:
         dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.control_group)
         return bool(value.item())
 
-    def all_gather(self, obj):
+    def all_gather(self, obj: T) -> list[T]:
         """Every rank's `obj` (small, picklable), in rank order, on every rank."""
         if not self.distributed:
             return [obj]
@@ -102,27 +108,27 @@ class Backend:
             raise FinetuneError(problem)
         return result
 
-    def barrier(self):
+    def barrier(self) -> None:
         if self.distributed:
             dist.barrier(group=self.control_group)
 
-    def wait_for_download(self):
+    def wait_for_download(self) -> None:
         """Every rank waits here (gloo, hours of timeout) until rank 0 has fetched the weights."""
         if self.distributed:
             dist.barrier(group=self.download_group or self.control_group)
 
-    def shutdown(self):
+    def shutdown(self) -> None:
         self.control_group = self.download_group = None  # a held reference would keep the group alive past destroy_process_group
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def errors_from_rank0(main):
+def errors_from_rank0(main: Callable[P, T]) -> Callable[P, T]:
     """Decorate a script's main(): under torchrun every rank meets the same bad input, so only rank 0 prints the
     `error:` line and the other ranks just exit non-zero (torchrun adds its own failure report after it).
     An error that only another rank met (its own disk, say) is printed by that rank, naming it."""
     @functools.wraps(main)
-    def run(*args, **kwargs):
+    def run(*args: P.args, **kwargs: P.kwargs) -> T:
         try:
             try:
                 return main(*args, **kwargs)
@@ -148,7 +154,7 @@ def errors_from_rank0(main):
     return run
 
 
-def enable_advanced_parallelization(mixed_precision="auto", timeout_minutes=30):
+def enable_advanced_parallelization(mixed_precision: str = "auto", timeout_minutes: float = 30) -> Backend:
     """Set up the job for this process; call once, before the model is loaded."""
     if importlib.util.find_spec("torch.moreh") is not None:  # present only on the MoAI Platform
         importlib.import_module("torch.moreh").option.enable_advanced_parallelization()
@@ -201,8 +207,21 @@ def process_group_backend(has_cuda: bool) -> str:
 # Model loading and sharding
 # ----------------------------------------------------------------------------------------------------------
 
-def load_model(backend, model_class, model, layout=None, attn_implementation=None, adapters=None,
-               compile_layers=False):
+class _PlacementLayout(Protocol):
+    """What load_model reads of plan.Layout (plan imports this module, so it is not imported here)."""
+    @property
+    def activation_checkpointing(self) -> bool: ...
+    @property
+    def cpu_offload(self) -> bool: ...
+    @property
+    def chunked_loss(self) -> bool: ...
+    @property
+    def attention(self) -> str: ...
+
+
+def load_model(backend: Backend, model_class: "type[AutoModelForCausalLM] | type[PreTrainedModel]",
+               model: "ModelConfig", layout: _PlacementLayout | None = None, attn_implementation: str | None = None,
+               adapters: lora.LoraSettings | None = None, compile_layers: bool = False) -> torch.nn.Module:
     """Load fp32 master weights and place them: whole on one device, or sharded per layer under torchrun.
 
     `model` is the ModelConfig section (where from, whether its own code may run); `layout` (plan.Layout)
@@ -309,7 +328,8 @@ def _load_and_place(backend, model_class, model_path, gradient_checkpointing, co
     return model
 
 
-def full_state_dict_on_rank0(model, backend, trainable_only=False):
+def full_state_dict_on_rank0(model: torch.nn.Module, backend: Backend,
+                             trainable_only: bool = False) -> dict[str, torch.Tensor]:
     """The whole model's weights as ordinary CPU tensors on rank 0 (empty elsewhere), for save_pretrained;
     with `trainable_only`, just the parameters that train (LoRA adapters), gathered the same way."""
     if backend.engine != "fsdp2":
@@ -322,7 +342,7 @@ def full_state_dict_on_rank0(model, backend, trainable_only=False):
         full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)))
 
 
-def without_tied_copies(model, state_dict: dict) -> dict:
+def without_tied_copies(model: torch.nn.Module, state_dict: dict) -> dict:
     """`state_dict` less the weights tied to another one (a tied output head is the embedding): save_pretrained
     given separate tensors would write both, and the folder would then hold an extra `lm_head.weight`."""
     tied = getattr(model, "all_tied_weights_keys", None) or {}
@@ -336,7 +356,8 @@ def without_tied_copies(model, state_dict: dict) -> dict:
 CPU_MICRO_BATCH_TOKENS = 2048  # measured on the demo model: ~2k tokens per forward keep a CPU's caches warm
 
 
-def split_global_batch(batch_size, world_size, micro_batch_size=None, device_type="cpu", block_size=1024):
+def split_global_batch(batch_size: int, world_size: int, micro_batch_size: int | None = None,
+                       device_type: str = "cpu", block_size: int = 1024) -> tuple[int, int]:
     """(micro_batch_size, accumulation_steps) for `batch_size` rows per step over `world_size` ranks."""
     if batch_size <= 0:
         raise FinetuneError("--batch-size must be a positive number of rows")
@@ -356,7 +377,7 @@ def split_global_batch(batch_size, world_size, micro_batch_size=None, device_typ
     return micro_batch_size, per_rank // micro_batch_size
 
 
-def optimizer_state_bytes(model):
+def optimizer_state_bytes(model: torch.nn.Module) -> int:
     """Bytes of this process's AdamW state (two fp32 moments per trainable element it holds). Under FSDP2 a
     parameter is a DTensor whose numel() is the whole tensor's; this process holds only its local shard."""
     return 8 * sum((p.to_local() if hasattr(p, "to_local") else p).numel()

@@ -10,14 +10,16 @@ micro-batches of about 2k tokens.
 import dataclasses
 import json
 import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
 
 from finetune import lora, memory, model_size, step_time
+from finetune.config import RunConfig
 from finetune.errors import FinetuneError
 from finetune.final_weights import dtype_name, saved_dtype
-from finetune.parallel import optimizer_state_bytes, split_global_batch
+from finetune.parallel import Backend, optimizer_state_bytes, split_global_batch
 from finetune.probe import probe_micro_batch
 
 # Shapes of the models this collection targets, so `--plan-only` works offline and without downloading.
@@ -43,12 +45,12 @@ GIB = 1024 ** 3
 HOST_MEMORY_GB_DEFAULT = 512  # a common 8-GPU server's host memory, for --plan-only
 
 
-def count_parameters(cfg):
+def count_parameters(cfg: dict) -> int:
     """Parameters of the model of config dict `cfg`, counted on a meta-device copy (a tied weight once)."""
     return model_size.parameter_count(model_size.meta_model(cfg))
 
 
-def model_shape(model_name_or_path, trust_remote_code=False):
+def model_shape(model_name_or_path: str, trust_remote_code: bool = False) -> dict:
     """The config fields the plan needs, from a local folder or the table of known hub models (a local
     config.json is read as JSON: nothing of the folder is imported)."""
     local = os.path.join(model_name_or_path, "config.json")
@@ -68,7 +70,7 @@ def model_shape(model_name_or_path, trust_remote_code=False):
     return check_shape(config, f"the config of {model_name_or_path}")
 
 
-def read_config_file(path):
+def read_config_file(path: str) -> dict:
     """A config.json as a dict; a file that is not one is an error naming it (the plan reads it raw, before
     transformers would)."""
     try:
@@ -86,7 +88,7 @@ def read_config_file(path):
     return config
 
 
-def check_shape(config, source):
+def check_shape(config: dict, source: str) -> dict:
     """The fields the plan sizes the model by must be there (a Llama- or Baichuan-style config)."""
     if not isinstance(config.get("model_type"), str) or not config["model_type"]:
         raise FinetuneError(f"{source} names no model_type (e.g. \"llama\" or \"baichuan\")")
@@ -114,11 +116,11 @@ def _toggle(value):
     return {"auto": None, "on": True, "off": False}[value]
 
 
-def training_kind(adapters):
+def training_kind(adapters: lora.LoraSettings | None) -> str:
     return "qlora" if adapters and adapters.quantize_4bit else "lora" if adapters else "full"
 
 
-def offload_choice(config):
+def offload_choice(config: RunConfig) -> bool | None:
     """--cpu-offload as the plan takes it: QLoRA runs on one device without FSDP2, so it is never offered offload
     (whose advice, torchrun, --qlora then refuses)."""
     if training_kind(config.lora) == "qlora":
@@ -129,7 +131,8 @@ def offload_choice(config):
     return _toggle(config.parallel.cpu_offload)
 
 
-def simulated_plan(config, model_shape_dict, world_size, device_memory_gb, host_memory_gb):
+def simulated_plan(config: RunConfig, model_shape_dict: dict, world_size: int, device_memory_gb: float,
+                   host_memory_gb: float) -> memory.Plan:
     """memory.plan_candidates for this RunConfig: every candidate layout with its simulated memory, and the
     choice. When only offloaded layouts fit, the offloaded ones with activation checkpointing are simulated too and
     the fitting layout with the least estimated step time wins (step_time: offload pays host traffic per
@@ -160,7 +163,8 @@ def simulated_plan(config, model_shape_dict, world_size, device_memory_gb, host_
                        "estimated step time (compute + host-device traffic)")
 
 
-def estimate_facts(result, model_shape_dict, world_size, block_size):
+def estimate_facts(result: memory.Plan, model_shape_dict: dict, world_size: int,
+                   block_size: int) -> list[tuple[str, object]]:
     """The chosen layout's estimated step time as plan lines (a ranking figure, not a measurement)."""
     if result.chosen is None:
         return []
@@ -173,7 +177,7 @@ def estimate_facts(result, model_shape_dict, world_size, block_size):
                                          f"{traffic:.1f} s at {step_time.HOST_LINK_BYTES_PER_S / 1e9:g} GB/s")]
 
 
-def plan_lines(result, header, facts=()):
+def plan_lines(result: memory.Plan, header: str, facts: Iterable[tuple[str, object]] = ()) -> list[str]:
     """The candidates (the chosen one marked *), then `facts` and the chosen plan as `key: value` lines."""
     chosen = result.chosen or next((c for c in result.candidates if c.memory is not None), result.candidates[-1])
     simulated = sum(c.memory is not None for c in result.candidates)
@@ -194,7 +198,7 @@ def plan_lines(result, header, facts=()):
     return lines
 
 
-def plan_only(config, backend):
+def plan_only(config: RunConfig, backend: Backend) -> int:
     """`--plan-only`: print the simulated plan for `--num-devices` x `--device-memory-gb` and load nothing."""
     shape = model_shape(config.model.name_or_path, config.model.trust_remote_code)
     target, adapters = config.plan_only, config.lora
@@ -218,7 +222,7 @@ def plan_only(config, backend):
     return 0
 
 
-def host_memory_gb():
+def host_memory_gb() -> float:
     """This machine's physical memory in GB (2**30 bytes)."""
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
 
@@ -241,7 +245,7 @@ def _simulated_layout(config, backend):
                 memory_gib_per_device=chosen.memory.gib() if chosen.memory else None)
 
 
-def choose_layout(config, backend) -> Layout:
+def choose_layout(config: RunConfig, backend: Backend) -> Layout:
     """The layout of this job before the model loads.
 
     On a CPU: micro-batches of about 2k tokens, no checkpointing unless asked. On GPUs: the simulated plan for
@@ -265,7 +269,8 @@ def choose_layout(config, backend) -> Layout:
     return layout
 
 
-def confirm_on_device(model, backend, config, layout: Layout, forward) -> Layout:
+def confirm_on_device(model: torch.nn.Module, backend: Backend, config: RunConfig, layout: Layout,
+                      forward: Callable[..., torch.Tensor]) -> Layout:
     """The final layout. On GPUs, unless --micro-batch-size is given: measure real training steps (`forward`, the
     script's) and take the largest micro-batch up to the planned one that fits (the simulation counts tensors, not
     the allocator's fragmentation)."""
@@ -281,7 +286,7 @@ def confirm_on_device(model, backend, config, layout: Layout, forward) -> Layout
                                memory_gib_per_device=None)
 
 
-def describe_parallel_plan(model, backend, config, layout: Layout) -> dict:
+def describe_parallel_plan(model: torch.nn.Module, backend: Backend, config: RunConfig, layout: Layout) -> dict:
     """Print the parallel plan the job runs with (rank 0) and return it as a dict (saved with the model as
     parallel_plan.json)."""
     adapters = lora.is_lora(model)

@@ -123,13 +123,8 @@ def lacking_type_hints(source: str) -> list[str]:
     return lacking
 
 
-# Modules whose public functions still lack type hints; the list may only shrink.
-NOT_YET_TYPED = {"args", "config", "lora", "metrics", "packed_attention", "parallel", "plan"}
-
-
 def test_public_functions_of_the_package_have_type_hints():
-    lacking = {path.stem: lacking_type_hints(path.read_text()) for path in sorted(PACKAGE.glob("*.py"))
-               if path.stem not in NOT_YET_TYPED}
+    lacking = {path.stem: lacking_type_hints(path.read_text()) for path in sorted(PACKAGE.glob("*.py"))}
     assert not any(lacking.values()), {module: names for module, names in lacking.items() if names}
 
 
