@@ -887,7 +887,7 @@ class BaichuanModel(BaichuanPreTrainedModel):
             position_ids = position_ids.to(device)
         if self.config.uses_rope:
             return None, position_ids
-        longest = max(end - start for spans in segment_spans for start, end in spans)
+        longest = max((end - start for spans in segment_spans for start, end in spans), default=1)
         return self._causal_alibi(longest, dtype, device), position_ids
 
     def _causal_alibi(self, length: int, dtype, device) -> torch.Tensor:

@@ -26,7 +26,7 @@ def packed_sdpa(module, query, key, value, attention_mask, scaling=None, dropout
             raise ValueError("packed_sdpa needs segment_spans, or no attention_mask (plain causal attention)")
         out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, dropout_p=dropout)
         return out.transpose(1, 2).contiguous(), None
-    out = torch.empty_like(query)
+    out = torch.zeros_like(query)  # positions in no span (the padding tail) attend to nothing
     for row, spans in enumerate(segment_spans):
         for start, end in spans:
             out[row:row + 1, :, start:end] = F.scaled_dot_product_attention(
