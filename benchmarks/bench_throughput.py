@@ -373,6 +373,9 @@ def bench_model(family, args):
                 print(f"running {label} (repeat {repeat + 1}/{args.repeat}), load {load_average()} ...", flush=True)
                 with competing_process(busy):
                     run = run_once(name, model_path, table, train, tokenizer, pad_id, args)
+                print(f"  {run['tokens'] / run['seconds']:.0f} useful tok/s, "
+                      f"{1e6 * run['cpu_seconds'] / run['tokens']:.0f} CPU ms/ktok, {run['cpu_seconds'] / run['seconds']:.2f} cores",
+                      flush=True)
                 keep_best(busy_runs if busy else runs, name, run)
 
     _, rates_after = measure_peaks(config, args.batch_size, args.block_size, 0.1 if args.quick else 0.5,
