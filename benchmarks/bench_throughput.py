@@ -32,6 +32,7 @@ The last line printed is one JSON object with the ratios and the raw figures (al
 import argparse
 import contextlib
 import copy
+import importlib.util
 import json
 import os
 import subprocess
@@ -114,6 +115,9 @@ def parse_args(argv=None):
     unknown = set(args.only) - set(RUNS + ("prepare",))
     if unknown:
         raise SystemExit(f"error: unknown --only part(s) {sorted(unknown)}")
+    if any(name.startswith("trl_") for name in args.only) and importlib.util.find_spec("trl") is None:
+        raise SystemExit("error: the trl_* runs need TRL (a benchmark-only dependency): pip install -r "
+                         "benchmarks/requirements.txt, or leave them out of --only")
     args.models = [name.strip() for name in args.models.split(",") if name.strip()]
     if not args.models or set(args.models) - {"llama2", "baichuan2"}:
         raise SystemExit("error: --models takes llama2, baichuan2 or both")
