@@ -52,6 +52,7 @@ import torch  # noqa: E402
 import finetune.data as fu  # noqa: E402
 from finetune import metrics  # noqa: E402
 import finetune.packed_attention  # noqa: F401,E402  (registers "packed_sdpa")
+import modeling_baichuan  # noqa: F401,E402  (registers Baichuan with the Auto classes)
 import finetune.preparation as preparation  # noqa: E402
 import prepare_dataset  # noqa: E402
 from finetune import demo as demo_assets  # noqa: E402
@@ -161,8 +162,6 @@ def load_fresh_model(model_path, attention=None):
     """The demo model as the training scripts load it on a single CPU process (Llama with "packed_sdpa",
     Baichuan with its own per-span path); `attention` overrides it (the peers get transformers' "sdpa")."""
     from transformers import AutoModelForCausalLM
-
-    import modeling_baichuan  # noqa: F401  (registers Baichuan with the Auto classes)
 
     if attention is None and demo_assets.family_of(model_path) == "llama2":
         attention = "packed_sdpa"
