@@ -263,3 +263,23 @@ def test_flash_attention_plumbing(variant, reference_flash_kernel):
     expected = model.generate(prompts, **kwargs)
     model.config._attn_implementation = "flash_attention_2"
     assert torch.equal(model.generate(prompts, **kwargs), expected)
+
+
+@pytest.mark.parametrize("dtype, upcast", [(torch.float32, False), (torch.bfloat16, True), (torch.float16, True)])
+def test_cpu_sdpa_upcasts_half_precision_only(monkeypatch, dtype, upcast):
+    """float32 runs hand their own tensors to transformers' sdpa (no copies); bf16/fp16 attend in float32."""
+    seen = {}
+
+    def recording_sdpa(module, query, key, value, attention_mask, **kwargs):
+        seen.update(query=query, mask=attention_mask)
+        return query.transpose(1, 2), None
+
+    monkeypatch.setitem(mb.ALL_ATTENTION_FUNCTIONS._global_mapping, "sdpa", recording_sdpa)
+    query, key, value = (torch.randn(1, 2, 5, 4, dtype=dtype) for _ in range(3))
+    mask = torch.zeros(1, 2, 5, 5, dtype=dtype)
+    out, _ = mb.sdpa_attention(None, query, key, value, mask)
+    assert out.dtype == dtype
+    if upcast:
+        assert seen["query"].dtype == torch.float32 and seen["mask"].dtype == torch.float32
+    else:
+        assert seen["query"] is query and seen["mask"] is mask
