@@ -368,7 +368,7 @@ def bench_model(family, args):
     # Round-robin repeats: on a shared machine a burst of other work hits one run, not all; the best is kept.
     # With --busy each run goes again at once beside the competing process, so both see the same machine.
     runs, busy_runs = {}, {}
-    names = [name for name in RUNS if name in args.only]
+    names = [name for name in args.only if name in RUNS]  # in the order --only gives
     for repeat in range(args.repeat):
         for name in names:
             for busy in (False, True) if args.busy else (False,):
