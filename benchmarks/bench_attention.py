@@ -8,7 +8,9 @@ ALiBi (13B-style), Baichuan with rotary positions (7B-style) and transformers' L
 same weights for every option of one model. Micro-batch: --rows rows of --row-length tokens, each holding
 about --examples-per-row examples of random lengths end to end plus a short padding tail, laid out the way
 the training collator does (positions restarting at 0 per example, the spans of the examples, labels -100 on
-each example's first token and on padding); segment ids 1, 2, ... are made from the spans here.
+each example's first token and on padding). Both training scripts pass those spans (`segment_spans`); the other
+options are the standard forms a caller without spans uses, for comparison: segment ids 1, 2, ... (made from
+the spans here) for Baichuan's `attention_mask`, restarting `position_ids` alone for both models.
 
 Options, each a way of telling the model where the examples are:
   per_span       what both training scripts pass: position_ids and segment_spans=... (Baichuan's own keyword,
@@ -44,10 +46,7 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import modeling_baichuan  # noqa: E402
 
-try:  # registers Llama's per-span function "packed_sdpa" (moving into the finetune package)
-    from finetune import packed_attention  # noqa: F401
-except ImportError:
-    import packed_attention  # noqa: F401
+from finetune import packed_attention  # noqa: F401,E402  (registers Llama's per-span function "packed_sdpa")
 
 MODELS = ("baichuan_alibi", "baichuan_rope", "llama")
 SIZES = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4)
