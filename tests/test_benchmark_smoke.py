@@ -9,7 +9,7 @@ from conftest import REPO_ROOT, run_script
 RUN_KEYS = {"tokens_per_sec", "cpu_ms_per_ktoken", "cores", "pad_fraction", "packed_vs_this", "busy_factor"}
 
 
-def run_quick(tmp_path, *flags, timeout=300):
+def run_quick(tmp_path, *flags, timeout=900):
     out = tmp_path / "bench.json"
     result = run_script(sys.executable, str(REPO_ROOT / "benchmarks" / "bench_throughput.py"), "--quick",
                         "--json-out", str(out), *flags, timeout=timeout)
