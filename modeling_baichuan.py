@@ -33,8 +33,8 @@ Which query may attend which key:
   ``cu_seq_lens_*`` from these (or takes them as keyword arguments, as Llama needs for more than one row).
   This is the packed form Llama and Baichuan share:
   ``model(input_ids=..., position_ids=..., labels=..., num_items_in_batch=..., use_cache=False)``.
-* ``segment_spans=`` (per-row lists of (start, end)): the older per-span path, one SDPA call per example;
-  the training scripts use it: on a CPU it is faster than one masked call over the whole row.
+* ``segment_spans=`` (per-row lists of (start, end)): the training path, one SDPA call per example; the
+  training scripts use it: on a CPU it is faster than one masked call over the whole row.
 """
 
 from __future__ import annotations
@@ -536,17 +536,41 @@ def flash_attention_with_alibi(module, query, key, value, attention_mask, scalin
     return out.to(out_dtype), None
 
 
+def tiled_spans(spans, length: int) -> list[tuple[int, int, bool]]:
+    """(start, end, is_span) pieces covering 0..length in order: the spans, and the gaps between them (if any)."""
+    pieces, at = [], 0
+    for start, end in spans:
+        if start > at:
+            pieces.append((at, start, False))
+        pieces.append((start, end, True))
+        at = end
+    if at < length:
+        pieces.append((at, length, False))
+    return pieces
+
+
 def attend_within_spans(query, key, value, causal_bias, segment_spans, scaling=None):
-    """Legacy packed path (``segment_spans=`` keyword): one causal SDPA call per (start, end) span of each row.
-    `causal_bias` is the ALiBi bias for positions 0..n (already causal), or None for rotary models."""
-    out = torch.empty_like(query)
+    """The training path (``segment_spans=`` keyword): one causal SDPA call per (start, end) span of each row;
+    positions outside every span get zeros. `causal_bias` is the ALiBi bias for positions 0..n (already causal),
+    or None for rotary models.
+
+    Each row is split into its spans and the outputs concatenated: backward then joins the span gradients once,
+    where writing each span into a preallocated output gave every span a full-size zero gradient to add up."""
+    rows = []
     for row, spans in enumerate(segment_spans):
-        for start, end in spans:
+        pieces = tiled_spans(spans, query.shape[2])
+        lengths = [end - start for start, end, _ in pieces]
+        splits = zip(*(t[row:row + 1].split(lengths, dim=2) for t in (query, key, value)), strict=True)
+        outputs = []
+        for (q, k, v), (start, end, is_span) in zip(splits, pieces, strict=True):
+            if not is_span:
+                outputs.append(torch.zeros_like(q))
+                continue
             bias = None if causal_bias is None else causal_bias[:, :, :end - start, :end - start]
-            out[row:row + 1, :, start:end] = F.scaled_dot_product_attention(
-                query[row:row + 1, :, start:end], key[row:row + 1, :, start:end], value[row:row + 1, :, start:end],
-                attn_mask=bias, is_causal=bias is None, scale=scaling)
-    return out.transpose(1, 2).contiguous()
+            outputs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=bias is None,
+                                                          scale=scaling))
+        rows.append(torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0])
+    return torch.cat(rows, dim=0).transpose(1, 2).contiguous()
 
 
 def sdpa_attention(module, query, key, value, attention_mask, **kwargs):
@@ -802,6 +826,7 @@ class BaichuanModel(BaichuanPreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.layers = nn.ModuleList([BaichuanDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
         self.norm = BaichuanRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self._causal_alibi_cache = {}  # (dtype, device) -> bias of the training path; not a weight, never saved
         self.post_init()
 
     def get_input_embeddings(self):
@@ -851,8 +876,9 @@ class BaichuanModel(BaichuanPreTrainedModel):
             return flex_inputs(may_attend, slopes, sizes, device)
         return dense_inputs(implementation, may_attend, segment_ids is not None, slopes, sizes, dtype, device), {}
 
-    def _legacy_span_inputs(self, segment_spans, position_ids, batch, query_length, dtype, device):
-        """Mask and positions of the legacy per-span path: the causal ALiBi bias of the longest span, if any."""
+    def _training_span_inputs(self, segment_spans, position_ids, batch, query_length, dtype, device):
+        """Mask and positions of the training path (``segment_spans=``): the causal ALiBi bias covering the
+        longest span (None for rotary models), and positions restarting at every span if none are given."""
         if position_ids is None:
             position_ids = torch.zeros((batch, query_length), dtype=torch.long)
             for row, spans in enumerate(segment_spans):
@@ -861,11 +887,21 @@ class BaichuanModel(BaichuanPreTrainedModel):
             position_ids = position_ids.to(device)
         if self.config.uses_rope:
             return None, position_ids
-        longest = max(end - start for spans in segment_spans for start, end in spans)
-        slopes = torch.tensor(alibi_slopes(self.config.num_attention_heads), device=device)
-        positions = torch.arange(longest, device=device)
-        bias = alibi_bias(slopes, positions, positions, dtype)
-        return bias.masked_fill(positions[None, :] > positions[:, None], torch.finfo(dtype).min), position_ids
+        longest = max((end - start for spans in segment_spans for start, end in spans), default=1)
+        return self._causal_alibi(longest, dtype, device), position_ids
+
+    def _causal_alibi(self, length: int, dtype, device) -> torch.Tensor:
+        """(1, heads, length, length) causal ALiBi bias, kept between training steps (rebuilding it every forward
+        costs a few full-size passes); built in sizes rounded up to 256 so it is rebuilt rarely."""
+        cached = self._causal_alibi_cache.get((dtype, device))
+        if cached is None or cached.shape[-1] < length:
+            size = -(-length // 256) * 256
+            slopes = torch.tensor(alibi_slopes(self.config.num_attention_heads), device=device)
+            positions = torch.arange(size, device=device)
+            bias = alibi_bias(slopes, positions, positions, dtype)
+            cached = bias.masked_fill(positions[None, :] > positions[:, None], torch.finfo(dtype).min)
+            self._causal_alibi_cache = {(dtype, device): cached}
+        return cached[:, :, :length, :length]
 
     @merge_with_config_defaults
     @capture_outputs
@@ -906,8 +942,8 @@ class BaichuanModel(BaichuanPreTrainedModel):
 
         segment_spans = kwargs.pop("segment_spans", None)
         if segment_spans is not None and cache is None:
-            mask, position_ids = self._legacy_span_inputs(segment_spans, position_ids, batch, query_length,
-                                                          mask_dtype, device)
+            mask, position_ids = self._training_span_inputs(segment_spans, position_ids, batch, query_length,
+                                                            mask_dtype, device)
             extra = {"segment_spans": segment_spans}
         else:
             sizes = Sizes.of(cache, batch, query_length)

@@ -9,11 +9,13 @@ Gemma 2 (both with a 64-token sliding window, Gemma 2 also soft-capped), all wit
 option of one model. Micro-batch: --rows rows of --row-length tokens, each holding
 about --examples-per-row examples of random lengths end to end plus a short padding tail, laid out the way
 the training collator does (positions restarting at 0 per example, the spans of the examples, labels -100 on
-each example's first token and on padding); segment ids 1, 2, ... are made from the spans here.
+each example's first token and on padding). Both training scripts pass those spans (`segment_spans`); the other
+options are the standard forms a caller without spans uses, for comparison: segment ids 1, 2, ... (made from
+the spans here) for Baichuan's `attention_mask`, restarting `position_ids` alone for both models.
 
 Options, each a way of telling the model where the examples are:
   per_span       what both training scripts pass: position_ids and segment_spans=... (Baichuan's own keyword,
-                 Llama's "packed_spans"): one SDPA call per example span
+                 the others' "packed_spans"): one SDPA call per example span
   sdpa           transformers' standard padding-free form: position_ids only (restarting), no mask, sdpa
                  (not Gemma 2: SDPA has no soft-capping)
   sdpa_segments  Baichuan only: attention_mask=segment_ids, sdpa
@@ -42,15 +44,11 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-from transformers import Gemma2Config, LlamaConfig, LlamaForCausalLM, MistralConfig  # noqa: E402
-from transformers import AutoModelForCausalLM  # noqa: E402
+from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig, LlamaForCausalLM, MistralConfig  # noqa: E402
 
 import modeling_baichuan  # noqa: E402
 
-try:  # registers Llama's per-span function "packed_spans" (moving into the finetune package)
-    from finetune import packed_attention  # noqa: F401
-except ImportError:
-    import packed_attention  # noqa: F401
+from finetune import packed_attention  # noqa: F401,E402  (registers the per-span function "packed_spans")
 
 MODELS = ("baichuan_alibi", "baichuan_rope", "llama", "mistral", "gemma2")
 WINDOW = 64  # mistral and gemma2: a sliding window shorter than most examples, so it binds

@@ -1,21 +1,28 @@
-"""Training and data-preparation throughput on this machine, side by side, in one run.
+"""Training and data-preparation throughput on this machine, ours beside the peers, side by side, in one run.
 
-    HF_HUB_OFFLINE=1 python benchmarks/bench_throughput.py            # about 3 minutes on a 2-core CPU
-    HF_HUB_OFFLINE=1 python benchmarks/bench_throughput.py --quick    # smoke run, seconds
+    HF_HUB_OFFLINE=1 python benchmarks/bench_throughput.py --threads 1                 # both models, ~25 min on 2 cores
+    HF_HUB_OFFLINE=1 python benchmarks/bench_throughput.py --threads 1 --busy          # also under a competing process
+    HF_HUB_OFFLINE=1 python benchmarks/bench_throughput.py --quick                     # smoke run, seconds
 
-Model: the demo Llama (finetune.demo.ensure_demo_model("llama2")). Data: the bundled customer-support chat
-sample (prepare_dataset's baichuan2 recipe, typical example 150-300 tokens), tokenized with the Llama demo
-tokenizer; --recipe-data llama2 uses the bundled news-summary sample instead.
+Models (--models): the demo Llama and the demo Baichuan (finetune.demo.ensure_demo_model), each on its own
+recipe's bundled sample by default: Llama on the news-summary sample (summary-length data, ~86 tokens an
+example), Baichuan on the customer-support chat sample (support-chat-length data, 150-300 tokens);
+--recipe-data puts both models on one sample instead.
 
 Training, every run with the same model weights, fp32, the same torch thread count, `--batch-size` rows per
-optimiser step, `--warmup-steps` untimed steps, then `--steps` timed ones; `--repeat` rounds, the best kept:
-  tutorial    train_llama2.py's loop with --batching block: one example per row, padded to --block-size
-  packed      train_llama2.py's loop with its default --batching packed: several examples per row
-  hf_trainer  transformers.Trainer, its out-of-the-box settings for a tokenized causal-LM set with labels:
-              DataCollatorForSeq2Seq (pads each batch to its longest example, labels with -100),
-              random sampling (no length grouping), no packing, per_device_train_batch_size = --batch-size
-Useful tokens/s counts real (non-pad) tokens only. MFU = model FLOPs of those tokens (finetune.metrics.step_flops)
-/ time / the fp32 matmul peak measured here in the same run.
+optimiser step, `--warmup-steps` untimed steps, then `--steps` timed ones; `--repeat` rounds, round-robin over
+the runs, the best of each kept:
+  tutorial      the training script's loop with --pad-to-block-size: one example per row, padded to --block-size
+  packed        the training script's loop with its default packing (ours): several examples per row
+  hf_trainer    transformers.Trainer, DataCollatorForSeq2Seq (pads each batch to its longest example), no packing
+  trl_packed    TRL's SFTTrainer, packing=True (best-fit, padding-free batches)
+  trl_unpacked  TRL's SFTTrainer without packing
+(peers: benchmarks/peer_trainers.py; TRL is a benchmark-only dependency: pip install -r benchmarks/requirements.txt.)
+Useful tokens/s counts real (non-pad) tokens only; CPU ms/ktok is the process's CPU time per 1000 of them, and
+cores = CPU time / wall time of the timed steps (1.0 with --threads 1 when nothing else runs inside the step).
+MFU = model FLOPs of those tokens (finetune.metrics.step_flops) / time / the fp32 matmul peak measured here.
+--busy runs every configuration a second time, right after the first, beside a competing CPU-bound process
+(one busy Python loop), and prints busy factor = quiet tokens/s / busy tokens/s per run.
 
 Preparation: finetune.preparation.prepare (batched tokenization) against the tutorial's preprocessing (a
 datasets.map without batching: build the prompt, call the tokenizer per example, pad to --block-size).
@@ -24,12 +31,11 @@ The last line printed is one JSON object with the ratios and the raw figures (al
 """
 import argparse
 import contextlib
-import copy
-import io
+import importlib.util
 import json
 import os
+import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -45,6 +51,7 @@ import torch  # noqa: E402
 import finetune.data as fu  # noqa: E402
 from finetune import metrics, model_size  # noqa: E402
 import finetune.packed_attention  # noqa: F401,E402  (registers "packed_spans")
+import modeling_baichuan  # noqa: F401,E402  (registers Baichuan with the Auto classes)
 import finetune.preparation as preparation  # noqa: E402
 import finetune.raw_data as raw_data  # noqa: E402
 import prepare_dataset  # noqa: E402
@@ -53,8 +60,18 @@ from finetune import parallel  # noqa: E402
 from finetune.config import ModelConfig  # noqa: E402
 from finetune.training import warmup_cosine_schedule  # noqa: E402
 
-MODEL_RECIPE = "llama2"  # the demo Llama model and tokenizer are used for every data recipe
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import peer_trainers  # noqa: E402
+from preparation_runs import run_prepare  # noqa: E402
+
 LR = 2e-3  # any value gives the same speed
+OURS = ("tutorial", "packed")
+RUNS = OURS + peer_trainers.PEERS
+HOW = {"tutorial": "our loop, --pad-to-block-size (the tutorial's batching: 1 example/row, padded to block)",
+       "packed": "our loop, packed (the default)",
+       "hf_trainer": "transformers.Trainer, DataCollatorForSeq2Seq (pad to longest), no packing",
+       "trl_packed": "TRL SFTTrainer, packing=True (bfd, padding-free)",
+       "trl_unpacked": "TRL SFTTrainer, no packing (pad to longest)"}
 
 
 def parse_args(argv=None):
@@ -63,9 +80,11 @@ def parse_args(argv=None):
     p.add_argument("--warmup-steps", type=int, default=None, help="untimed steps before timing, at least 1 (default 2; --quick 1)")
     p.add_argument("--batch-size", type=int, default=None, help="rows per optimiser step (default 8; --quick 2)")
     p.add_argument("--block-size", type=int, default=None, help="tokens per row (default 1024; --quick 256)")
-    p.add_argument("--recipe-data", choices=sorted(prepare_dataset.RECIPES), default="baichuan2",
-                   help="bundled sample data to train on: baichuan2 = customer-support chat (default), "
-                        "llama2 = news summaries (long examples)")
+    p.add_argument("--models", default="llama2,baichuan2",
+                   help="comma list of demo models to run, one after the other: llama2, baichuan2 (default both)")
+    p.add_argument("--recipe-data", choices=sorted(prepare_dataset.RECIPES), default=None,
+                   help="bundled sample data for every model: baichuan2 = customer-support chat, llama2 = news "
+                        "summaries (default: each model's own recipe)")
     p.add_argument("--prepare-repeat", type=int, default=None,
                    help="copies of the sample data for the preparation timing (default 10; --quick 1)")
     p.add_argument("--threads", type=int, default=None,
@@ -73,8 +92,12 @@ def parse_args(argv=None):
     p.add_argument("--repeat", type=int, default=None,
                    help="run each training configuration this many times, round-robin, and keep the best "
                         "(default 2; --quick 1)")
-    p.add_argument("--only", default="tutorial,packed,hf_trainer,prepare",
-                   help="comma list of parts to run (default: all): tutorial, packed, hf_trainer, prepare")
+    p.add_argument("--only", default=",".join(RUNS + ("prepare",)),
+                   help="comma list of parts to run (default: all): " + ", ".join(RUNS + ("prepare",)))
+    p.add_argument("--busy", action="store_true",
+                   help="also run every configuration beside a competing CPU-bound process; prints the slowdown")
+    p.add_argument("--trl-gradient-checkpointing", choices=("on", "off"), default="on",
+                   help="TRL's gradient checkpointing (default on, TRL's own default)")
     p.add_argument("--quick", action="store_true", help="smoke run in seconds: tiny sizes, figures not meaningful")
     p.add_argument("--json-out", help="also write the final JSON object to this file")
     args = p.parse_args(argv)
@@ -91,9 +114,15 @@ def parse_args(argv=None):
     if args.warmup_steps < 1:
         raise SystemExit("error: --warmup-steps must be at least 1 (the first step pays one-off costs)")
     args.only = [part.strip() for part in args.only.split(",") if part.strip()]
-    unknown = set(args.only) - {"tutorial", "packed", "hf_trainer", "prepare"}
+    unknown = set(args.only) - set(RUNS + ("prepare",))
     if unknown:
         raise SystemExit(f"error: unknown --only part(s) {sorted(unknown)}")
+    if any(name.startswith("trl_") for name in args.only) and importlib.util.find_spec("trl") is None:
+        raise SystemExit("error: the trl_* runs need TRL (a benchmark-only dependency): pip install -r "
+                         "benchmarks/requirements.txt, or leave them out of --only")
+    args.models = [name.strip() for name in args.models.split(",") if name.strip()]
+    if not args.models or set(args.models) - {"llama2", "baichuan2"}:
+        raise SystemExit("error: --models takes llama2, baichuan2 or both")
     return args
 
 
@@ -130,12 +159,15 @@ def measure_peaks(config, rows, block_size, seconds, use_cache=True):
 # ----------------------------------------------------------------------------------------------------------
 # Training runs
 # ----------------------------------------------------------------------------------------------------------
-def load_fresh_model(model_path):
-    """The demo model exactly as train_llama2.py loads it on a single CPU process."""
+def load_fresh_model(model_path, attention=None):
+    """The demo model as the training scripts load it on a single CPU process (Llama with "packed_spans",
+    Baichuan with its own per-span path); `attention` overrides it (the peers get transformers' "sdpa")."""
     from transformers import AutoModelForCausalLM
 
+    if attention is None and demo_assets.family_of(model_path) == "llama2":
+        attention = "packed_spans"
     backend = parallel.enable_advanced_parallelization("no")
-    model = parallel.load_model(backend, AutoModelForCausalLM, ModelConfig(model_path), attn_implementation="packed_spans")
+    model = parallel.load_model(backend, AutoModelForCausalLM, ModelConfig(model_path), attn_implementation=attention)
     return backend, model
 
 
@@ -168,7 +200,7 @@ def run_our_loop(model_path, table, pad_id, batching, args):
     loader = fu.make_step_loader(table, plan, 0, 1, fu.BatchFormat(micro_batch_size, pad_id, pad_to), workers=0)
 
     model.train()
-    step, start = 0, time.perf_counter()
+    step, start, cpu_start = 0, time.perf_counter(), time.process_time()
     tokens = flops = positions = 0
     losses = []
     for micro_batches, info in loader:
@@ -193,145 +225,129 @@ def run_our_loop(model_path, table, pad_id, batching, args):
         step += 1
         losses.append(float(step_loss))
         if step == args.warmup_steps:
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
         elif step > args.warmup_steps:
             tokens += info["step_tokens"]
             flops += metrics.step_flops(model.config, matmul_weights, info["step_tokens"], attended_pairs)
-    seconds = time.perf_counter() - start
-    return {"seconds": seconds, "steps": args.steps, "tokens": tokens, "positions": positions, "flops": flops,
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    return {"seconds": seconds, "cpu_seconds": cpu_seconds, "steps": args.steps, "tokens": tokens, "positions": positions, "flops": flops,
             "first_loss": losses[0], "last_loss": losses[-1]}
 
 
-def run_hf_trainer(model_path, train_split, tokenizer, args):
-    """transformers.Trainer as a user would set it up for this data: no packing, pad to the longest example of
-    each batch, random order, fp32, torch AdamW with the same learning rate; logging, eval and saving off."""
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+# ----------------------------------------------------------------------------------------------------------
+# One model: every run, round-robin
+# ----------------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def competing_process(enabled):
+    """A CPU-bound process (one busy Python loop) beside the run, for the busy-machine figures."""
+    if not enabled:
+        yield
+        return
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.2)  # scheduled before the timed steps start
+        yield
+    finally:
+        busy.kill()
+        busy.wait()
 
+
+def run_once(name, model_path, table, train, tokenizer, pad_id, args):
+    if name in OURS:
+        return run_our_loop(model_path, table, pad_id, "block" if name == "tutorial" else "packed", args)
     torch.manual_seed(0)
-    _, model = load_fresh_model(model_path)
-    tokenizer = copy.copy(tokenizer)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token  # same pad id as train_llama2.py; the attention mask hides it
-    seq2seq = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=fu.IGNORE_INDEX)
-    batch_tokens, batch_positions = [], []
-
-    def collate(features):
-        batch = seq2seq(features)
-        batch_tokens.append(int(batch["attention_mask"].sum()))
-        batch_positions.append(batch["input_ids"].numel())
-        return batch
-
-    step_ends = []
-
-    class StepClock(TrainerCallback):
-        def on_step_end(self, *unused, **kwargs):
-            step_ends.append(time.perf_counter())
-
-    total = args.warmup_steps + args.steps
-    with tempfile.TemporaryDirectory(prefix="bench_hf_trainer_") as output_dir:
-        training_args = TrainingArguments(
-            output_dir=output_dir,
-            per_device_train_batch_size=args.batch_size,
-            gradient_accumulation_steps=1,
-            max_steps=total,
-            learning_rate=LR,
-            weight_decay=0.0,
-            max_grad_norm=1.0,
-            optim="adamw_torch",  # torch.optim.AdamW, as in our loop (the library's default is the fused variant)
-            train_sampling_strategy="random",  # the default; no length grouping
-            dataloader_num_workers=0,
-            dataloader_drop_last=True,
-            use_cpu=True,
-            bf16=False,
-            fp16=False,
-            report_to="none",
-            save_strategy="no",
-            eval_strategy="no",
-            logging_strategy="no",
-            disable_tqdm=True,
-            seed=0,
-        )
-        trainer = Trainer(model=model, args=training_args, train_dataset=train_split, data_collator=collate,
-                          callbacks=[StepClock()])
-        with contextlib.redirect_stdout(io.StringIO()):  # its end-of-training summary line; ours comes below
-            trainer.train()
-    if len(step_ends) != total:
-        raise SystemExit(f"error: the Trainer ran {len(step_ends)} steps, expected {total}")
-    # Batch k is collated for step k; the warmup steps' batches come first.
-    timed = slice(args.warmup_steps, total)
-    tokens = sum(batch_tokens[timed])
-    return {"seconds": step_ends[-1] - step_ends[args.warmup_steps - 1], "steps": args.steps, "tokens": tokens,
-            "positions": sum(batch_positions[timed]), "flops": None}
+    _, model = load_fresh_model(model_path, attention="sdpa")
+    return peer_trainers.run_peer(name, model, train, tokenizer, args, LR)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Preparation runs
-# ----------------------------------------------------------------------------------------------------------
-def raw_in_memory(recipe, repeat):
-    """The bundled sample `repeat` times over, as an in-memory DatasetDict (no cache files, so no run can
-    be served from an earlier run's cache)."""
-    from datasets import Dataset, DatasetDict
-
-    with open(demo_assets.DEMO_SAMPLE_FILES[recipe], encoding="utf-8") as handle:
-        rows = [json.loads(line) for line in handle if line.strip()]
-    return DatasetDict(train=Dataset.from_list(rows * repeat))
+def summarise(run, peak):
+    run["tokens_per_sec"] = run["tokens"] / run["seconds"]
+    run["step_seconds"] = run["seconds"] / run["steps"]
+    run["pad_fraction"] = 1 - run["tokens"] / run["positions"]
+    run["cpu_ms_per_ktoken"] = 1e6 * run["cpu_seconds"] / run["tokens"]
+    run["cores"] = run["cpu_seconds"] / run["seconds"]
+    run["mfu"] = run["flops"] / run["seconds"] / peak if run["flops"] is not None else None
+    return run
 
 
-def tutorial_preprocess_fn(recipe, tokenizer, block_size):
-    """The tutorial's per-example preprocessing: one prompt string, tokenized and padded to the block size,
-    returned as tensors (labels are made later, in its training loop, from the attention mask)."""
-    if recipe == "baichuan2":
-        def prompt(example):
-            return (f"[INST] {example['instruction']} \n Category is {example['category']} \n "
-                    f"Intent is {example['intent']} [/INST]\n{example['response']}")
-    else:
-        def prompt(example):
-            return f"[SUMMARIZE] {example['article']} [/SUMMARIZE]\n{example['highlights']}"
-
-    def preprocess(example):
-        tokenized = tokenizer(prompt(example), padding="max_length", truncation=True, max_length=block_size)
-        return {"input_ids": torch.tensor(tokenized["input_ids"]),
-                "attention_mask": torch.tensor(tokenized["attention_mask"])}
-    return preprocess
+def keep_best(runs, name, run):
+    """The fastest of a run's repeats, with every repeat's seconds listed."""
+    seconds = runs.get(name, {}).get("all_seconds", []) + [run["seconds"]]
+    if name not in runs or run["seconds"] < runs[name]["seconds"]:
+        runs[name] = run
+    runs[name]["all_seconds"] = seconds
 
 
-def run_prepare(recipe, tokenizer, block_size, repeat):
-    """Seconds and real tokens/s of three ways to tokenize the same raw examples."""
-    import datasets
+def bench_model(family, args):
+    """All runs of one demo model on its data; returns its figures (and prints its table)."""
+    from transformers import AutoConfig, AutoTokenizer
 
-    datasets.disable_caching()
-    datasets.disable_progress_bars()
-    raw = raw_in_memory(recipe, repeat)
-    examples = len(raw["train"])
-    timings = {}
+    model_path = demo_assets.ensure_demo_model(family)
+    recipe = args.recipe_data or family
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=False)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    raw = raw_data.load_raw_dataset(demo_assets.DEMO_SAMPLE_FILES[recipe])
+    dataset, _ = preparation.prepare(recipe, prepare_dataset.RECIPES[recipe], tokenizer, raw, block_size=args.block_size)
+    train = dataset["train"]
+    table = fu.TokenTable(train)
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=False)
+    print(f"\n== {family}: model {model_path} (hidden {config.hidden_size}, {config.num_hidden_layers} layers, vocab "
+          f"{config.vocab_size}); data {recipe} sample: {len(table)} train examples, length mean/p50/max "
+          f"{table.lengths.mean():.0f}/{int(np.median(table.lengths))}/{table.lengths.max()}; load {load_average()}",
+          flush=True)
+    peak, peak_rates = measure_peaks(config, args.batch_size, args.block_size, 0.1 if args.quick else 0.5)
 
-    # finetune.preparation.prepare end to end: train/validation split, batched tokenization, report statistics.
-    start = time.perf_counter()
-    _, report = preparation.prepare(recipe, prepare_dataset.RECIPES[recipe], tokenizer, raw, block_size=block_size)
-    timings["prepare"] = (time.perf_counter() - start, sum(split["tokens"] for split in report["splits"].values()))
+    # Round-robin repeats: on a shared machine a burst of other work hits one run, not all; the best is kept.
+    # With --busy each run goes again at once beside the competing process, so both see the same machine.
+    runs, busy_runs = {}, {}
+    names = [name for name in args.only if name in RUNS]  # in the order --only gives
+    for repeat in range(args.repeat):
+        for name in names:
+            for busy in (False, True) if args.busy else (False,):
+                label = f"{name}{' (busy)' if busy else ''}"
+                print(f"running {label} (repeat {repeat + 1}/{args.repeat}), load {load_average()} ...", flush=True)
+                with competing_process(busy):
+                    run = run_once(name, model_path, table, train, tokenizer, pad_id, args)
+                print(f"  {run['tokens'] / run['seconds']:.0f} useful tok/s, "
+                      f"{1e6 * run['cpu_seconds'] / run['tokens']:.0f} CPU ms/ktok, {run['cpu_seconds'] / run['seconds']:.2f} cores",
+                      flush=True)
+                keep_best(busy_runs if busy else runs, name, run)
 
-    # Its tokenization step alone (what report["tokenize_seconds"] times), on the whole set at once.
-    start = time.perf_counter()
-    tokenized = raw["train"].map(
-        preparation.tokenize_examples, batched=True, batch_size=1000,
-        fn_kwargs=dict(build_prompt=prepare_dataset.RECIPES[recipe]["build_prompt"], tokenizer=tokenizer,
-                       block_size=block_size, prefix_ids=preparation.leading_special_ids(tokenizer)),
-        remove_columns=raw["train"].column_names)
-    seconds = time.perf_counter() - start
-    lengths = tokenized.with_format("arrow")["input_ids"]
-    timings["tokenize_only"] = (seconds, int(lengths.combine_chunks().offsets[-1].as_py()) if len(tokenized) else 0)
+    _, rates_after = measure_peaks(config, args.batch_size, args.block_size, 0.1 if args.quick else 0.5,
+                                   use_cache=False)  # a burst during the first measurement would flatter MFU
+    peak = max(peak, *rates_after.values())
+    for run in list(runs.values()) + list(busy_runs.values()):
+        summarise(run, peak)
+    for name, run in busy_runs.items():
+        runs[name]["busy_factor"] = runs[name]["tokens_per_sec"] / run["tokens_per_sec"]
 
-    # The tutorial: dataset.with_format("torch").map(preprocess), one example at a time, padded to the block.
-    tutorial_tokenizer = copy.copy(tokenizer)
-    if tutorial_tokenizer.pad_token is None:
-        tutorial_tokenizer.pad_token = tutorial_tokenizer.eos_token
-    start = time.perf_counter()
-    padded = raw["train"].with_format("torch").map(tutorial_preprocess_fn(recipe, tutorial_tokenizer, block_size))
-    seconds = time.perf_counter() - start
-    mask = padded.with_format("arrow")["attention_mask"].combine_chunks()
-    timings["tutorial"] = (seconds, int(np.asarray(mask.values if hasattr(mask, "values") else mask).sum()))
-    return {"examples": examples,
-            **{name: {"seconds": s, "tokens": n, "tokens_per_sec": n / s} for name, (s, n) in timings.items()}}
+    print(f"\n{family} ({recipe} data)")
+    print(f"{'run':<13}{'useful tok/s':>13}{'ours packed/x':>14}{'CPU ms/ktok':>12}{'by CPU':>7}{'cores':>6}"
+          f"{'pad':>6}{'MFU':>7}{'busy factor':>12}  how")
+    ours = runs.get("packed")
+    for name, run in runs.items():
+        ratio = ours["tokens_per_sec"] / run["tokens_per_sec"] if ours else None
+        run["packed_vs_this"] = ratio
+        # The same ratio from CPU time per useful token: what a shared machine's load disturbs least.
+        run["packed_vs_this_cpu"] = run["cpu_ms_per_ktoken"] / ours["cpu_ms_per_ktoken"] if ours else None
+        print(f"{name:<13}{run['tokens_per_sec']:>13.0f}{fmt(ratio, 14, '.2f')}{run['cpu_ms_per_ktoken']:>12.0f}"
+              f"{fmt(run['packed_vs_this_cpu'], 7, '.2f')}"
+              f"{run['cores']:>6.2f}{100 * run['pad_fraction']:>5.0f}%{fmt(run['mfu'] and 100 * run['mfu'], 6, '.1f')}%"
+              f"{fmt(run.get('busy_factor'), 12, '.2f')}  {HOW[name]}")
+    prep = run_prepare(recipe, tokenizer, args.block_size, args.prepare_repeat) if "prepare" in args.only else None
+    if prep:
+        print(f"preparation, real tokens/s: prepare {prep['prepare']['tokens_per_sec']:.0f}, its tokenize map "
+              f"{prep['tokenize_only']['tokens_per_sec']:.0f}, tutorial per-example map "
+              f"{prep['tutorial']['tokens_per_sec']:.0f} ({prep['examples']} examples)")
+    keys = ("tokens_per_sec", "cpu_seconds", "cpu_ms_per_ktoken", "cores", "step_seconds", "pad_fraction", "mfu",
+            "packed_vs_this", "packed_vs_this_cpu", "busy_factor", "all_seconds", "first_loss", "last_loss")
+    return {"recipe_data": recipe, "peak_flops": peak, "peak_rates": peak_rates, "prepare": prep,
+            "runs": {name: {key: run.get(key) for key in keys} for name, run in runs.items()},
+            "busy_runs": {name: {key: run.get(key) for key in keys} for name, run in busy_runs.items()}}
+
+
+def fmt(value, width, spec=""):
+    return f"{'-' if value is None else format(value, spec):>{width}}"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -339,127 +355,27 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    threads = torch.get_num_threads()
-    load_before = load_average()
-    started = time.perf_counter()
-
-    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    model_path = demo_assets.ensure_demo_model(MODEL_RECIPE)
-    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=False)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    raw = raw_data.load_raw_dataset(demo_assets.DEMO_SAMPLE_FILES[args.recipe_data])
-    dataset, _ = preparation.prepare(args.recipe_data, prepare_dataset.RECIPES[args.recipe_data], tokenizer, raw,
-                                     block_size=args.block_size)
-    train = dataset["train"]
-    table = fu.TokenTable(train)
-    from transformers import AutoConfig
-    config = AutoConfig.from_pretrained(model_path, trust_remote_code=False)
-
-    print(f"model {model_path} (hidden {config.hidden_size}, {config.num_hidden_layers} layers, vocab "
-          f"{config.vocab_size}); data {args.recipe_data} sample: {len(table)} train examples, length "
-          f"mean/p50/max {table.lengths.mean():.0f}/{int(np.median(table.lengths))}/{table.lengths.max()}; "
-          f"{args.batch_size} rows x {args.block_size} per step, {args.warmup_steps} warmup + {args.steps} timed "
-          f"steps; torch {torch.__version__}, {threads} threads; load average {load_before}", flush=True)
-
-    peak, peak_rates = measure_peaks(config, args.batch_size, args.block_size, 0.1 if args.quick else 0.5)
-    print("fp32 matmul peak: " + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in peak_rates.items())
-          + f" GFLOP/s -> {peak / 1e9:.1f} GFLOP/s used for MFU", flush=True)
-
-    # Round-robin repeats (--repeat): on a shared machine a burst of other work hits one run, not all, and the
-    # best of each run's repeats is reported.
-    runs = {}
-    batching_of = {"tutorial": "block", "packed": "packed"}
-    for repeat in range(args.repeat):
-        for name in ("tutorial", "packed", "hf_trainer"):
-            if name not in args.only:
-                continue
-            print(f"running {name}" + (f" (repeat {repeat + 1}/{args.repeat})" if args.repeat > 1 else "") + " ...",
-                  flush=True)
-            if name == "hf_trainer":
-                run = run_hf_trainer(model_path, train, tokenizer, args)
-            else:
-                run = run_our_loop(model_path, table, pad_id, batching_of[name], args)
-            run["all_seconds"] = runs.get(name, {}).get("all_seconds", []) + [run["seconds"]]
-            if name not in runs or run["seconds"] < runs[name]["seconds"]:
-                runs[name] = run
-            else:
-                runs[name]["all_seconds"] = run["all_seconds"]
-    for name, run in runs.items():
-        run["tokens_per_sec"] = run["tokens"] / run["seconds"]
-        run["step_seconds"] = run["seconds"] / run["steps"]
-        run["pad_fraction"] = 1 - run["tokens"] / run["positions"]
-        if run["flops"] is not None:
-            run["mfu"] = run["flops"] / run["seconds"] / peak
-
-    prep = None
-    if "prepare" in args.only:
-        print("timing preparation ...", flush=True)
-        prep = run_prepare(args.recipe_data, tokenizer, args.block_size, args.prepare_repeat)
-
-    # The peak again after the training runs, keeping each shape's best: a burst of other work during the first
-    # measurement would otherwise lower the reference and flatter MFU.
-    _, rates_after = measure_peaks(config, args.batch_size, args.block_size, 0.1 if args.quick else 0.5,
-                                   use_cache=False)
-    peak_rates = {name: max(rate, rates_after[name]) for name, rate in peak_rates.items()}
-    if max(peak_rates.values()) > peak:
-        for run in runs.values():
-            if run.get("mfu") is not None:
-                run["mfu"] *= peak / max(peak_rates.values())
-        peak = max(peak_rates.values())
-    print("fp32 matmul peak, best of before and after: "
-          + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in peak_rates.items()) + f" GFLOP/s -> {peak / 1e9:.1f}",
+    load_before, started = load_average(), time.perf_counter()
+    print(f"{args.batch_size} rows x {args.block_size} per step, {args.warmup_steps} warmup + {args.steps} timed steps, "
+          f"{args.repeat} round(s); torch {torch.__version__}, {torch.get_num_threads()} threads; load {load_before}",
           flush=True)
-
+    models = {family: bench_model(family, args) for family in args.models}
     load_after = load_average()
-    print()
-    print(f"{'run':<12} {'useful tok/s':>13} {'s/step':>8} {'real tokens':>12} {'pad share':>10} {'MFU':>7}  how")
-    how = {"tutorial": "train_llama2 loop, --batching block (1 example/row, padded to block)",
-           "packed": "train_llama2 loop, --batching packed (default)",
-           "hf_trainer": "transformers.Trainer, DataCollatorForSeq2Seq (pad to longest), no packing"}
-    for name, run in runs.items():
-        mfu = f"{100 * run['mfu']:.1f}%" if run.get("mfu") is not None else "-"
-        print(f"{name:<12} {run['tokens_per_sec']:>13.0f} {run['step_seconds']:>8.2f} {run['tokens']:>12} "
-              f"{100 * run['pad_fraction']:>9.1f}% {mfu:>7}  {how[name]}")
-    if prep:
-        print(f"\n{'prepare':<14} {'real tok/s':>11} {'seconds':>8} {'real tokens':>12}  "
-              f"({prep['examples']} examples, block {args.block_size})")
-        prep_how = {"prepare": "finetune.preparation.prepare end to end (split, batched map, report)",
-                    "tokenize_only": "its datasets.map(tokenize_examples, batched=True) alone",
-                    "tutorial": f"tutorial: with_format('torch').map(preprocess), per example, padded to {args.block_size}"}
-        for name, how_text in prep_how.items():
-            entry = prep[name]
-            print(f"{name:<14} {entry['tokens_per_sec']:>11.0f} {entry['seconds']:>8.2f} {entry['tokens']:>12}  {how_text}")
     print(f"\nwall time {time.perf_counter() - started:.0f} s; load average before {load_before}, after {load_after}")
-
-    def ratio(a, b):
-        return a / b if a is not None and b else None
-
-    def tps(name):
-        return runs[name]["tokens_per_sec"] if name in runs else None
-
     result = {
-        "packed_vs_tutorial": ratio(tps("packed"), tps("tutorial")),
-        "packed_vs_hf_trainer": ratio(tps("packed"), tps("hf_trainer")),
-        "mfu_packed": runs["packed"]["mfu"] if "packed" in runs else None,
-        "prepare_vs_tutorial": ratio(prep["prepare"]["tokens_per_sec"], prep["tutorial"]["tokens_per_sec"]) if prep else None,
-        "tokenize_only_vs_tutorial": (ratio(prep["tokenize_only"]["tokens_per_sec"], prep["tutorial"]["tokens_per_sec"])
-                                      if prep else None),
-        "tokens_per_sec": {name: run["tokens_per_sec"] for name, run in runs.items()},
-        "step_seconds": {name: run["step_seconds"] for name, run in runs.items()},
-        "timed_seconds_all_repeats": {name: run["all_seconds"] for name, run in runs.items()},
-        "pad_fraction": {name: run["pad_fraction"] for name, run in runs.items()},
-        "mfu": {name: run.get("mfu") for name, run in runs.items()},
-        "prepare_tokens_per_sec": {name: prep[name]["tokens_per_sec"] for name in prep if name != "examples"} if prep else None,
-        "prepare_examples": prep["examples"] if prep else None,
-        "peak_flops": peak,
-        "peak_rates": peak_rates,
-        "config": {"recipe_data": args.recipe_data, "batch_size": args.batch_size, "block_size": args.block_size,
-                   "steps": args.steps, "warmup_steps": args.warmup_steps, "threads": threads, "quick": args.quick,
-                   "repeat": args.repeat,
+        "packed_vs": {family: {name: run["packed_vs_this"] for name, run in figures["runs"].items()}
+                      for family, figures in models.items()},
+        "busy_factor": {family: {name: run["busy_factor"] for name, run in figures["runs"].items()}
+                        for family, figures in models.items()} if args.busy else None,
+        "models": models,
+        "config": {"models": args.models, "recipe_data": args.recipe_data, "batch_size": args.batch_size,
+                   "block_size": args.block_size, "steps": args.steps, "warmup_steps": args.warmup_steps,
+                   "threads": torch.get_num_threads(), "repeat": args.repeat, "quick": args.quick,
+                   "busy": args.busy, "trl_gradient_checkpointing": args.trl_gradient_checkpointing,
                    "torch": torch.__version__},
         "load_average": {"before": load_before, "after": load_after},
     }

@@ -104,7 +104,7 @@ def packed_spans(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor
             raise ValueError(f"{ATTENTION_NAME} needs segment_spans, or no attention_mask (plain causal attention)")
         out = span_attention(query, key, value, scaling, dropout, sliding_window, softcap)
         return out.transpose(1, 2).contiguous(), None
-    out = torch.empty_like(query)
+    out = torch.zeros_like(query)  # positions in no span (the padding tail) attend to nothing
     for row, spans in enumerate(segment_spans):
         for start, end in spans:
             out[row:row + 1, :, start:end] = span_attention(

@@ -25,21 +25,23 @@ KERNEL_NAMES = {"varlen": "varlen_spans", "flex": "flex_spans"}
 
 def cumulative_lengths(segment_spans: list[list[tuple[int, int]]], length: int,
                        device: torch.device | str) -> tuple[torch.Tensor, int]:
-    """(cu_seqlens as int32 on `device`, longest span) of the rows laid end to end: row r's span (s, e) is
-    (r x length + s, r x length + e) of the flattened micro-batch."""
+    """(cu_seqlens as int32 on `device`, longest sequence) of the rows laid end to end: row r's span (s, e) is
+    (r x length + s, r x length + e) of the flattened micro-batch. Positions in no span (the padding tail) form
+    sequences of their own: the kernel needs every position covered, and no example attends to them."""
     bounds, longest = [0], 1
     for row, spans in enumerate(segment_spans):
-        for start, end in spans:
-            bounds.append(row * length + end)
-            longest = max(longest, end - start)
-    if bounds[-1] != len(segment_spans) * length:
-        raise ValueError("segment_spans must cover every position of every row")
+        for start, end in sorted(spans) + [(length, length)]:
+            for low, high in ((bounds[-1] - row * length, start), (start, end)):  # a gap before the span, the span
+                if high > low:
+                    bounds.append(row * length + high)
+                    longest = max(longest, high - low)
     return torch.tensor(bounds, dtype=torch.int32).to(device, non_blocking=True), longest
 
 
 def document_ids(segment_spans: list[list[tuple[int, int]]], length: int, device: torch.device | str) -> torch.Tensor:
-    """(rows, length) index of the span each position belongs to."""
-    ids = torch.empty((len(segment_spans), length), dtype=torch.int32)
+    """(rows, length) index of the span each position belongs to; -1 for positions in no span (padding), which
+    attend only among themselves."""
+    ids = torch.full((len(segment_spans), length), -1, dtype=torch.int32)
     for row, spans in enumerate(segment_spans):
         for index, (start, end) in enumerate(spans):
             ids[row, start:end] = index

@@ -141,7 +141,7 @@ def test_packed_training_through_standard_path_equals_one_by_one(variant, implem
     forms = {
         "position_ids": dict(position_ids=batch["position_ids"]),  # transformers' padding-free form
         "segment_ids": dict(attention_mask=batch["segment_ids"], position_ids=batch["position_ids"]),
-        "legacy_spans": dict(attention_mask=batch["segment_ids"], position_ids=batch["position_ids"],
+        "training_spans": dict(attention_mask=batch["segment_ids"], position_ids=batch["position_ids"],
                              segment_spans=batch["segment_spans"]),
     }
     for form, kwargs in forms.items():
@@ -149,6 +149,41 @@ def test_packed_training_through_standard_path_equals_one_by_one(variant, implem
         assert torch.allclose(loss, expected_loss, rtol=1e-5), form
         for name, grad in expected.items():
             assert torch.allclose(grads[name], grad, rtol=1e-4, atol=1e-6), (form, name)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_padding_tail_outside_every_span_trains_like_a_tail_span_of_its_own(variant):
+    """The collator gives the padding tail no span: those positions attend to nothing (zeros), and the loss and
+    gradients stay those of a run where the tail has its own span (nothing real attends to padding)."""
+    model = tiny_model(variant).train()
+    batch, examples = packed_batch()
+    targets = sum(len(ids) - 1 for ids in examples)
+    common = dict(input_ids=batch["input_ids"], labels=batch["labels"], num_items_in_batch=targets,
+                  position_ids=batch["position_ids"])
+    examples_only = [spans[:-1] for spans in batch["segment_spans"]]  # every row here ends in a padding tail
+    assert all(spans[-1][1] < batch["input_ids"].shape[1] for spans in examples_only)
+    expected_loss, expected = loss_and_grads(model, [dict(common, segment_spans=batch["segment_spans"])])
+    loss, grads = loss_and_grads(model, [dict(common, segment_spans=examples_only)])
+    assert torch.allclose(loss, expected_loss, rtol=1e-6)
+    for name, grad in expected.items():
+        assert torch.isfinite(grads[name]).all(), name
+        assert torch.allclose(grads[name], grad, rtol=1e-5, atol=1e-7), name
+
+
+def test_attention_outside_every_span_is_zero_and_spans_attend_only_within_themselves():
+    torch.manual_seed(3)
+    query, key, value = (torch.randn(2, 3, 10, 4) for _ in range(3))
+    spans = [[(0, 4), (4, 7)], [(2, 9)]]  # row 0: a tail 7..10 in no span; row 1: a gap 0..2 and a tail 9..10
+    out = mb.attend_within_spans(query, key, value, None, spans).transpose(1, 2)
+    for row, row_spans in enumerate(spans):
+        covered = torch.zeros(10, dtype=torch.bool)
+        for start, end in row_spans:
+            covered[start:end] = True
+            expected = torch.nn.functional.scaled_dot_product_attention(
+                query[row:row + 1, :, start:end], key[row:row + 1, :, start:end], value[row:row + 1, :, start:end],
+                is_causal=True)
+            assert torch.allclose(out[row:row + 1, :, start:end], expected, atol=1e-6)
+        assert (out[row, :, ~covered] == 0).all()
 
 
 def test_position_ids_without_restarts_stay_one_sequence():
@@ -228,3 +263,23 @@ def test_flash_attention_plumbing(variant, reference_flash_kernel):
     expected = model.generate(prompts, **kwargs)
     model.config._attn_implementation = "flash_attention_2"
     assert torch.equal(model.generate(prompts, **kwargs), expected)
+
+
+@pytest.mark.parametrize("dtype, upcast", [(torch.float32, False), (torch.bfloat16, True), (torch.float16, True)])
+def test_cpu_sdpa_upcasts_half_precision_only(monkeypatch, dtype, upcast):
+    """float32 runs hand their own tensors to transformers' sdpa (no copies); bf16/fp16 attend in float32."""
+    seen = {}
+
+    def recording_sdpa(module, query, key, value, attention_mask, **kwargs):
+        seen.update(query=query, mask=attention_mask)
+        return query.transpose(1, 2), None
+
+    monkeypatch.setitem(mb.ALL_ATTENTION_FUNCTIONS._global_mapping, "sdpa", recording_sdpa)
+    query, key, value = (torch.randn(1, 2, 5, 4, dtype=dtype) for _ in range(3))
+    mask = torch.zeros(1, 2, 5, 5, dtype=dtype)
+    out, _ = mb.sdpa_attention(None, query, key, value, mask)
+    assert out.dtype == dtype
+    if upcast:
+        assert seen["query"].dtype == torch.float32 and seen["mask"].dtype == torch.float32
+    else:
+        assert seen["query"] is query and seen["mask"] is mask

@@ -441,8 +441,10 @@ def test_cumulative_lengths_lay_the_rows_end_to_end():
     bounds, longest = cumulative_lengths(SPANS, 24, "cpu")
     assert bounds.tolist() == [0, 5, 17, 24, 48, 57, 68, 72] and bounds.dtype == torch.int32 and longest == 24
     assert document_ids(SPANS, 24, "cpu")[0].tolist() == [0] * 5 + [1] * 12 + [2] * 7
-    with pytest.raises(ValueError):
-        cumulative_lengths([[(0, 5)]], 24, "cpu")  # a row not covered to its end
+    # The collator gives the padding tail no span: it becomes a sequence of its own, as does a gap between spans.
+    bounds, longest = cumulative_lengths([[(0, 5), (7, 10)]], 12, "cpu")
+    assert bounds.tolist() == [0, 5, 7, 10, 12] and longest == 5
+    assert document_ids([[(0, 5)]], 8, "cpu")[0].tolist() == [0] * 5 + [-1] * 3
 
 
 def test_varlen_spans_passes_the_flattened_layout_the_kernel_documents(monkeypatch):

@@ -68,7 +68,7 @@ class _Table:
 
 
 def segment_ids(batch, examples_per_row):
-    """1, 2, ... per example of each row and 0 on its padding tail (the spans after the examples')."""
+    """1, 2, ... per example of each row and 0 on its padding tail (outside every span)."""
     ids = torch.zeros_like(batch["input_ids"])
     for row, (spans, count) in enumerate(zip(batch["segment_spans"], examples_per_row)):
         for number, (start, end) in enumerate(spans[:count], start=1):
@@ -86,7 +86,7 @@ def test_collate_marks_examples_and_padding_from_true_lengths():
     assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 2, 3, 0, 1]]
     # The first token of each example is never a target (it would be predicted from the previous example).
     assert batch["labels"].tolist() == [[-100, -100, 6, 2, -100, 0, 7, 2, -100, -100]]
-    assert batch["segment_spans"] == [[(0, 4), (4, 8), (8, 10)]]
+    assert batch["segment_spans"] == [[(0, 4), (4, 8)]]  # the padding tail is in no span: no attention
     assert batch["num_tokens"] == 8 and batch["num_targets"] == 5
     assert batch["attended_pairs"] == 2 * (4 * 5 // 2)
     longest = fu.collate_rows(table, [[0], [1]], pad_id)
