@@ -21,7 +21,7 @@ def load_module(path, name):
 def readme_quick_start_commands():
     text = (REPO_ROOT / "README.md").read_text()
     start = text.index("## Quick start")
-    section = text[start:text.index("\n## ", start + 1)]
+    section = text[start:text.index("\n##", start + 1)]  # up to the next heading: "### Conversations" has its own
     return [line.strip() for block in re.findall(r"```bash\n(.*?)```", section, flags=re.S)
             for line in block.splitlines() if line.strip()]
 

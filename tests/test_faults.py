@@ -454,14 +454,14 @@ def a_failed_final_save_leaves_a_checkpoint_and_resume_writes_the_model(lab):
 def a_full_disk_at_the_final_save_loses_nothing(lab):
     with tmpfs(lab.root / "full_disk", "6m") as disk:
         run = disk / "run"
-        from finetune import final_model
+        from finetune import final_weights
 
-        real, filler = final_model.full_state_dict_on_rank0, []
+        real, filler = final_weights.gathered_state_dict, []
 
         def fill_then_gather(*args, **kwargs):
             filler.append(fill(disk))
             return real(*args, **kwargs)
-        with patched(final_model, "full_state_dict_on_rank0", fill_then_gather):
+        with patched(final_weights, "gathered_state_dict", fill_then_gather):
             result = lab.train(run, save_every=4)
         line = one_error_line(result)
         assert str(run) in line and "no space left on device" in line and "step-00000004" in line, line

@@ -12,7 +12,7 @@ import torch
 from conftest import PYTHON, REPO_ROOT, _word_tokenizer, assert_one_line_error, make_random_dataset, run_script
 
 import finetune.data as fu
-from finetune import lora, model_size, packed_attention, parallel, plan
+from finetune import final_model, lora, model_size, packed_attention, parallel, plan
 from finetune.chunked_loss import use_chunked_loss
 from finetune.errors import FinetuneError
 from finetune.lora import LoraSettings
@@ -203,9 +203,16 @@ def test_a_tied_embedding_is_saved_once_and_loads_as_the_same_model(tmp_path, fa
 
     torch.manual_seed(0)
     model = build(family_config(family), packed_attention.ATTENTION_NAME)
-    state = parallel.full_state_dict_on_rank0(model, parallel.Backend(engine="single", device=torch.device("cpu"),
-                                                                      world_size=1))
-    model.save_pretrained(tmp_path, state_dict=state, safe_serialization=True)
+    class NoTokenizer:  # the final save writes the tokenizer too; this test is about the weights
+        def save_pretrained(self, folder):
+            pass
+
+    backend = parallel.Backend(engine="single", device=torch.device("cpu"), world_size=1)
+    for saved_dtype in ("float32", "bfloat16"):  # both ways the full fine-tuning save gathers
+        final_model.save_final_model(model, NoTokenizer(), backend, str(tmp_path), {"saved_dtype": saved_dtype})
+        with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+            assert set(f.keys()) == {name for name in model.state_dict() if name != "lm_head.weight"}
+    final_model.save_final_model(model, NoTokenizer(), backend, str(tmp_path), {"saved_dtype": "float32"})
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
         names = set(f.keys())
     assert "lm_head.weight" not in names and "model.embed_tokens.weight" in names
