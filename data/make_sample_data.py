@@ -562,8 +562,8 @@ CHAT_SYSTEM = "You are a friendly assistant who remembers what the user says."
 
 
 def make_conversation(rng):
-    """The user gives a name and a town in the first turn; after some small talk the assistant is asked for one
-    or both of them, and answers by repeating the value the user gave (a copy the history alone makes possible)."""
+    """The user gives a name and a town in the first turn; after some small talk one or both of them are asked
+    for, and the reply repeats the value the user gave (a copy that only the history makes possible)."""
     facts = {"name": rng.choice(CHAT_NAMES), "town": rng.choice(CHAT_TOWNS)}
     messages = [{"role": "system", "content": CHAT_SYSTEM}] if rng.random() < 0.2 else []
     messages += [{"role": "user", "content": rng.choice(INTRODUCTIONS).format(**facts)},
