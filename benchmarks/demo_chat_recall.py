@@ -1,18 +1,19 @@
 """Does the chat demo use the conversation's history? Recall of a fact from the first user turn, held-out chats.
 
     HF_HUB_OFFLINE=1 python prepare_dataset.py chat --demo
-    HF_HUB_OFFLINE=1 python train_llama2.py --demo --dataset-name-or-path ./chat_dataset --save-model-dir ./chat_demo_output --block-size 512 --max-steps 240
+    HF_HUB_OFFLINE=1 python train_llama2.py --demo --dataset-name-or-path ./chat_dataset --save-model-dir ./chat_demo_output --block-size 512 --batch-size 4 --max-steps 1000 --lr 3e-3 --eval-every 100
     HF_HUB_OFFLINE=1 python benchmarks/demo_chat_recall.py --model-dir ./chat_demo_output
 
-Every conversation of data/chat_sample.jsonl starts with the user saying their name, town and job, and ends with
-a question about one of them ("Which town do I live in?"). The conversations scored are the validation split
-that preparation held out (seed 0, 5 percent). For each, the model writes a greedy reply to the last question,
-prompted with the same code as `inference.py --chat` (the chat format `auto` picks for the tokenizer), and the
-reply counts as right when it holds the asked fact. Scored: the untrained demo model ("before", the weights
-`--demo` starts from), the trained one ("after"), and the trained one with the first round (the introduction)
-removed from the prompt: without the history the fact can only be guessed, and the best guess (the commonest
-answer among the held-out questions) is printed as the no-history baseline. Also scored, before and after: the
-reply to the introduction itself ("greeting"), right when it repeats the name the user gave in that turn.
+Every conversation of data/chat_sample.jsonl starts with the user giving their name and town (one of 32 names and
+26 towns) and, after some small talk, ends with a question about one of them ("Which town do I live in?") that
+only the first turn answers. The conversations scored are the validation split that preparation held out
+(seed 0, 5 percent). For each, the model writes a greedy reply to the last question, prompted with the same code
+as `inference.py --chat` (the chat format `auto` picks for the tokenizer), and the reply counts as right when it
+holds the asked fact. Scored: the untrained demo model ("before", the weights `--demo` starts from), the trained
+one ("after"), and the trained one with the first round (the introduction) removed from the prompt: without the
+history the fact can only be guessed, and the best guess (the commonest answer among the held-out questions) is
+printed as the no-history baseline. Also scored, before and after: the reply to the introduction itself
+("greeting"), right when it repeats the name the user gave in that turn.
 It prints figures; it judges nothing.
 The last line printed is one JSON object with the figures.
 """
@@ -37,7 +38,7 @@ from finetune.chat import chat_format, conversation_of  # noqa: E402
 from finetune.preparation import split_train_validation  # noqa: E402
 from finetune.raw_data import load_raw_dataset  # noqa: E402
 
-ANSWER_PREFIXES = ("You live in ", "Your name is ", "You work as a ")
+ANSWER_PREFIXES = ("You live in ", "Your name is ")
 
 
 def parse_args(argv=None):

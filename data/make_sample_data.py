@@ -4,9 +4,10 @@ Both files are small, made-up stand-ins for the tutorials' data sets so that the
   * llama2_sample.jsonl   - short news-like articles with two-sentence highlights (columns article, highlights)
   * baichuan2_sample.jsonl - customer-support requests and answers
                             (columns instruction, category, intent, response)
-  * chat_sample.jsonl     - multi-turn conversations (column messages): the user says who they are in the first
-                            turn, small talk follows, and the last question can only be answered from that
-                            first turn (their name, town or job), so learning it needs the history
+  * chat_sample.jsonl     - multi-turn conversations (column messages): the user gives a name and a town in the
+                            first turn, small talk follows, and the last question can only be answered from that
+                            first turn (one of 32 names or 26 towns, repeated word for word), so learning it
+                            needs the history
 The text comes from the templates and word lists below, filled in with a seeded random generator, so
 running this script again gives byte-identical files:  python data/make_sample_data.py
 The highlights restate each article's key facts in a fixed pattern per topic: a tiny model learns the
@@ -20,7 +21,7 @@ from pathlib import Path
 DATA_DIR = Path(__file__).resolve().parent
 NUM_ARTICLES = 2000
 NUM_SUPPORT_DIALOGUES = 400
-NUM_CONVERSATIONS = 1500
+NUM_CONVERSATIONS = 1800
 
 # ----------------------------------------------------------------------------------------------
 # News articles
@@ -531,35 +532,49 @@ def make_support_dialogue(rng):
 # ----------------------------------------------------------------------------------------------
 # Conversations that need their history
 # ----------------------------------------------------------------------------------------------
-INTRODUCTIONS = ["Hi, I am {name}. I live in {town} and I work as a {job}.",
-                 "Hello! My name is {name}, I am a {job} from {town}.",
-                 "Good morning. I'm {name}, a {job}, and my home is in {town}."]
-GREETINGS = ["Nice to meet you, {name}. How can I help you today?",
-             "Hello {name}, welcome. What can I do for you?"]
+# One-token names and towns (in the demo tokenizer), many of each, so that a reply can only be right by copying
+# the value the user gave: the commonest value is asked in only a few percent of the conversations.
+CHAT_NAMES = ["Agnes", "Aisha", "Bruno", "Celia", "David", "Dermot", "Edith", "Elena", "Franz", "Grace", "Gwen",
+              "Hector", "James", "Lucas", "Maria", "Nora", "Priya", "Roman", "Samuel", "Tom", "Victor", "Carter",
+              "Hughes", "Lopez", "Mensah", "Moreau", "Novak", "Okafor", "Petrov", "Sharma", "Brennan", "Whitfield"]
+CHAT_TOWNS = ["Albion", "Brackley", "Cedar", "Cobham", "Dunmore", "Elmstead", "Fenwick", "Greyhaven", "Harlow",
+              "Kingsmere", "Lakemoor", "Millbrook", "Northam", "Oakridge", "Redcliffe", "Silverton", "Stonebridge",
+              "Thornbury", "Westfield", "Keystone", "Meridian", "Northstar", "Atlas", "Bluepeak", "Greenleaf",
+              "Lumen"]
+INTRODUCTIONS = ["Hi, my name is {name} and I live in {town}.",
+                 "Hello! I live in {town}. My name is {name}.",
+                 "Good morning, my name is {name}. I live in {town}."]
+GREETINGS = ["Nice to meet you, {name}.", "Hello {name}, welcome."]
 SMALL_TALK = [
-    ("Can you recommend a good book?", "Many readers enjoy a short novel on a quiet evening."),
-    ("What should I cook tonight?", "A simple soup with fresh bread is quick and warm."),
-    ("Is it a good day for a walk?", "A short walk in the afternoon is always a good idea."),
-    ("How do I get better sleep?", "Go to bed at the same time every night and keep the room dark."),
-    ("Any tips for saving money?", "Write down what you spend each week and set a small goal."),
+    ("Can you recommend a good book?", "Try a short novel."),
+    ("What should I cook tonight?", "A simple soup."),
+    ("Is it a good day for a walk?", "Yes, go in the afternoon."),
+    ("How do I get better sleep?", "Keep the room dark."),
+    ("Any tips for saving money?", "Write down what you spend."),
+    ("What time is it?", "I cannot see a clock."),
+    ("Tell me a fun fact.", "Honey never goes bad."),
 ]
 QUESTIONS = {
-    "town": (["Which town do I live in?", "Where is my home?"], "You live in {town}."),
+    "town": (["Which town do I live in?", "Where do I live?"], "You live in {town}."),
     "name": (["What is my name?", "Do you remember my name?"], "Your name is {name}."),
-    "job": (["What is my job?", "What do I do for work?"], "You work as a {job}."),
 }
 CHAT_SYSTEM = "You are a friendly assistant who remembers what the user says."
 
 
 def make_conversation(rng):
-    facts = {"name": rng.choice(FIRST_NAMES), "town": rng.choice(NEWS_TOWNS), "job": rng.choice(JOBS)}
-    messages = [{"role": "system", "content": CHAT_SYSTEM}] if rng.random() < 0.3 else []
+    """The user gives a name and a town in the first turn; after some small talk one or both of them are asked
+    for, and the reply repeats the value the user gave (a copy that only the history makes possible)."""
+    facts = {"name": rng.choice(CHAT_NAMES), "town": rng.choice(CHAT_TOWNS)}
+    messages = [{"role": "system", "content": CHAT_SYSTEM}] if rng.random() < 0.2 else []
     messages += [{"role": "user", "content": rng.choice(INTRODUCTIONS).format(**facts)},
                  {"role": "assistant", "content": rng.choice(GREETINGS).format(**facts)}]
-    for question, answer in rng.sample(SMALL_TALK, rng.randint(0, 1)):
-        messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
-    asks, answer = QUESTIONS[rng.choice(sorted(QUESTIONS))]
-    messages += [{"role": "user", "content": rng.choice(asks)}, {"role": "assistant", "content": answer.format(**facts)}]
+    asked = rng.sample(sorted(QUESTIONS), rng.randint(1, 2))
+    for kind in asked:
+        for question, answer in rng.sample(SMALL_TALK, rng.randint(0, 2)):
+            messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        asks, answer = QUESTIONS[kind]
+        messages += [{"role": "user", "content": rng.choice(asks)},
+                     {"role": "assistant", "content": answer.format(**facts)}]
     return {"messages": messages}
 
 

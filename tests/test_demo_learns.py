@@ -36,7 +36,7 @@ def test_bundled_sample_data_is_what_make_sample_data_writes(tmp_path, monkeypat
     maker = load_module(REPO_ROOT / "data" / "make_sample_data.py", "make_sample_data")
     monkeypatch.setattr(maker, "DATA_DIR", tmp_path)
     maker.main()
-    for name in ("llama2_sample.jsonl", "baichuan2_sample.jsonl"):
+    for name in ("llama2_sample.jsonl", "baichuan2_sample.jsonl", "chat_sample.jsonl"):
         assert (tmp_path / name).read_bytes() == (REPO_ROOT / "data" / name).read_bytes(), name
 
 
