@@ -13,6 +13,8 @@ the collator makes them), so the training scripts pass the same keywords whateve
 this module registers both names with transformers. benchmarks/gpu_smoke.py checks them against the span loop
 on a GPU (outputs and gradients) and times them.
 """
+from collections.abc import Callable
+
 import torch
 from transformers import AttentionInterface
 
@@ -48,6 +50,24 @@ def document_ids(segment_spans: list[list[tuple[int, int]]], length: int, device
     return ids.to(device, non_blocking=True)
 
 
+_layout_of_this_forward = (None, None, None)  # (segment_spans, what was built, the layout): the list is held so
+                                              # its id cannot be reused by another
+
+
+def _per_forward(segment_spans: object, build: Callable[..., object], length: int, device: torch.device) -> object:
+    """`build(spans, length, device)` once per forward: every decoder layer receives the same `segment_spans`
+    list, so the layout (a Python loop over the spans and a host-to-device copy) is made by the first layer and
+    reused by the rest; a new list, length or device builds it again."""
+    global _layout_of_this_forward
+    what = (build, length, device)
+    held, built, layout = _layout_of_this_forward
+    if segment_spans is not None and held is segment_spans and built == what:
+        return layout
+    layout = build(segment_spans, length, device)
+    _layout_of_this_forward = (segment_spans, what, layout)
+    return layout
+
+
 def _no_dropout(name, dropout):
     if dropout:
         raise ValueError(f"{name} has no attention dropout; set attention_dropout to 0 or use the span loop")
@@ -67,7 +87,7 @@ def varlen_spans(module: torch.nn.Module | None, query: torch.Tensor, key: torch
     _no_dropout("varlen_spans", dropout)
     rows, heads, length, head_dim = query.shape
     spans = segment_spans if segment_spans is not None else [[(0, length)]] * rows
-    cu_seqlens, longest = cumulative_lengths(spans, length, query.device)
+    cu_seqlens, longest = _per_forward(spans, cumulative_lengths, length, query.device)
 
     def flat(x):  # (batch, heads, length, dim) -> (batch x length, heads, dim)
         return x.transpose(1, 2).reshape(rows * length, x.shape[1], head_dim)
@@ -101,7 +121,7 @@ def flex_spans(module: torch.nn.Module | None, query: torch.Tensor, key: torch.T
     _no_dropout("flex_spans", dropout)
     rows, heads, length, _ = query.shape
     spans = segment_spans if segment_spans is not None else [[(0, length)]] * rows
-    document = document_ids(spans, length, query.device)
+    document = _per_forward(spans, document_ids, length, query.device)
 
     def same_example_causal(b, h, q, kv):
         keep = (document[b, q] == document[b, kv]) & (q >= kv)

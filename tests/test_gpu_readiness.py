@@ -509,6 +509,23 @@ def test_one_kernel_paths_honour_sliding_windows_and_soft_caps(monkeypatch):
     torch.testing.assert_close(out, expected)
 
 
+def test_the_one_kernel_layout_is_built_once_per_forward(monkeypatch):
+    """Every layer of a forward gets the same span list: the first layer builds the layout, the rest reuse it; the
+    next forward's new list builds it again."""
+    import finetune.varlen_attention as one_kernel
+
+    builds = []
+    real = one_kernel.document_ids
+    monkeypatch.setattr(one_kernel, "document_ids", lambda *args: builds.append(1) or real(*args))
+    query, key, value = _qkv(seed=3)
+    spans = [list(row) for row in SPANS]
+    first, _ = one_kernel.flex_spans(None, query, key, value, None, scaling=0.3, segment_spans=spans)
+    again, _ = one_kernel.flex_spans(None, query, key, value, None, scaling=0.3, segment_spans=spans)
+    assert len(builds) == 1 and torch.equal(first, again)
+    one_kernel.flex_spans(None, query, key, value, None, scaling=0.3, segment_spans=[list(row) for row in SPANS])
+    assert len(builds) == 2
+
+
 # ---- the first GPU run: one command; its dry run here -----------------------------------------------------------
 
 def test_gpu_smoke_dry_run_lists_every_check_and_runs_the_process_group_one(tmp_path):
