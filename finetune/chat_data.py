@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from finetune.chat import IGNORE_INDEX, ChatFormat, chat_format, conversation_of, fit_conversation
 from finetune.errors import FinetuneError
 from finetune.dataset_output import MADE_BY
-from finetune.preparation import percentile, split_train_validation
+from finetune.preparation import finish_report, percentile, split_train_validation
 
 if TYPE_CHECKING:
     from datasets import Dataset, DatasetDict, Features
@@ -104,11 +104,7 @@ def prepare_chat(tokenizer: "PreTrainedTokenizerBase", raw_dataset_dict: "Datase
         report["splits"][name] = split_stats(split, len(raw[name]))
     if not len(tokenized["train"]):
         raise FinetuneError(f"no conversation keeps a reply to learn within --block-size {block_size}")
-    total = sum(stats["tokens"] for stats in report["splits"].values())
-    report["tokenize_seconds"] = round(seconds, 3)
-    report["tokens_per_second"] = round(total / seconds) if seconds > 0 else None
-    stat_columns = [name for name in tokenized["train"].column_names if name.startswith("stat_")]
-    return tokenized.remove_columns(stat_columns), report
+    return finish_report(tokenized, report, sum(stats["tokens"] for stats in report["splits"].values()), seconds)
 
 
 def format_chat_report(report: dict) -> str:

@@ -232,6 +232,12 @@ def prepare(recipe_name: str, recipe: dict, tokenizer: PreTrainedTokenizerBase, 
             "misaligned_boundaries": int(pc.sum(table.column("stat_misaligned")).as_py() or 0),
         }
         total_tokens += int(lengths.sum())
+    return finish_report(tokenized, report, total_tokens, seconds)
+
+
+def finish_report(tokenized: DatasetDict, report: dict, total_tokens: int,
+                  seconds: float) -> tuple[DatasetDict, dict]:
+    """The tokenising speed into the report, and the per-example `stat_*` bookkeeping columns out of the rows."""
     report["tokenize_seconds"] = round(seconds, 3)
     report["tokens_per_second"] = round(total_tokens / seconds) if seconds > 0 else None
     stat_columns = [name for name in tokenized["train"].column_names if name.startswith("stat_")]
