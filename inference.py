@@ -8,7 +8,7 @@
 
 The prompt is built by the same recipe function as the training data (prepare_dataset.py), with the response
 left empty, so the model sees exactly what it was trained to continue. `--chat` builds it with the chat code of
-`prepare_dataset.py chat` instead (finetune/chat.py, --chat-format): the example is a conversation (`messages` or
+`prepare_dataset.py chat` instead (finetune/data/chat.py, --chat-format): the example is a conversation (`messages` or
 `conversations`; a recipe row's first prompt column is taken as one user turn), prompted up to its last user turn,
 and generation stops at the format's end-of-turn token. With no example on a terminal, --chat is an interactive
 chat that keeps the history (/reset starts over, /quit or Ctrl-D ends).
@@ -23,14 +23,14 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import modeling_baichuan  # noqa: F401  (registers Baichuan with the Auto classes)
-from finetune.chat import CHAT_FORMATS, chat_format, conversation_of
+from finetune.data.chat import CHAT_FORMATS, chat_format, conversation_of
+from finetune.data.preparation import leading_special_ids, require
 from finetune.demo import DEMO_CHAT_FILE, DEMO_SAMPLE_FILES
-from finetune.errors import exit_on_error
-from finetune.hub import looks_like_path, require_local_or_reachable, root_cause_message
-from finetune.preparation import leading_special_ids, require
-from finetune.remote_code import asks_for_remote_code, remote_code_error
-from finetune.saved_adapter import check_targets_fit, read_adapter
-from finetune.weight_files import damaged_weight_file
+from finetune.errors import FinetuneError, entry_point
+from finetune.model.adapter import check_targets_fit, read_adapter
+from finetune.model.hub import looks_like_path, require_local_or_reachable, root_cause_message
+from finetune.model.remote_code import asks_for_remote_code, remote_code_error
+from finetune.model.weight_files import damaged_weight_file
 from prepare_dataset import RECIPES
 
 
@@ -76,22 +76,22 @@ def load_example(args):
         try:
             example = json.loads(args.example)
         except ValueError as exc:
-            raise SystemExit(f"error: --example is not valid JSON ({exc})") from None
+            raise FinetuneError(f"--example is not valid JSON ({exc})") from None
     else:
         path = args.example_file or (DEMO_CHAT_FILE if args.chat else DEMO_SAMPLE_FILES.get(args.recipe))
         if path is None:
-            raise SystemExit(f"error: no bundled examples for recipe {args.recipe!r}; pass --example or --example-file")
+            raise FinetuneError(f"no bundled examples for recipe {args.recipe!r}; pass --example or --example-file")
         try:
             with open(path, encoding="utf-8") as f:
                 lines = [line for line in f if line.strip()]
         except (OSError, ValueError) as exc:
             reason = getattr(exc, "strerror", None) or exc
-            raise SystemExit(f"error: cannot read --example-file {path!r} ({reason})") from None
+            raise FinetuneError(f"cannot read --example-file {path!r} ({reason})") from None
         require(args.index < len(lines), f"--index {args.index} is past the end of {path!r} ({len(lines)} examples)")
         try:
             example = json.loads(lines[args.index])
         except ValueError as exc:
-            raise SystemExit(f"error: example {args.index} of {path!r} is not valid JSON ({exc})") from None
+            raise FinetuneError(f"example {args.index} of {path!r} is not valid JSON ({exc})") from None
     require(isinstance(example, dict), "the example must be a JSON object")
     return example
 
@@ -153,7 +153,7 @@ def load_model(model_dir, trust_remote_code=False):
         if asks_for_remote_code(exc):
             raise remote_code_error(model_dir) from None
         reason = damaged_weight_file(model_dir) or root_cause_message(exc)
-        raise SystemExit(f"error: cannot load a model from {model_dir!r}: {reason}") from None
+        raise FinetuneError(f"cannot load a model from {model_dir!r}: {reason}") from None
     return tokenizer, model
 
 
@@ -219,7 +219,7 @@ def interactive_chat(model, tokenizer, args):
         history.append({"role": "assistant", "content": reply or "..."})
 
 
-@exit_on_error
+@entry_point
 def main(argv=None):
     args = parse_args(argv)
     interactive = args.chat and args.example is None and args.example_file is None and sys.stdin.isatty()
@@ -234,7 +234,7 @@ def main(argv=None):
         try:
             model = PeftModel.from_pretrained(model, args.adapter)
         except (OSError, ValueError, RuntimeError) as exc:  # RuntimeError: an adapter made for another model
-            raise SystemExit(f"error: cannot apply the adapter {args.adapter!r}: {str(exc).splitlines()[0]}") from None
+            raise FinetuneError(f"cannot apply the adapter {args.adapter!r}: {str(exc).splitlines()[0]}") from None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
     if interactive:

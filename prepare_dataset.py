@@ -6,17 +6,11 @@
     python prepare_dataset.py chat --dataset-name-or-path chats.jsonl     # conversations (messages / conversations)
     python prepare_dataset.py llama2 --dataset-name-or-path a.jsonl b.jsonl --dataset-weights 3 1   # a mixture
 
-A recipe is one small function that splits an example into four strings:
-    head      fixed prompt text at the start                (always kept)
-    body      the long, cuttable part (article, question)   (cut from its end when the example is too long)
-    tail      the rest of the prompt                        (always kept)
-    response  what the model should learn to write          (cut only if it alone does not fit)
-head + body + tail + response is exactly the text the model sees, followed by the EOS token. To change the
-prompt, copy a recipe function and edit its strings; put part boundaries just before a space or a newline
-so that tokenizing the parts gives the same tokens as tokenizing the whole text.
+A recipe is one small function in finetune/data/recipes.py that splits an example into a prompt (head, body,
+tail) and a response; to change the prompt, copy a recipe function there and edit its strings.
 
 Loss is taken on the response and EOS only (prompt labels are -100) unless --train-on-prompt is given.
-The `chat` recipe takes conversations instead (finetune/chat.py): each row becomes one example in the model's
+The `chat` recipe takes conversations instead (finetune/data/chat.py): each row becomes one example in the model's
 own chat format, with the loss on every assistant reply and its end-of-turn token(s).
 The output is a datasets.DatasetDict written with save_to_disk (splits train and validation) plus a
 prepare_report.json with the numbers printed at the end.
@@ -27,84 +21,14 @@ import argparse
 import datasets
 
 from finetune import demo
-from finetune.chat import CHAT_FORMATS
-from finetune.chat_data import format_chat_report, normalize_conversations, prepare_chat
-from finetune.errors import FinetuneError, error_line
-from finetune.dataset_output import claim_save_path, write_output
-from finetune.mixing import check_weights, format_mixing_report, mix_sources
-from finetune.preparation import check_columns, format_report, prepare, require
-from finetune.raw_data import load_raw_dataset, load_tokenizer
-
-
-# ----------------------------------------------------------------------------------------------
-# Recipes: one prompt-building function each. Edit these to change the prompt format.
-# ----------------------------------------------------------------------------------------------
-def build_llama2_prompt(example):
-    """Summarisation prompt: "[SUMMARIZE] {article} [/SUMMARIZE]\\n{highlights}"."""
-    return {
-        "head": "[SUMMARIZE]",
-        "body": " " + example["article"],
-        "tail": " [/SUMMARIZE]\n",
-        "response": example["highlights"],
-    }
-
-
-def build_baichuan2_prompt(example):
-    """Customer-support prompt: "[INST] {instruction} \\n Category is {category} \\n Intent is {intent} [/INST]\\n{response}"."""
-    return {
-        "head": "[INST]",
-        "body": " " + example["instruction"],
-        "tail": f" \n Category is {example['category']} \n Intent is {example['intent']} [/INST]\n",
-        "response": example["response"],
-    }
-
-
-RECIPES = {
-    "llama2": {
-        "build_prompt": build_llama2_prompt,
-        "columns": ("article", "highlights"),
-        "model": "meta-llama/Llama-2-13b-hf",
-        "dataset": "cnn_dailymail",
-        "dataset_config": "3.0.0",
-        "save_path": "./llama2_dataset",
-    },
-    "baichuan2": {
-        "build_prompt": build_baichuan2_prompt,
-        "columns": ("instruction", "category", "intent", "response"),
-        "model": "baichuan-inc/Baichuan2-13B-Base",
-        "dataset": "bitext/Bitext-customer-support-llm-chatbot-training-dataset",
-        "dataset_config": None,
-        "save_path": "./baichuan2_dataset",
-    },
-    # Conversations: no prompt function; the layout is the model's own chat format (--chat-format).
-    "chat": {
-        "columns": ("messages",),
-        "model": "meta-llama/Llama-2-13b-chat-hf",
-        "dataset": None,
-        "dataset_config": None,
-        "save_path": "./chat_dataset",
-        "demo_data": demo.DEMO_CHAT_FILE,
-    },
-}
-
-
-# ----------------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------------
-def demo_sample_file(recipe_name):
-    """The bundled sample data of a recipe (--demo); other recipes bring their own --dataset-name-or-path."""
-    if RECIPES[recipe_name].get("demo_data"):
-        return RECIPES[recipe_name]["demo_data"]
-    if recipe_name not in demo.DEMO_SAMPLE_FILES:
-        columns = ", ".join(RECIPES[recipe_name]["columns"])
-        raise FinetuneError(f"--demo has no bundled sample data for recipe '{recipe_name}'; pass "
-                           f"--dataset-name-or-path with your own data (columns {columns})")
-    return demo.DEMO_SAMPLE_FILES[recipe_name]
-
-
-def demo_dataset(recipe_name, block_size):
-    """The prepared bundled sample of a recipe for `--demo` training runs, built once and cached."""
-    return demo.ensure_demo_dataset(recipe_name, RECIPES[recipe_name], block_size)
+from finetune.data.chat import CHAT_FORMATS
+from finetune.data.chat_preparation import format_chat_report, normalize_conversations, prepare_chat
+from finetune.data.mixing import check_weights, format_mixing_report, mix_sources
+from finetune.data.output import claim_save_path, write_output
+from finetune.data.preparation import check_columns, format_report, prepare, require
+from finetune.data.raw_data import load_raw_dataset, load_tokenizer
+from finetune.data.recipes import RECIPES, demo_sample_file
+from finetune.errors import FinetuneError, entry_point
 
 
 def build_parser():
@@ -242,13 +166,13 @@ def run(args):
     return written
 
 
+@entry_point  # a bad input: one `error:` line, exit status 1
 def main(argv=None):
+    args = parse_args(argv)
     try:
-        return run(parse_args(argv))
-    except FinetuneError as problem:
-        raise SystemExit(error_line(problem)) from None
+        return run(args)
     except KeyboardInterrupt:  # the output folder is already back as it was (see write_output)
-        raise SystemExit("error: interrupted; --save-path is unchanged") from None
+        raise FinetuneError("interrupted; --save-path is unchanged") from None
 
 
 if __name__ == "__main__":

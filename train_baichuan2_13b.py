@@ -25,12 +25,15 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
 import modeling_baichuan  # noqa: F401  (registers Baichuan with the Auto classes)
-import prepare_dataset
-from finetune import data, demo, enable_advanced_parallelization, parallel, plan
+from finetune import demo, enable_advanced_parallelization
 from finetune.args import parse_run_config
-from finetune.checkpoints import Checkpointer
-from finetune.final_model import save_final_model
-from finetune.metrics import MetricsLog
+from finetune.checkpoint.checkpointer import Checkpointer
+from finetune.checkpoint.export import save_final_model
+from finetune.data import batches, recipes
+from finetune.errors import entry_point
+from finetune.model.loading import load_model
+from finetune.observe.metrics import MetricsLog
+from finetune.plan.layout import choose_layout, confirm_on_device, describe_parallel_plan, plan_only
 from finetune.training import NonFiniteGuard, Validation, clip_grad_norm, set_seed, warmup_cosine_schedule
 
 RECIPE = "baichuan2"
@@ -54,39 +57,38 @@ def forward(model, batch, num_items_in_batch):
 
 def demo_assets(block_size):
     """--demo: the embedded tiny model and the prepared sample data, built once and cached."""
-    return demo.ensure_demo_model(RECIPE), prepare_dataset.demo_dataset(RECIPE, block_size)
+    return demo.ensure_demo_model(RECIPE), recipes.demo_dataset(RECIPE, block_size)
 
 
-@parallel.errors_from_rank0  # under torchrun, one error line (rank 0's), not one per process
+@entry_point  # a bad input: one `error:` line (under torchrun, rank 0's), exit status 1
 def main(argv=None):
     config = parse_run_config(__doc__, DEFAULTS, DEMO_DEFAULTS, demo_assets, argv)  # frozen, one section each
 
     # ---- the backend hook, before the model is loaded: MoAI, torchrun + FSDP2, one GPU, or the CPU --------
     backend = enable_advanced_parallelization(config.parallel.mixed_precision)
     if config.plan_only.enabled:
-        return plan.plan_only(config, backend)
+        return plan_only(config, backend)
     device = backend.device
     set_seed(config.training.seed)
     checkpoints = Checkpointer(config, backend, os.path.basename(__file__))  # refuses an unsafe folder early
 
     # ---- data ---------------------------------------------------------------------------------------------
-    tokenizer, pad_id = data.load_tokenizer(config.model)
-    train_table, eval_table = data.load_token_tables(config.data)
+    tokenizer, pad_id = batches.load_tokenizer(config.model)
+    train_table, eval_table = batches.load_token_tables(config.data)
     # Every epoch's order of rows, fixed by the seed and built when the epoch is reached: the schedule knows the
     # total, a resumed run its place.
-    steps = data.step_rows(train_table.lengths, config.data, config.training)
+    steps = batches.step_rows(train_table.lengths, config.data, config.training)
     total_steps = steps.total_steps
-    layout = plan.choose_layout(config, backend)  # micro-batch, accumulation, checkpointing, CPU offload
+    layout = choose_layout(config, backend)  # micro-batch, accumulation, checkpointing, CPU offload
 
     # ---- model and optimiser ------------------------------------------------------------------------------
-    model = parallel.load_model(backend, AutoModelForCausalLM, config.model, layout,
-                                adapters=config.lora,  # --lora / --qlora: frozen base plus adapters
-                                compile_layers=config.parallel.compile)
-    data.check_block_size(model.config, config.data.block_size)
-    data.check_token_ids(model.config, train_table, eval_table)  # data prepared with another tokenizer
-    layout = plan.confirm_on_device(model, backend, config, layout, forward)  # final: the probe may lower it
-    parallel_plan = plan.describe_parallel_plan(model, backend, config, layout)
-    batch_format = data.BatchFormat(layout.micro_batch_size, pad_id, config.data.pad_to)
+    model = load_model(backend, AutoModelForCausalLM, config.model, layout,
+                       adapters=config.lora)  # --lora / --qlora: frozen base plus adapters
+    batches.check_block_size(model.config, config.data.block_size)
+    batches.check_token_ids(model.config, train_table, eval_table)  # data prepared with another tokenizer
+    layout = confirm_on_device(model, backend, config, layout, forward)  # final: the probe may lower it
+    parallel_plan = describe_parallel_plan(model, backend, config, layout)
+    batch_format = batches.BatchFormat(layout.micro_batch_size, pad_id, config.data.pad_to)
 
     opt = config.optimizer
     optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],  # with LoRA: the adapters
@@ -98,20 +100,20 @@ def main(argv=None):
     save_dir = config.checkpoint.save_model_dir
     guard = NonFiniteGuard(config.training.skip_nonfinite, save_dir, backend)
     metrics = MetricsLog(save_dir, backend, model, config.logging, total_steps, step)  # + --report-to trackers
-    validation = Validation(eval_table, data.validation_rows(eval_table, config.data, config.training.seed),
+    validation = Validation(eval_table, batches.validation_rows(eval_table, config.data, config.training.seed),
                             forward, backend, batch_format, config.logging.eval_every)
 
     # ---- training loop ------------------------------------------------------------------------------------
     model.train()
     # The progress bar closes before any error line, so the error stays the last line printed.
     with tqdm(total=total_steps, initial=step, disable=not backend.is_main, desc="train", dynamic_ncols=True) as bar:
-        for epoch, loader in data.epoch_loaders(train_table, steps, step, backend, batch_format,
+        for epoch, loader in batches.epoch_loaders(train_table, steps, step, backend, batch_format,
                                                 config.data.num_workers):
             for micro_batches, info in loader:  # one global batch: this process's micro-batches
                 step_loss = torch.zeros((), device=device)
                 attended_pairs = 0
                 for batch in micro_batches:  # gradient accumulation
-                    batch = data.move_to(batch, device)
+                    batch = batches.move_to(batch, device)
                     with backend.autocast():
                         # Normalised by the target tokens of the whole global batch (all micro-batches, all
                         # processes), so the update does not depend on how the batch is split.

@@ -47,8 +47,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig, LlamaForCausalLM, MistralConfig  # noqa: E402
 
 import modeling_baichuan  # noqa: E402
-
-from finetune import packed_attention  # noqa: F401,E402  (registers the per-span function "packed_spans")
+from finetune.ops import span_attention  # noqa: F401,E402  (registers the per-span function "packed_spans")
 
 MODELS = ("baichuan_alibi", "baichuan_rope", "llama", "mistral", "gemma2")
 WINDOW = 64  # mistral and gemma2: a sliding window shorter than most examples, so it binds

@@ -20,11 +20,11 @@ the runs, the best of each kept:
 (peers: benchmarks/peer_trainers.py; TRL is a benchmark-only dependency: pip install -r benchmarks/requirements.txt.)
 Useful tokens/s counts real (non-pad) tokens only; CPU ms/ktok is the process's CPU time per 1000 of them, and
 cores = CPU time / wall time of the timed steps (1.0 with --threads 1 when nothing else runs inside the step).
-MFU = model FLOPs of those tokens (finetune.metrics.step_flops) / time / the fp32 matmul peak measured here.
+MFU = model FLOPs of those tokens (finetune.observe.metrics.step_flops) / time / the fp32 matmul peak measured here.
 --busy runs every configuration a second time, right after the first, beside a competing CPU-bound process
 (one busy Python loop), and prints busy factor = quiet tokens/s / busy tokens/s per run.
 
-Preparation: finetune.preparation.prepare (batched tokenization) against the tutorial's preprocessing (a
+Preparation: finetune.data.preparation.prepare (batched tokenization) against the tutorial's preprocessing (a
 datasets.map without batching: build the prompt, call the tokenizer per example, pad to --block-size).
 
 The last line printed is one JSON object with the ratios and the raw figures (also written to --json-out).
@@ -48,16 +48,19 @@ sys.path.insert(0, str(REPO_ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import finetune.data as fu  # noqa: E402
-from finetune import metrics, model_size  # noqa: E402
-import finetune.packed_attention  # noqa: F401,E402  (registers "packed_spans")
+import finetune.data.batches as fu  # noqa: E402
+import finetune.data.preparation as preparation  # noqa: E402
+import finetune.data.raw_data as raw_data  # noqa: E402
+import finetune.ops.span_attention  # noqa: F401,E402  (registers "packed_spans")
 import modeling_baichuan  # noqa: F401,E402  (registers Baichuan with the Auto classes)
-import finetune.preparation as preparation  # noqa: E402
-import finetune.raw_data as raw_data  # noqa: E402
 import prepare_dataset  # noqa: E402
 from finetune import demo as demo_assets  # noqa: E402
-from finetune import parallel  # noqa: E402
 from finetune.config import ModelConfig  # noqa: E402
+from finetune.distributed.backend import enable_advanced_parallelization  # noqa: E402
+from finetune.model import size as model_size  # noqa: E402
+from finetune.model.loading import load_model  # noqa: E402
+from finetune.observe import metrics  # noqa: E402
+from finetune.plan.layout import split_global_batch  # noqa: E402
 from finetune.training import warmup_cosine_schedule  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -137,7 +140,7 @@ def load_average():
 # Peak
 # ----------------------------------------------------------------------------------------------------------
 def measure_peaks(config, rows, block_size, seconds, use_cache=True):
-    """The square-matmul peak of finetune/metrics.py plus the model's own matmul shapes at this batch
+    """The square-matmul peak of finetune/observe/metrics.py plus the model's own matmul shapes at this batch
     (tokens x hidden times hidden x out, for the attention, MLP and output-head weights).
 
     The peak used for MFU is the best of them, so MFU is never flattered by a slow reference shape."""
@@ -146,7 +149,7 @@ def measure_peaks(config, rows, block_size, seconds, use_cache=True):
     square = (metrics.measure_cpu_peak_flops(1024, seconds) if use_cache
               else metrics.matmul_rate(1024, 1024, 1024, seconds))
     rates = {
-        "square 1024 (finetune.metrics.measure_cpu_peak_flops)": square,
+        "square 1024 (finetune.observe.metrics.measure_cpu_peak_flops)": square,
         "square 2048": metrics.matmul_rate(2048, 2048, 2048, seconds),
         f"attn proj {tokens}x{h}x{h}": metrics.matmul_rate(tokens, h, h, seconds),
         f"mlp up {tokens}x{h}x{i}": metrics.matmul_rate(tokens, h, i, seconds),
@@ -166,8 +169,8 @@ def load_fresh_model(model_path, attention=None):
 
     if attention is None and demo_assets.family_of(model_path) == "llama2":
         attention = "packed_spans"
-    backend = parallel.enable_advanced_parallelization("no")
-    model = parallel.load_model(backend, AutoModelForCausalLM, ModelConfig(model_path), attn_implementation=attention)
+    backend = enable_advanced_parallelization("no")
+    model = load_model(backend, AutoModelForCausalLM, ModelConfig(model_path), attn_implementation=attention)
     return backend, model
 
 
@@ -191,7 +194,7 @@ def run_our_loop(model_path, table, pad_id, batching, args):
     device = backend.device
     matmul_weights = model_size.matmul_parameters(model)
     total = args.warmup_steps + args.steps
-    micro_batch_size, _ = parallel.split_global_batch(args.batch_size, 1, None, device.type, args.block_size)
+    micro_batch_size, _ = split_global_batch(args.batch_size, 1, None, device.type, args.block_size)
     pad_to = args.block_size if batching in ("packed", "block") else None
     plan = plans_for(table, args.batch_size, args.block_size, batching, 0, total)
     optim = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0, fused=device.type == "cuda")

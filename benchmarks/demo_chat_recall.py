@@ -34,9 +34,9 @@ import torch  # noqa: E402
 
 import inference  # noqa: E402
 from finetune import demo  # noqa: E402
-from finetune.chat import chat_format, conversation_of  # noqa: E402
-from finetune.preparation import split_train_validation  # noqa: E402
-from finetune.raw_data import load_raw_dataset  # noqa: E402
+from finetune.data.chat import chat_format, conversation_of  # noqa: E402
+from finetune.data.preparation import split_train_validation  # noqa: E402
+from finetune.data.raw_data import load_raw_dataset  # noqa: E402
 
 ANSWER_PREFIXES = ("You live in ", "Your name is ")
 

@@ -33,8 +33,8 @@ import torch  # noqa: E402
 
 import inference  # noqa: E402
 from finetune import demo  # noqa: E402
-from finetune.preparation import split_train_validation  # noqa: E402
-from finetune.raw_data import load_raw_dataset  # noqa: E402
+from finetune.data.preparation import split_train_validation  # noqa: E402
+from finetune.data.raw_data import load_raw_dataset  # noqa: E402
 
 RECIPE = "llama2"
 

@@ -7,7 +7,7 @@ import time
 import numpy as np
 import torch
 
-import finetune.preparation as preparation
+import finetune.data.preparation as preparation
 import prepare_dataset
 from finetune import demo as demo_assets
 
@@ -50,7 +50,7 @@ def run_prepare(recipe, tokenizer, block_size, repeat):
     examples = len(raw["train"])
     timings = {}
 
-    # finetune.preparation.prepare end to end: train/validation split, batched tokenization, report statistics.
+    # finetune.data.preparation.prepare end to end: train/validation split, batched tokenization, report statistics.
     start = time.perf_counter()
     _, report = preparation.prepare(recipe, prepare_dataset.RECIPES[recipe], tokenizer, raw, block_size=block_size)
     timings["prepare"] = (time.perf_counter() - start, sum(split["tokens"] for split in report["splits"].values()))

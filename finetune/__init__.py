@@ -1,27 +1,17 @@
-"""Helpers behind the training scripts, one module per concern.
+"""Helpers behind the training scripts, in folders by concern. Each folder's `__init__` lists its modules.
 
-    parallel          the backend hook `enable_advanced_parallelization()`, model loading and FSDP2 sharding
-    plan              micro-batch, accumulation, checkpointing, CPU offload: the printed parallel plan
-    memory            the plan's memory figures and choice rule; memory_step, memory_cache, memory_process:
-                      the simulated step under PyTorch's memory tracker, its disk cache, its child process
-    torch_internals   the only use of PyTorch's private members (the memory trackers)
-    sharding          the one FSDP2 sharding, for training and for the simulation
-    chunked_loss      the causal-LM loss a chunk of tokens at a time
-    data              prepared datasets, packing, masks and labels, data loaders
-    training          schedule, clipping, the non-finite guard, validation
-    checkpoints       resumable checkpoints (save, load, verify, RNG) and the Checkpointer the scripts use
-    checksums         the SHA-256 list of a checkpoint's files
-    run_folder        the run folder: marker, lock, fresh start, metrics.jsonl, one-line write errors
-    stop_signals      SIGTERM/SIGINT: checkpoint after the current step, then stop
-    final_model       the final export, with the LoRA merge
-    lora              --lora / --qlora: adapters (peft) on a frozen or 4-bit base, the merged save
-    metrics           FLOPs, MFU, peak memory, the log line and metrics.jsonl
-    args              the training scripts' command-line flags
-    preparation       the engine behind prepare_dataset.py; raw_data its inputs, dataset_output its output folder
-    demo              the embedded offline default: tiny tokenizers, models and sample data
-    packed_attention  attention inside each packed example's span (Llama)
-    hub               failing fast when the Hugging Face Hub cannot be reached
+    args, config     the training scripts' flags and the frozen RunConfig they become
+    errors           FinetuneError and `entry_point`: one `error:` line and exit 1 for every script
+    training         schedule, clipping, the non-finite guard, validation
+    demo             the embedded offline default: tiny tokenizers, models and sample data
+    data/            recipes, preparation (prepare_dataset.py), chat formats, mixing; packing and loaders
+    distributed/     the backend hook `enable_advanced_parallelization()`, Backend, FSDP2 sharding and gathering
+    model/           loading for training, LoRA/QLoRA, sizes, adapter folders, weight files, hub, remote-code guard
+    ops/             attention for packed rows (span loop, varlen, flex) and the chunked loss
+    plan/            the layout (micro-batch, accumulation, checkpointing, offload): memory simulation, probe
+    checkpoint/      resumable checkpoints, the run folder, stop signals, the final export
+    observe/         metrics.jsonl and the log line, trackers, training_curves.png, provenance
 """
-from finetune.parallel import enable_advanced_parallelization
+from finetune.distributed.backend import enable_advanced_parallelization
 
 __all__ = ["enable_advanced_parallelization"]

@@ -5,12 +5,12 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
+from finetune.checkpoint.save_dtype import SAVE_DTYPES
 from finetune.config import RunConfig, from_flags
-from finetune.data import BATCHING_MODES
+from finetune.data.batches import BATCHING_MODES
 from finetune.errors import FinetuneError
-from finetune.final_weights import SAVE_DTYPES
-from finetune.varlen_attention import ATTENTION_CHOICES
-from finetune.trackers import BACKENDS, parse_report_to
+from finetune.observe.trackers import BACKENDS, parse_report_to
+from finetune.ops.varlen_attention import ATTENTION_CHOICES
 
 LORA_LR = 2e-4  # the default --lr with --lora / --qlora
 # Upper bounds far past any real job, so a typo (an extra zero or ten) is one line at parse time rather than an
@@ -85,8 +85,6 @@ def parse_training_args(description: str, defaults: dict, demo_defaults: dict,
                    help="auto: bf16 compute on GPUs, fp32 on CPU; master weights are always fp32")
     p.add_argument("--activation-checkpointing", choices=("auto", "on", "off"), default="auto",
                    help="recompute activations in backward to save memory (auto: when the plan needs it)")
-    p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (refused for now: "
-                   "the packed attention's span lists would recompile it for every packing layout)")
     p.add_argument("--attn-implementation", choices=ATTENTION_CHOICES, default="auto",
                    help="attention for packed rows: spans (one attention per example, fastest on a CPU), varlen "
                         "(one FlashAttention varlen kernel per layer, CUDA), flex (FlexAttention document mask, "
@@ -142,16 +140,7 @@ def parse_training_args(description: str, defaults: dict, demo_defaults: dict,
     check_numbers(args)
     _check_lora_args(args, lr_given)
     args.report_to = parse_report_to(args.report_to)  # a tracker that is not installed: one line, now
-    check_compile(args.compile)
     return args
-
-
-def check_compile(compile_layers: bool) -> None:
-    """Refuse --compile while the attention takes each row's example spans as Python lists: a compiled layer
-    guards on them, so every new packing layout recompiles it, and after 8 layouts it falls back to eager."""
-    if compile_layers:
-        raise FinetuneError("--compile: packed attention takes each row's example spans as Python lists, so every "
-                            "new packing layout would recompile each layer (eager after 8); leave --compile off")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -11,8 +11,8 @@ import json
 import os
 from dataclasses import dataclass
 
-from finetune import provenance
-from finetune.lora import LoraSettings
+from finetune.model.lora import LoraSettings
+from finetune.observe import provenance
 
 RUN_CONFIG_FILE = "run_config.json"
 
@@ -61,7 +61,6 @@ class ParallelConfig:
     activation_checkpointing: str = "auto"   # auto | on | off
     cpu_offload: str = "auto"
     chunked_loss: str = "auto"
-    compile: bool = False
     attn_implementation: str = "auto"       # auto | spans | varlen | flex (packed rows' attention)
 
 
@@ -134,7 +133,7 @@ def from_flags(args: argparse.Namespace) -> RunConfig:
         optimizer=OptimizerConfig(args.lr, args.weight_decay, args.warmup_ratio, args.min_lr_ratio,
                                   args.max_grad_norm),
         parallel=ParallelConfig(args.mixed_precision, args.micro_batch_size, args.activation_checkpointing,
-                                args.cpu_offload, args.chunked_loss, args.compile, args.attn_implementation),
+                                args.cpu_offload, args.chunked_loss, args.attn_implementation),
         plan_only=PlanOnlyConfig(args.plan_only, args.num_devices, args.device_memory_gb, args.host_memory_gb),
         checkpoint=CheckpointConfig(args.save_model_dir, args.save_every, args.keep_last, args.resume,
                                     args.resume_if_possible, args.overwrite, args.save_dtype),

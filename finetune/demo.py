@@ -236,16 +236,16 @@ def ensure_demo_model(family: str) -> str:
 # Prepared data set
 # ----------------------------------------------------------------------------------------------
 def _build_dataset(recipe_name: str, recipe: dict, block_size: int, folder: Path):
-    from finetune import dataset_output, preparation, raw_data
+    from finetune.data import output, preparation, raw_data
 
     tokenizer = load_demo_tokenizer(family_of(recipe["model"]))
     raw = raw_data.load_raw_dataset(DEMO_SAMPLE_FILES[recipe_name])
     dataset, report = preparation.prepare(recipe_name, recipe, tokenizer, raw, block_size=block_size)
-    dataset_output.save_dataset_and_report(dataset, report, folder)
+    output.save_dataset_and_report(dataset, report, folder)
 
 
 def ensure_demo_dataset(recipe_name: str, recipe: dict, block_size: int = 1024) -> str:
-    """The bundled sample data of `recipe_name`, prepared with `recipe` (a prepare_dataset.RECIPES entry) and
+    """The bundled sample data of `recipe_name`, prepared with `recipe` (a finetune.data.recipes.RECIPES entry) and
     the demo tokenizer of its family: a prepare_dataset.py output folder (train/validation, input_ids/labels)."""
     if recipe_name not in DEMO_SAMPLE_FILES:
         raise FinetuneError(f"--demo has no bundled sample data for recipe {recipe_name!r}; pass "
@@ -253,6 +253,6 @@ def ensure_demo_dataset(recipe_name: str, recipe: dict, block_size: int = 1024) 
     tokenizer_folder = ensure_demo_tokenizer(family_of(recipe["model"]))
     # The prompt function's source is part of the key, so editing a recipe rebuilds its demo data.
     key = _fingerprint(Path(tokenizer_folder).name, DEMO_SAMPLE_FILES[recipe_name], inspect.getsource(
-        recipe["build_prompt"]), REPO_ROOT / "finetune" / "preparation.py")
+        recipe["build_prompt"]), REPO_ROOT / "finetune" / "data" / "preparation.py")
     return _build_once(f"dataset-{recipe_name}-b{int(block_size)}-{key}",
                        lambda folder: _build_dataset(recipe_name, recipe, int(block_size), folder))

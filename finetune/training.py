@@ -8,10 +8,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from finetune.data import BatchFormat, TokenTable, collate_rows, move_to
+from finetune.checkpoint.run_folder import list_checkpoints
+from finetune.data.batches import BatchFormat, TokenTable, collate_rows, move_to
+from finetune.distributed.backend import Backend
 from finetune.errors import FinetuneError
-from finetune.parallel import Backend
-from finetune.run_folder import list_checkpoints
 
 
 def set_seed(seed: int) -> None:

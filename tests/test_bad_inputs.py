@@ -13,7 +13,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-
 from conftest import PYTHON, REPO_ROOT, assert_one_line_error, run_script, snapshot
 
 LLAMA = str(REPO_ROOT / "train_llama2.py")
@@ -115,7 +114,9 @@ def earlier_run_folder(tiny_run, tmp_path_factory):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from finetune import checkpoints, parallel, run_folder, training
+    from finetune import training
+    from finetune.checkpoint import checkpointer, run_folder
+    from finetune.distributed.backend import Backend
 
     folder = tmp_path_factory.mktemp("earlier") / "run"
     model = AutoModelForCausalLM.from_pretrained(tiny_run["llama"], dtype=torch.float32)
@@ -124,8 +125,8 @@ def earlier_run_folder(tiny_run, tmp_path_factory):
     run_folder.start_run_dir(str(folder), "train_llama2.py")
     # The settings that fix the data order, as args_for() passes them.
     settings = {"epoch": 0, "seed": 0, "batch_size": 4, "batching": "packed", "block_size": 128}
-    checkpoints.save_checkpoint(str(folder), 2, model, optim, scheduler, settings,
-                                  parallel.Backend(engine="single", device=torch.device("cpu")), 2)
+    checkpointer.save_checkpoint(str(folder), 2, model, optim, scheduler, settings,
+                                  Backend(engine="single", device=torch.device("cpu")), 2)
     return folder
 
 

@@ -11,13 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import PYTHON, REPO_ROOT, assert_one_line_error, run_script
 
 import train_llama2
-from finetune import memory, memory_cache, memory_process
 from finetune.args import parse_training_args
 from finetune.errors import FinetuneError
+from finetune.plan import memory, memory_cache, memory_process
 
 
 def parse_error(*argv):
@@ -76,16 +75,17 @@ def test_a_huge_global_batch_plans_only_micro_batches_of_bounded_size(tmp_path, 
     (b"\xff\xfe{}", "is not valid JSON"),
 ])
 def test_plan_only_names_a_broken_config_json(tmp_path, text, expected):
-    from finetune import parallel, plan
     from finetune.config import from_flags
+    from finetune.distributed.backend import Backend
     from finetune.errors import FinetuneError
+    from finetune.plan import layout
 
     config = tmp_path / "config.json"
     config.write_bytes(text if isinstance(text, bytes) else text.encode())
     args = parse_training_args("", train_llama2.DEFAULTS, train_llama2.DEMO_DEFAULTS,
                                ["--plan-only", "--model-name-or-path", str(tmp_path)])
     with pytest.raises(FinetuneError) as raised:
-        plan.plan_only(from_flags(args), parallel.Backend(engine="single", device=torch.device("cpu")))
+        layout.plan_only(from_flags(args), Backend(engine="single", device=torch.device("cpu")))
     assert str(config) in str(raised.value) and expected in str(raised.value), raised.value
 
 
@@ -195,7 +195,7 @@ def test_resume_with_the_same_targets_in_another_order_is_accepted(lora_checkpoi
 
 
 def test_checkpoints_of_earlier_versions_compare_what_they_recorded():
-    from finetune import lora
+    from finetune.model import lora
 
     earlier = "lora rank 16 alpha 32 on q_proj,v_proj"
     now = lora.LoraSettings(16, 32.0, 0.1, ("v_proj", "q_proj"), False, "base").record()
@@ -361,7 +361,7 @@ def test_an_adapter_of_another_base_model_is_refused(tiny_run, adapters, tmp_pat
 
 def test_hub_names_are_compared_and_local_copies_of_the_base_pass(tiny_run, tmp_path):
     from finetune.errors import FinetuneError
-    from finetune.saved_adapter import check_same_base
+    from finetune.model.adapter import check_same_base
 
     with pytest.raises(FinetuneError, match="was trained on meta-llama/Llama-2-7b-hf"):
         check_same_base("meta-llama/Llama-2-7b-hf", "meta-llama/Llama-2-13b-hf", "adapter")
@@ -415,7 +415,7 @@ def test_a_latin1_data_file_is_one_line_naming_it_and_the_place(tiny_run, tmp_pa
 
 
 def test_a_line_past_the_limit_is_refused_before_reading(tiny_run, tmp_path, monkeypatch):
-    from finetune import raw_data
+    from finetune.data import raw_data
 
     monkeypatch.setattr(raw_data, "MAX_LINE_BYTES", 2 ** 20)
     monkeypatch.setattr(raw_data, "SCAN_CHUNK_BYTES", 2 ** 16)  # the long line spans many chunks
@@ -430,7 +430,7 @@ def test_cutting_a_long_text_before_tokenizing_changes_no_kept_token(tiny_run):
     from transformers import AutoTokenizer
 
     import prepare_dataset
-    from finetune import preparation
+    from finetune.data import preparation
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_run["llama"])
     long_text = " ".join(f"w{5 + i % 100}" for i in range(20_000))

@@ -6,11 +6,11 @@ with flash-attn's documented semantics, because flash-attn does not run on a CPU
 
 import pytest
 import torch
-
-import modeling_baichuan as mb
 import transformers.modeling_flash_attention_utils as flash_utils
 from test_modeling_baichuan import MASKS, tiny_model
 from transformers import AttentionInterface, AutoModelForCausalLM
+
+import modeling_baichuan as mb
 
 VARIANTS = ["alibi_normhead", "rope_normhead"]
 TOLERANCE = 1e-5  # float32

@@ -11,9 +11,9 @@ import json
 import pytest
 import torch
 from torch._dynamo.utils import counters
+from transformers import AutoConfig, CompileConfig
 
 import modeling_baichuan as mb
-from transformers import AutoConfig, CompileConfig
 
 # CausalLMModelTester's sizes (silu: the only activation Baichuan has).
 TESTER_SIZES = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,

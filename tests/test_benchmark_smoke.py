@@ -3,7 +3,6 @@ import json
 import sys
 
 import pytest
-
 from conftest import REPO_ROOT, run_script
 
 RUN_KEYS = {"tokens_per_sec", "cpu_ms_per_ktoken", "cores", "pad_fraction", "packed_vs_this", "busy_factor"}

@@ -3,7 +3,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import PYTHON, REPO_ROOT, assert_one_line_error, run_script
 
 BAICHUAN_REFERENCE = REPO_ROOT.parent / "shared" / "reference" / "baichuan2" / "tokenizer.model"
@@ -63,7 +62,7 @@ def baichuan_reference(sp, conversations, eos=2):
 def test_baichuan2_format_is_its_fine_tune_layout_with_the_real_tokenizer():
     import sentencepiece
 
-    from finetune.chat import chat_format, conversation_of
+    from finetune.data.chat import chat_format, conversation_of
     from modeling_baichuan import BaichuanTokenizer
 
     sp = sentencepiece.SentencePieceProcessor(model_file=str(BAICHUAN_REFERENCE))
@@ -89,7 +88,7 @@ def test_baichuan2_format_is_its_fine_tune_layout_with_the_real_tokenizer():
 
 def test_demo_baichuan_tokenizer_has_the_chat_tokens_at_the_release_ids():
     from finetune import demo
-    from finetune.chat import chat_format
+    from finetune.data.chat import chat_format
 
     tokenizer = demo.load_demo_tokenizer("baichuan2")
     assert tokenizer.convert_ids_to_tokens([195, 196]) == ["<reserved_106>", "<reserved_107>"]
@@ -110,7 +109,7 @@ def test_llama2_format_is_metas_layout():
     import sentencepiece
 
     from finetune import demo
-    from finetune.chat import chat_format
+    from finetune.data.chat import chat_format
 
     folder = demo.ensure_demo_tokenizer("llama2")
     sp = sentencepiece.SentencePieceProcessor(model_file=str(Path(folder) / "tokenizer.model"))
@@ -185,7 +184,7 @@ TEMPLATE_LAYOUTS = {
 
 @pytest.mark.parametrize("style", sorted(TEMPLATE_LAYOUTS))
 def test_template_format_finds_every_reply(style):
-    from finetune.chat import chat_format
+    from finetune.data.chat import chat_format
 
     template, conversation, layout = TEMPLATE_LAYOUTS[style]
     tokenizer = word_tokenizer(template)
@@ -207,7 +206,7 @@ def test_template_format_finds_every_reply(style):
 
 
 def test_template_that_cannot_be_split_says_why():
-    from finetune.chat import chat_format
+    from finetune.data.chat import chat_format
     from finetune.errors import FinetuneError
 
     with pytest.raises(FinetuneError, match="rewrites past turns"):
@@ -222,7 +221,7 @@ def test_template_that_cannot_be_split_says_why():
 # Rows, targets, truncation
 # ----------------------------------------------------------------------------------------------
 def test_rows_with_bad_conversations_are_one_clear_error():
-    from finetune.chat import conversation_of
+    from finetune.data.chat import conversation_of
     from finetune.errors import FinetuneError
 
     good = {"conversations": [{"from": "human", "value": "w1"}, {"from": "gpt", "value": "w2"}]}
@@ -250,7 +249,7 @@ def rounds(count, user_words=3, reply_words=3, system=True):
 
 
 def test_truncation_drops_the_oldest_rounds_then_cuts_the_last_reply():
-    from finetune.chat import chat_format, fit_conversation
+    from finetune.data.chat import chat_format, fit_conversation
 
     fmt = chat_format(word_tokenizer(), "baichuan2")  # [195] user [196] reply per turn, EOS at the end
     sys_ids = ids_of(fmt.tokenizer, "w1 w2")
@@ -288,7 +287,7 @@ def write_jsonl(path, rows):
 def test_prepare_chat_counts_what_truncation_did(tmp_path):
     from datasets import load_dataset
 
-    from finetune.chat_data import prepare_chat
+    from finetune.data.chat_preparation import prepare_chat
 
     rows = [{"messages": rounds(3)}, {"messages": rounds(1)}, {"messages": rounds(2, reply_words=30)},
             {"messages": rounds(1, user_words=30)}]
@@ -308,7 +307,7 @@ def test_prepare_chat_counts_what_truncation_did(tmp_path):
 def test_mixing_sources_over_and_under_samples_by_weight():
     from datasets import Dataset, DatasetDict
 
-    from finetune.mixing import mix_sources
+    from finetune.data.mixing import mix_sources
 
     a = DatasetDict(train=Dataset.from_dict({"text": [f"a{i}" for i in range(10)]}))
     b = DatasetDict(train=Dataset.from_dict({"text": [f"b{i}" for i in range(30)]}))
@@ -376,7 +375,7 @@ def parity_tokenizers():
 
 def test_inference_prompt_is_the_prefix_of_the_training_row():
     import inference
-    from finetune.chat import chat_format, conversation_of
+    from finetune.data.chat import chat_format, conversation_of
 
     row = json.loads((REPO_ROOT / "data" / "chat_sample.jsonl").read_text().splitlines()[1])
     messages = conversation_of(row)

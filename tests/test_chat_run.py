@@ -68,7 +68,7 @@ def test_both_training_scripts_learn_from_chat_rows(tmp_path):
     """Chat rows train like any prepared rows: packed (never split), LoRA, checkpoints and resume."""
     from datasets import load_from_disk
 
-    from finetune.data import TokenTable, collate_rows, pack_examples
+    from finetune.data.batches import TokenTable, collate_rows, pack_examples
 
     for recipe_family, script in (("llama2", "train_llama2.py"), ("baichuan2", "train_baichuan2_13b.py")):
         data = tmp_path / f"{recipe_family}_chat"

@@ -16,7 +16,7 @@ if __name__ != "__main__":
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from finetune.chunked_loss import chunked_causal_lm_loss, use_chunked_loss  # noqa: E402
+from finetune.ops.chunked_loss import chunked_causal_lm_loss, use_chunked_loss  # noqa: E402
 
 TOLERANCE = dict(rtol=1e-5, atol=1e-5)
 # Two packed rows of 24 tokens: (start, end) of each example; its first label is -100, as the collator makes.
@@ -24,7 +24,7 @@ SPANS = [[(0, 10), (10, 24)], [(0, 7), (7, 15), (15, 24)]]
 
 
 def packed_attention_available():
-    for name in ("finetune.packed_attention", "packed_attention"):
+    for name in ("finetune.ops.span_attention", "packed_attention"):
         try:
             __import__(name)
             return True

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import PYTHON, REPO_ROOT, assert_one_line_error, make_random_dataset, snapshot
 
 from finetune.errors import FinetuneError
@@ -53,7 +52,7 @@ def scenario(group):
 
 def run_main(argv, script="llama"):
     """main(argv) of a training script in this process, as a Result like that of `python train_*.py argv`."""
-    from finetune import run_folder
+    from finetune.checkpoint import run_folder
 
     module = importlib.import_module({"llama": "train_llama2", "baichuan": "train_baichuan2_13b"}[script])
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
@@ -288,7 +287,7 @@ def sigterm_during_the_last_step_then_resume_writes_the_same_model(lab):
 
 @scenario(1)
 def a_second_run_into_a_locked_folder_is_refused_at_once(lab):
-    from finetune import run_folder
+    from finetune.checkpoint import run_folder
 
     run = lab.copy_of_reference("locked", drop_checkpoints=[STEPS])
     holder = os.open(run, os.O_RDONLY)  # another run, as far as flock is concerned
@@ -454,14 +453,14 @@ def a_failed_final_save_leaves_a_checkpoint_and_resume_writes_the_model(lab):
 def a_full_disk_at_the_final_save_loses_nothing(lab):
     with tmpfs(lab.root / "full_disk", "6m") as disk:
         run = disk / "run"
-        from finetune import final_weights
+        from finetune.checkpoint import save_dtype
 
-        real, filler = final_weights.gathered_state_dict, []
+        real, filler = save_dtype.gathered_state_dict, []
 
         def fill_then_gather(*args, **kwargs):
             filler.append(fill(disk))
             return real(*args, **kwargs)
-        with patched(final_weights, "gathered_state_dict", fill_then_gather):
+        with patched(save_dtype, "gathered_state_dict", fill_then_gather):
             result = lab.train(run, save_every=4)
         line = one_error_line(result)
         assert str(run) in line and "no space left on device" in line and "step-00000004" in line, line
@@ -477,14 +476,14 @@ def a_full_disk_at_the_final_save_loses_nothing(lab):
 def a_full_disk_at_the_metrics_file_gives_one_line(lab):
     with tmpfs(lab.root / "full_for_metrics", "4m") as disk:
         run = disk / "run"
-        from finetune import checkpoints
+        from finetune.checkpoint import checkpointer
 
-        real = checkpoints.start_run_dir
+        real = checkpointer.start_run_dir
 
         def start_then_fill(*args):
             real(*args)
             fill(disk)
-        with patched(checkpoints, "start_run_dir", start_then_fill):
+        with patched(checkpointer, "start_run_dir", start_then_fill):
             line = one_error_line(lab.train(run))
         assert str(run / "metrics.jsonl") in line and "no space left on device" in line, line
 
@@ -534,7 +533,7 @@ def a_billion_epochs_start_at_once_or_are_refused_with_one_line(lab):
 
 @scenario(2)
 def a_stop_signal_sent_twice_still_writes_one_checkpoint(lab):
-    from finetune import stop_signals
+    from finetune.checkpoint import signals
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         run = lab.folder(f"twice_{sig.name}")
@@ -544,7 +543,7 @@ def a_stop_signal_sent_twice_still_writes_one_checkpoint(lab):
         assert checkpoint_names(run) == ["step-00000002"]
     # A second Ctrl-C well after the first: stop at once, with one line.
     run = lab.folder("twice_late")
-    with signal_at_step(2, signal.SIGINT, signal.SIGINT), patched(stop_signals.StopRequest, "REPEAT_SECONDS", -1):
+    with signal_at_step(2, signal.SIGINT, signal.SIGINT), patched(signals.StopRequest, "REPEAT_SECONDS", -1):
         line = one_error_line(lab.train(run))
     assert "second SIGINT" in line, line
     assert not any(name.endswith(".partial") for name in checkpoint_names(run))
@@ -619,25 +618,25 @@ def test_the_defaults_and_edge_values_pass():
 
 def eager_steps(lengths, batch_size, block_size, batching, seed, epochs):
     """What the run trains, the plain way: every epoch's plan, one after the other."""
-    from finetune import data
+    from finetune.data import batches
 
     return [(epoch, rows) for epoch in range(epochs)
-            for rows in data.plan_epoch(lengths, batch_size, block_size, batching, seed, epoch)]
+            for rows in batches.plan_epoch(lengths, batch_size, block_size, batching, seed, epoch)]
 
 
 @pytest.mark.parametrize("batching", ["packed", "block"])
 def test_the_lazy_plan_trains_exactly_the_steps_of_every_epoch_and_resumes_anywhere(batching):
-    from finetune import data
+    from finetune.data import batches
 
     lengths = np.random.default_rng(0).integers(5, 100, 103)
     expected = eager_steps(lengths, 4, 128, batching, 3, 4)
-    run = data.StepRows(lengths, 4, 128, batching, 3, 4)
+    run = batches.StepRows(lengths, 4, 128, batching, 3, 4)
     assert run.total_steps == len(expected)
     for start in (0, 1, len(expected) // 2, len(expected) - 1, len(expected)):
         got = [(epoch, rows) for epoch, plan, first in run.epochs(start)
                for rows in plan[max(0, start - first):run.total_steps - first]]
         assert got == expected[start:], start
-    capped = data.StepRows(lengths, 4, 128, batching, 3, 100, max_steps=len(expected) + 5)
+    capped = batches.StepRows(lengths, 4, 128, batching, 3, 100, max_steps=len(expected) + 5)
     got = [(epoch, rows) for epoch, plan, first in capped.epochs(0) for rows in plan[:capped.total_steps - first]]
     assert got == eager_steps(lengths, 4, 128, batching, 3, 5)[:len(expected) + 5]
 
@@ -645,13 +644,13 @@ def test_the_lazy_plan_trains_exactly_the_steps_of_every_epoch_and_resumes_anywh
 def test_a_billion_epochs_are_counted_without_building_them():
     import tracemalloc
 
-    from finetune import data
+    from finetune.data import batches
 
     lengths = np.random.default_rng(0).integers(5, 100, 103)
     tracemalloc.start()
     try:
         with deadline(10):
-            run = data.StepRows(lengths, 4, 128, "block", 0, 10 ** 9)
+            run = batches.StepRows(lengths, 4, 128, "block", 0, 10 ** 9)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -659,7 +658,7 @@ def test_a_billion_epochs_are_counted_without_building_them():
     epoch, plan, first = next(run.epochs(run.total_steps - 1))  # the last epoch, straight away
     assert epoch == 10 ** 9 - 1 and first == run.total_steps - len(plan)
     with pytest.raises(FinetuneError, match="--max-steps"):
-        data.StepRows(lengths, 4, 128, "packed", 0, 10 ** 9)
+        batches.StepRows(lengths, 4, 128, "packed", 0, 10 ** 9)
 
 
 # ----------------------------------------------------------------------------------------------------------

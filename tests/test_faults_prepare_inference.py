@@ -14,11 +14,10 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import PYTHON, REPO_ROOT
 
 import prepare_dataset as pd
-from finetune import dataset_output
+from finetune.data import output
 
 
 def error_of(main, argv):
@@ -83,13 +82,13 @@ def test_ctrl_c_or_a_full_disk_while_writing_keeps_the_previous_output(tiny_sour
     save_path = tmp_path / "out"
     pd.main(tiny_source + ["--save-path", str(save_path)])
     before = snapshot(tmp_path)
-    real_save = dataset_output.save_dataset_and_report
+    real_save = output.save_dataset_and_report
 
     def failing(dataset, report, folder):
         real_save(dataset, report, folder)
         raise fault
 
-    monkeypatch.setattr(dataset_output, "save_dataset_and_report", failing)
+    monkeypatch.setattr(output, "save_dataset_and_report", failing)
     try:
         message = error_of(pd.main, tiny_source + ["--save-path", str(save_path), "--max-examples", "2"])
     except (KeyboardInterrupt, OSError) as escaped:
@@ -104,16 +103,16 @@ def snapshot(folder):
 
 # ---- prepare_dataset.py: kills mid-write and two runs at once ----------------------------------------------------
 
-# A child process claims a save path and writes a stand-in data set through finetune.dataset_output, counting
+# A child process claims a save path and writes a stand-in data set through finetune.data.output, counting
 # every file-system step (file writes, renames, the atomic swap, deletions). At step STOP it dies on the spot (os._exit:
-# no cleanup, like SIGKILL) or waits for a "go" file. It imports only finetune.dataset_output, not the package's
+# no cleanup, like SIGKILL) or waits for a "go" file. It imports only finetune.data.output, not the package's
 # torch-heavy __init__, so that each of the ~30 children starts in a fraction of a second.
 CHILD = r'''
 import os, shutil, sys, time, types
 from pathlib import Path
 package = types.ModuleType("finetune"); package.__path__ = [os.path.join(os.getcwd(), "finetune")]
 sys.modules["finetune"] = package
-from finetune import dataset_output
+from finetune.data import output
 
 target, stop, how, swap, signals = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], Path(sys.argv[5])
 steps = 0
@@ -133,7 +132,7 @@ def step(function):
 
 for owner, name in ((os, "replace"), (os, "unlink"), (os, "rmdir"), (shutil, "rmtree"), (Path, "write_text")):
     setattr(owner, name, step(getattr(owner, name)))
-dataset_output._exchange = step(dataset_output._exchange if swap == "exchange" else lambda first, second: False)
+output._exchange = step(output._exchange if swap == "exchange" else lambda first, second: False)
 
 class StandIn:
     def save_to_disk(self, folder):
@@ -141,8 +140,8 @@ class StandIn:
         for name in ("dataset_dict.json", "data.arrow"):
             Path(folder, name).write_text("new")
 
-with dataset_output.claim_save_path(target) as folder:
-    dataset_output.write_output(StandIn(), {"made_by": dataset_output.MADE_BY, "run": "new"}, folder)
+with output.claim_save_path(target) as folder:
+    output.write_output(StandIn(), {"made_by": output.MADE_BY, "run": "new"}, folder)
 '''
 
 
@@ -150,16 +149,16 @@ def write_stand_in(folder, run):
     folder.mkdir()
     for name in ("dataset_dict.json", "data.arrow"):
         (folder / name).write_text(run)
-    (folder / dataset_output.REPORT_FILE).write_text(json.dumps({"made_by": dataset_output.MADE_BY, "run": run}))
+    (folder / output.REPORT_FILE).write_text(json.dumps({"made_by": output.MADE_BY, "run": run}))
 
 
 def state(folder):
     """'old' or 'new' for a complete stand-in output, 'missing', or 'broken' for anything in between."""
     if not folder.exists():
         return "missing"
-    if sorted(os.listdir(folder)) != ["data.arrow", "dataset_dict.json", dataset_output.REPORT_FILE]:
+    if sorted(os.listdir(folder)) != ["data.arrow", "dataset_dict.json", output.REPORT_FILE]:
         return "broken"
-    run = json.loads((folder / dataset_output.REPORT_FILE).read_text())["run"]
+    run = json.loads((folder / output.REPORT_FILE).read_text())["run"]
     data = {(folder / name).read_text() for name in ("data.arrow", "dataset_dict.json")}
     return run if data == {run} else "broken"
 
@@ -176,7 +175,7 @@ def test_a_kill_at_any_step_keeps_an_output_and_the_next_run_recovers(tmp_path, 
     (claiming the path) puts the old output back or keeps the new one, and leaves nothing else."""
     if swap == "exchange":
         (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
-        if not dataset_output._exchange(tmp_path / "a", tmp_path / "b"):
+        if not output._exchange(tmp_path / "a", tmp_path / "b"):
             pytest.skip("this file system cannot swap two folders in one step")
     seen = []
     for stop in range(1, 40):
@@ -197,7 +196,7 @@ def test_a_kill_at_any_step_keeps_an_output_and_the_next_run_recovers(tmp_path, 
             assert swap == "two renames" and state(root / ".out.old") == "old"
         else:
             assert now in ("old", "new") if previous else now in ("missing", "new")
-        with dataset_output.claim_save_path(out):  # what the next run does first
+        with output.claim_save_path(out):  # what the next run does first
             pass
         after = state(out)
         assert after == ("old" if now == "missing" and previous else now)
@@ -216,7 +215,7 @@ def test_leftovers_of_the_unlocked_writer_are_recovered(tmp_path):
     (tmp_path / ".out.tmp-k2x9a0zq").mkdir()
     (tmp_path / ".out.tmp-k2x9a0zq" / "data.arrow").write_text("half")
     write_stand_in(tmp_path / ".out.tmp.old", "other")  # left by an output named "out.tmp": not ours to touch
-    with dataset_output.claim_save_path(out):
+    with output.claim_save_path(out):
         pass
     assert state(out) == "old" and sorted(os.listdir(tmp_path)) == [".out.tmp.old", "out"]
 
@@ -257,8 +256,8 @@ def replace(source, destination):
         os._exit(9)
     return real_replace(source, destination)
 os.replace = replace
-import finetune.dataset_output
-finetune.dataset_output._exchange = lambda first, second: False
+import finetune.data.output
+finetune.data.output._exchange = lambda first, second: False
 sys.argv = sys.argv[1:]
 runpy.run_path("prepare_dataset.py", run_name="__main__")
 ''', "prepare_dataset.py", *tiny_source, "--save-path", str(out)], cwd=REPO_ROOT, capture_output=True, text=True,
@@ -270,7 +269,7 @@ runpy.run_path("prepare_dataset.py", run_name="__main__")
     error_of(pd.main, failing)
     assert snapshot(out) == previous and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     pd.main(tiny_source + ["--save-path", str(out)])
-    report = json.loads((out / dataset_output.REPORT_FILE).read_text())
+    report = json.loads((out / output.REPORT_FILE).read_text())
     assert report["splits"]["train"]["examples"] + report["splits"]["validation"]["examples"] == 5
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 

@@ -26,8 +26,8 @@ def _worker(tmp_path, name, body):
 OFFLOAD_CLIP = """
     import torch, torch.distributed as dist
     from transformers import LlamaConfig, LlamaForCausalLM
-    from finetune.parallel import process_group_backend
-    from finetune.sharding import shard_model
+    from finetune.distributed.backend import process_group_backend
+    from finetune.distributed.sharding import shard_model
     from finetune.training import clip_grad_norm
     # NCCL needs GPUs: gloo stands in for it as the "cuda" backend, which CPU tensors never reach.
     backend = process_group_backend(True).replace("nccl", "gloo") if sys.argv[1] == "ours" else sys.argv[1]
@@ -79,33 +79,33 @@ class FakeCudaRng:
 
 
 def test_rng_state_holds_the_current_device_only(monkeypatch):
-    from finetune import checkpoints
+    from finetune.checkpoint import checkpointer
 
     fake = FakeCudaRng(current=5)  # local rank 5 of an 8-GPU node
     fake.install(monkeypatch)
-    state = json.loads(json.dumps(checkpoints._rng_state()))
+    state = json.loads(json.dumps(checkpointer._rng_state()))
     assert state["cuda"] == [bytes([5, 7]).hex()]
     # Resumed on a 2-GPU node as local rank 1: its state is restored, no IndexError.
     fake.current = 1
-    checkpoints._set_rng_state(state)
+    checkpointer._set_rng_state(state)
     assert fake.set_calls == [[5, 7]]
 
 
 def test_rng_state_of_an_earlier_checkpoint_with_every_device(monkeypatch):
-    from finetune import checkpoints
+    from finetune.checkpoint import checkpointer
 
     fake = FakeCudaRng(current=2)
     fake.install(monkeypatch)
-    state = json.loads(json.dumps(checkpoints._rng_state()))
+    state = json.loads(json.dumps(checkpointer._rng_state()))
     state["cuda"] = [bytes([index, 9]).hex() for index in range(4)]  # written by a version saving all four
-    checkpoints._set_rng_state(state)
+    checkpointer._set_rng_state(state)
     assert fake.set_calls == [[2, 9]]
 
 
 # ---- 5: the final model in the compute dtype; inference in bf16 on GPUs --------------------------------------
 
 def test_saved_dtype_follows_the_compute_dtype():
-    from finetune.final_weights import saved_dtype
+    from finetune.checkpoint.save_dtype import saved_dtype
 
     assert saved_dtype("compute", "bf16") == torch.bfloat16
     assert saved_dtype("compute", "no") == torch.float32
@@ -154,7 +154,7 @@ def test_inference_loads_bf16_on_a_gpu_and_fp32_on_a_cpu(tiny_run, monkeypatch):
 def test_metrics_reset_the_peak_and_report_reserved_memory(monkeypatch, tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from finetune import metrics
+    from finetune.observe import metrics
 
     resets = []
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: resets.append(device))
@@ -195,7 +195,7 @@ class FakeMemory:
 def _probe_model():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    import finetune.packed_attention  # noqa: F401
+    import finetune.ops.span_attention  # noqa: F401
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
@@ -214,7 +214,7 @@ def _training_forward(memory, seen):
 
 
 def test_probe_takes_the_largest_fitting_micro_batch_and_leaves_no_state():
-    from finetune.probe import probe_micro_batch
+    from finetune.plan.probe import probe_micro_batch
 
     model = _probe_model()
     backend = types.SimpleNamespace(device=torch.device("cpu"), autocast=lambda: torch.autocast("cpu", enabled=False),
@@ -238,15 +238,16 @@ def test_probe_takes_the_largest_fitting_micro_batch_and_leaves_no_state():
 
 PROBE_RANKS = """
     import torch
-    from finetune.parallel import enable_advanced_parallelization, errors_from_rank0
-    from finetune.probe import probe_micro_batch
+    from finetune.distributed.backend import enable_advanced_parallelization
+    from finetune.errors import entry_point
+    from finetune.plan.probe import probe_micro_batch
     sys.path.insert(0, {tests!r})
     from test_gpu_readiness import FakeMemory, _probe_model, _training_forward
 
-    @errors_from_rank0
+    @entry_point
     def main():
         backend = enable_advanced_parallelization("no")
-        from finetune.sharding import shard_model
+        from finetune.distributed.sharding import shard_model
         model = _probe_model()
         shard_model(model)
         # Rank 1's device is smaller; with "oom", it runs out of memory in its first forward.
@@ -280,8 +281,9 @@ def test_probe_ranks_agree_and_an_out_of_memory_rank_ends_the_job(tmp_path):
 SLOW_DOWNLOAD = """
     import time
     from transformers import AutoModelForCausalLM
-    from finetune import parallel
     from finetune.config import ModelConfig
+    from finetune.distributed.backend import Backend, enable_advanced_parallelization
+    from finetune.model.loading import load_model
 
     class SlowDownload(AutoModelForCausalLM):
         @classmethod
@@ -290,9 +292,9 @@ SLOW_DOWNLOAD = """
             return AutoModelForCausalLM.from_pretrained(*args, **kwargs)
 
     if sys.argv[2] == "no-barrier":
-        parallel.Backend.wait_for_download = lambda self: None
-    backend = parallel.enable_advanced_parallelization("no", timeout_minutes=0.05)  # 3 s
-    model = parallel.load_model(backend, SlowDownload, ModelConfig(sys.argv[1]))
+        Backend.wait_for_download = lambda self: None
+    backend = enable_advanced_parallelization("no", timeout_minutes=0.05)  # 3 s
+    model = load_model(backend, SlowDownload, ModelConfig(sys.argv[1]))
     sys.stdout.write(f"loaded {sum(p.to_local().sum().item() for p in model.parameters())}\\n")
     sys.stdout.flush()
     backend.shutdown()
@@ -308,31 +310,6 @@ def test_ranks_wait_for_the_download_past_the_group_timeout(tiny_run, tmp_path):
     assert unguarded.returncode != 0  # the first collective timed out while rank 0 was still downloading
 
 
-# ---- 3: --compile with span lists -----------------------------------------------------------------------------
-
-def test_compile_is_refused_while_span_lists_recompile_each_layout(tiny_run, tmp_path):
-    from torch._dynamo.utils import counters
-
-    model = _probe_model().eval()
-    torch._dynamo.reset()
-    counters.clear()
-    model.model.layers[0].compile(backend="eager")  # the guards are the same whatever the backend
-    ids = torch.randint(64, (1, 12))
-    try:
-        for spans in ([(0, 12)], [(0, 5), (5, 12)], [(0, 3), (3, 9), (9, 12)]):
-            positions = torch.cat([torch.arange(end - start) for start, end in spans])[None]
-            with torch.no_grad():
-                model(input_ids=ids, position_ids=positions, segment_spans=[spans], use_cache=False)
-        assert counters["stats"]["unique_graphs"] >= 3  # one compilation per packing layout
-    finally:
-        torch._dynamo.reset()
-    result = run_script(PYTHON, str(TRAIN["llama"]), "--model-name-or-path", tiny_run["llama"],
-                        "--dataset-name-or-path", tiny_run["data"], "--save-model-dir", str(tmp_path / "out"),
-                        *COMMON, "--compile")
-    assert result.returncode != 0 and result.stderr.strip().splitlines()[-1].startswith("error: --compile")
-    assert not (tmp_path / "out").exists()
-
-
 # ---- 9: the input embedding is an FSDP unit of its own --------------------------------------------------------
 
 def test_embedding_is_its_own_fsdp_unit_unless_tied():
@@ -340,7 +317,7 @@ def test_embedding_is_its_own_fsdp_unit_unless_tied():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import modeling_baichuan
-    from finetune.sharding import shard_model
+    from finetune.distributed.sharding import shard_model
 
     dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
     try:
@@ -380,7 +357,7 @@ def test_qlora_plan_never_offers_cpu_offload(tiny_run):
 def test_offload_threads_are_the_process_share_of_the_node(monkeypatch):
     import os
 
-    from finetune.parallel import offload_threads
+    from finetune.distributed.backend import offload_threads
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
@@ -436,7 +413,7 @@ def _span_loop(query, key, value):
 
 
 def test_cumulative_lengths_lay_the_rows_end_to_end():
-    from finetune.varlen_attention import cumulative_lengths, document_ids
+    from finetune.ops.varlen_attention import cumulative_lengths, document_ids
 
     bounds, longest = cumulative_lengths(SPANS, 24, "cpu")
     assert bounds.tolist() == [0, 5, 17, 24, 48, 57, 68, 72] and bounds.dtype == torch.int32 and longest == 24
@@ -452,7 +429,7 @@ def test_varlen_spans_passes_the_flattened_layout_the_kernel_documents(monkeypat
     dim, cumulative lengths, window (-1, 0) = causal, enable_gqa) checks everything our side does."""
     import torch.nn.attention.varlen as varlen
 
-    from finetune.varlen_attention import varlen_spans
+    from finetune.ops.varlen_attention import varlen_spans
 
     def documented_kernel(query, key, value, cu_q, cu_k, max_q, max_k, scale=None, window_size=(-1, -1),
                           enable_gqa=False):
@@ -472,7 +449,7 @@ def test_varlen_spans_passes_the_flattened_layout_the_kernel_documents(monkeypat
 
 def test_flex_spans_equals_the_span_loop_forward():
     """FlexAttention has no CPU backward in this torch: the forward is checked here, gradients by gpu_smoke.py."""
-    from finetune.varlen_attention import flex_spans
+    from finetune.ops.varlen_attention import flex_spans
 
     query, key, value = _qkv(seed=1)
     out, _ = flex_spans(None, query, key, value, None, scaling=0.3, segment_spans=SPANS)
@@ -484,8 +461,8 @@ def test_one_kernel_paths_honour_sliding_windows_and_soft_caps(monkeypatch):
     varlen gives the window to the kernel and leaves a soft-capped model to the span loop (the kernel has none)."""
     import torch.nn.attention.varlen as varlen
 
-    from finetune.packed_attention import packed_spans
-    from finetune.varlen_attention import flex_spans, varlen_spans
+    from finetune.ops.span_attention import packed_spans
+    from finetune.ops.varlen_attention import flex_spans, varlen_spans
 
     query, key, value = _qkv(seed=2)
     for extra in ({"sliding_window": 4}, {"softcap": 1.5}, {"sliding_window": 4, "softcap": 1.5}):
@@ -512,7 +489,7 @@ def test_one_kernel_paths_honour_sliding_windows_and_soft_caps(monkeypatch):
 def test_the_one_kernel_layout_is_built_once_per_forward(monkeypatch):
     """Every layer of a forward gets the same span list: the first layer builds the layout, the rest reuse it; the
     next forward's new list builds it again."""
-    import finetune.varlen_attention as one_kernel
+    import finetune.ops.varlen_attention as one_kernel
 
     builds = []
     real = one_kernel.document_ids
@@ -534,16 +511,16 @@ def test_gpu_smoke_dry_run_lists_every_check_and_runs_the_process_group_one(tmp_
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["dry_run"] is True
-    assert summary["checks"] == ["attention", "process_group", "train", "resume", "offload", "lora", "compile"]
+    assert summary["checks"] == ["attention", "process_group", "train", "resume", "offload", "lora"]
     assert summary["process_group"]["ok"] and summary["process_group"]["grad_norm"] > 0
     listed = [line.split(":")[0] for line in result.stdout.splitlines()[:-1] if ": " in line]
-    assert {"train", "resume", "offload", "lora", "compile", "attention"} <= set(listed)
+    assert {"train", "resume", "offload", "lora", "attention"} <= set(listed)
     assert "--cpu-offload on" in result.stdout and "--lora" in result.stdout and "--resume" in result.stdout
 
 
 def test_attention_choice_resolves_for_device_and_model(monkeypatch):
     from finetune.errors import FinetuneError
-    from finetune.varlen_attention import attention_name
+    from finetune.ops.varlen_attention import attention_name
 
     gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
     capability = [(9, 0)]
@@ -571,7 +548,7 @@ def test_one_kernel_attention_is_refused_on_a_cpu_with_one_line(tiny_run, tmp_pa
 # ---- 11: offloaded layouts are ranked by estimated step time ---------------------------------------------------
 
 def test_offload_step_estimate_counts_host_traffic_per_micro_batch():
-    from finetune.step_time import step_seconds
+    from finetune.plan.step_time import step_seconds
 
     small = sum(step_seconds(13_015_864_320, 1, 4, 64, 1024, checkpointing=False, cpu_offload=True))
     large = sum(step_seconds(13_015_864_320, 1, 32, 8, 1024, checkpointing=True, cpu_offload=True))
@@ -581,9 +558,9 @@ def test_offload_step_estimate_counts_host_traffic_per_micro_batch():
 
 
 def test_plan_with_offload_takes_the_fastest_fitting_layout(monkeypatch):
-    from finetune import memory, plan
     from finetune.args import parse_training_args
     from finetune.config import from_flags
+    from finetune.plan import layout, memory
 
     def candidate(micro, checkpointing, offload, fits):
         return memory.Candidate(micro, 256 // micro, checkpointing, offload, None, fits)
@@ -599,11 +576,11 @@ def test_plan_with_offload_takes_the_fastest_fitting_layout(monkeypatch):
     monkeypatch.setattr(memory, "plan_candidates", fake_plan_candidates)
     defaults = dict(model="m", dataset="d", save_dir="s", epochs=1, batch_size=256, lr=1e-5, log_interval=1)
     config = from_flags(parse_training_args("", defaults, {}, []))
-    result = plan.simulated_plan(config, plan.KNOWN_CONFIGS["meta-llama/Llama-2-13b-hf"], 1, 80, 512)
+    result = layout.simulated_plan(config, layout.KNOWN_CONFIGS["meta-llama/Llama-2-13b-hf"], 1, 80, 512)
     assert calls == [(None, None), (True, True)]
     assert (result.chosen.micro_batch_size, result.chosen.checkpointing) == (32, True)
     # Checkpointing fixed by the user: the first choice stands, nothing more is simulated.
     calls.clear()
     fixed = from_flags(parse_training_args("", defaults, {}, ["--activation-checkpointing", "off"]))
     monkeypatch.setattr(memory, "plan_candidates", lambda *a, **k: fake_plan_candidates(checkpointing=False))
-    assert plan.simulated_plan(fixed, plan.KNOWN_CONFIGS["meta-llama/Llama-2-13b-hf"], 1, 80, 512).chosen.micro_batch_size == 4
+    assert layout.simulated_plan(fixed, layout.KNOWN_CONFIGS["meta-llama/Llama-2-13b-hf"], 1, 80, 512).chosen.micro_batch_size == 4

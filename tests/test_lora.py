@@ -8,9 +8,12 @@ import torch
 from conftest import PYTHON, REPO_ROOT, assert_one_line_error, run_script, torchrun
 from safetensors.torch import load_file
 
-from finetune import data, lora, model_size, parallel
 from finetune.config import DataConfig, ModelConfig
+from finetune.data import batches
+from finetune.distributed.backend import Backend
 from finetune.errors import FinetuneError
+from finetune.model import lora, size
+from finetune.model.loading import load_model
 
 TRAIN = {"llama": REPO_ROOT / "train_llama2.py", "baichuan": REPO_ROOT / "train_baichuan2_13b.py"}
 # A small learning rate: the first updates of LoRA's A matrices see gradients near zero (B starts at zero),
@@ -18,7 +21,7 @@ TRAIN = {"llama": REPO_ROOT / "train_llama2.py", "baichuan": REPO_ROOT / "train_
 COMMON = ["--block-size", "128", "--batch-size", "8", "--max-steps", "4", "--lr", "1e-3", "--log-interval", "1",
           "--seed", "0", "--num-workers", "0", "--save-every", "2"]
 ENV = {"OMP_NUM_THREADS": "1"}
-CPU = parallel.Backend(engine="single", device=torch.device("cpu"))
+CPU = Backend(engine="single", device=torch.device("cpu"))
 
 
 def train(kind, tiny_run, out, *extra, nproc=1):
@@ -106,18 +109,18 @@ def test_unknown_target_module_and_qlora_under_torchrun_are_refused(tiny_run):
     from transformers import AutoModelForCausalLM
 
     with pytest.raises(FinetuneError, match=r"names \['W_pack'\], not linear layers .*q_proj"):
-        parallel.load_model(CPU, AutoModelForCausalLM, ModelConfig(tiny_run["llama"]),
+        load_model(CPU, AutoModelForCausalLM, ModelConfig(tiny_run["llama"]),
                             adapters=lora_settings(tiny_run, "llama", ["q_proj", "W_pack"]))
-    sharded = parallel.Backend(engine="fsdp2", device=torch.device("cpu"), world_size=2)
+    sharded = Backend(engine="fsdp2", device=torch.device("cpu"), world_size=2)
     with pytest.raises(FinetuneError, match="--qlora runs on one device"):
-        parallel.load_model(sharded, AutoModelForCausalLM, ModelConfig(tiny_run["llama"]),
+        load_model(sharded, AutoModelForCausalLM, ModelConfig(tiny_run["llama"]),
                             adapters=lora_settings(tiny_run, "llama", ["q_proj"], quantize=True))
 
 
 def test_lora_flops_leave_out_weight_gradients_of_the_frozen_base(tiny_run):
     from transformers import AutoConfig
 
-    from finetune.metrics import step_flops
+    from finetune.observe.metrics import step_flops
 
     config = AutoConfig.from_pretrained(tiny_run["llama"])
     weights = 1000
@@ -137,7 +140,7 @@ def test_planned_adapter_size_matches_peft(tiny_run, kind, targets):
     with torch.device("meta"):
         model = lora.add_adapters(AutoModelForCausalLM.from_config(config),
                                   lora_settings(tiny_run, kind, targets.split(",")))
-    assert lora.count_trainable(model) == lora.adapter_parameters(model_size.meta_model(config.to_dict()), 4,
+    assert lora.count_trainable(model) == lora.adapter_parameters(size.meta_model(config.to_dict()), 4,
                                                                   targets.split(","))
     assert lora.count_trainable(model) > 0
 
@@ -211,9 +214,9 @@ def test_lora_outputs_merged_model_and_adapter_and_small_checkpoints(tiny_run, l
     model = AutoModelForCausalLM.from_pretrained(str(lora_run), dtype=torch.float32)
     assert type(model).__name__ == "LlamaForCausalLM"
     data_config = DataConfig(tiny_run["data"], block_size=128)
-    _, table = data.load_token_tables(data_config)
-    rows = data.validation_rows(table, data_config, 0)
-    val = Validation(table, rows, train_llama2.forward, CPU, data.BatchFormat(8, 2, None)).loss(model)
+    _, table = batches.load_token_tables(data_config)
+    rows = batches.validation_rows(table, data_config, 0)
+    val = Validation(table, rows, train_llama2.forward, CPU, batches.BatchFormat(8, 2, None)).loss(model)
     assert val == pytest.approx(metric_rows(lora_run)[-1]["val_loss"], abs=1e-5)
 
     # Checkpoints hold the adapters and their optimiser state, none of the frozen base.
@@ -277,7 +280,7 @@ def test_qlora_validation_pass_leaves_the_training_gradients_alone(tiny_run):
     still send gradients through the base."""
     from transformers import AutoModelForCausalLM
 
-    model = parallel.load_model(CPU, AutoModelForCausalLM, ModelConfig(tiny_run["llama"]),
+    model = load_model(CPU, AutoModelForCausalLM, ModelConfig(tiny_run["llama"]),
                                 adapters=lora_settings(tiny_run, "llama", ["q_proj", "down_proj"], quantize=True))
     torch.manual_seed(0)
     ids = torch.randint(3, 128, (2, 32))

@@ -16,7 +16,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from finetune import memory, memory_cache, memory_step, torch_internals  # noqa: E402
+from finetune.plan import memory, memory_cache, memory_step, torch_internals  # noqa: E402
 
 if __name__ != "__main__":
     from conftest import PYTHON, run_script, torchrun
@@ -51,11 +51,11 @@ def real_single_process_readings(config, setup, passes=1):
 
 
 def test_the_private_tracker_members_the_simulation_uses_are_all_there():
-    """A PyTorch upgrade that moves what finetune/torch_internals.py subclasses or reads fails here, by name."""
+    """A PyTorch upgrade that moves what finetune/plan/torch_internals.py subclasses or reads fails here, by name."""
     import torch
 
     missing = torch_internals.missing_private_members()
-    assert not missing, f"torch {torch.__version__} moved or renamed: {', '.join(missing)} (finetune/torch_internals.py)"
+    assert not missing, f"torch {torch.__version__} moved or renamed: {', '.join(missing)} (finetune/plan/torch_internals.py)"
 
 
 def test_the_private_member_check_names_what_moved(monkeypatch):
@@ -68,7 +68,7 @@ def test_the_private_member_check_names_what_moved(monkeypatch):
 
 
 def test_the_memory_command_ends_a_bad_config_with_one_error_line(tmp_path):
-    result = run_script(PYTHON, "-m", "finetune.memory", "--config", str(tmp_path / "missing.json"))
+    result = run_script(PYTHON, "-m", "finetune.plan.memory", "--config", str(tmp_path / "missing.json"))
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.strip().splitlines() == [
         f"error: cannot read the model config {str(tmp_path / 'missing.json')!r}: [Errno 2] No such file or "
@@ -259,14 +259,15 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.testing._internal.distributed.fake_pg import FakeStore
 from transformers import LlamaConfig, LlamaForCausalLM
-from finetune import parallel, sharding
+from finetune.distributed import sharding
+from finetune.plan import layout
 
 dist.init_process_group("fake", rank=0, world_size=8, store=FakeStore())
 model = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                      num_attention_heads=4, num_key_value_heads=4))
 whole = 8 * sum(p.numel() for p in model.parameters())
 sharding.shard_model(model, mesh=init_device_mesh("cpu", (8,)))
-print(whole, parallel.optimizer_state_bytes(model))
+print(whole, layout.optimizer_state_bytes(model))
 """)
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

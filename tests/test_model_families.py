@@ -11,11 +11,15 @@ import pytest
 import torch
 from conftest import PYTHON, REPO_ROOT, _word_tokenizer, assert_one_line_error, make_random_dataset, run_script
 
-import finetune.data as fu
-from finetune import final_model, lora, model_size, packed_attention, parallel, plan
-from finetune.chunked_loss import use_chunked_loss
+import finetune.data.batches as fu
+from finetune.checkpoint import export
+from finetune.distributed.backend import Backend
 from finetune.errors import FinetuneError
-from finetune.lora import LoraSettings
+from finetune.model import lora, size
+from finetune.model.lora import LoraSettings
+from finetune.ops import span_attention
+from finetune.ops.chunked_loss import use_chunked_loss
+from finetune.plan import layout
 
 VOCAB = 128
 WINDOW = 4  # shorter than most examples below
@@ -106,7 +110,7 @@ def test_packed_logits_and_loss_equal_each_example_alone(family):
     torch.manual_seed(0)
     config = family_config(family)
     reference = build(config)  # transformers' default attention for the family (eager for Gemma 2)
-    packed = build(config, packed_attention.ATTENTION_NAME, reference.state_dict())
+    packed = build(config, span_attention.ATTENTION_NAME, reference.state_dict())
     rows = examples()
     batch = packed_batch(rows)
     used = sum(LENGTHS)
@@ -116,14 +120,14 @@ def test_packed_logits_and_loss_equal_each_example_alone(family):
         assert torch.allclose(got.logits[0, :used], want_logits, atol=2e-5, rtol=0)
         assert got.loss.item() == pytest.approx(want_loss_sum.item() / batch["num_targets"], abs=2e-6)
 
-        chunked = use_chunked_loss(build(config, packed_attention.ATTENTION_NAME, reference.state_dict()))
+        chunked = use_chunked_loss(build(config, span_attention.ATTENTION_NAME, reference.state_dict()))
         loss = packed_forward(chunked, batch, labels=batch["labels"], num_items_in_batch=batch["num_targets"]).loss
         assert loss.item() == pytest.approx(want_loss_sum.item() / batch["num_targets"], abs=2e-6)
 
         for field in HONOURED.get(family, ()):  # the test can fail: without the field the logits move
             dropped = copy.deepcopy(config)
             setattr(dropped, field, None)
-            other = build(dropped, packed_attention.ATTENTION_NAME, reference.state_dict())
+            other = build(dropped, span_attention.ATTENTION_NAME, reference.state_dict())
             difference = (packed_forward(other, batch).logits[0, :used] - want_logits).abs().max()
             assert difference > 1e-2, field
 
@@ -132,8 +136,8 @@ def test_packed_logits_and_loss_equal_each_example_alone(family):
 def test_chunked_loss_gradients_equal_the_models_own_loss(family):
     torch.manual_seed(0)
     config = family_config(family)
-    plain = build(config, packed_attention.ATTENTION_NAME)
-    chunked = use_chunked_loss(build(config, packed_attention.ATTENTION_NAME, plain.state_dict()))
+    plain = build(config, span_attention.ATTENTION_NAME)
+    chunked = use_chunked_loss(build(config, span_attention.ATTENTION_NAME, plain.state_dict()))
     batch = packed_batch(examples(1))
     for model in (plain, chunked):
         packed_forward(model, batch, labels=batch["labels"], num_items_in_batch=batch["num_targets"]).loss.backward()
@@ -150,13 +154,13 @@ def lora_settings(base="unused", targets=("auto",), rank=4):
 def test_lora_with_default_targets_trains_the_models_own_linear_layers(family):
     torch.manual_seed(0)
     config = family_config(family)
-    model = lora.add_adapters(build(config, packed_attention.ATTENTION_NAME), lora_settings())
+    model = lora.add_adapters(build(config, span_attention.ATTENTION_NAME), lora_settings())
     wanted = {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"} if family == "phi3" else {
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     assert set(model.lora_settings.targets) == wanted
     layers = config.num_hidden_layers
     assert sum(1 for name, _ in model.named_modules() if name.endswith("lora_A.default")) == layers * len(wanted)
-    assert lora.count_trainable(model) == lora.adapter_parameters(model_size.meta_model(config.to_dict()), 4,
+    assert lora.count_trainable(model) == lora.adapter_parameters(size.meta_model(config.to_dict()), 4,
                                                                   ("auto",))
     model.train()
     batch = packed_batch(examples(2))
@@ -175,12 +179,12 @@ def test_lora_with_default_targets_trains_the_models_own_linear_layers(family):
 def test_plan_counts_parameters_and_matmul_weights_of_the_model_itself(family):
     config = family_config(family)
     model = build(config)
-    assert plan.count_parameters(config.to_dict()) == sum(p.numel() for p in model.parameters())
+    assert layout.count_parameters(config.to_dict()) == sum(p.numel() for p in model.parameters())
     h, heads, kv, inner, vocab = 32, 4, 2, 48, VOCAB
     head_dim = getattr(config, "head_dim", None) or h // heads
     per_layer = h * heads * head_dim + 2 * h * kv * head_dim + heads * head_dim * h + 3 * h * inner
-    assert model_size.matmul_parameters(model) == config.num_hidden_layers * per_layer + vocab * h
-    assert model_size.attention_width(config) == heads * head_dim
+    assert size.matmul_parameters(model) == config.num_hidden_layers * per_layer + vocab * h
+    assert size.attention_width(config) == heads * head_dim
 
 
 def test_qwen3_0_6b_shape_counts_its_real_size():
@@ -192,8 +196,8 @@ def test_qwen3_0_6b_shape_counts_its_real_size():
                  tie_word_embeddings=True)
     per_layer = 2 * h * q_width + 2 * h * kv_width + 3 * h * inner + 2 * head_dim + 2 * h  # + q/k and layer norms
     non_embedding = layers * per_layer + h
-    assert plan.count_parameters(shape) == vocab * h + non_embedding
-    assert round(non_embedding / 1e9, 2) == 0.44 and round(plan.count_parameters(shape) / 1e9, 1) == 0.6
+    assert layout.count_parameters(shape) == vocab * h + non_embedding
+    assert round(non_embedding / 1e9, 2) == 0.44 and round(layout.count_parameters(shape) / 1e9, 1) == 0.6
 
 
 @pytest.mark.parametrize("family", ["qwen2", "gemma2"])
@@ -202,17 +206,17 @@ def test_a_tied_embedding_is_saved_once_and_loads_as_the_same_model(tmp_path, fa
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = build(family_config(family), packed_attention.ATTENTION_NAME)
+    model = build(family_config(family), span_attention.ATTENTION_NAME)
     class NoTokenizer:  # the final save writes the tokenizer too; this test is about the weights
         def save_pretrained(self, folder):
             pass
 
-    backend = parallel.Backend(engine="single", device=torch.device("cpu"), world_size=1)
+    backend = Backend(engine="single", device=torch.device("cpu"), world_size=1)
     for saved_dtype in ("float32", "bfloat16"):  # both ways the full fine-tuning save gathers
-        final_model.save_final_model(model, NoTokenizer(), backend, str(tmp_path), {"saved_dtype": saved_dtype})
+        export.save_final_model(model, NoTokenizer(), backend, str(tmp_path), {"saved_dtype": saved_dtype})
         with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
             assert set(f.keys()) == {name for name in model.state_dict() if name != "lm_head.weight"}
-    final_model.save_final_model(model, NoTokenizer(), backend, str(tmp_path), {"saved_dtype": "float32"})
+    export.save_final_model(model, NoTokenizer(), backend, str(tmp_path), {"saved_dtype": "float32"})
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
         names = set(f.keys())
     assert "lm_head.weight" not in names and "model.embed_tokens.weight" in names
@@ -226,9 +230,9 @@ def test_a_tied_embedding_is_saved_once_and_loads_as_the_same_model(tmp_path, fa
 def test_attention_the_packed_path_cannot_honour_is_refused():
     query = torch.randn(1, 2, 5, 8)
     with pytest.raises(FinetuneError, match="cannot honour s_aux of Linear"):
-        packed_attention.packed_spans(torch.nn.Linear(1, 1), query, query, query, None, s_aux=torch.zeros(2))
+        span_attention.packed_spans(torch.nn.Linear(1, 1), query, query, query, None, s_aux=torch.zeros(2))
     with pytest.raises(FinetuneError, match="does not run its attention through transformers' attention interface"):
-        packed_attention.check_model_routes_attention(torch.nn.Linear(1, 1))
+        span_attention.check_model_routes_attention(torch.nn.Linear(1, 1))
 
 
 @pytest.fixture(scope="module")
@@ -268,4 +272,4 @@ def test_a_bad_target_next_to_auto_is_one_line(phi3_folder):
 
 def test_a_config_transformers_cannot_build_is_one_line_when_sizing():
     with pytest.raises(FinetuneError, match="cannot build a 'no_such_family' causal LM from its config"):
-        model_size.meta_model(dict(model_type="no_such_family", hidden_size=32))
+        size.meta_model(dict(model_type="no_such_family", hidden_size=32))

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import modeling_baichuan as mb
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 REAL_TOKENIZER = Path(__file__).resolve().parents[1].parent / "shared/reference/baichuan2/tokenizer.model"
 

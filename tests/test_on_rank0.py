@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import REPO_ROOT, torchrun
 
+from finetune.distributed.backend import Backend
 from finetune.errors import FinetuneError
-from finetune.parallel import Backend
 
 ONE_PROCESS = Backend(engine="single", device=torch.device("cpu"))
 
@@ -26,7 +26,7 @@ SCRIPT = """
 import json, sys
 sys.path.insert(0, REPO_DIR)
 from finetune.errors import FinetuneError
-from finetune.parallel import enable_advanced_parallelization
+from finetune.distributed.backend import enable_advanced_parallelization
 
 backend = enable_advanced_parallelization()
 ran = []

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from datasets import Dataset, DatasetDict, load_from_disk
 
-import finetune.preparation as prep
+import finetune.data.preparation as prep
 import prepare_dataset as pd
+from finetune.data.output import REPORT_FILE
+from finetune.data.preparation import IGNORE_INDEX
 from finetune.errors import FinetuneError
-from finetune.dataset_output import REPORT_FILE
-from finetune.preparation import IGNORE_INDEX
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

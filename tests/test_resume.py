@@ -15,9 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import PYTHON, REPO_ROOT, assert_one_line_error, run_script, torchrun
+from safetensors.torch import load_file
 
 SCRIPT = str(REPO_ROOT / "train_llama2.py")
 # One thread per process: the tiny models run fastest that way, and a busy machine does not slow them down.
@@ -287,7 +286,7 @@ def test_two_processes_sigterm_checkpoint_on_every_rank_and_resume_matches(tiny_
 
 def test_each_rank_hashes_the_checkpoint_files_it_wrote():
     """A rank reads back for its checksum only what it just wrote (no other node's shards); rank 0 the rest."""
-    from finetune.checksums import hashed_by
+    from finetune.checkpoint.checksums import hashed_by
 
     files = ["__0_0.distcp", "__1_0.distcp", "__3_1.distcp", "rng_rank2.json", ".metadata", "trainer_state.json"]
     assert [hashed_by(name, 4) for name in files] == [0, 1, 3, 2, 0, 0]

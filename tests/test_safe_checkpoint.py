@@ -1,4 +1,4 @@
-"""finetune/safe_checkpoint.py: DCP checkpoints read without running anything the folder's writer put there.
+"""finetune/safe_reader.py: DCP checkpoints read without running anything the folder's writer put there.
 
 The payloads below write a marker file when they are unpickled; loading must refuse them before that. The first
 tests pin the parts of torch that SafeFileSystemReader relies on, so a torch upgrade that changes them fails
@@ -15,8 +15,8 @@ import torch.distributed.checkpoint as dcp
 from conftest import MarkerPayload
 from torch.distributed.checkpoint.filesystem import FileSystemReader
 
-from finetune import safe_checkpoint
-from finetune.safe_checkpoint import SafeFileSystemReader, UnsafeCheckpoint, load_tensors
+from finetune.checkpoint import safe_reader
+from finetune.checkpoint.safe_reader import SafeFileSystemReader, UnsafeCheckpoint, load_tensors
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
@@ -122,11 +122,11 @@ def test_metadata_pointing_outside_the_checkpoint_is_refused(checkpoint):
 
 
 def test_only_dcp_metadata_classes_and_plain_values_are_allowed():
-    allowed = {module for module, _ in safe_checkpoint.METADATA_GLOBALS}
+    allowed = {module for module, _ in safe_reader.METADATA_GLOBALS}
     assert allowed <= {"torch", "torch.serialization", "torch.distributed.checkpoint.metadata",
                        "torch.distributed.checkpoint.filesystem", "pathlib", "pathlib._local"}
     for module, name in [("builtins", "exec"), ("os", "system"), ("torch", "load"), ("torch", "save"),
                          ("torch.serialization", "load"), ("builtins", "getattr"), ("torch", "Tensor")]:
         data = f"c{module}\n{name}\n.".encode()  # a pickle naming just that global
         with pytest.raises(UnsafeCheckpoint, match=f"{module}.{name}"):
-            safe_checkpoint.read_metadata_file(io.BytesIO(data), "x/.metadata")
+            safe_reader.read_metadata_file(io.BytesIO(data), "x/.metadata")

@@ -13,7 +13,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import PYTHON, REPO_ROOT, assert_one_line_error, run_script
 
 TRAIN = REPO_ROOT / "train_llama2.py"
@@ -199,7 +198,7 @@ def test_run_config_holds_every_resolved_flag_the_plan_versions_data_and_commit(
 def test_training_curves_png_is_a_picture_of_metrics_jsonl(tracked_run, tmp_path):
     from PIL import Image
 
-    from finetune.plot import curves_figure, read_metrics
+    from finetune.observe.plot import curves_figure, read_metrics
 
     png = tracked_run["out"] / "training_curves.png"
     with Image.open(png) as image:
@@ -216,7 +215,7 @@ def test_training_curves_png_is_a_picture_of_metrics_jsonl(tracked_run, tmp_path
     assert list(speed_axes.lines[0].get_ydata()) == [row["tokens_per_sec"] for row in rows]
     assert list(norm_axes.lines[0].get_ydata()) == [row["grad_norm"] for row in rows]
     # The file is the resumed run's metrics.jsonl drawn again; a changed loss draws another picture.
-    again = run_script(PYTHON, "-m", "finetune.plot", str(tracked_run["out"]), "--output", str(tmp_path / "a.png"))
+    again = run_script(PYTHON, "-m", "finetune.observe.plot", str(tracked_run["out"]), "--output", str(tmp_path / "a.png"))
     assert again.returncode == 0, again.stderr
     with Image.open(tmp_path / "a.png") as image:
         assert image.convert("RGB").tobytes() == drawn
@@ -224,13 +223,13 @@ def test_training_curves_png_is_a_picture_of_metrics_jsonl(tracked_run, tmp_path
     changed.mkdir()
     (changed / "metrics.jsonl").write_text("".join(json.dumps(dict(row, loss=row["loss"] / 2)) + "\n" for row in rows)
                                            + '{"step": 5, "lo')  # and a row still being written
-    assert run_script(PYTHON, "-m", "finetune.plot", str(changed)).returncode == 0
+    assert run_script(PYTHON, "-m", "finetune.observe.plot", str(changed)).returncode == 0
     with Image.open(changed / "training_curves.png") as image:
         assert image.size == (800, 520) and image.convert("RGB").tobytes() != drawn
 
 
 def test_plot_of_a_folder_without_metrics_is_one_error_line(tmp_path):
-    assert_one_line_error(run_script(PYTHON, "-m", "finetune.plot", str(tmp_path)))
+    assert_one_line_error(run_script(PYTHON, "-m", "finetune.observe.plot", str(tmp_path)))
 
 
 def test_progress_bar_shows_loss_speed_and_time_left(tracked_run):
@@ -244,7 +243,7 @@ def test_progress_bar_shows_loss_speed_and_time_left(tracked_run):
                                            ("tensorboard", "tensorboard"), ("trackio", "trackio")])
 def test_a_missing_tracker_library_names_its_package(monkeypatch, name, package):
     from finetune.errors import FinetuneError
-    from finetune.trackers import parse_report_to
+    from finetune.observe.trackers import parse_report_to
 
     monkeypatch.setitem(sys.modules, name, None)  # `import name` now fails
     with pytest.raises(FinetuneError) as error:
@@ -264,7 +263,7 @@ def test_a_missing_tracker_library_is_one_line_before_any_work(tmp_path):
 
 def test_report_to_rejects_an_unknown_tracker_and_takes_none():
     from finetune.errors import FinetuneError
-    from finetune.trackers import parse_report_to
+    from finetune.observe.trackers import parse_report_to
 
     assert parse_report_to("none") == ()
     assert parse_report_to(" tensorboard , tensorboard") == ("tensorboard",)
@@ -274,7 +273,7 @@ def test_report_to_rejects_an_unknown_tracker_and_takes_none():
 
 def test_a_tracker_that_cannot_start_is_one_line(tmp_path, monkeypatch):
     from finetune.errors import FinetuneError
-    from finetune.trackers import Trackers
+    from finetune.observe.trackers import Trackers
 
     (tmp_path / "run_config.json").write_text("{}")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "nosuchscheme://host/path")

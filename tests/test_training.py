@@ -9,9 +9,9 @@ import torch
 from conftest import PYTHON, REPO_ROOT, run_script, torchrun
 from safetensors.torch import load_file
 
-import finetune.data as fu
-import finetune.parallel as parallel
-import finetune.plan as plan
+import finetune.data.batches as fu
+import finetune.distributed.backend as parallel
+import finetune.plan.layout as plan
 from finetune.errors import FinetuneError
 
 TRAIN = {"llama": REPO_ROOT / "train_llama2.py", "baichuan": REPO_ROOT / "train_baichuan2_13b.py"}
@@ -120,8 +120,8 @@ def _packed_vs_separate_losses(model, examples, packed_kwargs):
 def test_packed_row_loss_equals_token_weighted_loss_of_examples_run_one_by_one(tiny_run, kind, attention):
     from transformers import AutoModelForCausalLM
 
+    import finetune.ops.span_attention  # noqa: F401
     import modeling_baichuan  # noqa: F401
-    import finetune.packed_attention  # noqa: F401
 
     extra = {"attn_implementation": attention} if kind == "llama" else {}
     model = AutoModelForCausalLM.from_pretrained(tiny_run[kind], dtype=torch.float32, **extra).eval()
@@ -367,9 +367,9 @@ def test_inference_rejects_bad_examples_with_one_line(tiny_run, capsys):
 
 
 def test_inference_chat_prompt_uses_the_baichuan_chat_tokens(tiny_run):
-    import inference
     from transformers import AutoTokenizer
 
+    import inference
     from finetune import demo
 
     ids = inference.prompt_ids(demo.load_demo_tokenizer("baichuan2"), "baichuan2", {"instruction": "w5 w6"}, chat=True)

@@ -13,7 +13,6 @@ import subprocess
 
 import pytest
 import torch
-
 from conftest import PYTHON, REPO_ROOT, MarkerPayload, assert_one_line_error, snapshot
 
 TRAIN = str(REPO_ROOT / "train_llama2.py")

@@ -1,0 +1,95 @@
+"""training_curves.png: a run's metrics.jsonl as a picture (loss and validation loss, learning rate, tokens/s,
+gradient norm against the step). Drawn at the end of every run; for a run in progress:
+
+    python -m finetune.observe.plot SAVE_DIR [--output PATH]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import TYPE_CHECKING
+
+from finetune.errors import FinetuneError, entry_point
+
+if TYPE_CHECKING:
+    import matplotlib.figure
+
+CURVES_FILE = "training_curves.png"
+# (title, [(metrics.jsonl field, legend label)]): one panel each, in reading order.
+PANELS = [("loss", [("loss", "training"), ("val_loss", "validation")]),
+          ("learning rate", [("lr", None)]),
+          ("tokens/s", [("tokens_per_sec", None)]),
+          ("gradient norm", [("grad_norm", None)])]
+
+
+def read_metrics(save_dir: str) -> list[dict]:
+    """The rows of SAVE_DIR/metrics.jsonl; a last row cut short by a running or killed writer is left out."""
+    path = os.path.join(save_dir, "metrics.jsonl")
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError as exc:
+        raise FinetuneError(f"cannot read {path}: {exc.strerror or exc}") from None
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            if number < len(lines):  # only the last line may be unfinished
+                raise FinetuneError(f"{path} line {number} is not JSON") from None
+    return rows
+
+
+def curves_figure(rows: list[dict]) -> matplotlib.figure.Figure:
+    """A matplotlib Figure of PANELS, each field plotted at the steps where it was logged."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(10, 6.5), dpi=80)
+    # Fixed margins: an automatic layout engine would double the time to draw, paid at the end of every run.
+    figure.subplots_adjust(left=0.08, right=0.98, bottom=0.08, top=0.95, hspace=0.35, wspace=0.2)
+    for axes, (title, fields) in zip(figure.subplots(2, 2).flat, PANELS, strict=True):
+        for field, label in fields:
+            points = [(row["step"], row[field]) for row in rows if row.get(field) is not None]
+            if points:
+                steps, values = zip(*points, strict=True)
+                axes.plot(steps, values, marker="o" if len(points) < 30 else None, markersize=3, label=label)
+        axes.set_title(title)
+        axes.set_xlabel("step")
+        axes.xaxis.get_major_locator().set_params(integer=True)  # steps are whole numbers
+        axes.grid(alpha=0.3)
+        if any(label for _, label in fields) and axes.lines:
+            axes.legend()
+    return figure
+
+
+def write_training_curves(save_dir: str, output: str | None = None) -> str:
+    """Draw SAVE_DIR/metrics.jsonl to `output` (default SAVE_DIR/training_curves.png); returns the path."""
+    rows = read_metrics(save_dir)
+    if not rows:
+        raise FinetuneError(f"{os.path.join(save_dir, 'metrics.jsonl')} has no logged step yet")
+    output = output or os.path.join(save_dir, CURVES_FILE)
+    staging = output + ".partial.png"
+    try:
+        curves_figure(rows).savefig(staging)
+        os.replace(staging, output)  # a viewer never sees half a picture
+    except OSError as exc:
+        raise FinetuneError(f"cannot write {output}: {exc.strerror or exc}") from None
+    return output
+
+
+@entry_point
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m finetune.observe.plot", description=__doc__.split("\n\n")[0])
+    parser.add_argument("save_dir", help="a training run's --save-model-dir (finished or in progress)")
+    parser.add_argument("--output", help=f"where to write the picture (default SAVE_DIR/{CURVES_FILE})")
+    args = parser.parse_args(argv)
+    print(f"wrote {write_training_curves(args.save_dir, args.output)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
