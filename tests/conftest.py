@@ -14,6 +14,16 @@ import subprocess
 import pytest
 
 PYTHON = sys.executable
+TESTS = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(config, items):
+    """tests/maintainers/ holds the repository's own checks; a torchrun test is slow too."""
+    for item in items:
+        if TESTS / "maintainers" in Path(item.path).parents:
+            item.add_marker(pytest.mark.maintainers)
+        if item.get_closest_marker("distributed"):
+            item.add_marker(pytest.mark.slow)
 
 
 def run_script(*args, cwd=None, timeout=300, env=None):

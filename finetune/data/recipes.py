@@ -17,7 +17,7 @@ from finetune.errors import FinetuneError
 # ----------------------------------------------------------------------------------------------
 # Recipes: one prompt-building function each. Edit these to change the prompt format.
 # ----------------------------------------------------------------------------------------------
-def build_llama2_prompt(example):
+def build_llama2_prompt(example: dict) -> dict[str, str]:
     """Summarisation prompt: "[SUMMARIZE] {article} [/SUMMARIZE]\\n{highlights}"."""
     return {
         "head": "[SUMMARIZE]",
@@ -27,7 +27,7 @@ def build_llama2_prompt(example):
     }
 
 
-def build_baichuan2_prompt(example):
+def build_baichuan2_prompt(example: dict) -> dict[str, str]:
     """Customer-support prompt: "[INST] {instruction} \\n Category is {category} \\n Intent is {intent} [/INST]\\n{response}"."""
     return {
         "head": "[INST]",
@@ -66,7 +66,7 @@ RECIPES = {
 }
 
 
-def demo_sample_file(recipe_name):
+def demo_sample_file(recipe_name: str) -> str:
     """The bundled sample data of a recipe (--demo); other recipes bring their own --dataset-name-or-path."""
     if RECIPES[recipe_name].get("demo_data"):
         return RECIPES[recipe_name]["demo_data"]
@@ -77,6 +77,6 @@ def demo_sample_file(recipe_name):
     return demo.DEMO_SAMPLE_FILES[recipe_name]
 
 
-def demo_dataset(recipe_name, block_size):
+def demo_dataset(recipe_name: str, block_size: int) -> str:
     """The prepared bundled sample of a recipe for `--demo` training runs, built once and cached."""
     return demo.ensure_demo_dataset(recipe_name, RECIPES[recipe_name], block_size)

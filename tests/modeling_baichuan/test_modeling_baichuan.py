@@ -12,7 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import modeling_baichuan as mb
 
-REAL_TOKENIZER = Path(__file__).resolve().parents[1].parent / "shared/reference/baichuan2/tokenizer.model"
+REAL_TOKENIZER = Path(__file__).resolve().parents[2].parent / "shared/reference/baichuan2/tokenizer.model"
 
 VARIANTS = {
     # 6 heads: not a power of two, so the second slope series is used.

@@ -158,7 +158,7 @@ def verdicts(tiny_run, tmp_path_factory):
     jobs = []
     for group in (1, 2):
         results = root / f"results{group}.json"
-        code = (f"import sys; sys.path[:0] = [{str(TESTS)!r}, {str(REPO_ROOT)!r}]; import test_faults; "
+        code = (f"import sys; sys.path[:0] = [{str(TESTS)!r}, {str(TESTS.parent)!r}, {str(REPO_ROOT)!r}]; import test_faults; "
                 f"test_faults.drive({group}, {tiny!r}, {str(root / f'group{group}')!r}, {str(results)!r})")
         (root / f"group{group}").mkdir()
         jobs.append((results, subprocess.Popen([PYTHON, "-c", code], cwd=REPO_ROOT, env=env, text=True,

@@ -14,7 +14,7 @@ from finetune.data.output import REPORT_FILE
 from finetune.data.preparation import IGNORE_INDEX
 from finetune.errors import FinetuneError
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="session")

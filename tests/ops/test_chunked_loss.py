@@ -14,7 +14,7 @@ import torch
 if __name__ != "__main__":
     from conftest import torchrun
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from finetune.ops.chunked_loss import chunked_causal_lm_loss, use_chunked_loss  # noqa: E402
 

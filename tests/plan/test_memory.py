@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from finetune.plan import memory, memory_cache, memory_step, torch_internals  # noqa: E402
 
@@ -254,7 +254,7 @@ def test_probe_reserves_this_process_share_of_the_optimizer_state(tmp_path):
     """Under FSDP2 a DTensor's numel() is the whole tensor's; the on-device probe must hold aside only the AdamW
     state of this process's shards (an eighth on 8 processes), or 13B would reserve 8x what it needs."""
     script = tmp_path / "shares.py"
-    script.write_text(f"import sys\nsys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})\n" + """
+    script.write_text(f"import sys\nsys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})\n" + """
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.testing._internal.distributed.fake_pg import FakeStore

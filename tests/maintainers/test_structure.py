@@ -1,5 +1,6 @@
-"""The shape of the code: no import cycles (imports inside functions count), the two training scripts' main()
-bodies equal but for their model-specific lines, and the linter's verdict."""
+"""The shape of the code: no import cycles (imports inside functions count), modules of bounded size with type
+hints, each sub-package's index naming its modules, a test file for every module, the two training scripts'
+main() bodies equal but for their model-specific lines, and the linter's verdict."""
 import ast
 import difflib
 import re
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "finetune"
 TOP_LEVEL = ["train_llama2.py", "train_baichuan2_13b.py", "prepare_dataset.py", "inference.py", "modeling_baichuan.py"]
 
@@ -22,7 +23,7 @@ def module_name(path: Path) -> str:
 
 
 def our_modules() -> dict[str, Path]:
-    paths = sorted(PACKAGE.glob("*.py")) + [ROOT / name for name in TOP_LEVEL]
+    paths = sorted(PACKAGE.rglob("*.py")) + [ROOT / name for name in TOP_LEVEL]
     return {module_name(path): path for path in paths}
 
 
@@ -98,6 +99,48 @@ def test_the_line_limit_finds_a_long_module():
     assert "finetune.distributed.backend" in modules_past(100)
 
 
+def package_modules() -> dict[Path, list[str]]:
+    """{sub-package folder: the names of its modules}, the package itself included."""
+    folders = [PACKAGE] + sorted(p.parent for p in PACKAGE.glob("*/__init__.py"))
+    return {folder: sorted(p.stem for p in folder.glob("*.py") if p.stem != "__init__") for folder in folders}
+
+
+def unlisted_modules(folder: Path, modules: list[str]) -> list[str]:
+    """Modules (and, for the package, sub-packages) that the folder's __init__ docstring does not name."""
+    first = ast.parse((folder / "__init__.py").read_text()).body[0]
+    index = first.value.value if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) else ""
+    named = set(re.findall(r"^ +([a-z_]+(?:/|(?:, *[a-z_]+)*))", index, re.M))  # indented entries only
+    words = {w.strip().rstrip("/") for entry in named for w in entry.split(",")}
+    expected = modules + ([p.parent.name for p in folder.glob("*/__init__.py")] if folder == PACKAGE else [])
+    return [name for name in expected if name not in words]
+
+
+def test_every_sub_package_index_names_each_of_its_modules():
+    missing = {str(folder.relative_to(ROOT)): unlisted_modules(folder, modules)
+               for folder, modules in package_modules().items()}
+    assert not any(missing.values()), {folder: names for folder, names in missing.items() if names}
+
+
+def test_the_index_check_finds_an_unlisted_module(tmp_path):
+    (tmp_path / "__init__.py").write_text('"""Index.\n\n    alpha   the first\n"""\n')
+    assert unlisted_modules(tmp_path, ["alpha", "beta"]) == ["beta"]
+
+
+def untested_modules() -> list[str]:
+    """Modules of the package without a test file of their own name in the tests folder of their sub-package
+    (finetune/plan/probe.py: tests/plan/test_probe*.py; finetune/args.py: tests/test_args*.py)."""
+    missing = []
+    for folder, modules in package_modules().items():
+        tests = ROOT / "tests" / folder.relative_to(PACKAGE)
+        missing += [f"{folder.relative_to(ROOT)}/{name}.py" for name in modules
+                    if not list(tests.glob(f"test_{name}.py")) + list(tests.glob(f"test_{name}_*.py"))]
+    return missing
+
+
+def test_every_module_has_a_test_file_named_after_it():
+    assert not untested_modules(), untested_modules()
+
+
 def public_functions(tree: ast.Module):
     """(name, node) of a module's public functions and of the public methods (and __init__) of its public
     classes."""
@@ -124,7 +167,7 @@ def lacking_type_hints(source: str) -> list[str]:
 
 
 def test_public_functions_of_the_package_have_type_hints():
-    lacking = {path.stem: lacking_type_hints(path.read_text()) for path in sorted(PACKAGE.glob("*.py"))}
+    lacking = {module_name(path): lacking_type_hints(path.read_text()) for path in sorted(PACKAGE.rglob("*.py"))}
     assert not any(lacking.values()), {module: names for module, names in lacking.items() if names}
 
 

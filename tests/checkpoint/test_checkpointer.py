@@ -1,0 +1,50 @@
+"""finetune/checkpoint/checkpointer.py: each rank saves and restores its own current device's RNG; checkpoints that
+held every device's RNG still restore."""
+import json
+
+import torch
+
+# ---- each rank saves and restores its own device's RNG ---------------------------------------------------
+
+class FakeCudaRng:
+    """torch.cuda's RNG calls for a process bound to device `current` of a node with several GPUs."""
+
+    def __init__(self, current):
+        self.current, self.set_calls = current, []
+
+    def install(self, monkeypatch):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: self.current)
+        monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": torch.tensor([self.current, 7],
+                                                                                             dtype=torch.uint8))
+        monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": self.set_calls.append(
+            state.tolist()))
+
+        def every_device(*args):
+            raise AssertionError("the states of every visible device were asked for")
+        monkeypatch.setattr(torch.cuda, "get_rng_state_all", every_device)
+        monkeypatch.setattr(torch.cuda, "set_rng_state_all", every_device)
+
+
+def test_rng_state_holds_the_current_device_only(monkeypatch):
+    from finetune.checkpoint import checkpointer
+
+    fake = FakeCudaRng(current=5)  # local rank 5 of an 8-GPU node
+    fake.install(monkeypatch)
+    state = json.loads(json.dumps(checkpointer._rng_state()))
+    assert state["cuda"] == [bytes([5, 7]).hex()]
+    # Resumed on a 2-GPU node as local rank 1: its state is restored, no IndexError.
+    fake.current = 1
+    checkpointer._set_rng_state(state)
+    assert fake.set_calls == [[5, 7]]
+
+
+def test_rng_state_of_an_earlier_checkpoint_with_every_device(monkeypatch):
+    from finetune.checkpoint import checkpointer
+
+    fake = FakeCudaRng(current=2)
+    fake.install(monkeypatch)
+    state = json.loads(json.dumps(checkpointer._rng_state()))
+    state["cuda"] = [bytes([index, 9]).hex() for index in range(4)]  # written by a version saving all four
+    checkpointer._set_rng_state(state)
+    assert fake.set_calls == [[2, 9]]
