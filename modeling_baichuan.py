@@ -24,8 +24,8 @@ score modifier (flex) or slopes (FlashAttention 2).
 
 Which query may attend which key:
 
-* ``attention_mask`` (2-D, past + current tokens): 0 is padding, any positive integer a segment id. A query
-  attends earlier keys of its own segment, so ``[1, 1, 1, 2, 2, 3, 3, 0, 0]`` packs three independent
+* ``attention_mask`` (2-D, past + current tokens): 0 is padding, any positive integer a example id. A query
+  attends earlier keys of its own example, so ``[1, 1, 1, 2, 2, 3, 3, 0, 0]`` packs three independent
   examples followed by padding. A padding query attends only to itself: its output is finite and does not
   depend on how much padding there is.
 * no ``attention_mask`` but ``position_ids`` that restart (packed rows, empty or no cache): every run of
@@ -33,7 +33,7 @@ Which query may attend which key:
   ``cu_seq_lens_*`` from these (or takes them as keyword arguments, as Llama needs for more than one row).
   This is the packed form Llama and Baichuan share:
   ``model(input_ids=..., position_ids=..., labels=..., num_items_in_batch=..., use_cache=False)``.
-* ``segment_spans=`` (per-row lists of (start, end)): the training path, one SDPA call per example; the
+* ``example_spans=`` (per-row lists of (start, end)): the training path, one SDPA call per example; the
   training scripts use it: on a CPU it is faster than one masked call over the whole row.
 """
 
@@ -409,7 +409,7 @@ def alibi_bias(slopes: torch.Tensor, query_positions: torch.Tensor, key_position
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Rotary positions from a 2-D mask: the index inside each run of equal non-zero ids (so positions restart
-    at 0 for every packed segment and skip left padding); padding gets 0."""
+    at 0 for every packed example and skip left padding); padding gets 0."""
     length = attention_mask.shape[-1]
     index = torch.arange(length, device=attention_mask.device).expand_as(attention_mask)
     starts = torch.ones_like(attention_mask, dtype=torch.bool)
@@ -418,32 +418,32 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return torch.where(attention_mask > 0, index - run_start, torch.zeros_like(index))
 
 
-def segment_mask_function(segment_ids: torch.Tensor):
-    """Mask function in transformers' masking_utils convention (True = may attend): causal within a segment
+def example_mask_function(example_ids: torch.Tensor):
+    """Mask function in transformers' masking_utils convention (True = may attend): causal within an example
     (ids > 0); a padding query (id 0) attends to itself only, so it never attends to nothing."""
 
     def may_attend(batch_idx, head_idx, q_idx, kv_idx):
-        q_segment = segment_ids[batch_idx, q_idx]
-        kv_segment = segment_ids[batch_idx, kv_idx]
-        same_segment = (q_segment == kv_segment) & (kv_segment > 0) & (kv_idx <= q_idx)
-        return same_segment | (kv_idx == q_idx)
+        q_example = example_ids[batch_idx, q_idx]
+        kv_example = example_ids[batch_idx, kv_idx]
+        same_example = (q_example == kv_example) & (kv_example > 0) & (kv_idx <= q_idx)
+        return same_example | (kv_idx == q_idx)
 
     return may_attend
 
 
-def pad_segment_ids(segment_ids: torch.Tensor, length: int) -> torch.Tensor:
+def pad_example_ids(example_ids: torch.Tensor, length: int) -> torch.Tensor:
     """Right-pad with 0 (padding) to `length`: static caches and flex blocks look at keys past the mask."""
-    missing = length - segment_ids.shape[-1]
-    return F.pad(segment_ids, (0, missing)) if missing > 0 else segment_ids
+    missing = length - example_ids.shape[-1]
+    return F.pad(example_ids, (0, missing)) if missing > 0 else example_ids
 
 
-def varlen_from_segments(segment_ids: torch.Tensor) -> dict:
+def varlen_from_example_ids(example_ids: torch.Tensor) -> dict:
     """FlashAttention varlen keywords for rows laid end to end: a sequence starts at every row start, every
-    change of segment id and every padding token (so padding attends to itself only, as in the other backends)."""
-    starts = torch.ones_like(segment_ids, dtype=torch.bool)
-    starts[:, 1:] = (segment_ids[:, 1:] != segment_ids[:, :-1]) | (segment_ids[:, 1:] == 0)
+    change of example id and every padding token (so padding attends to itself only, as in the other backends)."""
+    starts = torch.ones_like(example_ids, dtype=torch.bool)
+    starts[:, 1:] = (example_ids[:, 1:] != example_ids[:, :-1]) | (example_ids[:, 1:] == 0)
     begin = starts.flatten().nonzero().flatten().to(torch.int32)
-    end = torch.tensor([segment_ids.numel()], dtype=torch.int32, device=segment_ids.device)
+    end = torch.tensor([example_ids.numel()], dtype=torch.int32, device=example_ids.device)
     cu_seq_lens = torch.cat([begin, end])
     max_length = int(cu_seq_lens.diff().max())  # the varlen kernels take a host int
     return {"cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens,
@@ -549,15 +549,15 @@ def tiled_spans(spans, length: int) -> list[tuple[int, int, bool]]:
     return pieces
 
 
-def attend_within_spans(query, key, value, causal_bias, segment_spans, scaling=None):
-    """The training path (``segment_spans=`` keyword): one causal SDPA call per (start, end) span of each row;
+def attend_within_spans(query, key, value, causal_bias, example_spans, scaling=None):
+    """The training path (``example_spans=`` keyword): one causal SDPA call per (start, end) span of each row;
     positions outside every span get zeros. `causal_bias` is the ALiBi bias for positions 0..n (already causal),
     or None for rotary models.
 
     Each row is split into its spans and the outputs concatenated: backward then joins the span gradients once,
     where writing each span into a preallocated output gave every span a full-size zero gradient to add up."""
     rows = []
-    for row, spans in enumerate(segment_spans):
+    for row, spans in enumerate(example_spans):
         pieces = tiled_spans(spans, query.shape[2])
         lengths = [end - start for start, end, _ in pieces]
         splits = zip(*(t[row:row + 1].split(lengths, dim=2) for t in (query, key, value)), strict=True)
@@ -652,7 +652,7 @@ class BaichuanAttention(nn.Module):
         self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
 
     def forward(self, hidden_states, attention_mask=None, position_embeddings=None, cache=None,
-                attention_implementation=None, segment_spans=None, **kwargs):
+                attention_implementation=None, example_spans=None, **kwargs):
         batch, length, _ = hidden_states.shape
         qkv = self.W_pack(hidden_states).view(batch, length, 3, self.num_heads, self.head_dim)
         query, key, value = (t.transpose(1, 2) for t in qkv.unbind(dim=2))  # (batch, heads, length, head_dim)
@@ -664,8 +664,8 @@ class BaichuanAttention(nn.Module):
         if isinstance(attention_mask, torch.Tensor) and attention_mask.dtype.is_floating_point \
                 and attention_mask.dtype != query.dtype:
             attention_mask = attention_mask.to(query.dtype)  # only under autocast
-        if segment_spans is not None:
-            out, weights = attend_within_spans(query, key, value, attention_mask, segment_spans, self.scaling), None
+        if example_spans is not None:
+            out, weights = attend_within_spans(query, key, value, attention_mask, example_spans, self.scaling), None
         else:
             implementation = attention_implementation or self.config._attn_implementation
             attend = attention_function(implementation, uses_alibi=not self.config.uses_rope)
@@ -756,27 +756,27 @@ class Sizes(NamedTuple):
         return torch.arange(self.key_length, device=device) + self.key_offset
 
 
-def mask_function_for(segment_ids, sizes: Sizes):
-    """Plain causal without segment ids; else the segment rule over ids padded to whole flex blocks (ids past
+def mask_function_for(example_ids, sizes: Sizes):
+    """Plain causal without example ids; else the example rule over ids padded to whole flex blocks (ids past
     the end read as padding)."""
-    if segment_ids is None:
+    if example_ids is None:
         return causal_mask_function
     block = 128
     longest = sizes.key_length + sizes.key_offset
     if isinstance(sizes.query_offset, int):
         longest = max(longest, sizes.query_length + sizes.query_offset)
-    return segment_mask_function(pad_segment_ids(segment_ids, -(-longest // block) * block))
+    return example_mask_function(pad_example_ids(example_ids, -(-longest // block) * block))
 
 
-def flash_inputs(segment_ids, slopes, sizes: Sizes, caller_varlen: bool):
+def flash_inputs(example_ids, slopes, sizes: Sizes, caller_varlen: bool):
     """No mask when nothing is masked or the caller passed cu_seq_lens; varlen keywords for a prefill with
-    segments or padding; the 2-D padding mask for cached decoding (flash unpads it)."""
+    examples or padding; the 2-D padding mask for cached decoding (flash unpads it)."""
     extra = {} if slopes is None else {"alibi_slopes": slopes}
-    if segment_ids is None or caller_varlen:
+    if example_ids is None or caller_varlen:
         return None, extra
     if sizes.is_prefill:
-        return None, {**extra, **varlen_from_segments(segment_ids)}
-    return segment_ids > 0, extra
+        return None, {**extra, **varlen_from_example_ids(example_ids)}
+    return example_ids > 0, extra
 
 
 def flex_inputs(may_attend, slopes, sizes: Sizes, device):
@@ -790,13 +790,13 @@ def flex_inputs(may_attend, slopes, sizes: Sizes, device):
     return block_mask, {"alibi_slopes": slopes, "alibi_query_shift": shift}
 
 
-def dense_inputs(implementation, may_attend, has_segments, slopes, sizes: Sizes, dtype, device):
+def dense_inputs(implementation, may_attend, has_example_ids, slopes, sizes: Sizes, dtype, device):
     """sdpa: a bool mask (None = its causal flag); eager and registered functions: an additive float mask. With
     ALiBi always the additive bias, -inf-like where attention is not allowed."""
     # transformers drops the causal mask for a single query, which is right only when the keys end at it; a static
     # cache's unwritten slots (zeros) must stay masked.
-    skip_causal = implementation == "sdpa" and slopes is None and not has_segments and sizes.keys_are_seen_tokens
-    allowed = sdpa_mask(sizes.batch if has_segments else 1, sizes.query_length, sizes.key_length, sizes.query_offset,
+    skip_causal = implementation == "sdpa" and slopes is None and not has_example_ids and sizes.keys_are_seen_tokens
+    allowed = sdpa_mask(sizes.batch if has_example_ids else 1, sizes.query_length, sizes.key_length, sizes.query_offset,
                         sizes.key_offset, mask_function=may_attend, allow_is_causal_skip=skip_causal, device=device)
     if allowed is None:
         return None
@@ -835,33 +835,33 @@ class BaichuanModel(BaichuanPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
-    def _segments_and_positions(self, attention_mask, position_ids, sizes: Sizes, device):
+    def _examples_and_positions(self, attention_mask, position_ids, sizes: Sizes, device):
         """Segment ids over past + current keys (None: plain causal) and the current tokens' positions. A 2-D mask
         covers past + current tokens, or a static cache's whole length (generate pads it: one shape every step)."""
         batch, query_length, query_offset = sizes.batch, sizes.query_length, sizes.query_offset
-        segment_ids = None
+        example_ids = None
         if attention_mask is not None and attention_mask.dim() == 2:
             length = attention_mask.shape[-1]
             if isinstance(query_offset, int) and length not in (query_offset + query_length, sizes.key_length):
                 raise ValueError(f"attention_mask has length {length}, expected past + current = "
                                  f"{query_offset + query_length}")
-            segment_ids = attention_mask.to(device=device, dtype=torch.long)
+            example_ids = attention_mask.to(device=device, dtype=torch.long)
             if position_ids is None:
-                position_ids = positions_from_mask(segment_ids).index_select(-1, sizes.query_positions(device))
+                position_ids = positions_from_mask(example_ids).index_select(-1, sizes.query_positions(device))
             # An all-ones mask is plain causal attention, which needs no per-row mask. Reading the values is
             # skipped while tracing (export, compile), which then keeps the general mask.
-            if not is_tracing(segment_ids) and bool(fast_all(segment_ids == 1)):
-                segment_ids = None
+            if not is_tracing(example_ids) and bool(fast_all(example_ids == 1)):
+                example_ids = None
         elif attention_mask is None and position_ids is not None and sizes.is_prefill:
             # Packed rows in transformers' padding-free form: positions restart at every example. (Llama looks
             # only without a cache object, so it needs use_cache=False; an empty cache is enough here.)
             packed = find_packed_sequence_indices(position_ids.expand(batch, -1))
-            segment_ids = None if packed is None else packed + 1
+            example_ids = None if packed is None else packed + 1
         if position_ids is None:
             position_ids = (torch.arange(query_length, device=device) + query_offset)[None].expand(batch, -1)
-        return segment_ids, position_ids
+        return example_ids, position_ids
 
-    def _attention_inputs(self, implementation, attention_mask, segment_ids, sizes: Sizes, dtype, device,
+    def _attention_inputs(self, implementation, attention_mask, example_ids, sizes: Sizes, dtype, device,
                           caller_varlen=False):
         """The mask in the form the backend takes, and extra keywords for it; built once for all layers."""
         slopes = None
@@ -870,24 +870,24 @@ class BaichuanModel(BaichuanPreTrainedModel):
         if attention_mask is not None and attention_mask.dim() == 4:
             return with_alibi(attention_mask, slopes, sizes, dtype, device), {}
         if is_flash_implementation(implementation):
-            return flash_inputs(segment_ids, slopes, sizes, caller_varlen)
-        may_attend = mask_function_for(segment_ids, sizes)
+            return flash_inputs(example_ids, slopes, sizes, caller_varlen)
+        may_attend = mask_function_for(example_ids, sizes)
         if implementation == "flex_attention":
             return flex_inputs(may_attend, slopes, sizes, device)
-        return dense_inputs(implementation, may_attend, segment_ids is not None, slopes, sizes, dtype, device), {}
+        return dense_inputs(implementation, may_attend, example_ids is not None, slopes, sizes, dtype, device), {}
 
-    def _training_span_inputs(self, segment_spans, position_ids, batch, query_length, dtype, device):
-        """Mask and positions of the training path (``segment_spans=``): the causal ALiBi bias covering the
+    def _training_span_inputs(self, example_spans, position_ids, batch, query_length, dtype, device):
+        """Mask and positions of the training path (``example_spans=``): the causal ALiBi bias covering the
         longest span (None for rotary models), and positions restarting at every span if none are given."""
         if position_ids is None:
             position_ids = torch.zeros((batch, query_length), dtype=torch.long)
-            for row, spans in enumerate(segment_spans):
+            for row, spans in enumerate(example_spans):
                 for start, end in spans:
                     position_ids[row, start:end] = torch.arange(end - start)
             position_ids = position_ids.to(device)
         if self.config.uses_rope:
             return None, position_ids
-        longest = max((end - start for spans in segment_spans for start, end in spans), default=1)
+        longest = max((end - start for spans in example_spans for start, end in spans), default=1)
         return self._causal_alibi(longest, dtype, device), position_ids
 
     def _causal_alibi(self, length: int, dtype, device) -> torch.Tensor:
@@ -940,15 +940,15 @@ class BaichuanModel(BaichuanPreTrainedModel):
         if kwargs.get("output_attentions", self.config.output_attentions):
             implementation = "eager"
 
-        segment_spans = kwargs.pop("segment_spans", None)
-        if segment_spans is not None and cache is None:
-            mask, position_ids = self._training_span_inputs(segment_spans, position_ids, batch, query_length,
+        example_spans = kwargs.pop("example_spans", None)
+        if example_spans is not None and cache is None:
+            mask, position_ids = self._training_span_inputs(example_spans, position_ids, batch, query_length,
                                                             mask_dtype, device)
-            extra = {"segment_spans": segment_spans}
+            extra = {"example_spans": example_spans}
         else:
             sizes = Sizes.of(cache, batch, query_length)
-            segment_ids, position_ids = self._segments_and_positions(attention_mask, position_ids, sizes, device)
-            mask, extra = self._attention_inputs(implementation, attention_mask, segment_ids, sizes, mask_dtype,
+            example_ids, position_ids = self._examples_and_positions(attention_mask, position_ids, sizes, device)
+            mask, extra = self._attention_inputs(implementation, attention_mask, example_ids, sizes, mask_dtype,
                                                  device, caller_varlen=kwargs.get("cu_seq_lens_q") is not None)
         position_embeddings = None
         if self.config.uses_rope:
@@ -997,14 +997,14 @@ class BaichuanForCausalLM(BaichuanPreTrainedModel, GenerationMixin):
         return self.lm_head.weight
 
     def create_masks_for_generate(self, config, inputs_embeds, attention_mask, *args, **kwargs):
-        # generate() would pre-build a 4-D mask for static caches without segment ids or ALiBi; the forward
+        # generate() would pre-build a 4-D mask for static caches without example ids or ALiBi; the forward
         # builds the right one from the 2-D mask itself, with no data-dependent branch. A compiled decoding step
         # must see the same shapes every step, so the mask is padded with 0 (padding) to the cache's fixed length.
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if attention_mask is None or attention_mask.dim() != 2 or cache is None:
             return attention_mask
         key_length, _ = cache.get_mask_sizes(inputs_embeds.shape[1], 0)
-        return pad_segment_ids(attention_mask, key_length)
+        return pad_example_ids(attention_mask, key_length)
 
     @can_return_tuple
     def forward(

@@ -49,7 +49,7 @@ def forward(model, batch, num_items_in_batch):
     its rotary positions restart at 0, as if it were alone in the row.
     """
     outputs = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                    segment_spans=batch["segment_spans"], labels=batch["labels"],
+                    example_spans=batch["example_spans"], labels=batch["labels"],
                     num_items_in_batch=num_items_in_batch, use_cache=False)
     return outputs.loss
 

@@ -9,16 +9,16 @@ Gemma 2 (both with a 64-token sliding window, Gemma 2 also soft-capped), all wit
 option of one model. Micro-batch: --rows rows of --row-length tokens, each holding
 about --examples-per-row examples of random lengths end to end plus a short padding tail, laid out the way
 the training collator does (positions restarting at 0 per example, the spans of the examples, labels -100 on
-each example's first token and on padding). Both training scripts pass those spans (`segment_spans`); the other
-options are the standard forms a caller without spans uses, for comparison: segment ids 1, 2, ... (made from
+each example's first token and on padding). Both training scripts pass those spans (`example_spans`); the other
+options are the standard forms a caller without spans uses, for comparison: example ids 1, 2, ... (made from
 the spans here) for Baichuan's `attention_mask`, restarting `position_ids` alone for both models.
 
 Options, each a way of telling the model where the examples are:
-  per_span       what both training scripts pass: position_ids and segment_spans=... (Baichuan's own keyword,
+  per_span       what both training scripts pass: position_ids and example_spans=... (Baichuan's own keyword,
                  the others' "packed_spans"): one SDPA call per example span
   sdpa           transformers' standard padding-free form: position_ids only (restarting), no mask, sdpa
                  (not Gemma 2: SDPA has no soft-capping)
-  sdpa_segments  Baichuan only: attention_mask=segment_ids, sdpa
+  sdpa_example_ids  Baichuan only: attention_mask=example_ids, sdpa
   eager          position_ids only, eager attention
   flex           position_ids only, flex_attention (forward only: FlexAttention has no CPU backward)
 
@@ -84,7 +84,7 @@ def packed_micro_batch(rows, row_length, examples_per_row, seed=0):
     span with positions restarting at 0."""
     generator = torch.Generator().manual_seed(seed)
     batch = {name: torch.zeros((rows, row_length), dtype=torch.long)
-             for name in ("input_ids", "position_ids", "segment_ids")}
+             for name in ("input_ids", "position_ids", "example_ids")}
     batch["labels"] = torch.full((rows, row_length), -100)
     spans = []
     for row in range(rows):
@@ -97,13 +97,13 @@ def packed_micro_batch(rows, row_length, examples_per_row, seed=0):
             batch["input_ids"][row, start:end] = ids
             batch["labels"][row, start + 1:end] = ids[1:]
             batch["position_ids"][row, start:end] = torch.arange(end - start)
-            batch["segment_ids"][row, start:end] = number
+            batch["example_ids"][row, start:end] = number
             row_spans.append((start, end))
         batch["position_ids"][row, used:] = torch.arange(row_length - used)
         if used < row_length:
             row_spans.append((used, row_length))
         spans.append(row_spans)
-    batch["segment_spans"] = spans
+    batch["example_spans"] = spans
     batch["targets"] = int((batch["labels"] != -100).sum())
     return batch
 
@@ -132,13 +132,13 @@ def options_for(name, batch, with_flex):
     """option -> (attn_implementation, forward keywords beyond input_ids / labels)."""
     positions = {"position_ids": batch["position_ids"]}
     # what the training scripts pass
-    per_span = {**positions, "segment_spans": batch["segment_spans"]}
+    per_span = {**positions, "example_spans": batch["example_spans"]}
     baichuan = name.startswith("baichuan")
     options = {"per_span": ("sdpa" if baichuan else "packed_spans", per_span)}
     if name != "gemma2":  # transformers' SDPA has no soft-capping and refuses Gemma 2
         options["sdpa"] = ("sdpa", positions)
     if baichuan:
-        options["sdpa_segments"] = ("sdpa", {"attention_mask": batch["segment_ids"], **positions})
+        options["sdpa_example_ids"] = ("sdpa", {"attention_mask": batch["example_ids"], **positions})
     options["eager"] = ("eager", positions)
     if with_flex:
         options["flex"] = ("flex_attention", positions)
@@ -241,7 +241,7 @@ def main(argv=None):
     report(results)
     summary = {
         "settings": {**{k: v for k, v in vars(args).items()}, "torch_threads": torch.get_num_threads(),
-                     "spans_per_row": [len(s) for s in batch["segment_spans"]], "sizes": SIZES,
+                     "spans_per_row": [len(s) for s in batch["example_spans"]], "sizes": SIZES,
                      "vocab_size": VOCAB_SIZE},
         "load_average_before": load_before, "load_average_after": os.getloadavg(),
         "results": results,

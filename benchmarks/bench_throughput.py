@@ -187,7 +187,7 @@ def plans_for(table, batch_size, block_size, batching, seed, steps_needed):
 
 
 def run_our_loop(model_path, table, pad_id, batching, args):
-    """train_llama2.py's step, unchanged: collate -> forward(position_ids, segment_spans, labels, num_items_in_batch) ->
+    """train_llama2.py's step, unchanged: collate -> forward(position_ids, example_spans, labels, num_items_in_batch) ->
     backward -> clip -> finite check -> AdamW -> LR schedule -> zero_grad. Single process, fp32."""
     torch.manual_seed(0)
     backend, model = load_fresh_model(model_path)
@@ -212,7 +212,7 @@ def run_our_loop(model_path, table, pad_id, batching, args):
         for micro in micro_batches:
             micro = fu.move_to(micro, device)
             outputs = model(input_ids=micro["input_ids"], position_ids=micro["position_ids"],
-                            segment_spans=micro["segment_spans"], labels=micro["labels"],
+                            example_spans=micro["example_spans"], labels=micro["labels"],
                             num_items_in_batch=info["step_targets"], use_cache=False)
             outputs.loss.backward()
             step_loss += outputs.loss.detach()

@@ -207,7 +207,7 @@ def time_attention(function, inputs, spans, repeat=5):
 
     def step():
         query, key, value = (x.detach().requires_grad_() for x in inputs)
-        out, _ = function(None, query, key, value, None, scaling=inputs[0].shape[-1] ** -0.5, segment_spans=spans)
+        out, _ = function(None, query, key, value, None, scaling=inputs[0].shape[-1] ** -0.5, example_spans=spans)
         out.backward(torch.ones_like(out))
         return out.detach(), [x.grad for x in (query, key, value)]
     out, grads = step()  # warm-up (compiles flex)

@@ -87,7 +87,7 @@ def parse_training_args(description: str, defaults: dict, demo_defaults: dict,
                    help="recompute activations in backward to save memory (auto: when the plan needs it)")
     p.add_argument("--attn-implementation", choices=ATTENTION_CHOICES, default="auto",
                    help="attention for packed rows: spans (one attention per example, fastest on a CPU), varlen "
-                        "(one FlashAttention varlen kernel per layer, CUDA), flex (FlexAttention document mask, "
+                        "(one FlashAttention varlen kernel per layer, CUDA), flex (FlexAttention example mask, "
                         "CUDA); auto picks the fastest correct one for the device (default auto)")
     p.add_argument("--num-workers", type=int, default=1, help="data-loader worker processes (default 1)")
     p.add_argument("--peak-tflops", type=float, help="device peak TFLOP/s for MFU (default: table for GPUs, measured on CPU)")

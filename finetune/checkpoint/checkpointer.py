@@ -88,10 +88,7 @@ def _set_rng_state(state):
                          *state["numpy_gauss"]))
     torch.set_rng_state(_byte_tensor(state["torch"]))
     if torch.cuda.is_available() and state["cuda"]:
-        # Earlier checkpoints hold every visible device's state: this device's is the one at its index.
-        saved = state["cuda"]
-        own = saved[torch.cuda.current_device()] if len(saved) > torch.cuda.current_device() else saved[0]
-        torch.cuda.set_rng_state(_byte_tensor(own))
+        torch.cuda.set_rng_state(_byte_tensor(state["cuda"][0]))  # this process's own device's
 
 
 def rng_file(folder: str, rank: int) -> str:
@@ -234,19 +231,24 @@ def read_trainer_state(path: str) -> dict:
         raise FinetuneError(f"checkpoint {path!r} is unreadable ({exc.__class__.__name__}); "
                             f"nothing was deleted") from None
     if not isinstance(state.get("non_tensor_state"), dict):
-        raise FinetuneError(f"checkpoint {path!r} was written by an earlier version of these scripts, which stored "
-                            f"the optimiser's settings and the RNG states as pickles; loading those could run "
-                            f"code, so it is not resumed. Start over with --overwrite (nothing was deleted)")
+        raise FinetuneError(f"checkpoint {path!r} was not written by this version of these scripts (its "
+                            f"trainer_state.json lacks non_tensor_state); start over with --overwrite (nothing "
+                            f"was deleted)")
     return state
+
+
+MISSING = object()
 
 
 def check_same_run(path: str, state: dict, settings: dict) -> None:
     """A resumed run is the same run: refuse any flag that differs from the one the checkpoint was written with
-    (the data order, the optimiser and its schedule, the run's length). Settings the checkpoint does not record
-    (checkpoints of earlier versions) are not compared."""
+    (the data order, the optimiser and its schedule, the run's length)."""
     for key, value in settings.items():
-        if key == "epoch" or key not in state or state[key] == value:
+        if key == "epoch" or state.get(key, MISSING) == value:
             continue
+        if key not in state:
+            raise FinetuneError(f"checkpoint {path!r} does not record {key!r}: it was not written by this version "
+                                f"of these scripts; start over with --overwrite (nothing was deleted)")
         if key == "dataset":
             raise FinetuneError(f"--dataset-name-or-path: the training split differs from the one of the run "
                                 f"being resumed ({path}); resume with the same data. Nothing was deleted")

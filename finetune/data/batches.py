@@ -275,7 +275,7 @@ def collate_rows(table: TokenTable, rows: list[list[int]], pad_id: int, pad_to: 
     """Tensors for a micro-batch of rows; each row is a list of example indices laid end to end.
 
     Returns input_ids, labels, position_ids (restarting at 0 for every example, and for the padding tail) and
-    segment_spans (per row, the (start, end) of each example, as plain ints: the models attend within each span,
+    example_spans (per row, the (start, end) of each example, as plain ints: the models attend within each span,
     and the padding tail, in no span, gets no attention at all), plus plain-int counts for logging.
     """
     row_lengths = [int(sum(table.lengths[i] for i in row)) for row in rows]
@@ -283,7 +283,7 @@ def collate_rows(table: TokenTable, rows: list[list[int]], pad_id: int, pad_to: 
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)
-    segment_spans = []  # per row, (start, end) of each example
+    example_spans = []  # per row, (start, end) of each example
     attended_pairs = 0
     for r, row in enumerate(rows):
         spans = []
@@ -300,12 +300,12 @@ def collate_rows(table: TokenTable, rows: list[list[int]], pad_id: int, pad_to: 
             spans.append((start, end))
             start = end
         position_ids[r, start:] = torch.arange(width - start)
-        segment_spans.append(spans)
+        example_spans.append(spans)
     return {
         "input_ids": input_ids,
         "labels": labels,
         "position_ids": position_ids,
-        "segment_spans": segment_spans,
+        "example_spans": example_spans,
         "num_tokens": sum(row_lengths),
         "num_targets": int((labels[:, 1:] != IGNORE_INDEX).sum()),
         "attended_pairs": attended_pairs,

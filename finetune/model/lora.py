@@ -12,7 +12,6 @@ unquantised base): an ordinary model folder that loads with AutoModelForCausalLM
 import dataclasses
 import logging
 import os
-import re
 import warnings
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -64,32 +63,18 @@ def describe(record: dict[str, Any] | None) -> str:
     if record is None:
         return "no adapters (full fine-tuning)"
     kind = "qlora (4-bit NF4 base)" if record["kind"] == "qlora" else "lora"
-    dropout = f" dropout {record['dropout']:g}" if "dropout" in record else ""
+    dropout = f" dropout {record['dropout']:g}"
     return f"{kind} rank {record['rank']} alpha {record['alpha']:g}{dropout} on {','.join(record['targets'])}"
 
 
-def _record_of_description(line):
-    """The record in a checkpoint of an earlier version, which stored a line like "lora rank 16 alpha 32 on
-    q_proj,v_proj" (no dropout: theirs is not compared); None if the line is not one."""
-    found = re.fullmatch(r"(q?lora)\b.* rank (\d+) alpha (\S+) on (\S+)", line)
-    if not found:
-        return None
-    kind, rank, alpha, targets = found.groups()
-    return {"kind": kind, "rank": int(rank), "alpha": float(alpha), "targets": sorted(targets.split(","))}
-
-
-def resume_mismatch(saved: dict[str, Any] | str | None, record: dict[str, Any] | None
+def resume_mismatch(saved: dict[str, Any] | None, record: dict[str, Any] | None
                     ) -> tuple[str, dict[str, Any] | None, dict[str, Any] | None] | None:
     """The first adapter flag in which this run (`record`, a record() or None) differs from the checkpoint's
     `saved` adapters, as (flag, the checkpoint's record, this run's); None when they agree."""
-    if isinstance(saved, str):
-        saved = _record_of_description(saved)
-        if saved is None:  # a line this version cannot read: nothing to compare
-            return None
     if saved is None or record is None:
         return None if saved is record else (RESUME_FLAGS["kind"], saved, record)
     for key, flag in RESUME_FLAGS.items():
-        if key in saved and saved[key] != record[key]:
+        if saved.get(key) != record[key]:
             return flag, saved, record
     return None
 

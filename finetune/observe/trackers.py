@@ -43,7 +43,8 @@ def parse_report_to(text: str) -> tuple[str, ...]:
         try:
             importlib.import_module(module)
         except ImportError:
-            raise FinetuneError(f"--report-to {name} needs the {package} package: pip install {package}") from None
+            raise FinetuneError(f"--report-to {name} needs the {package} package, which the core install leaves "
+                                f"out: pip install -r requirements-trackers.txt (or pip install {package})") from None
     return names
 
 

@@ -8,7 +8,7 @@ are computed.
 Importing this module registers the implementation as "packed_spans" with transformers (the name holds no
 "sdpa": transformers treats any name containing it as SDPA, which some models, Gemma 2, refuse). The training
 scripts load the model with `attn_implementation="packed_spans"` and pass each row's spans (computed on the
-host by the collator, so no device sync) as the `segment_spans` keyword of the forward call. Without spans it
+host by the collator, so no device sync) as the `example_spans` keyword of the forward call. Without spans it
 falls back to ordinary causal attention. Saved models keep the standard attention.
 
 Each span computes what the model's own attention computes on that example alone: its query scaling (Gemma's
@@ -91,7 +91,7 @@ def span_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
 
 def packed_spans(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                  attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
-                 segment_spans: Sequence[Sequence[tuple[int, int]]] | None = None,
+                 example_spans: Sequence[Sequence[tuple[int, int]]] | None = None,
                  **kwargs: Any) -> tuple[torch.Tensor, None]:
     """query/key/value: (batch, heads, length, head_dim); returns (batch, length, heads, head_dim), None."""
     sliding_window, softcap = kwargs.pop("sliding_window", None), kwargs.pop("softcap", None)
@@ -99,13 +99,13 @@ def packed_spans(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor
     groups = query.shape[1] // key.shape[1]
     if groups > 1:  # grouped-query attention: share each key/value head among its query heads
         key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-    if segment_spans is None:
+    if example_spans is None:
         if attention_mask is not None:
-            raise ValueError(f"{ATTENTION_NAME} needs segment_spans, or no attention_mask (plain causal attention)")
+            raise ValueError(f"{ATTENTION_NAME} needs example_spans, or no attention_mask (plain causal attention)")
         out = span_attention(query, key, value, scaling, dropout, sliding_window, softcap)
         return out.transpose(1, 2).contiguous(), None
     out = torch.zeros_like(query)  # positions in no span (the padding tail) attend to nothing
-    for row, spans in enumerate(segment_spans):
+    for row, spans in enumerate(example_spans):
         for start, end in spans:
             out[row:row + 1, :, start:end] = span_attention(
                 query[row:row + 1, :, start:end], key[row:row + 1, :, start:end], value[row:row + 1, :, start:end],

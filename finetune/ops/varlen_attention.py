@@ -6,9 +6,9 @@ small kernel launches. Here the same spans become one call per layer:
 
   "varlen_spans"  torch's variable-length FlashAttention (torch.nn.attention.varlen), given the cumulative example
                   lengths of the whole micro-batch flattened into one sequence. CUDA only.
-  "flex_spans"    FlexAttention with a document mask (same example and causal), compiled on GPUs.
+  "flex_spans"    FlexAttention with a example mask (same example and causal), compiled on GPUs.
 
-Both take the forward's `segment_spans` (per row, the (start, end) of each example and of the padding tail, as
+Both take the forward's `example_spans` (per row, the (start, end) of each example and of the padding tail, as
 the collator makes them), so the training scripts pass the same keywords whatever the attention. Importing
 this module registers both names with transformers. benchmarks/gpu_smoke.py checks them against the span loop
 on a GPU (outputs and gradients) and times them.
@@ -25,13 +25,13 @@ ATTENTION_CHOICES = ("auto", "spans", "varlen", "flex")
 KERNEL_NAMES = {"varlen": "varlen_spans", "flex": "flex_spans"}
 
 
-def cumulative_lengths(segment_spans: list[list[tuple[int, int]]], length: int,
+def cumulative_lengths(example_spans: list[list[tuple[int, int]]], length: int,
                        device: torch.device | str) -> tuple[torch.Tensor, int]:
     """(cu_seqlens as int32 on `device`, longest sequence) of the rows laid end to end: row r's span (s, e) is
     (r x length + s, r x length + e) of the flattened micro-batch. Positions in no span (the padding tail) form
     sequences of their own: the kernel needs every position covered, and no example attends to them."""
     bounds, longest = [0], 1
-    for row, spans in enumerate(segment_spans):
+    for row, spans in enumerate(example_spans):
         for start, end in sorted(spans) + [(length, length)]:
             for low, high in ((bounds[-1] - row * length, start), (start, end)):  # a gap before the span, the span
                 if high > low:
@@ -40,31 +40,31 @@ def cumulative_lengths(segment_spans: list[list[tuple[int, int]]], length: int,
     return torch.tensor(bounds, dtype=torch.int32).to(device, non_blocking=True), longest
 
 
-def document_ids(segment_spans: list[list[tuple[int, int]]], length: int, device: torch.device | str) -> torch.Tensor:
+def example_ids(example_spans: list[list[tuple[int, int]]], length: int, device: torch.device | str) -> torch.Tensor:
     """(rows, length) index of the span each position belongs to; -1 for positions in no span (padding), which
     attend only among themselves."""
-    ids = torch.full((len(segment_spans), length), -1, dtype=torch.int32)
-    for row, spans in enumerate(segment_spans):
+    ids = torch.full((len(example_spans), length), -1, dtype=torch.int32)
+    for row, spans in enumerate(example_spans):
         for index, (start, end) in enumerate(spans):
             ids[row, start:end] = index
     return ids.to(device, non_blocking=True)
 
 
-_layout_of_this_forward = (None, None, None)  # (segment_spans, what was built, the layout): the list is held so
+_layout_of_this_forward = (None, None, None)  # (example_spans, what was built, the layout): the list is held so
                                               # its id cannot be reused by another
 
 
-def _per_forward(segment_spans: object, build: Callable[..., object], length: int, device: torch.device) -> object:
-    """`build(spans, length, device)` once per forward: every decoder layer receives the same `segment_spans`
+def _per_forward(example_spans: object, build: Callable[..., object], length: int, device: torch.device) -> object:
+    """`build(spans, length, device)` once per forward: every decoder layer receives the same `example_spans`
     list, so the layout (a Python loop over the spans and a host-to-device copy) is made by the first layer and
     reused by the rest; a new list, length or device builds it again."""
     global _layout_of_this_forward
     what = (build, length, device)
     held, built, layout = _layout_of_this_forward
-    if segment_spans is not None and held is segment_spans and built == what:
+    if example_spans is not None and held is example_spans and built == what:
         return layout
-    layout = build(segment_spans, length, device)
-    _layout_of_this_forward = (segment_spans, what, layout)
+    layout = build(example_spans, length, device)
+    _layout_of_this_forward = (example_spans, what, layout)
     return layout
 
 
@@ -75,18 +75,18 @@ def _no_dropout(name, dropout):
 
 def varlen_spans(module: torch.nn.Module | None, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                  attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
-                 segment_spans: list[list[tuple[int, int]]] | None = None, **kwargs: object) -> tuple[torch.Tensor, None]:
+                 example_spans: list[list[tuple[int, int]]] | None = None, **kwargs: object) -> tuple[torch.Tensor, None]:
     """query/key/value: (batch, heads, length, head_dim); returns (batch, length, heads, head_dim), None."""
     from torch.nn.attention.varlen import varlen_attn
 
     sliding_window, softcap = kwargs.pop("sliding_window", None), kwargs.pop("softcap", None)
     if softcap:  # FlashAttention's varlen kernel has no logit soft-cap: the span loop computes it exactly
-        return packed_spans(module, query, key, value, attention_mask, scaling, dropout, segment_spans,
+        return packed_spans(module, query, key, value, attention_mask, scaling, dropout, example_spans,
                             softcap=softcap, sliding_window=sliding_window, **kwargs)
     check_attention_kwargs(module, kwargs)
     _no_dropout("varlen_spans", dropout)
     rows, heads, length, head_dim = query.shape
-    spans = segment_spans if segment_spans is not None else [[(0, length)]] * rows
+    spans = example_spans if example_spans is not None else [[(0, length)]] * rows
     cu_seqlens, longest = _per_forward(spans, cumulative_lengths, length, query.device)
 
     def flat(x):  # (batch, heads, length, dim) -> (batch x length, heads, dim)
@@ -112,7 +112,7 @@ def _flex():
 
 def flex_spans(module: torch.nn.Module | None, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
-               segment_spans: list[list[tuple[int, int]]] | None = None, **kwargs: object) -> tuple[torch.Tensor, None]:
+               example_spans: list[list[tuple[int, int]]] | None = None, **kwargs: object) -> tuple[torch.Tensor, None]:
     """query/key/value: (batch, heads, length, head_dim); returns (batch, length, heads, head_dim), None."""
     from torch.nn.attention.flex_attention import create_block_mask
 
@@ -120,11 +120,11 @@ def flex_spans(module: torch.nn.Module | None, query: torch.Tensor, key: torch.T
     check_attention_kwargs(module, kwargs)
     _no_dropout("flex_spans", dropout)
     rows, heads, length, _ = query.shape
-    spans = segment_spans if segment_spans is not None else [[(0, length)]] * rows
-    document = _per_forward(spans, document_ids, length, query.device)
+    spans = example_spans if example_spans is not None else [[(0, length)]] * rows
+    example = _per_forward(spans, example_ids, length, query.device)
 
     def same_example_causal(b, h, q, kv):
-        keep = (document[b, q] == document[b, kv]) & (q >= kv)
+        keep = (example[b, q] == example[b, kv]) & (q >= kv)
         return keep if sliding_window is None else keep & (q - kv < sliding_window)  # the last `window` keys
 
     def capped(score, b, h, q, kv):  # Gemma 2's attention logit soft-cap

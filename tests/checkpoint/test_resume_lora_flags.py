@@ -33,11 +33,11 @@ def test_resume_with_the_same_targets_in_another_order_is_accepted(lora_checkpoi
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-def test_checkpoints_of_earlier_versions_compare_what_they_recorded():
+def test_adapter_records_are_compared_flag_by_flag():
     from finetune.model import lora
 
-    earlier = "lora rank 16 alpha 32 on q_proj,v_proj"
     now = lora.LoraSettings(16, 32.0, 0.1, ("v_proj", "q_proj"), False, "base").record()
-    assert lora.resume_mismatch(earlier, now) is None  # its dropout was not recorded
-    assert lora.resume_mismatch(earlier, dict(now, rank=8))[0] == "--lora-rank"
+    assert lora.resume_mismatch(now, dict(now)) is None
+    assert lora.resume_mismatch(now, dict(now, rank=8))[0] == "--lora-rank"
+    assert lora.resume_mismatch(now, dict(now, dropout=0.0))[0] == "--lora-dropout"
     assert lora.resume_mismatch(now, None)[0] == "--lora/--qlora"

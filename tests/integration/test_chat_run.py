@@ -79,7 +79,7 @@ def test_both_training_scripts_learn_from_chat_rows(tmp_path):
         table = TokenTable(load_from_disk(str(data))["train"])
         rows = pack_examples(table.lengths, 256, range(len(table)))
         batch = collate_rows(table, rows[:2], pad_id=0)
-        for row, spans in zip(rows[:2], batch["segment_spans"]):
+        for row, spans in zip(rows[:2], batch["example_spans"]):
             for index, (start, end) in zip(row, spans):  # each packed span is one whole conversation
                 ids, labels = table.example(index)
                 assert end - start == len(ids) and batch["labels"][rows.index(row)][start + 1:end].tolist() == \

@@ -67,10 +67,10 @@ class _Table:
         return np.array(ids), np.array(labels)
 
 
-def segment_ids(batch, examples_per_row):
+def example_ids(batch, examples_per_row):
     """1, 2, ... per example of each row and 0 on its padding tail (outside every span)."""
     ids = torch.zeros_like(batch["input_ids"])
-    for row, (spans, count) in enumerate(zip(batch["segment_spans"], examples_per_row)):
+    for row, (spans, count) in enumerate(zip(batch["example_spans"], examples_per_row)):
         for number, (start, end) in enumerate(spans[:count], start=1):
             ids[row, start:end] = number
     return ids
@@ -82,11 +82,11 @@ def test_collate_marks_examples_and_padding_from_true_lengths():
     table = _Table([([1, 5, 6, 2], [-100, -100, 6, 2]), ([1, 0, 7, 2], [-100, 0, 7, 2])])
     batch = fu.collate_rows(table, [[0, 1]], pad_id, pad_to=10)
     assert batch["input_ids"].tolist() == [[1, 5, 6, 2, 1, 0, 7, 2, 0, 0]]
-    assert segment_ids(batch, [2]).tolist() == [[1, 1, 1, 1, 2, 2, 2, 2, 0, 0]]
+    assert example_ids(batch, [2]).tolist() == [[1, 1, 1, 1, 2, 2, 2, 2, 0, 0]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 2, 3, 0, 1]]
     # The first token of each example is never a target (it would be predicted from the previous example).
     assert batch["labels"].tolist() == [[-100, -100, 6, 2, -100, 0, 7, 2, -100, -100]]
-    assert batch["segment_spans"] == [[(0, 4), (4, 8)]]  # the padding tail is in no span: no attention
+    assert batch["example_spans"] == [[(0, 4), (4, 8)]]  # the padding tail is in no span: no attention
     assert batch["num_tokens"] == 8 and batch["num_targets"] == 5
     assert batch["attended_pairs"] == 2 * (4 * 5 // 2)
     longest = fu.collate_rows(table, [[0], [1]], pad_id)
@@ -131,13 +131,13 @@ def test_packed_row_loss_equals_token_weighted_loss_of_examples_run_one_by_one(t
         ids = [1] + rng.integers(3, 128, length - 2).tolist() + [2]
         examples.append((ids, [-100] * (length // 2) + ids[length // 2:]))
     if attention == "packed_spans":  # what train_llama2.py does: attention within each example's span
-        kwargs = lambda b: {"position_ids": b["position_ids"], "segment_spans": b["segment_spans"]}  # noqa: E731
+        kwargs = lambda b: {"position_ids": b["position_ids"], "example_spans": b["example_spans"]}  # noqa: E731
     elif kind == "llama":  # transformers' own route: a block-diagonal mask built from restarting positions
         kwargs = lambda b: {"position_ids": b["position_ids"]}  # noqa: E731
     elif attention == "spans":  # what train_baichuan2_13b.py does: restarting positions and the spans
-        kwargs = lambda b: {"position_ids": b["position_ids"], "segment_spans": b["segment_spans"]}  # noqa: E731
-    else:  # segment ids in attention_mask alone: the model's block-diagonal mask
-        kwargs = lambda b: {"attention_mask": segment_ids(b, [len(examples)]),  # noqa: E731
+        kwargs = lambda b: {"position_ids": b["position_ids"], "example_spans": b["example_spans"]}  # noqa: E731
+    else:  # example ids in attention_mask alone: the model's block-diagonal mask
+        kwargs = lambda b: {"attention_mask": example_ids(b, [len(examples)]),  # noqa: E731
                             "position_ids": b["position_ids"]}
     packed, separate = _packed_vs_separate_losses(model, examples, kwargs)
     assert packed == pytest.approx(separate, abs=1e-5)
@@ -151,7 +151,7 @@ def test_packed_rows_for_the_rotary_baichuan_variant_match_separate_runs():
                                               num_hidden_layers=2, num_attention_heads=4, position_embedding="rope")
     model = modeling_baichuan.BaichuanForCausalLM(config).eval()
     examples = [([1, 5, 9, 14, 2], [-100, -100, 9, 14, 2]), ([1, 7, 3, 3, 8, 11, 2], [-100, 7, 3, 3, 8, 11, 2])]
-    spans = lambda b: {"position_ids": b["position_ids"], "segment_spans": b["segment_spans"]}  # noqa: E731
+    spans = lambda b: {"position_ids": b["position_ids"], "example_spans": b["example_spans"]}  # noqa: E731
     packed, separate = _packed_vs_separate_losses(model, examples, spans)
     assert packed == pytest.approx(separate, abs=1e-5)
 

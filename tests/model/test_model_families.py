@@ -92,7 +92,7 @@ def packed_batch(rows):
 
 def packed_forward(model, batch, **kwargs):
     return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                 segment_spans=batch["segment_spans"], use_cache=False, **kwargs)
+                 example_spans=batch["example_spans"], use_cache=False, **kwargs)
 
 
 def alone(reference, rows):

@@ -91,11 +91,11 @@ EXAMPLE_LENGTHS = [[5, 9, 3, 7], [11, 2, 6]]  # per row; rows are padded to the 
 
 def packed_batch():
     """Rows as the training collator lays them out: examples end to end, positions restarting at 0 for every
-    example and for the padding tail, segment ids 1, 2, ... (0 on padding), no loss on an example's first token."""
+    example and for the padding tail, example ids 1, 2, ... (0 on padding), no loss on an example's first token."""
     torch.manual_seed(2)
     width = max(sum(row) for row in EXAMPLE_LENGTHS) + 2
     batch = {name: torch.zeros((len(EXAMPLE_LENGTHS), width), dtype=torch.long)
-             for name in ("input_ids", "position_ids", "segment_ids")}
+             for name in ("input_ids", "position_ids", "example_ids")}
     batch["labels"] = torch.full((len(EXAMPLE_LENGTHS), width), -100)
     examples, spans = [], []
     for row, lengths in enumerate(EXAMPLE_LENGTHS):
@@ -106,14 +106,14 @@ def packed_batch():
             batch["input_ids"][row, start:end] = ids
             batch["labels"][row, start + 1:end] = ids[1:]
             batch["position_ids"][row, start:end] = torch.arange(length)
-            batch["segment_ids"][row, start:end] = number
+            batch["example_ids"][row, start:end] = number
             examples.append(ids)
             row_spans.append((start, end))
             start = end
         batch["position_ids"][row, start:] = torch.arange(width - start)
         row_spans.append((start, width))
         spans.append(row_spans)
-    batch["segment_spans"] = spans
+    batch["example_spans"] = spans
     return batch, examples
 
 
@@ -140,9 +140,9 @@ def test_packed_training_through_standard_path_equals_one_by_one(variant, implem
     common = dict(input_ids=batch["input_ids"], labels=batch["labels"], num_items_in_batch=targets)
     forms = {
         "position_ids": dict(position_ids=batch["position_ids"]),  # transformers' padding-free form
-        "segment_ids": dict(attention_mask=batch["segment_ids"], position_ids=batch["position_ids"]),
-        "training_spans": dict(attention_mask=batch["segment_ids"], position_ids=batch["position_ids"],
-                             segment_spans=batch["segment_spans"]),
+        "example_ids": dict(attention_mask=batch["example_ids"], position_ids=batch["position_ids"]),
+        "training_spans": dict(attention_mask=batch["example_ids"], position_ids=batch["position_ids"],
+                             example_spans=batch["example_spans"]),
     }
     for form, kwargs in forms.items():
         loss, grads = loss_and_grads(model, [dict(common, **kwargs)])
@@ -160,10 +160,10 @@ def test_padding_tail_outside_every_span_trains_like_a_tail_span_of_its_own(vari
     targets = sum(len(ids) - 1 for ids in examples)
     common = dict(input_ids=batch["input_ids"], labels=batch["labels"], num_items_in_batch=targets,
                   position_ids=batch["position_ids"])
-    examples_only = [spans[:-1] for spans in batch["segment_spans"]]  # every row here ends in a padding tail
+    examples_only = [spans[:-1] for spans in batch["example_spans"]]  # every row here ends in a padding tail
     assert all(spans[-1][1] < batch["input_ids"].shape[1] for spans in examples_only)
-    expected_loss, expected = loss_and_grads(model, [dict(common, segment_spans=batch["segment_spans"])])
-    loss, grads = loss_and_grads(model, [dict(common, segment_spans=examples_only)])
+    expected_loss, expected = loss_and_grads(model, [dict(common, example_spans=batch["example_spans"])])
+    loss, grads = loss_and_grads(model, [dict(common, example_spans=examples_only)])
     assert torch.allclose(loss, expected_loss, rtol=1e-6)
     for name, grad in expected.items():
         assert torch.isfinite(grads[name]).all(), name

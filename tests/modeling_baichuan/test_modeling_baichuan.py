@@ -71,7 +71,7 @@ def spec_slopes(n):
 
 
 def spec_positions(mask_row):
-    """Position of each token inside its segment (left padding skipped)."""
+    """Position of each token inside its example (left padding skipped)."""
     out, count = [], {}
     for value in mask_row:
         if value == 0:
@@ -179,7 +179,7 @@ def test_rope_uses_explicit_position_ids():
     with torch.no_grad():
         default = model(ids, attention_mask=mask).logits
         explicit = model(ids, attention_mask=mask, position_ids=positions).logits
-        # rotary is relative, so only a change in the distances inside a segment may show
+        # rotary is relative, so only a change in the distances inside an example may show
         running = positions * 3
         shifted = model(ids, attention_mask=mask, position_ids=running).logits
     keep = mask > 0
@@ -190,7 +190,7 @@ def test_rope_uses_explicit_position_ids():
 
 
 @pytest.mark.parametrize("variant", ["alibi_normhead", "rope_normhead"])
-def test_packed_segments_equal_separate_runs(variant):
+def test_packed_examples_equal_separate_runs(variant):
     model = tiny_model(variant).eval()
     ids = torch.randint(3, 97, (1, 9))
     mask = torch.tensor([[1, 1, 1, 2, 2, 3, 3, 0, 0]])

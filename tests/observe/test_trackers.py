@@ -35,7 +35,10 @@ def by_step(rows):
 @pytest.fixture(scope="module")
 def tracked_run(tmp_path_factory):
     """A run to step 4 that reported to every tracker; its step-4 checkpoint is then removed (as if it died
-    after logging steps 3 and 4 but before saving them), and `--resume` redoes steps 3 and 4 from step 2."""
+    after logging steps 3 and 4 but before saving them), and `--resume` redoes steps 3 and 4 from step 2.
+    Skipped without the optional trackers (pip install -r requirements-trackers.txt)."""
+    for module in ("tensorboard", "wandb", "mlflow", "trackio"):
+        pytest.importorskip(module, reason="the optional trackers are not installed (requirements-trackers.txt)")
     root = tmp_path_factory.mktemp("tracked")
     out = root / "run"
     # One thread: the tiny model gains nothing from more, and on a busy machine they only wait for each other.
@@ -248,7 +251,8 @@ def test_a_missing_tracker_library_names_its_package(monkeypatch, name, package)
     monkeypatch.setitem(sys.modules, name, None)  # `import name` now fails
     with pytest.raises(FinetuneError) as error:
         parse_report_to(f"tensorboard,{name}" if name != "tensorboard" else "wandb,tensorboard")
-    assert str(error.value) == f"--report-to {name} needs the {package} package: pip install {package}"
+    assert str(error.value) == (f"--report-to {name} needs the {package} package, which the core install leaves out: "
+                                f"pip install -r requirements-trackers.txt (or pip install {package})")
 
 
 def test_a_missing_tracker_library_is_one_line_before_any_work(tmp_path):
@@ -257,7 +261,8 @@ def test_a_missing_tracker_library_is_one_line_before_any_work(tmp_path):
                f"sys.argv = ['train_llama2.py', '--demo', '--save-model-dir', {str(out)!r}, '--report-to', "
                f"'tensorboard,wandb']; runpy.run_path('train_llama2.py', run_name='__main__')")
     line = assert_one_line_error(run_script(PYTHON, "-c", blocked))
-    assert line == "error: --report-to wandb needs the wandb package: pip install wandb"
+    assert line == ("error: --report-to wandb needs the wandb package, which the core install leaves out: "
+                    "pip install -r requirements-trackers.txt (or pip install wandb)")
     assert not out.exists()
 
 

@@ -61,7 +61,7 @@ def packed_batch(vocab_size, spans=SPANS, length=24, seed=1):
             labels[row, start] = -100  # first token of each packed example
             labels[row, start + 1:start + 3] = -100  # a short prompt without loss
             positions[row, start:end] = torch.arange(end - start)
-    return {"input_ids": ids, "labels": labels, "position_ids": positions, "segment_spans": spans,
+    return {"input_ids": ids, "labels": labels, "position_ids": positions, "example_spans": spans,
             "use_cache": False}
 
 

@@ -27,15 +27,15 @@ def _span_loop(query, key, value):
 
 
 def test_cumulative_lengths_lay_the_rows_end_to_end():
-    from finetune.ops.varlen_attention import cumulative_lengths, document_ids
+    from finetune.ops.varlen_attention import cumulative_lengths, example_ids
 
     bounds, longest = cumulative_lengths(SPANS, 24, "cpu")
     assert bounds.tolist() == [0, 5, 17, 24, 48, 57, 68, 72] and bounds.dtype == torch.int32 and longest == 24
-    assert document_ids(SPANS, 24, "cpu")[0].tolist() == [0] * 5 + [1] * 12 + [2] * 7
+    assert example_ids(SPANS, 24, "cpu")[0].tolist() == [0] * 5 + [1] * 12 + [2] * 7
     # The collator gives the padding tail no span: it becomes a sequence of its own, as does a gap between spans.
     bounds, longest = cumulative_lengths([[(0, 5), (7, 10)]], 12, "cpu")
     assert bounds.tolist() == [0, 5, 7, 10, 12] and longest == 5
-    assert document_ids([[(0, 5)]], 8, "cpu")[0].tolist() == [0] * 5 + [-1] * 3
+    assert example_ids([[(0, 5)]], 8, "cpu")[0].tolist() == [0] * 5 + [-1] * 3
 
 
 def test_varlen_spans_passes_the_flattened_layout_the_kernel_documents(monkeypatch):
@@ -57,7 +57,7 @@ def test_varlen_spans_passes_the_flattened_layout_the_kernel_documents(monkeypat
         return out
     monkeypatch.setattr(varlen, "varlen_attn", documented_kernel)
     query, key, value = _qkv()
-    out, _ = varlen_spans(None, query, key, value, None, scaling=0.3, segment_spans=SPANS)
+    out, _ = varlen_spans(None, query, key, value, None, scaling=0.3, example_spans=SPANS)
     torch.testing.assert_close(out, _span_loop(query, key, value))
 
 
@@ -66,7 +66,7 @@ def test_flex_spans_equals_the_span_loop_forward():
     from finetune.ops.varlen_attention import flex_spans
 
     query, key, value = _qkv(seed=1)
-    out, _ = flex_spans(None, query, key, value, None, scaling=0.3, segment_spans=SPANS)
+    out, _ = flex_spans(None, query, key, value, None, scaling=0.3, example_spans=SPANS)
     torch.testing.assert_close(out, _span_loop(query, key, value))
 
 
@@ -80,9 +80,9 @@ def test_one_kernel_paths_honour_sliding_windows_and_soft_caps(monkeypatch):
 
     query, key, value = _qkv(seed=2)
     for extra in ({"sliding_window": 4}, {"softcap": 1.5}, {"sliding_window": 4, "softcap": 1.5}):
-        expected, _ = packed_spans(None, query, key, value, None, scaling=0.3, segment_spans=SPANS, **extra)
+        expected, _ = packed_spans(None, query, key, value, None, scaling=0.3, example_spans=SPANS, **extra)
         assert not torch.allclose(expected, _span_loop(query, key, value), atol=1e-3)  # the setting shows
-        out, _ = flex_spans(None, query, key, value, None, scaling=0.3, segment_spans=SPANS, **extra)
+        out, _ = flex_spans(None, query, key, value, None, scaling=0.3, example_spans=SPANS, **extra)
         torch.testing.assert_close(out, expected)
 
     windows = []
@@ -92,11 +92,11 @@ def test_one_kernel_paths_honour_sliding_windows_and_soft_caps(monkeypatch):
         windows.append(window_size)
         return torch.zeros_like(query)
     monkeypatch.setattr(varlen, "varlen_attn", windowed_kernel)
-    varlen_spans(None, query, key, value, None, scaling=0.3, segment_spans=SPANS, sliding_window=4)
+    varlen_spans(None, query, key, value, None, scaling=0.3, example_spans=SPANS, sliding_window=4)
     assert windows == [(3, 0)]  # the query and the 3 keys before it: transformers' window of 4
-    out, _ = varlen_spans(None, query, key, value, None, scaling=0.3, segment_spans=SPANS, softcap=1.5)
+    out, _ = varlen_spans(None, query, key, value, None, scaling=0.3, example_spans=SPANS, softcap=1.5)
     assert windows == [(3, 0)]
-    expected, _ = packed_spans(None, query, key, value, None, scaling=0.3, segment_spans=SPANS, softcap=1.5)
+    expected, _ = packed_spans(None, query, key, value, None, scaling=0.3, example_spans=SPANS, softcap=1.5)
     torch.testing.assert_close(out, expected)
 
 
@@ -106,12 +106,12 @@ def test_the_one_kernel_layout_is_built_once_per_forward(monkeypatch):
     import finetune.ops.varlen_attention as one_kernel
 
     builds = []
-    real = one_kernel.document_ids
-    monkeypatch.setattr(one_kernel, "document_ids", lambda *args: builds.append(1) or real(*args))
+    real = one_kernel.example_ids
+    monkeypatch.setattr(one_kernel, "example_ids", lambda *args: builds.append(1) or real(*args))
     query, key, value = _qkv(seed=3)
     spans = [list(row) for row in SPANS]
-    first, _ = one_kernel.flex_spans(None, query, key, value, None, scaling=0.3, segment_spans=spans)
-    again, _ = one_kernel.flex_spans(None, query, key, value, None, scaling=0.3, segment_spans=spans)
+    first, _ = one_kernel.flex_spans(None, query, key, value, None, scaling=0.3, example_spans=spans)
+    again, _ = one_kernel.flex_spans(None, query, key, value, None, scaling=0.3, example_spans=spans)
     assert len(builds) == 1 and torch.equal(first, again)
-    one_kernel.flex_spans(None, query, key, value, None, scaling=0.3, segment_spans=[list(row) for row in SPANS])
+    one_kernel.flex_spans(None, query, key, value, None, scaling=0.3, example_spans=[list(row) for row in SPANS])
     assert len(builds) == 2

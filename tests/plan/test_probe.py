@@ -51,7 +51,7 @@ def _training_forward(memory, seen):
         memory.rows = batch["input_ids"].shape[0]
         seen.append(batch)
         return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                     segment_spans=batch["segment_spans"], labels=batch["labels"],
+                     example_spans=batch["example_spans"], labels=batch["labels"],
                      num_items_in_batch=num_items_in_batch, use_cache=False).loss
     return forward
 
@@ -72,7 +72,7 @@ def test_probe_takes_the_largest_fitting_micro_batch_and_leaves_no_state():
     assert memory.resets >= 3
     # The training step: packed rows (several spans a row), two micro-batches accumulated, at 1 and 2 rows.
     assert [b["input_ids"].shape[0] for b in seen[-4:]] == [1, 1, 2, 2]
-    assert all(len(spans) > 1 for b in seen for spans in b["segment_spans"])
+    assert all(len(spans) > 1 for b in seen for spans in b["example_spans"])
     # Never above the plan's micro-batch, and one row where two would not fit.
     assert probe_micro_batch(model, backend, 2, 16, 32, _training_forward(memory, []), memory=memory) == 2
     tight = FakeMemory(total=100, fixed=50, per_row=30)
