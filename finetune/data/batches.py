@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from finetune.errors import FinetuneError
+from finetune.ops.example_spans import ExampleSpans
 
 if TYPE_CHECKING:
     from datasets import Dataset, DatasetDict
@@ -305,7 +306,7 @@ def collate_rows(table: TokenTable, rows: list[list[int]], pad_id: int, pad_to: 
         "input_ids": input_ids,
         "labels": labels,
         "position_ids": position_ids,
-        "example_spans": example_spans,
+        "example_spans": ExampleSpans(example_spans, width),  # also its tensors for the one-kernel attentions
         "num_tokens": sum(row_lengths),
         "num_targets": int((labels[:, 1:] != IGNORE_INDEX).sum()),
         "attended_pairs": attended_pairs,
@@ -375,5 +376,7 @@ def validation_rows(table: TokenTable | None, data: DataConfig, seed: int) -> li
 
 
 def move_to(batch: dict, device: torch.device) -> dict:
-    """Tensors of a micro-batch on `device` (non-blocking from pinned memory); plain ints stay as they are."""
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    """Tensors of a micro-batch (and the layout's, in example_spans) on `device`, non-blocking from pinned memory;
+    plain ints stay as they are."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v.to(device)
+            if isinstance(v, ExampleSpans) else v for k, v in batch.items()}

@@ -14,7 +14,7 @@ from finetune.model.remote_code import refusing_remote_code
 from finetune.model.weight_files import damaged_weight_file
 from finetune.ops import span_attention
 from finetune.ops.chunked_loss import use_chunked_loss
-from finetune.ops.varlen_attention import attention_name
+from finetune.ops.varlen_attention import KERNEL_NAMES, attention_name
 
 if TYPE_CHECKING:
     from transformers import AutoModelForCausalLM, PreTrainedModel
@@ -57,7 +57,7 @@ def load_model(backend: Backend, model_class: "type[AutoModelForCausalLM] | type
         with refusing_remote_code(model_path):
             loaded = _load_and_place(backend, model_class, model_path, checkpointing, attn_implementation,
                                      model.trust_remote_code, adapters, cpu_offload)
-        if attn_implementation == span_attention.ATTENTION_NAME:
+        if attn_implementation in (span_attention.ATTENTION_NAME, *KERNEL_NAMES.values()):  # every packed path
             span_attention.check_model_routes_attention(loaded)
         if chunked:  # the loss a chunk of tokens at a time, inside the model's own forward (FSDP2 gathers)
             use_chunked_loss(loaded.get_base_model() if adapters else loaded)

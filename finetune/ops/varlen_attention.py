@@ -6,66 +6,47 @@ small kernel launches. Here the same spans become one call per layer:
 
   "varlen_spans"  torch's variable-length FlashAttention (torch.nn.attention.varlen), given the cumulative example
                   lengths of the whole micro-batch flattened into one sequence. CUDA only.
-  "flex_spans"    FlexAttention with a example mask (same example and causal), compiled on GPUs.
+  "flex_spans"    FlexAttention with an example mask (same example and causal), compiled on GPUs.
 
-Both take the forward's `example_spans` (per row, the (start, end) of each example and of the padding tail, as
-the collator makes them), so the training scripts pass the same keywords whatever the attention. Importing
+Both take the forward's `example_spans`, the collator's ExampleSpans (finetune/ops/example_spans.py): the span
+lists with the cumulative lengths and example ids already built as tensors on the host, so no layer builds a
+layout and the training scripts pass the same keywords whatever the attention. Importing
 this module registers both names with transformers. benchmarks/gpu_smoke.py checks them against the span loop
 on a GPU (outputs and gradients) and times them.
 """
-from collections.abc import Callable
-
 import torch
 from transformers import AttentionInterface
 
 from finetune.errors import FinetuneError
+from finetune.ops.example_spans import ExampleSpans, layout_of
 from finetune.ops.span_attention import check_attention_kwargs, packed_spans
 
 ATTENTION_CHOICES = ("auto", "spans", "varlen", "flex")
 KERNEL_NAMES = {"varlen": "varlen_spans", "flex": "flex_spans"}
 
 
-def cumulative_lengths(example_spans: list[list[tuple[int, int]]], length: int,
-                       device: torch.device | str) -> tuple[torch.Tensor, int]:
-    """(cu_seqlens as int32 on `device`, longest sequence) of the rows laid end to end: row r's span (s, e) is
-    (r x length + s, r x length + e) of the flattened micro-batch. Positions in no span (the padding tail) form
-    sequences of their own: the kernel needs every position covered, and no example attends to them."""
-    bounds, longest = [0], 1
-    for row, spans in enumerate(example_spans):
-        for start, end in sorted(spans) + [(length, length)]:
-            for low, high in ((bounds[-1] - row * length, start), (start, end)):  # a gap before the span, the span
-                if high > low:
-                    bounds.append(row * length + high)
-                    longest = max(longest, high - low)
-    return torch.tensor(bounds, dtype=torch.int32).to(device, non_blocking=True), longest
+HALF = (torch.float16, torch.bfloat16)
 
 
-def example_ids(example_spans: list[list[tuple[int, int]]], length: int, device: torch.device | str) -> torch.Tensor:
-    """(rows, length) index of the span each position belongs to; -1 for positions in no span (padding), which
-    attend only among themselves."""
-    ids = torch.full((len(example_spans), length), -1, dtype=torch.int32)
-    for row, spans in enumerate(example_spans):
-        for index, (start, end) in enumerate(spans):
-            ids[row, start:end] = index
-    return ids.to(device, non_blocking=True)
-
-
-_layout_of_this_forward = (None, None, None)  # (example_spans, what was built, the layout): the list is held so
-                                              # its id cannot be reused by another
-
-
-def _per_forward(example_spans: object, build: Callable[..., object], length: int, device: torch.device) -> object:
-    """`build(spans, length, device)` once per forward: every decoder layer receives the same `example_spans`
-    list, so the layout (a Python loop over the spans and a host-to-device copy) is made by the first layer and
-    reused by the rest; a new list, length or device builds it again."""
-    global _layout_of_this_forward
-    what = (build, length, device)
-    held, built, layout = _layout_of_this_forward
-    if example_spans is not None and held is example_spans and built == what:
-        return layout
-    layout = build(example_spans, length, device)
-    _layout_of_this_forward = (example_spans, what, layout)
-    return layout
+def common_dtype(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, half_only: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """query, key and value in one dtype, as the kernels require. With fp32 master weights under bf16 autocast
+    the rotary embedding multiplies query and key by fp32 cos/sin, so they arrive in fp32 beside a bf16 value:
+    all three take the autocast dtype (else the value's half dtype). `half_only`: FlashAttention (varlen) runs in
+    fp16/bf16 alone, so fp32 everywhere is refused."""
+    dtypes = {query.dtype, key.dtype, value.dtype}
+    if len(dtypes) == 1 and (not half_only or query.dtype in HALF):
+        return query, key, value
+    device_type = query.device.type
+    if torch.is_autocast_enabled(device_type):
+        target = torch.get_autocast_dtype(device_type)
+    else:
+        target = next((x.dtype for x in (value, key, query) if x.dtype in HALF), None if half_only else value.dtype)
+    if target is None or (half_only and target not in HALF):
+        raise FinetuneError(f"--attn-implementation varlen runs FlashAttention, which computes in fp16 or bf16 only "
+                            f"(got {', '.join(sorted(str(d) for d in dtypes))}); use --mixed-precision bf16 or "
+                            f"--attn-implementation spans")
+    return query.to(target), key.to(target), value.to(target)
 
 
 def _no_dropout(name, dropout):
@@ -86,12 +67,13 @@ def varlen_spans(module: torch.nn.Module | None, query: torch.Tensor, key: torch
     check_attention_kwargs(module, kwargs)
     _no_dropout("varlen_spans", dropout)
     rows, heads, length, head_dim = query.shape
-    spans = example_spans if example_spans is not None else [[(0, length)]] * rows
-    cu_seqlens, longest = _per_forward(spans, cumulative_lengths, length, query.device)
+    layout = layout_of(example_spans, rows, length, query.device)
+    query, key, value = common_dtype(query, key, value, half_only=True)
 
-    def flat(x):  # (batch, heads, length, dim) -> (batch x length, heads, dim)
-        return x.transpose(1, 2).reshape(rows * length, x.shape[1], head_dim)
-    out = varlen_attn(flat(query), flat(key), flat(value), cu_seqlens, cu_seqlens, longest, longest,
+    def flat(x):  # (batch, heads, length, dim) -> (batch x length, heads, dim), contiguous as the kernel needs
+        return x.transpose(1, 2).reshape(rows * length, x.shape[1], head_dim).contiguous()
+    out = varlen_attn(flat(query), flat(key), flat(value), layout.cu_seqlens, layout.cu_seqlens, layout.max_length,
+                      layout.max_length,
                       scale=scaling, window_size=(-1 if sliding_window is None else sliding_window - 1, 0),
                       enable_gqa=key.shape[1] != heads)
     return out.view(rows, length, heads, head_dim), None
@@ -106,32 +88,46 @@ def _flex():
     from torch.nn.attention.flex_attention import flex_attention
 
     if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex_attention, dynamic=False) if torch.cuda.is_available() else flex_attention
+        _compiled_flex = torch.compile(flex_attention) if torch.cuda.is_available() else flex_attention
     return _compiled_flex
+
+
+def flex_block_mask(layout: ExampleSpans, sliding_window: int | None) -> object:
+    """The FlexAttention block mask of this micro-batch (same example and causal, within the window), made once
+    per forward and window: every layer and each checkpointed layer's recomputation reuse it. Compiled on GPUs."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    if sliding_window not in layout.block_masks:
+        example = layout.example_ids
+
+        def same_example_causal(b, h, q, kv):
+            keep = (example[b, q] == example[b, kv]) & (q >= kv)
+            return keep if sliding_window is None else keep & (q - kv < sliding_window)  # the last `window` keys
+        device = example.device
+        layout.block_masks[sliding_window] = create_block_mask(same_example_causal, len(layout), None, layout.length,
+                                                               layout.length, device=device,
+                                                               _compile=device.type == "cuda")
+    return layout.block_masks[sliding_window]
 
 
 def flex_spans(module: torch.nn.Module | None, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                example_spans: list[list[tuple[int, int]]] | None = None, **kwargs: object) -> tuple[torch.Tensor, None]:
     """query/key/value: (batch, heads, length, head_dim); returns (batch, length, heads, head_dim), None."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
     sliding_window, softcap = kwargs.pop("sliding_window", None), kwargs.pop("softcap", None)
     check_attention_kwargs(module, kwargs)
     _no_dropout("flex_spans", dropout)
     rows, heads, length, _ = query.shape
-    spans = example_spans if example_spans is not None else [[(0, length)]] * rows
-    example = _per_forward(spans, example_ids, length, query.device)
-
-    def same_example_causal(b, h, q, kv):
-        keep = (example[b, q] == example[b, kv]) & (q >= kv)
-        return keep if sliding_window is None else keep & (q - kv < sliding_window)  # the last `window` keys
+    layout = layout_of(example_spans, rows, length, query.device)
+    query, key, value = common_dtype(query, key, value, half_only=False)
 
     def capped(score, b, h, q, kv):  # Gemma 2's attention logit soft-cap
         return softcap * torch.tanh(score / softcap)
-    mask = create_block_mask(same_example_causal, rows, None, length, length, device=query.device)
-    out = _flex()(query, key, value, block_mask=mask, score_mod=capped if softcap else None, scale=scaling,
-                  enable_gqa=key.shape[1] != heads)
+    if query.device.type == "cuda":  # one compiled kernel for every row count (probe, training, validation tail)
+        for x in (query, key, value):
+            torch._dynamo.mark_dynamic(x, 0)
+    out = _flex()(query, key, value, block_mask=flex_block_mask(layout, sliding_window),
+                  score_mod=capped if softcap else None, scale=scaling, enable_gqa=key.shape[1] != heads)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -166,6 +162,9 @@ def attention_name(span_loop_name: str | None, choice: str, device: torch.device
                             f"has no CPU backward); use spans or auto on a CPU")
     if choice == "varlen" and not varlen_available(device):
         raise FinetuneError("--attn-implementation varlen needs torch's varlen attention on an Ampere or newer GPU")
+    if choice == "varlen" and mixed_precision != "bf16":
+        raise FinetuneError("--attn-implementation varlen computes in bf16 (FlashAttention has no fp32); use "
+                            "--mixed-precision bf16, or spans or flex")
     return KERNEL_NAMES[choice]
 
 
