@@ -8,7 +8,7 @@ with `torch.load(weights_only=True)`. Our checkpoints keep everything that is no
 DCP files (finetune/checkpoint/checkpointer.py), so they need no non-tensor entries.
 
 It overrides `read_metadata` and `read_data` of FileSystemReader, and uses its private `_get_metadata_path`,
-`fs` and `load_id`: tests/test_safe_checkpoint.py fails if a torch upgrade changes them.
+`fs` and `load_id`: tests/checkpoint/test_safe_reader.py fails if a torch upgrade changes them.
 """
 import os
 import pickle

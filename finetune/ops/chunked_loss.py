@@ -42,19 +42,21 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             logits = capped_logits(hidden[start:start + chunk_tokens] @ weight.t(), softcap)
             total += F.cross_entropy(logits, targets[start:start + chunk_tokens], ignore_index=IGNORE_INDEX,
                                      reduction="sum")
-        ctx.save_for_backward(hidden, weight, targets, scale)
+        ctx.save_for_backward(hidden, weight, targets, *([scale] if torch.is_tensor(scale) else []))
         ctx.chunk_tokens, ctx.softcap = chunk_tokens, softcap
+        ctx.scale = None if torch.is_tensor(scale) else scale
         return total * scale
 
     @staticmethod
     def backward(ctx, grad_output):
-        hidden, weight, targets, scale = ctx.saved_tensors
+        hidden, weight, targets, *saved_scale = ctx.saved_tensors
+        scale = saved_scale[0] if saved_scale else ctx.scale
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = None
         if ctx.needs_input_grad[1]:
-            # In the weight's dtype: an fp32 buffer would cost twice a bf16 head's size for the whole backward.
-            # addmm_ sums each chunk in fp32 and rounds once per chunk.
-            grad_weight = torch.zeros_like(weight)
+            # Summed over the chunks in fp32 and rounded to the weight's dtype once at the end: a bf16 running
+            # sum would round at every chunk (one per 1,024 tokens) and lose the small contributions.
+            grad_weight = torch.zeros_like(weight, dtype=torch.float32)
         factor = grad_output * scale
         for start in range(0, hidden.shape[0], ctx.chunk_tokens):
             rows = hidden[start:start + ctx.chunk_tokens]
@@ -71,7 +73,12 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             if grad_hidden is not None:
                 torch.matmul(grad_logits, weight, out=grad_hidden[start:start + ctx.chunk_tokens])
             if grad_weight is not None:
-                grad_weight.addmm_(grad_logits.t(), rows)
+                if weight.dtype == torch.float32:
+                    grad_weight.addmm_(grad_logits.t(), rows)
+                else:
+                    grad_weight += torch.matmul(grad_logits.t(), rows).float()
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None, None, None
 
 
@@ -92,10 +99,11 @@ def chunked_causal_lm_loss(hidden_states: torch.Tensor, head_weight: torch.Tenso
         raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
     targets = shifted_targets(labels.to(hidden_states.device)).reshape(-1)
     if num_items_in_batch is None:
-        count = (targets != IGNORE_INDEX).sum().clamp(min=1)
-    else:
-        count = torch.as_tensor(num_items_in_batch, device=hidden_states.device)
-    scale = 1.0 / count.to(torch.float32)
+        scale = 1.0 / (targets != IGNORE_INDEX).sum().clamp(min=1).to(torch.float32)
+    elif torch.is_tensor(num_items_in_batch):
+        scale = 1.0 / num_items_in_batch.to(hidden_states.device, torch.float32)
+    else:  # the training scripts' count is a host int: no tensor made from it, so no host-to-device copy and sync
+        scale = 1.0 / float(num_items_in_batch)
     device_type = hidden_states.device.type
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)

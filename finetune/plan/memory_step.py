@@ -10,7 +10,7 @@ micro-batches, the second meeting the first one's gradients.
 
 Depth. Decoder layers are identical, so a 40-layer step is not run op by op: steps of 3 and 4 layers are, and
 the tracker's per-op figures are carried to the full depth segment by segment (deeper_segments). This gives
-the same bytes as simulating all 40 layers (equal to the byte: tests/test_memory_plan.py on a 7-layer model,
+the same bytes as simulating all 40 layers (equal to the byte: tests/plan/test_memory.py on a 7-layer model,
 and the 13B models) in a fraction of the time.
 
 How the simulated step maps onto the real one:

@@ -105,16 +105,26 @@ def probe_micro_batch(model: torch.nn.Module, backend: "Backend", micro_batch_si
     """
     memory = memory or DeviceMemory(backend.device)
     devices = [backend.device] if backend.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):  # dropout draws here must not shift the training run's draws
-        reserve = torch.empty(optimizer_bytes, dtype=torch.uint8, device=backend.device)
-        one = step_peak(model, backend, forward, 1, block_size, memory)
-        before = memory.allocated()
-        limit = FIT_FRACTION * memory.total()
-        # A second measurement only where the first says two rows fit even if everything it added doubled.
-        two = None
-        if min(micro_batch_size, per_rank) >= 2 and one + (one - before) <= limit:
-            two = step_peak(model, backend, forward, 2, block_size, memory)
-        del reserve
+    was_training = model.training
+    # The training step, in training mode: from_pretrained leaves the model in eval mode, where checkpointed
+    # layers keep every activation (they only checkpoint while training) and dropout is off.
+    model.train()
+    try:
+        with torch.random.fork_rng(devices=devices):  # dropout draws here must not shift the training run's draws
+            reserve = torch.empty(optimizer_bytes, dtype=torch.uint8, device=backend.device)
+            one = step_peak(model, backend, forward, 1, block_size, memory)
+            before = memory.allocated()
+            limit = FIT_FRACTION * memory.total()
+            # A second measurement only where the first says two rows fit even if everything it added doubled,
+            # and only if every rank says so: a rank measuring alone would wait in FSDP collectives the others
+            # never join.
+            wanted = min(micro_batch_size, per_rank) >= 2 and one + (one - before) <= limit
+            two = None
+            if all(backend.all_gather(wanted)):
+                two = step_peak(model, backend, forward, 2, block_size, memory)
+            del reserve
+    finally:
+        model.train(was_training)
     memory.reset_peak()
     if two is None:
         mine = 1

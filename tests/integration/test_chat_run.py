@@ -1,5 +1,5 @@
 """Conversations end to end: inference.py --chat (an example, and an interactive terminal), training on chat rows
-with both scripts, and the README's chat quick start."""
+with both scripts, and the chat quick start of docs/chat.md."""
 import json
 import os
 import pty
@@ -105,15 +105,15 @@ def _demo_tokenizer(family):
     return demo.ensure_demo_tokenizer(family)
 
 
-def readme_chat_commands():
-    text = (REPO_ROOT / "README.md").read_text()
-    section = text[text.index("### Conversations\n"):]
+def docs_chat_commands():
+    text = (REPO_ROOT / "docs" / "chat.md").read_text()
+    section = text[text.index("# Conversations\n"):]
     block = re.search(r"```bash\n(.*?)```", section, flags=re.S).group(1)
     return [line for line in block.splitlines() if line.strip()]
 
 
-def test_readme_chat_quick_start_runs_as_written(tmp_path):
-    """The README's chat lines, run in a copy of the repository; training stops after 3 steps (--max-steps 3 is
+def test_docs_chat_quick_start_runs_as_written(tmp_path):
+    """The chat lines of docs/chat.md, run in a copy of the repository; training stops after 3 steps (--max-steps 3 is
     added to its line: the full demo run takes minutes, see benchmarks/demo_chat_recall.py for what it learns)."""
     repo = tmp_path / "repo"
     repo.mkdir()
@@ -121,7 +121,7 @@ def test_readme_chat_quick_start_runs_as_written(tmp_path):
         shutil.copy(REPO_ROOT / name, repo / name)
     for folder in ("finetune", "data", "benchmarks"):
         shutil.copytree(REPO_ROOT / folder, repo / folder, ignore=shutil.ignore_patterns("__pycache__"))
-    commands = readme_chat_commands()
+    commands = docs_chat_commands()
     assert [shlex.split(command)[1] for command in commands] == ["prepare_dataset.py", "train_llama2.py", "inference.py"]
     outputs = []
     for command in commands:

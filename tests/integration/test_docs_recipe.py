@@ -1,4 +1,4 @@
-"""The README's "Adding a recipe" steps, followed literally in a copy of the repository."""
+"""docs/recipes.md, "Adding a recipe": its steps followed literally in a copy of the repository."""
 import json
 import re
 import shlex
@@ -7,8 +7,8 @@ import shutil
 from conftest import PYTHON, REPO_ROOT, run_script
 
 
-def readme_section(title):
-    text = (REPO_ROOT / "README.md").read_text()
+def docs_section(title):
+    text = (REPO_ROOT / "docs" / "recipes.md").read_text()
     start = text.index(f"## {title}\n")
     end = text.find("\n## ", start + 1)
     return text[start:end if end != -1 else len(text)]
@@ -18,8 +18,8 @@ def code_blocks(section, language):
     return re.findall(rf"```{language}\n(.*?)```", section, flags=re.S)
 
 
-def test_adding_a_recipe_works_as_the_readme_says(tmp_path):
-    section = readme_section("Adding a recipe")
+def test_adding_a_recipe_works_as_the_docs_say(tmp_path):
+    section = docs_section("Adding a recipe")
     recipe_code = code_blocks(section, "python")[0]
     commands = [line for line in code_blocks(section, "bash")[0].splitlines() if line.strip()]
 
@@ -30,11 +30,10 @@ def test_adding_a_recipe_works_as_the_readme_says(tmp_path):
     for folder in ("finetune", "data"):
         shutil.copytree(REPO_ROOT / folder, repo / folder, ignore=shutil.ignore_patterns("__pycache__"))
 
-    # "Add them at the end of the recipes section, just above the `# Command line` banner."
-    script = (repo / "prepare_dataset.py").read_text()
-    banner = "# " + "-" * 94 + "\n# Command line\n"
-    assert script.count(banner) == 1, "the banner the README points to is missing"
-    (repo / "prepare_dataset.py").write_text(script.replace(banner, recipe_code + "\n\n" + banner))
+    # "both in `finetune/data/recipes.py` ... Add them at the end of that file"
+    assert "`finetune/data/recipes.py`" in section and "Add\nthem at the end of that file" in section
+    recipes = repo / "finetune" / "data" / "recipes.py"
+    recipes.write_text(recipes.read_text() + "\n\n" + recipe_code)
 
     # "a JSON-lines file of your own with question and answer fields"
     places = ["the station", "the library", "the market", "the harbour", "the museum", "the school"]

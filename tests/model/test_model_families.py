@@ -235,6 +235,24 @@ def test_attention_the_packed_path_cannot_honour_is_refused():
         span_attention.check_model_routes_attention(torch.nn.Linear(1, 1))
 
 
+@pytest.mark.parametrize("attention", ["packed_spans", "varlen_spans", "flex_spans"])
+def test_every_packed_attention_path_checks_the_model_routes_its_attention(tiny_run, monkeypatch, attention):
+    """Under `auto` a GPU loads varlen_spans: a model whose attention bypassed transformers' interface would let
+    packed examples attend to each other there, as on the span loop. The check runs for every packed path."""
+    from transformers import AutoModelForCausalLM
+
+    from finetune.config import ModelConfig
+    from finetune.distributed.backend import Backend
+    from finetune.model import loading
+
+    checked = []
+    monkeypatch.setattr(loading, "attention_name", lambda *args: attention)  # what a GPU would resolve
+    monkeypatch.setattr(span_attention, "check_model_routes_attention", lambda model: checked.append(model))
+    model = loading.load_model(Backend(engine="single", device=torch.device("cpu")), AutoModelForCausalLM,
+                               ModelConfig(tiny_run["llama"]))
+    assert checked == [model] and model.config._attn_implementation == attention
+
+
 @pytest.fixture(scope="module")
 def phi3_folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("phi3")

@@ -232,3 +232,53 @@ def main():
 
 if __name__ == "__main__":
     main()
+
+
+class HostToDeviceWatch(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the operations that, on a GPU, copy host data into a device tensor or read a device value back
+    (each a stream sync): a tensor made from Python data (lift_fresh, scalar_tensor) and .item()."""
+
+    SYNCING = ("lift_fresh", "scalar_tensor", "_local_scalar_dense")
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if any(name in str(func) for name in self.SYNCING):
+            self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_host_count_makes_no_tensor_and_reads_nothing_back():
+    """The training scripts pass the global batch's target count as a Python int: turning it into a device
+    tensor every micro-batch would sync the stream on a GPU."""
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 6, 8, generator=generator, requires_grad=True)
+    weight = torch.randn(16, 8, generator=generator, requires_grad=True)
+    labels = torch.randint(0, 16, (2, 6), generator=generator)
+    with HostToDeviceWatch() as watch:
+        chunked_causal_lm_loss(hidden, weight, labels, num_items_in_batch=9, chunk_tokens=4).backward()
+    assert watch.seen == []
+    reference = torch.nn.functional.cross_entropy((hidden.detach() @ weight.detach().t())[:, :-1].reshape(-1, 16),
+                                                  labels[:, 1:].reshape(-1), reduction="sum") / 9
+    torch.testing.assert_close(chunked_causal_lm_loss(hidden, weight, labels, 9, 4), reference)
+
+
+def test_the_bf16_head_gradient_is_summed_in_fp32_and_rounded_once():
+    """Over many chunks a bf16 running sum rounds once per chunk; the head's gradient must be as close to the
+    exact one as a single rounding to bf16 allows (within two rounding steps of it)."""
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(1, 2049, 16, generator=generator)
+    weight = torch.randn(32, 16, generator=generator) * 0.1
+    labels = torch.randint(0, 32, (1, 2049), generator=generator)
+    exact_weight = weight.double().requires_grad_()
+    exact = torch.nn.functional.cross_entropy((hidden.double()[0, :-1] @ exact_weight.t()), labels[0, 1:],
+                                              reduction="sum")
+    exact.backward()
+    half_weight = weight.bfloat16().requires_grad_()
+    chunked_causal_lm_loss(hidden.bfloat16(), half_weight, labels, num_items_in_batch=1, chunk_tokens=16).backward()
+    assert half_weight.grad.dtype == torch.bfloat16
+    rounding = (exact_weight.grad.bfloat16().double() - exact_weight.grad).abs().max()
+    error = (half_weight.grad.double() - exact_weight.grad).abs().max()
+    assert error <= 2 * rounding, (error, rounding)

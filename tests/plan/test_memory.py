@@ -1,9 +1,9 @@
 """The simulated step memory against real steps, the depth carry-over, and the plan search.
 
 Also a script:
-  torchrun --nproc_per_node 2 tests/test_memory_plan.py real OUT.json CONFIG.json PRECISION CKPT PASSES
+  torchrun --nproc_per_node 2 tests/plan/test_memory.py real OUT.json CONFIG.json PRECISION CKPT PASSES
       one real FSDP2 step (gloo, one unit per decoder layer) under the tracker; rank 0 writes its readings.
-  python tests/test_memory_plan.py depth OUT.json CONFIG.json
+  python tests/plan/test_memory.py depth OUT.json CONFIG.json
       simulated readings at full depth and carried from 3 and 4 layers, for several setups.
 """
 import json

@@ -79,13 +79,47 @@ def test_probe_takes_the_largest_fitting_micro_batch_and_leaves_no_state():
     assert probe_micro_batch(model, backend, 8, 16, 32, _training_forward(tight, []), memory=tight) == 1
 
 
+
+def test_the_probe_measures_in_training_mode_and_restores_the_mode():
+    """from_pretrained leaves a model in eval mode, where checkpointed layers keep every activation: the probe
+    must measure the training step in training mode, then leave the mode as it found it."""
+    from finetune.plan.probe import probe_micro_batch
+
+    model = _probe_model().eval()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    backend = types.SimpleNamespace(device=torch.device("cpu"), autocast=lambda: torch.autocast("cpu", enabled=False),
+                                    all_gather=lambda value: [value])
+    memory, modes = FakeMemory(total=100, fixed=30, per_row=12), []
+    measure = _training_forward(memory, [])
+
+    def forward(model, batch, num_items_in_batch):
+        modes.append((model.training, model.model.layers[0].training))
+        return measure(model, batch, num_items_in_batch)
+    probe_micro_batch(model, backend, 8, 16, 32, forward, memory=memory)
+    assert modes and all(mode == (True, True) for mode in modes)
+    assert not model.training and not model.model.layers[0].training
+
+
+def test_no_rank_measures_two_rows_unless_every_rank_does():
+    """Whether to measure two rows is agreed first: a rank measuring alone would run FSDP collectives that a rank
+    which decided otherwise never joins. Here the other rank (through the gather) cannot fit two rows."""
+    from finetune.plan.probe import probe_micro_batch
+
+    other_rank = {bool: False, int: 1}
+    backend = types.SimpleNamespace(device=torch.device("cpu"), autocast=lambda: torch.autocast("cpu", enabled=False),
+                                    all_gather=lambda value: [value, other_rank[type(value)]])
+    memory, seen = FakeMemory(total=100, fixed=30, per_row=12), []
+    assert probe_micro_batch(_probe_model(), backend, 8, 16, 32, _training_forward(memory, seen), memory=memory) == 1
+    assert [b["input_ids"].shape[0] for b in seen] == [1, 1]  # this rank alone would have measured 2 rows too
+
+
 PROBE_RANKS = """
     import torch
     from finetune.distributed.backend import enable_advanced_parallelization
     from finetune.errors import entry_point
     from finetune.plan.probe import probe_micro_batch
-    sys.path.insert(0, {tests!r})
-    from test_gpu_readiness import FakeMemory, _probe_model, _training_forward
+    sys.path[:0] = {tests!r}
+    from test_probe import FakeMemory, _probe_model, _training_forward
 
     @entry_point
     def main():
@@ -108,7 +142,7 @@ PROBE_RANKS = """
 
 
 def test_probe_ranks_agree_and_an_out_of_memory_rank_ends_the_job(tmp_path):
-    worker = _worker(tmp_path, "probe.py", PROBE_RANKS.format(tests=str(REPO_ROOT / "tests")))
+    worker = _worker(tmp_path, "probe.py", PROBE_RANKS.format(tests=[str(REPO_ROOT / "tests" / "plan"), str(REPO_ROOT / "tests")]))
     agreed = torchrun(2, worker, "fit", timeout=180)
     assert agreed.returncode == 0, agreed.stderr[-3000:]
     # rank 1 holds 0.9 x 70 = 63 bytes: 30 + 12 x 2 -> both ranks take 2 (rank 0 alone would take 4)
