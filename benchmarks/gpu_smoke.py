@@ -4,18 +4,26 @@ H100/H200 with no network. The last line printed is one JSON object with every c
     HF_HUB_OFFLINE=1 python benchmarks/gpu_smoke.py             # on a GPU machine
     HF_HUB_OFFLINE=1 python benchmarks/gpu_smoke.py --dry-run   # anywhere: builds the assets, lists the checks
 
-Checks (each in its own process where it runs a script, each with its share of --budget seconds):
-  process_group  CPU offload clips host gradients through the "cuda:nccl,cpu:gloo" group (torchrun, 1 process)
+Checks, in this order (each script in its own process; a check not reached within --budget says so):
   attention      one decoder layer's attention at 13B shape (40 heads x 128, 4 rows x 1024 tokens, 5-12 examples a
                  row): the span loop vs varlen_spans vs flex_spans, forward+backward milliseconds, CUDA kernels
-                 launched, and the largest difference of outputs and gradients from the span loop
-  train          a 2-layer Llama at 13B width through train_llama2.py (benchmarks/gpu_check.py: the probe,
-                 simulated vs measured peak, reserved memory, tokens/s, MFU)
-  resume         the same model: 2 steps with a checkpoint, then --resume to step 4
+                 launched, and max|diff| / max|reference| of outputs and gradients against the span loop; for
+                 full heads (mha), grouped key/value heads (gqa: 8 of 40) and a sliding window (window: 256)
+  process_group  CPU offload clips host gradients through the "cuda:nccl,cpu:gloo" group (torchrun, 1 process)
+  train          a 2-layer Llama at 13B width through train_llama2.py with --attn-implementation auto (varlen),
+                 fp32 master weights under bf16 autocast (benchmarks/gpu_check.py: the probe, simulated vs
+                 measured peak, reserved memory, tokens/s, MFU)
+  flex           the same through the FlexAttention path inside training (--attn-implementation flex)
+  checkpointing  the same with --activation-checkpointing on (the probe measures checkpointed layers)
+  baichuan       a 2-layer Baichuan at 13B width (ALiBi, its own span attention) through train_baichuan2_13b.py
+  resume         the Llama: 2 steps with a checkpoint, then --resume to step 4
   offload        2 steps with --cpu-offload on (torchrun, 1 process)
   lora           a one-process --lora run (no torchrun)
+  qlora          a one-process --qlora run (4-bit base through bitsandbytes)
 The model and data are made here (random weights at 13B width, the demo tokenizer and sample data): nothing is
-downloaded. With --dry-run the model is 64 wide and nothing runs: the checks and their commands are printed.
+downloaded. The checks after `train` pass --micro-batch-size so that only `train` plans memory (the plan's first
+simulation is its slowest part on a cold machine). The last line is always the JSON summary, whatever failed.
+With --dry-run the models are 64 wide and nothing runs on a GPU: the checks and their commands are printed.
 """
 import argparse
 import json
@@ -49,32 +57,41 @@ def parse_args(argv=None):
 # ---- assets -----------------------------------------------------------------------------------------------
 
 def build_assets(folder: Path, width: dict) -> dict:
-    """A 2-layer Llama of `width` with the demo tokenizer, and the demo's prepared sample data."""
+    """2-layer Llama and Baichuan models of `width` with their demo tokenizers, and the demo's prepared data."""
     import shutil
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    import prepare_dataset
+    import modeling_baichuan
     from finetune import demo
+    from finetune.data import recipes
 
-    model_dir = folder / "model"
-    if not (model_dir / "config.json").exists():
-        tokenizer_dir = Path(demo.ensure_demo_model("llama2"))
-        torch.manual_seed(0)
-        config = LlamaConfig(num_hidden_layers=2, num_key_value_heads=width["num_attention_heads"],
-                             max_position_embeddings=4096, **width)
-        LlamaForCausalLM(config).save_pretrained(model_dir)
-        for item in tokenizer_dir.iterdir():
-            if "token" in item.name or item.name == "special_tokens_map.json":
-                shutil.copy(item, model_dir / item.name)
-    return {"model": str(model_dir), "data": prepare_dataset.demo_dataset("llama2", BLOCK_SIZE)}
+    def saved(name, family, build):
+        model_dir = folder / name
+        if not (model_dir / "config.json").exists():
+            tokenizer_dir = Path(demo.ensure_demo_model(family))
+            torch.manual_seed(0)
+            build().save_pretrained(model_dir)
+            for item in tokenizer_dir.iterdir():
+                if "token" in item.name or item.name == "special_tokens_map.json" or item.suffix == ".py":
+                    shutil.copy(item, model_dir / item.name)
+        return str(model_dir)
+    llama = saved("model", "llama2", lambda: LlamaForCausalLM(LlamaConfig(
+        num_hidden_layers=2, num_key_value_heads=width["num_attention_heads"], max_position_embeddings=4096,
+        **width)))
+    baichuan = saved("baichuan", "baichuan2", lambda: modeling_baichuan.BaichuanForCausalLM(
+        modeling_baichuan.BaichuanConfig(num_hidden_layers=2, model_max_length=4096, **width)))
+    return {"model": llama, "baichuan": baichuan, "data": recipes.demo_dataset("llama2", BLOCK_SIZE),
+            "baichuan_data": recipes.demo_dataset("baichuan2", BLOCK_SIZE)}
 
 
 # ---- the checks --------------------------------------------------------------------------------------------
 
-def gpu_check_command(assets, steps, *flags, nproc=1):
-    return [sys.executable, str(REPO_ROOT / "benchmarks" / "gpu_check.py"), "--nproc", str(nproc), "--steps",
-            str(steps), "--", "--model-name-or-path", assets["model"], "--dataset-name-or-path", assets["data"],
+def gpu_check_command(assets, steps, *flags, nproc=1, family="llama2"):
+    model, data, script = ((assets["model"], assets["data"], "train_llama2.py") if family == "llama2" else
+                           (assets["baichuan"], assets["baichuan_data"], "train_baichuan2_13b.py"))
+    return [sys.executable, str(REPO_ROOT / "benchmarks" / "gpu_check.py"), "--script", script, "--nproc",
+            str(nproc), "--steps", str(steps), "--", "--model-name-or-path", model, "--dataset-name-or-path", data,
             *TRAIN_FLAGS, *flags]
 
 
@@ -88,14 +105,19 @@ def commands(assets, work: Path) -> dict:
     """Every check that runs a script: name -> list of commands (run in order)."""
     clip = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
             str(Path(__file__).resolve()), "--process-group-worker"]
+    planned = ["--micro-batch-size", "2"]  # only `train` plans: the memory simulation is slow on a cold machine
     return {
         "process_group": [clip],
         "train": [gpu_check_command(assets, 4)],
+        "flex": [gpu_check_command(assets, 3, "--attn-implementation", "flex", *planned)],
+        "checkpointing": [gpu_check_command(assets, 3, "--activation-checkpointing", "on")],
+        "baichuan": [gpu_check_command(assets, 3, *planned, family="baichuan2")],
         # stopped by SIGTERM after its first logged step (it checkpoints), then resumed to the end
-        "resume": [train_command(assets, work / "resume", "--max-steps", "4"),
-                   train_command(assets, work / "resume", "--max-steps", "4", "--resume")],
-        "offload": [gpu_check_command(assets, 2, "--cpu-offload", "on")],
-        "lora": [gpu_check_command(assets, 3, "--lora")],
+        "resume": [train_command(assets, work / "resume", "--max-steps", "4", *planned),
+                   train_command(assets, work / "resume", "--max-steps", "4", "--resume", *planned)],
+        "offload": [gpu_check_command(assets, 2, "--cpu-offload", "on", *planned)],
+        "lora": [gpu_check_command(assets, 3, "--lora", *planned)],
+        "qlora": [gpu_check_command(assets, 3, "--qlora", *planned)],
     }
 
 
@@ -201,13 +223,15 @@ def attention_paths():
     return {"span_loop": loop, "varlen_spans": one_kernel.varlen_spans, "flex_spans": one_kernel.flex_spans}
 
 
-def time_attention(function, inputs, spans, repeat=5):
+def time_attention(function, inputs, spans, repeat=5, sliding_window=None):
     """(milliseconds per forward+backward, CUDA kernels per forward+backward, output, gradients)."""
     from torch.profiler import ProfilerActivity, profile
 
     def step():
         query, key, value = (x.detach().requires_grad_() for x in inputs)
-        out, _ = function(None, query, key, value, None, scaling=inputs[0].shape[-1] ** -0.5, example_spans=spans)
+        spans.block_masks.clear()  # a new forward: the flex mask is made again, as in training
+        out, _ = function(None, query, key, value, None, scaling=inputs[0].shape[-1] ** -0.5, example_spans=spans,
+                          sliding_window=sliding_window)
         out.backward(torch.ones_like(out))
         return out.detach(), [x.grad for x in (query, key, value)]
     out, grads = step()  # warm-up (compiles flex)
@@ -223,16 +247,29 @@ def time_attention(function, inputs, spans, repeat=5):
     return (time.perf_counter() - start) / repeat * 1e3, kernels, out, grads
 
 
-def attention_check():
+ATTENTION_CASES = {"mha": dict(kv_heads=40), "gqa": dict(kv_heads=8), "window": dict(kv_heads=8, sliding_window=256)}
+RELATIVE_TOLERANCE = 2e-2  # of max|reference|: a few bf16 roundings (2^-8 each) of differently ordered sums
+
+
+def relative_difference(got: torch.Tensor, reference: torch.Tensor) -> float:
+    """max|got - reference| / max|reference|: a scale-free measure (gradients of a long row are small numbers,
+    where an absolute tolerance calls a correct kernel wrong)."""
+    return float((got.float() - reference.float()).abs().max() / reference.float().abs().max().clamp(min=1e-12))
+
+
+def attention_case(kv_heads, sliding_window=None):
     heads, head_dim, rows = 40, 128, 4
     generator = torch.Generator(device="cuda").manual_seed(0)
-    inputs = [torch.randn(rows, heads, BLOCK_SIZE, head_dim, device="cuda", dtype=torch.bfloat16, generator=generator)
-              for _ in range(3)]
-    spans = packed_spans(rows, BLOCK_SIZE)
+    shape = lambda count: (rows, count, BLOCK_SIZE, head_dim)  # noqa: E731
+    inputs = [torch.randn(shape(count), device="cuda", dtype=torch.bfloat16, generator=generator)
+              for count in (heads, kv_heads, kv_heads)]
+    from finetune.ops.example_spans import ExampleSpans
+
+    spans = ExampleSpans(packed_spans(rows, BLOCK_SIZE), BLOCK_SIZE).to("cuda")
     results, reference = {}, None
     for name, function in attention_paths().items():
         try:
-            ms, kernels, out, grads = time_attention(function, inputs, spans)
+            ms, kernels, out, grads = time_attention(function, inputs, spans, sliding_window=sliding_window)
         except Exception as exc:  # one path failing must not hide the others' figures
             results[name] = {"ok": False, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
             continue
@@ -240,13 +277,18 @@ def attention_check():
         if reference is None:
             reference = out, grads
         else:
-            entry["max_diff_output"] = float((out.float() - reference[0].float()).abs().max())
-            entry["max_diff_grads"] = max(float((g.float() - r.float()).abs().max())
-                                          for g, r in zip(grads, reference[1]))
-            entry["ok"] = entry["max_diff_output"] < 2e-2 and entry["max_diff_grads"] < 5e-2
-            entry["speedup_vs_span_loop"] = round(results["span_loop"]["ms_forward_backward"] / ms, 2)
+            entry["relative_diff_output"] = relative_difference(out, reference[0])
+            entry["relative_diff_grads"] = max(relative_difference(g, r) for g, r in zip(grads, reference[1]))
+            entry["ok"] = max(entry["relative_diff_output"], entry["relative_diff_grads"]) < RELATIVE_TOLERANCE
+            if results.get("span_loop", {}).get("ok"):
+                entry["speedup_vs_span_loop"] = round(results["span_loop"]["ms_forward_backward"] / ms, 2)
         results[name] = entry
     return {"ok": all(r["ok"] for r in results.values()), **results}
+
+
+def attention_check():
+    cases = {name: attention_case(**case) for name, case in ATTENTION_CASES.items()}
+    return {"ok": all(case["ok"] for case in cases.values()), **cases}
 
 
 # ---- main ---------------------------------------------------------------------------------------------------
@@ -266,7 +308,8 @@ def main(argv=None):
                 for command in command_list:
                     check_training_flags(command)
                     print(f"{name}: {' '.join(command)}")
-            print("attention: span_loop vs varlen_spans vs flex_spans at 40 heads x 128, 4 x 1024 tokens (CUDA)")
+            print(f"attention: span_loop vs varlen_spans vs flex_spans at 40 heads x 128, 4 x 1024 tokens, cases "
+                  f"{', '.join(ATTENTION_CASES)} (CUDA)")
             # The process-group check runs here too: on a CPU through gloo alone, the same code path otherwise.
             summary = {"dry_run": True, "cuda": torch.cuda.is_available(), "checks": ["attention", *planned],
                        "process_group": run_commands("process_group", planned["process_group"], deadline)}
@@ -275,11 +318,16 @@ def main(argv=None):
         if not torch.cuda.is_available():
             raise SystemExit("error: no CUDA device; use --dry-run to see the checks")
         summary = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
-        summary["attention"] = attention_check()
-        for name, command_list in planned.items():
-            summary[name] = run_commands(name, command_list, deadline)
-        summary["ok"] = all(part["ok"] for part in summary.values() if isinstance(part, dict))
-    print(json.dumps(summary))
+        try:
+            summary["attention"] = attention_check()
+            for name, command_list in planned.items():
+                summary[name] = run_commands(name, command_list, deadline)
+        except BaseException as exc:  # the JSON line below is printed whatever happened (Ctrl-C included)
+            summary["aborted"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        finally:
+            summary["ok"] = "aborted" not in summary and all(
+                part["ok"] for part in summary.values() if isinstance(part, dict))
+            print(json.dumps(summary), flush=True)
     return 0 if summary["ok"] else 1
 
 

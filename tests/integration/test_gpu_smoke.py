@@ -1,6 +1,7 @@
 """benchmarks/gpu_smoke.py --dry-run lists every check; the attention choice per device and model; one-kernel
 attention refused on a CPU with one line."""
 import json
+import sys
 
 import pytest
 import torch
@@ -19,11 +20,34 @@ def test_gpu_smoke_dry_run_lists_every_check_and_runs_the_process_group_one(tmp_
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["dry_run"] is True
-    assert summary["checks"] == ["attention", "process_group", "train", "resume", "offload", "lora"]
+    assert summary["checks"] == ["attention", "process_group", "train", "flex", "checkpointing", "baichuan", "resume",
+                                 "offload", "lora", "qlora"]
     assert summary["process_group"]["ok"] and summary["process_group"]["grad_norm"] > 0
     listed = [line.split(":")[0] for line in result.stdout.splitlines()[:-1] if ": " in line]
-    assert {"train", "resume", "offload", "lora", "attention"} <= set(listed)
-    assert "--cpu-offload on" in result.stdout and "--lora" in result.stdout and "--resume" in result.stdout
+    assert set(summary["checks"]) - {"process_group"} <= set(listed)
+    for flags in ("--cpu-offload on", "--lora", "--qlora", "--resume", "--attn-implementation flex",
+                  "--activation-checkpointing on", "--script train_baichuan2_13b.py", "mha, gqa, window"):
+        assert flags in result.stdout, flags
+
+
+def test_gpu_smoke_compares_relative_to_the_reference_and_always_prints_its_json_line(monkeypatch, capsys, tmp_path):
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    import gpu_smoke
+
+    reference = torch.full((4,), 1e-3)
+    assert gpu_smoke.relative_difference(reference * 1.01, reference) == pytest.approx(0.01, rel=1e-4)  # abs: 1e-5
+    assert gpu_smoke.relative_difference(reference * 1.5, reference) > gpu_smoke.RELATIVE_TOLERANCE
+
+    def crashes():
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+    monkeypatch.setattr(gpu_smoke.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(gpu_smoke.torch.cuda, "get_device_name", lambda index: "stand-in")
+    monkeypatch.setattr(gpu_smoke, "build_assets", lambda work, width: {})
+    monkeypatch.setattr(gpu_smoke, "commands", lambda assets, work: {"train": [["false"]]})
+    monkeypatch.setattr(gpu_smoke, "attention_check", crashes)
+    assert gpu_smoke.main(["--work-dir", str(tmp_path)]) == 1
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["ok"] is False and summary["aborted"].startswith("RuntimeError: CUDA error")
 
 
 def test_attention_choice_resolves_for_device_and_model(monkeypatch):
