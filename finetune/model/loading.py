@@ -130,6 +130,11 @@ def _load_and_place(backend, model_class, model_path, gradient_checkpointing, at
                 module._buffers[name] = buffer.to(backend.device)
     # Rank 0 may still be downloading the weights: the first NCCL collective (below) would time out meanwhile.
     backend.wait_for_download()
+    if cpu_offload and backend.is_main and backend.world_size > 1:
+        # Offloaded shards live in host memory, so the weights go out from rank 0 over gloo (TCP), not NCCL.
+        print(f"note: --cpu-offload on: rank 0 sends the weights to the other {backend.world_size - 1} rank(s) "
+              f"over gloo, {weight_bytes(full_state) / 2 ** 30:.1f} GiB each; on a slow network this takes a while",
+              flush=True)
     set_model_state_dict(model, full_state,
                          options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     del full_state
@@ -139,3 +144,8 @@ def _load_and_place(backend, model_class, model_path, gradient_checkpointing, at
             buffer.copy_(buffers[name])
         dist.broadcast(buffer, src=0)
     return model
+
+
+def weight_bytes(state_dict: dict) -> int:
+    """Bytes of the tensors of a state dict."""
+    return sum(t.numel() * t.element_size() for t in state_dict.values() if torch.is_tensor(t))

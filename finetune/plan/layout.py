@@ -332,6 +332,9 @@ def describe_parallel_plan(model: torch.nn.Module, backend: Backend, config: Run
             else "fp32",
             "saved_dtype": dtype_name(saved_dtype(config.checkpoint.save_dtype, backend.mixed_precision)),
             "attention": getattr(model.config, "_attn_implementation", None),  # as resolved for model and device
+            # The memory plan ran each row as one causal SDPA call (its flash kernel keeps q, k, v, the output
+            # and a log-sum-exp per query, as varlen and flex do); the probe measures the real kernel on GPUs.
+            **({"memory_simulated_with": "sdpa per row"} if backend.device.type == "cuda" else {}),
             "training": "lora" if adapters else "full",
             "trainable_parameters": lora.count_trainable(model) if adapters else parameters}
     if backend.is_main:

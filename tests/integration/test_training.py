@@ -285,6 +285,8 @@ def test_cpu_offload_under_fsdp2_trains_like_one_process(tiny_run, single_llama_
     offloaded = tiny_run["root"] / "offloaded_llama"
     result = _train("llama", tiny_run, offloaded, "--cpu-offload", "on", nproc=2)
     assert "cpu_offload: true" in result.stdout
+    # the cost of loading offloaded shards is said: the weights go from rank 0 over gloo
+    assert "note: --cpu-offload on: rank 0 sends the weights to the other 1 rank(s) over gloo" in result.stdout
     _assert_same_run(single_llama_run[0], offloaded, 1e-4)
 
 

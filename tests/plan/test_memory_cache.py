@@ -86,3 +86,21 @@ def test_an_unusable_cache_location_plans_without_caching_with_one_note(tmp_path
     assert len(notes) == 1 and notes[0].startswith(f"note: cannot write the memory-plan cache {cache} ("), err
     assert asked == [1, 2, 4, 8] and plan.chosen.micro_batch_size == 8
     assert (tmp_path / "a_file").read_text() == "not a folder"
+
+
+def test_the_cache_key_covers_every_file_the_simulation_runs(tmp_path, monkeypatch):
+    """The key is derived from what the simulated step imports, not from a hand-kept list: the span attention and
+    Baichuan's model file (imported by the step) are in it, and changing any file's bytes changes the key."""
+    from finetune.plan import memory_cache
+
+    names = {path.relative_to(memory_cache.REPO_ROOT).as_posix() for path in memory_cache.simulating_files()}
+    assert {"finetune/plan/memory.py", "finetune/plan/memory_step.py", "finetune/plan/torch_internals.py",
+            "finetune/ops/chunked_loss.py", "finetune/ops/span_attention.py", "finetune/distributed/sharding.py",
+            "modeling_baichuan.py"} <= names
+    files = [tmp_path / "a.py", tmp_path / "b.py"]
+    for path in files:
+        path.write_text("x = 1\n")
+    monkeypatch.setattr(memory_cache, "simulating_files", lambda: tuple(files))
+    before = memory_cache._cache_key({"hidden_size": 8}, {"block_size": 16}, 1, 1)
+    files[1].write_text("x = 2\n")
+    assert memory_cache._cache_key({"hidden_size": 8}, {"block_size": 16}, 1, 1) != before
