@@ -24,7 +24,7 @@ score modifier (flex) or slopes (FlashAttention 2).
 
 Which query may attend which key:
 
-* ``attention_mask`` (2-D, past + current tokens): 0 is padding, any positive integer a example id. A query
+* ``attention_mask`` (2-D, past + current tokens): 0 is padding, any positive integer an example id. A query
   attends earlier keys of its own example, so ``[1, 1, 1, 2, 2, 3, 3, 0, 0]`` packs three independent
   examples followed by padding. A padding query attends only to itself: its output is finite and does not
   depend on how much padding there is.
@@ -34,7 +34,9 @@ Which query may attend which key:
   This is the packed form Llama and Baichuan share:
   ``model(input_ids=..., position_ids=..., labels=..., num_items_in_batch=..., use_cache=False)``.
 * ``example_spans=`` (per-row lists of (start, end)): the training path, one SDPA call per example; the
-  training scripts use it: on a CPU it is faster than one masked call over the whole row.
+  training scripts use it: on a CPU it is faster than one masked call over the whole row. Loaded with
+  ``attn_implementation="flex_attention"`` or a FlashAttention, the spans become example ids (as the 2-D mask
+  above) and each layer makes one kernel call for the whole micro-batch, ALiBi in the kernel's own form.
 """
 
 from __future__ import annotations
@@ -549,6 +551,19 @@ def tiled_spans(spans, length: int) -> list[tuple[int, int, bool]]:
     return pieces
 
 
+def span_example_ids(example_spans, batch: int, length: int, device) -> torch.Tensor:
+    """(batch, length) example ids of packed rows: 1, 2, ... for each row's spans, 0 in none (the padding tail).
+    A layout that already carries them as a tensor (`example_ids`, -1 in no span) is used as it is."""
+    ids = getattr(example_spans, "example_ids", None)
+    if ids is not None and tuple(ids.shape) == (batch, length):
+        return (ids.to(device=device, dtype=torch.long) + 1)
+    ids = torch.zeros((batch, length), dtype=torch.long)
+    for row, spans in enumerate(example_spans):
+        for index, (start, end) in enumerate(spans):
+            ids[row, start:end] = index + 1
+    return ids.to(device)
+
+
 def attend_within_spans(query, key, value, causal_bias, example_spans, scaling=None):
     """The training path (``example_spans=`` keyword): one causal SDPA call per (start, end) span of each row;
     positions outside every span get zeros. `causal_bias` is the ALiBi bias for positions 0..n (already causal),
@@ -941,6 +956,10 @@ class BaichuanModel(BaichuanPreTrainedModel):
             implementation = "eager"
 
         example_spans = kwargs.pop("example_spans", None)
+        if example_spans is not None and cache is None and (
+                implementation == "flex_attention" or is_flash_implementation(implementation)):
+            # One kernel a layer for the whole micro-batch: the spans as example ids, the 2-D mask form.
+            attention_mask, example_spans = span_example_ids(example_spans, batch, query_length, device), None
         if example_spans is not None and cache is None:
             mask, position_ids = self._training_span_inputs(example_spans, position_ids, batch, query_length,
                                                             mask_dtype, device)

@@ -15,7 +15,8 @@ Checks, in this order (each script in its own process; a check not reached withi
                  measured peak, reserved memory, tokens/s, MFU)
   flex           the same through the FlexAttention path inside training (--attn-implementation flex)
   checkpointing  the same with --activation-checkpointing on (the probe measures checkpointed layers)
-  baichuan       a 2-layer Baichuan at 13B width (ALiBi, its own span attention) through train_baichuan2_13b.py
+  baichuan       a 2-layer Baichuan at 13B width (ALiBi) through train_baichuan2_13b.py: its span attention, then
+                 its FlexAttention path (--attn-implementation flex: one kernel a layer, ALiBi as a score modifier)
   resume         the Llama: 2 steps with a checkpoint, then --resume to step 4
   offload        2 steps with --cpu-offload on (torchrun, 1 process)
   lora           a one-process --lora run (no torchrun)
@@ -111,7 +112,8 @@ def commands(assets, work: Path) -> dict:
         "train": [gpu_check_command(assets, 4)],
         "flex": [gpu_check_command(assets, 3, "--attn-implementation", "flex", *planned)],
         "checkpointing": [gpu_check_command(assets, 3, "--activation-checkpointing", "on")],
-        "baichuan": [gpu_check_command(assets, 3, *planned, family="baichuan2")],
+        "baichuan": [gpu_check_command(assets, 3, *planned, family="baichuan2"),
+                     gpu_check_command(assets, 3, "--attn-implementation", "flex", *planned, family="baichuan2")],
         # stopped by SIGTERM after its first logged step (it checkpoints), then resumed to the end
         "resume": [train_command(assets, work / "resume", "--max-steps", "4", *planned),
                    train_command(assets, work / "resume", "--max-steps", "4", "--resume", *planned)],

@@ -144,8 +144,9 @@ def attention_name(span_loop_name: str | None, choice: str, device: torch.device
     """The attention a training script's model loads with, for `--attn-implementation` `choice`.
 
     `span_loop_name` is the script's span-loop attention (None: the model's own code takes the spans, as
-    Baichuan's ALiBi attention does). `auto`: one varlen kernel per layer on an Ampere-or-newer GPU computing in
-    bf16, the span loop elsewhere (on a CPU it is the fastest: one small attention per example, no mask).
+    Baichuan's ALiBi attention does; `flex` then loads its own FlexAttention path, one kernel a layer with ALiBi
+    as a score modifier). `auto`: one varlen kernel per layer on an Ampere-or-newer GPU computing in bf16, the
+    span loop elsewhere (on a CPU it is the fastest: one small attention per example, no mask) and for Baichuan.
     """
     if choice not in ATTENTION_CHOICES:
         raise FinetuneError(f"--attn-implementation must be one of {', '.join(ATTENTION_CHOICES)}, not {choice!r}")
@@ -154,9 +155,9 @@ def attention_name(span_loop_name: str | None, choice: str, device: torch.device
         return KERNEL_NAMES["varlen"] if fastest and span_loop_name else span_loop_name
     if choice == "spans":
         return span_loop_name
-    if span_loop_name is None:
-        raise FinetuneError(f"--attn-implementation {choice}: this model's own attention takes the packed spans "
-                            f"(Baichuan's ALiBi); use spans or auto")
+    if span_loop_name is None and choice == "varlen":
+        raise FinetuneError("--attn-implementation varlen: torch's varlen kernel has no ALiBi (Baichuan); use flex, "
+                            "spans or auto")
     if device.type != "cuda":
         raise FinetuneError(f"--attn-implementation {choice} needs a GPU (varlen is CUDA FlashAttention; FlexAttention "
                             f"has no CPU backward); use spans or auto on a CPU")
@@ -165,6 +166,8 @@ def attention_name(span_loop_name: str | None, choice: str, device: torch.device
     if choice == "varlen" and mixed_precision != "bf16":
         raise FinetuneError("--attn-implementation varlen computes in bf16 (FlashAttention has no fp32); use "
                             "--mixed-precision bf16, or spans or flex")
+    if span_loop_name is None:  # Baichuan: its own FlexAttention path, ALiBi as a score modifier
+        return "flex_attention"
     return KERNEL_NAMES[choice]
 
 

@@ -61,13 +61,19 @@ def test_attention_choice_resolves_for_device_and_model(monkeypatch):
     assert attention_name("packed_spans", "auto", gpu, "no") == "packed_spans"  # FlashAttention needs bf16/fp16
     assert attention_name("packed_spans", "auto", cpu, "no") == "packed_spans"  # the span loop is fastest here
     assert attention_name(None, "auto", gpu, "bf16") is None  # Baichuan's own attention takes the spans
+    assert attention_name(None, "flex", gpu, "bf16") == "flex_attention"  # Baichuan's own flex path, ALiBi inside
     assert attention_name("packed_spans", "flex", gpu, "bf16") == "flex_spans"
     assert attention_name("packed_spans", "spans", gpu, "bf16") == "packed_spans"
     capability[0] = (7, 5)  # a T4: no FlashAttention
     assert attention_name("packed_spans", "auto", gpu, "bf16") == "packed_spans"
-    for model, choice, device in [("packed_spans", "varlen", gpu), ("packed_spans", "flex", cpu), (None, "flex", gpu)]:
+    for model, choice, device, precision in [("packed_spans", "varlen", gpu, "bf16"),
+                                             ("packed_spans", "flex", cpu, "bf16"),
+                                             (None, "varlen", gpu, "bf16"), (None, "flex", cpu, "no")]:
         with pytest.raises(FinetuneError):
-            attention_name(model, choice, device, "bf16")
+            attention_name(model, choice, device, precision)
+    capability[0] = (9, 0)
+    with pytest.raises(FinetuneError, match="computes in bf16"):  # FlashAttention has no fp32
+        attention_name("packed_spans", "varlen", gpu, "no")
 
 
 def test_one_kernel_attention_is_refused_on_a_cpu_with_one_line(tiny_run, tmp_path):

@@ -16,10 +16,12 @@ VARIANTS = ["alibi_normhead", "rope_normhead"]
 TOLERANCE = 1e-5  # float32
 
 
-def logits_with(model, implementation, ids, **kwargs):
+def logits_with(model, implementation, ids=None, **kwargs):
     model.config._attn_implementation = implementation
+    if ids is not None:
+        kwargs["input_ids"] = ids
     with torch.no_grad():
-        return model(ids, use_cache=False, **kwargs).logits
+        return model(use_cache=False, **kwargs).logits
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -283,3 +285,28 @@ def test_cpu_sdpa_upcasts_half_precision_only(monkeypatch, dtype, upcast):
         assert seen["query"].dtype == torch.float32 and seen["mask"].dtype == torch.float32
     else:
         assert seen["query"] is query and seen["mask"] is mask
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("as_layout", [False, True])
+def test_training_spans_on_flex_attention_are_one_kernel_a_layer_and_equal_the_span_path(variant, as_layout):
+    """Loaded with flex_attention, the training scripts' `example_spans` become example ids (one FlexAttention call
+    a layer, ALiBi as its score modifier) and give the logits of the span path on every position in a span;
+    the collator's layout (with its example ids already a tensor) and plain span lists alike."""
+    from finetune.ops.example_spans import ExampleSpans
+
+    batch, _ = packed_batch()
+    spans = [row[:-1] for row in batch["example_spans"]]  # the collator gives the padding tail no span
+    width = batch["input_ids"].shape[1]
+    model = tiny_model(variant).eval()
+    inputs = dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                  example_spans=ExampleSpans(spans, width) if as_layout else spans)
+    span_path = logits_with(model, "sdpa", **inputs)
+    routed = []
+    real = mb.span_example_ids
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(mb, "span_example_ids", lambda *args: routed.append(1) or real(*args))
+        flex = logits_with(model, "flex_attention", **inputs)
+    assert routed == [1]  # once a forward, for every layer
+    inside = batch["example_ids"] > 0
+    torch.testing.assert_close(flex[inside], span_path[inside], atol=TOLERANCE, rtol=TOLERANCE)
