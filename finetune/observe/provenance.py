@@ -10,7 +10,7 @@ import subprocess
 # The libraries that decide what a run computes, plus the trackers it may report to.
 LIBRARIES = ("torch", "transformers", "datasets", "tokenizers", "safetensors", "accelerate", "peft", "bitsandbytes",
              "numpy", "tensorboard", "wandb", "mlflow-skinny", "mlflow", "trackio", "matplotlib")
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def library_versions() -> dict:

@@ -2,7 +2,7 @@
 `FSDPMemTracker` under torch.distributed._tools), subclassed to record one row of category bytes per op.
 
 A PyTorch upgrade may rename or remove what is used here; `missing_private_members()` names what moved, and
-tests/plan/test_memory.py fails with that list.
+tests/plan/test_torch_internals.py fails with that list.
 """
 import importlib
 import inspect

@@ -284,45 +284,9 @@ def write_jsonl(path, rows):
     return str(path)
 
 
-def test_prepare_chat_counts_what_truncation_did(tmp_path):
-    from datasets import load_dataset
-
-    from finetune.data.chat_preparation import prepare_chat
-
-    rows = [{"messages": rounds(3)}, {"messages": rounds(1)}, {"messages": rounds(2, reply_words=30)},
-            {"messages": rounds(1, user_words=30)}]
-    raw = load_dataset("json", data_files={"train": write_jsonl(tmp_path / "c.jsonl", rows)})
-    dataset, report = prepare_chat(word_tokenizer(), raw, block_size=20, chat_format_name="baichuan2",
-                                   validation_fraction=0)
-    stats = report["splits"]["train"]
-    assert (stats["conversations"], stats["examples"], stats["conversations_dropped"]) == (4, 3, 1)
-    assert (stats["rounds_dropped"], stats["conversations_with_rounds_dropped"], stats["replies_cut"]) == (2, 2, 1)
-    assert max(len(ids) for ids in dataset["train"]["input_ids"]) == 20
-    assert all(any(label != -100 for label in labels[1:]) for labels in dataset["train"]["labels"])
-
-
 # ----------------------------------------------------------------------------------------------
 # Mixing sources
 # ----------------------------------------------------------------------------------------------
-def test_mixing_sources_over_and_under_samples_by_weight():
-    from datasets import Dataset, DatasetDict
-
-    from finetune.data.mixing import mix_sources
-
-    a = DatasetDict(train=Dataset.from_dict({"text": [f"a{i}" for i in range(10)]}))
-    b = DatasetDict(train=Dataset.from_dict({"text": [f"b{i}" for i in range(30)]}))
-    mixed, report = mix_sources({"a": a, "b": b}, [3, 1], seed=0, validation_fraction=0)
-    texts = mixed["train"]["text"]
-    assert len(texts) == 40 and sum(t.startswith("a") for t in texts) == 30  # 3/4 of 40: every a row 3 times
-    assert all(texts.count(f"a{i}") == 3 for i in range(10)) and len({t for t in texts if t[0] == "b"}) == 10
-    assert [row["rows_used"] for row in report] == [30, 10] and report[0]["times_used"] == 3
-    assert mix_sources({"a": a, "b": b}, [3, 1], seed=0, validation_fraction=0)[0]["train"]["text"] == texts
-    assert mix_sources({"a": a, "b": b}, [3, 1], seed=1, validation_fraction=0)[0]["train"]["text"] != texts
-    # Validation rows are carved out before sampling: none of them is repeated into train.
-    mixed, _ = mix_sources({"a": a, "b": b}, [3, 1], seed=0, validation_fraction=0.2)
-    assert len(mixed["validation"]) == 8 and not set(mixed["validation"]["text"]) & set(mixed["train"]["text"])
-
-
 def test_prepare_dataset_mixes_chat_sources_and_reports_them(tmp_path):
     import prepare_dataset
 

@@ -14,7 +14,6 @@ from conftest import PYTHON, REPO_ROOT, _word_tokenizer, assert_one_line_error, 
 import finetune.data.batches as fu
 from finetune.checkpoint import export
 from finetune.distributed.backend import Backend
-from finetune.errors import FinetuneError
 from finetune.model import lora, size
 from finetune.model.lora import LoraSettings
 from finetune.ops import span_attention
@@ -227,32 +226,6 @@ def test_a_tied_embedding_is_saved_once_and_loads_as_the_same_model(tmp_path, fa
             input_ids=ids).logits)
 
 
-def test_attention_the_packed_path_cannot_honour_is_refused():
-    query = torch.randn(1, 2, 5, 8)
-    with pytest.raises(FinetuneError, match="cannot honour s_aux of Linear"):
-        span_attention.packed_spans(torch.nn.Linear(1, 1), query, query, query, None, s_aux=torch.zeros(2))
-    with pytest.raises(FinetuneError, match="does not run its attention through transformers' attention interface"):
-        span_attention.check_model_routes_attention(torch.nn.Linear(1, 1))
-
-
-@pytest.mark.parametrize("attention", ["packed_spans", "varlen_spans", "flex_spans"])
-def test_every_packed_attention_path_checks_the_model_routes_its_attention(tiny_run, monkeypatch, attention):
-    """Under `auto` a GPU loads varlen_spans: a model whose attention bypassed transformers' interface would let
-    packed examples attend to each other there, as on the span loop. The check runs for every packed path."""
-    from transformers import AutoModelForCausalLM
-
-    from finetune.config import ModelConfig
-    from finetune.distributed.backend import Backend
-    from finetune.model import loading
-
-    checked = []
-    monkeypatch.setattr(loading, "attention_name", lambda *args: attention)  # what a GPU would resolve
-    monkeypatch.setattr(span_attention, "check_model_routes_attention", lambda model: checked.append(model))
-    model = loading.load_model(Backend(engine="single", device=torch.device("cpu")), AutoModelForCausalLM,
-                               ModelConfig(tiny_run["llama"]))
-    assert checked == [model] and model.config._attn_implementation == attention
-
-
 @pytest.fixture(scope="module")
 def phi3_folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("phi3")
@@ -286,8 +259,3 @@ def test_a_bad_target_next_to_auto_is_one_line(phi3_folder):
     result = run_script(PYTHON, str(REPO_ROOT / "train_llama2.py"), "--model-name-or-path",
                         str(phi3_folder / "model"), "--plan-only", "--lora", "--lora-target-modules", "auto,q_proj")
     assert "auto stands alone" in assert_one_line_error(result)
-
-
-def test_a_config_transformers_cannot_build_is_one_line_when_sizing():
-    with pytest.raises(FinetuneError, match="cannot build a 'no_such_family' causal LM from its config"):
-        size.meta_model(dict(model_type="no_such_family", hidden_size=32))

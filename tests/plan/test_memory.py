@@ -16,7 +16,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from finetune.plan import memory, memory_cache, memory_step, torch_internals  # noqa: E402
+from finetune.plan import memory, memory_cache, memory_step  # noqa: E402
 
 if __name__ != "__main__":
     from conftest import PYTHON, run_script, torchrun
@@ -48,23 +48,6 @@ def real_single_process_readings(config, setup, passes=1):
     prepared = memory_step.prepare_step(config, setup, fake=False)
     segments, names = memory_step.tracked_step(prepared, MICRO, passes)
     return memory_step.readings_from_segments(segments, names)
-
-
-def test_the_private_tracker_members_the_simulation_uses_are_all_there():
-    """A PyTorch upgrade that moves what finetune/plan/torch_internals.py subclasses or reads fails here, by name."""
-    import torch
-
-    missing = torch_internals.missing_private_members()
-    assert not missing, f"torch {torch.__version__} moved or renamed: {', '.join(missing)} (finetune/plan/torch_internals.py)"
-
-
-def test_the_private_member_check_names_what_moved(monkeypatch):
-    from torch.distributed._tools.mem_tracker import MemTracker
-
-    monkeypatch.delattr(MemTracker, "_update_peak_stats")
-    monkeypatch.setitem(torch_internals.TRACKER_METHODS, "_track_module_params_and_buffers", ("module", "renamed"))
-    assert torch_internals.missing_private_members() == [
-        "MemTracker._track_module_params_and_buffers(module, renamed)", "MemTracker._update_peak_stats"]
 
 
 def test_the_memory_command_ends_a_bad_config_with_one_error_line(tmp_path):
