@@ -9,6 +9,7 @@ from finetune.checkpoint.save_dtype import SAVE_DTYPES
 from finetune.config import RunConfig, from_flags
 from finetune.data.batches import BATCHING_MODES
 from finetune.errors import FinetuneError
+from finetune.model.gguf import refuse_gguf
 from finetune.observe.trackers import BACKENDS, parse_report_to
 from finetune.ops.varlen_attention import ATTENTION_CHOICES
 
@@ -135,6 +136,8 @@ def parse_training_args(description: str, defaults: dict, demo_defaults: dict,
     if not args.demo:  # with --demo the script fills these with the embedded tiny model and data
         args.model_name_or_path = args.model_name_or_path or defaults["model"]
         args.dataset_name_or_path = args.dataset_name_or_path or defaults["dataset"]
+    if args.model_name_or_path:
+        refuse_gguf(args.model_name_or_path)  # a .gguf file: the one-line conversion to a folder
     if args.pad_to_block_size:
         args.batching = "block"
     check_numbers(args)

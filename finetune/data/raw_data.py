@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from finetune.errors import FinetuneError
+from finetune.model.gguf import refuse_gguf
 from finetune.model.hub import HubUnreachable, hub_offline, looks_like_path, require_hub, root_cause_message
 from finetune.model.remote_code import asks_for_remote_code, remote_code_error
 
@@ -117,6 +118,7 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTra
     from transformers import AutoTokenizer
 
     import modeling_baichuan  # noqa: F401  (registers BaichuanTokenizer so AutoTokenizer finds it)
+    refuse_gguf(name_or_path)
     is_local = Path(name_or_path).expanduser().exists()
     if is_local and not Path(name_or_path).expanduser().is_dir():
         raise FinetuneError(f"tokenizer {name_or_path} is a file; pass the folder that holds it")

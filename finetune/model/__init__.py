@@ -7,4 +7,5 @@
     weight_files  naming the weight file that cannot be read
     remote_code   nothing from a folder runs as code without --trust-remote-code
     hub           failing fast with one line when the Hugging Face Hub cannot answer
+    gguf          a GGUF file made into a model folder once (`python -m finetune.model.gguf FILE FOLDER`)
 """
