@@ -23,7 +23,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import modeling_baichuan  # noqa: F401  (registers Baichuan with the Auto classes)
-from finetune.data.chat import CHAT_FORMATS, chat_format, conversation_of
+from finetune.data.chat import CHAT_FORMATS, chat_format
+from finetune.data.conversations import conversation_of
 from finetune.data.preparation import leading_special_ids, require
 from finetune.demo import DEMO_CHAT_FILE, DEMO_SAMPLE_FILES
 from finetune.errors import FinetuneError, entry_point
@@ -97,14 +98,16 @@ def load_example(args):
 
 
 def chat_messages(example, recipe):
-    """The conversation to prompt with: the example's messages up to its last user turn (a recipe row: its first
-    prompt column as the one user turn)."""
+    """The conversation to prompt with ({"messages", "tools"}): the example's messages without the assistant reply
+    it may end with (a recipe row: its first prompt column as the one user turn)."""
     if "messages" not in example and "conversations" not in example:
         check_example(example, recipe, chat=True)
         example = {"messages": [{"role": "user", "content": example[RECIPES[recipe]["columns"][0]]}]}
-    messages = conversation_of(example, "the example", need_reply=False)
-    last_user = max(index for index, message in enumerate(messages) if message["role"] == "user")
-    return messages[:last_user + 1]
+    conversation = conversation_of(example, "the example", need_reply=False)
+    messages = conversation["messages"]
+    while messages[-1]["role"] == "assistant":
+        messages = messages[:-1]
+    return {**conversation, "messages": messages}
 
 
 def check_example(example, recipe, chat):
@@ -126,7 +129,8 @@ def prompt_ids(tokenizer, recipe, example, chat=None):
     chat = "auto" if chat is True else chat
     check_example(example, recipe, chat)
     if chat:
-        return chat_format(tokenizer, chat).prompt(chat_messages(example, recipe))
+        conversation = chat_messages(example, recipe)
+        return chat_format(tokenizer, chat).prompt(conversation["messages"], conversation["tools"])
     response_column = RECIPES[recipe]["columns"][-1]
     parts = RECIPES[recipe]["build_prompt"](dict(example, **{response_column: ""}))
     text = parts["head"] + parts["body"] + parts["tail"]

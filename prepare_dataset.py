@@ -21,7 +21,7 @@ import argparse
 import datasets
 
 from finetune import demo
-from finetune.data.chat import CHAT_FORMATS
+from finetune.data.chat import CHAT_FORMATS, REASONING_CHOICES
 from finetune.data.chat_preparation import format_chat_report, normalize_conversations, prepare_chat
 from finetune.data.mixing import check_weights, format_mixing_report, mix_sources
 from finetune.data.output import claim_save_path, write_output
@@ -57,6 +57,13 @@ def build_parser():
                              "for Baichuan tokenizers, else template if the tokenizer has one, else llama2")
     parser.add_argument("--train-on-turns", choices=("all", "last"), default="all",
                         help="chat recipe: loss on all assistant replies or only the last (default: all)")
+    parser.add_argument("--reasoning", choices=REASONING_CHOICES, default="auto",
+                        help="chat recipe: where assistant reasoning (reasoning_content, or a <think> block in the "
+                             "data) goes: auto (default): where the chat template shows it, else inline; inline: "
+                             "inside the reply text as <think>...</think>; drop: left out. Counted in the report")
+    parser.add_argument("--strict", action="store_true",
+                        help="chat recipe: a conversation that cannot be used is an error (default: it is dropped "
+                             "and counted by reason in prepare_report.json, with its row numbers)")
     parser.add_argument("--dataset-config-name", default=None,
                         help="configuration of a hub data set (default: 3.0.0 for cnn_dailymail)")
     parser.add_argument("--block-size", type=int, default=1024,
@@ -147,7 +154,7 @@ def run(args):
             dataset, report = prepare_chat(tokenizer, raw, block_size=args.block_size,
                                            chat_format_name=args.chat_format, train_on_turns=args.train_on_turns,
                                            seed=args.seed, validation_fraction=args.validation_fraction,
-                                           max_examples=max_examples)
+                                           max_examples=max_examples, reasoning=args.reasoning, strict=args.strict)
         else:
             dataset, report = prepare(args.recipe, recipe, tokenizer, raw, block_size=args.block_size,
                                       train_on_prompt=args.train_on_prompt, seed=args.seed,

@@ -34,7 +34,8 @@ import torch  # noqa: E402
 
 import inference  # noqa: E402
 from finetune import demo  # noqa: E402
-from finetune.data.chat import chat_format, conversation_of  # noqa: E402
+from finetune.data.chat import chat_format  # noqa: E402
+from finetune.data.conversations import conversation_of  # noqa: E402
 from finetune.data.preparation import split_train_validation  # noqa: E402
 from finetune.data.raw_data import load_raw_dataset  # noqa: E402
 
@@ -67,7 +68,7 @@ def held_out_conversations(limit=None):
     raw = split_train_validation(load_raw_dataset(demo.DEMO_CHAT_FILE), seed=0, validation_fraction=0.05)
     found = []
     for row in raw["validation"].select(range(min(limit or len(raw["validation"]), len(raw["validation"])))):
-        messages = conversation_of(row)
+        messages = conversation_of(row)["messages"]
         answer = messages[-1]["content"]
         prefix = next(prefix for prefix in ANSWER_PREFIXES if answer.startswith(prefix))
         found.append((messages[:-1], answer[len(prefix):].rstrip(".")))

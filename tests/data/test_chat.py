@@ -11,13 +11,17 @@ SPECIALS = ["<s>", "</s>", "<|im_start|>", "<|im_end|>", "<|start_header_id|>", 
 WORDS = ["\n", "system", "user", "assistant", "model", "[INST]", "[/INST]"] + [f"w{i}" for i in range(300)]
 
 
-def word_tokenizer(chat_template=None):
+def word_tokenizer(chat_template=None, baichuan_ids=False):
     """Words split at spaces, each newline its own token, the chat pieces special: any text splits into tokens
-    at the same places on its own as inside a longer text, so expected ids can be written down piece by piece."""
+    at the same places on its own as inside a longer text, so expected ids can be written down piece by piece.
+    `baichuan_ids`: ids 195 and 196 are Baichuan2's turn tokens, as in its release (for --chat-format baichuan2)."""
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {token: index for index, token in enumerate(["<unk>"] + SPECIALS + WORDS)}
+    tokens = ["<unk>"] + SPECIALS + WORDS
+    if baichuan_ids:
+        tokens[195:197] = ["<reserved_106>", "<reserved_107>"]
+    vocab = {token: index for index, token in enumerate(tokens)}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r"[^\S\n]+"), "removed"),
                                                      pre_tokenizers.Split("\n", "isolated")])
@@ -34,6 +38,19 @@ def ids_of(tokenizer, *pieces):
         ids += [tokenizer.convert_tokens_to_ids(piece)] if piece in SPECIALS else \
             tokenizer(piece, add_special_tokens=False)["input_ids"]
     return ids
+
+
+def one_row(fmt, messages, tools=None):
+    """The one (ids, labels) example of a conversation that fits and whose replies follow on in one row."""
+    examples, _ = fmt.examples({"messages": messages, "tools": tools})
+    assert len(examples) == 1, len(examples)
+    return examples[0]
+
+
+def messages_of(row):
+    from finetune.data.conversations import conversation_of
+
+    return conversation_of(row)["messages"]
 
 
 CONVERSATION = [{"role": "system", "content": "w1 w2"},
@@ -62,7 +79,7 @@ def baichuan_reference(sp, conversations, eos=2):
 def test_baichuan2_format_is_its_fine_tune_layout_with_the_real_tokenizer():
     import sentencepiece
 
-    from finetune.data.chat import chat_format, conversation_of
+    from finetune.data.chat import chat_format
     from modeling_baichuan import BaichuanTokenizer
 
     sp = sentencepiece.SentencePieceProcessor(model_file=str(BAICHUAN_REFERENCE))
@@ -73,15 +90,15 @@ def test_baichuan2_format_is_its_fine_tune_layout_with_the_real_tokenizer():
     row = {"conversations": [{"from": "human", "value": "你好，我叫小明。"}, {"from": "gpt", "value": "你好小明！"},
                              {"from": "human", "value": "What is my name?"},
                              {"from": "gpt", "value": "Your name is 小明.\nNice day."}]}
-    ids, labels, _ = fmt.encode(conversation_of(row))
+    ids, labels = one_row(fmt, messages_of(row))
     expected_ids, expected_labels = baichuan_reference(sp, row["conversations"])
     assert ids == expected_ids
     # The reference's first label (EOS on the first user token) is never predicted (labels shift by one); ours is -100.
     assert labels[1:] == expected_labels[1:] and labels[0] == -100
     # A system prompt is its text first, with no role token, as Baichuan2-Chat places it.
-    with_system = [{"role": "system", "content": "You are helpful."}] + conversation_of(row)
+    with_system = [{"role": "system", "content": "You are helpful."}] + messages_of(row)
     system_ids = sp.encode("You are helpful.")
-    ids, labels, _ = fmt.encode(with_system)
+    ids, labels = one_row(fmt, with_system)
     assert ids == system_ids + expected_ids and labels[len(system_ids)] == -100
     assert labels[len(system_ids) + 1:] == expected_labels[1:]
 
@@ -94,7 +111,7 @@ def test_demo_baichuan_tokenizer_has_the_chat_tokens_at_the_release_ids():
     assert tokenizer.convert_ids_to_tokens([195, 196]) == ["<reserved_106>", "<reserved_107>"]
     fmt = chat_format(tokenizer, "auto")
     assert fmt.name == "baichuan2"
-    ids, labels, _ = fmt.encode(CONVERSATION)
+    ids, labels = one_row(fmt, CONVERSATION)
     assert ids.count(195) == 2 and ids.count(196) == 2 and ids[-1] == tokenizer.eos_token_id
     # EOS is learned after each reply: as the label of the next user token, and at the very end.
     first_user, second_user = [index for index, token in enumerate(ids) if token == 195]
@@ -131,7 +148,7 @@ def test_llama2_format_is_metas_layout():
         assert whole[:len(prompt_ids)] == prompt_ids
         expected_ids += whole
         expected_labels += [-100] * len(prompt_ids) + whole[len(prompt_ids):]
-    ids, labels, replies = fmt.encode(conversation)
+    ids, labels = one_row(fmt, conversation)
     assert ids == expected_ids and labels == expected_labels
     # The generation prompt of the second turn is the first exchange plus the second's prompt.
     assert fmt.prompt(conversation[:1] + conversation[1:2]) == prompts[0]
@@ -196,7 +213,7 @@ def test_template_format_finds_every_reply(style):
         expected_labels += ids if is_target else [-100] * len(ids)
     fmt = chat_format(tokenizer, "auto")
     assert fmt.name == "template"
-    ids, labels, _ = fmt.encode(conversation)
+    ids, labels = one_row(fmt, conversation)
     assert ids == expected_ids and labels == expected_labels
     # The generation prompt is what apply_chat_template gives, and generation stops at the end-of-turn token.
     assert fmt.prompt(conversation[:-1]) == tokenizer.apply_chat_template(
@@ -205,14 +222,30 @@ def test_template_format_finds_every_reply(style):
     assert tokenizer.convert_tokens_to_ids(end_of_turn) in fmt.end_of_turn_ids()
 
 
-def test_template_that_cannot_be_split_says_why():
+def test_a_template_that_rewrites_past_turns_gets_one_example_per_reply():
+    """Each reply in the context inference gives it: the second reply's context shows the first reply as the
+    template renders it once a later turn follows (w0), so it is an example of its own."""
     from finetune.data.chat import chat_format
+
+    fmt = chat_format(word_tokenizer(REWRITES_HISTORY), "template")
+    examples, stats = fmt.examples({"messages": CONVERSATION, "tools": None})
+    assert len(examples) == 2 and stats["replies_learned"] == 2
+    for (ids, labels), end in zip(examples, (3, 5), strict=True):
+        context = fmt.tokenizer.apply_chat_template(CONVERSATION[:end - 1], add_generation_prompt=True,
+                                                    tokenize=True, return_dict=False)
+        assert ids[:len(context)] == context and set(labels[:len(context)]) == {-100}
+        reply = CONVERSATION[end - 1]["content"]
+        assert [t for t in labels if t != -100] == ids_of(fmt.tokenizer, reply, "<|im_end|>")
+
+
+def test_a_template_that_refuses_a_conversation_drops_it_with_its_reason():
+    from finetune.data.chat import chat_format
+    from finetune.data.conversations import BadConversation
     from finetune.errors import FinetuneError
 
-    with pytest.raises(FinetuneError, match="rewrites past turns"):
-        chat_format(word_tokenizer(REWRITES_HISTORY), "template").encode(CONVERSATION)
-    with pytest.raises(FinetuneError, match="refused the conversation: Only user and assistant"):
-        chat_format(word_tokenizer(MISTRAL), "template").encode(CONVERSATION)
+    with pytest.raises(BadConversation, match="refused the conversation: Only user and assistant") as refused:
+        chat_format(word_tokenizer(MISTRAL), "template").examples({"messages": CONVERSATION, "tools": None})
+    assert refused.value.reason == "template_error"
     with pytest.raises(FinetuneError, match="no chat_template"):
         chat_format(word_tokenizer(None), "template")
 
@@ -221,22 +254,22 @@ def test_template_that_cannot_be_split_says_why():
 # Rows, targets, truncation
 # ----------------------------------------------------------------------------------------------
 def test_rows_with_bad_conversations_are_one_clear_error():
-    from finetune.data.chat import conversation_of
-    from finetune.errors import FinetuneError
+    from finetune.data.conversations import BadConversation, conversation_of
 
     good = {"conversations": [{"from": "human", "value": "w1"}, {"from": "gpt", "value": "w2"}]}
-    assert conversation_of(good) == [{"role": "user", "content": "w1"}, {"role": "assistant", "content": "w2"}]
+    assert conversation_of(good)["messages"] == [{"role": "user", "content": "w1"},
+                                                 {"role": "assistant", "content": "w2"}]
     bad = {
         "unknown role 'bot'": {"messages": [{"role": "user", "content": "w1"}, {"role": "bot", "content": "w2"}]},
         "'content' is empty": {"messages": [{"role": "user", "content": " "}, {"role": "assistant", "content": "w"}]},
-        "'value' must be text, got int": {"conversations": [{"from": "human", "value": 3}]},
+        "content must be text or a list of text parts, got int": {"conversations": [{"from": "human", "value": 3}]},
         "no assistant turn": {"messages": [{"role": "user", "content": "w1"}]},
-        "expected a assistant turn, got user": {"messages": [{"role": "user", "content": "w1"},
-                                                            {"role": "user", "content": "w2"}]},
+        "a user turn cannot follow user": {"messages": [{"role": "user", "content": "w1"},
+                                                        {"role": "user", "content": "w2"}]},
         "neither a 'messages' nor": {"text": "w1"},
     }
     for message, row in bad.items():
-        with pytest.raises(FinetuneError, match=message):
+        with pytest.raises(BadConversation, match=message):
             conversation_of(row, "row 7")
 
 
@@ -249,34 +282,44 @@ def rounds(count, user_words=3, reply_words=3, system=True):
 
 
 def test_truncation_drops_the_oldest_rounds_then_cuts_the_last_reply():
-    from finetune.data.chat import chat_format, fit_conversation
+    from finetune.data.chat import chat_format
 
-    fmt = chat_format(word_tokenizer(), "baichuan2")  # [195] user [196] reply per turn, EOS at the end
+    fmt = chat_format(word_tokenizer(baichuan_ids=True), "baichuan2")  # [195] user [196] reply, EOS after each
     sys_ids = ids_of(fmt.tokenizer, "w1 w2")
+
+    def examples(conversation, block_size, last_only=False):
+        return fmt.examples({"messages": conversation, "tools": None}, block_size, last_only)
+
     conversation = rounds(3)  # 2 + 3 * (4 + 4) + 1 = 27 tokens
-    ids, labels, dropped, cut = fit_conversation(fmt, conversation, block_size=27)
-    assert (len(ids), dropped, cut) == (27, 0, False)
-    for block_size, expected_dropped in ((26, 1), (19, 1), (18, 2), (11, 2)):
-        ids, labels, dropped, cut = fit_conversation(fmt, conversation, block_size)
-        kept = conversation[:1] + conversation[1 + 2 * expected_dropped:]
-        assert (dropped, cut) == (expected_dropped, False)
-        assert ids == fmt.encode(kept)[0] and ids[:2] == sys_ids  # the system prompt stays
-    # The last round alone is too long: its reply is cut at its end.
-    ids, labels, dropped, cut = fit_conversation(fmt, rounds(2, reply_words=20), block_size=12)
-    assert (len(ids), dropped, cut) == (12, 1, True)
+    (ids, labels), = examples(conversation, 27)[0]
+    assert len(ids) == 27 and ids == one_row(fmt, conversation)[0]
+    # A smaller block: each reply keeps the system prompt and the latest rounds that fit with it; replies whose
+    # contexts continue the row stay in it, and every reply is learned once.
+    for block_size in (26, 19, 18, 11):
+        found, stats = examples(conversation, block_size)
+        assert stats["replies_learned"] == 3 and all(len(ids) <= block_size for ids, _ in found)
+        assert all(ids[:2] == sys_ids for ids, _ in found)  # the system prompt stays
+        learned = [[t for t in labels if t != -100] for _, labels in found]
+        replies = [ids_of(fmt.tokenizer, " ".join([f"w{50 + n}"] * 3)) + [fmt.eos_id] for n in range(3)]
+        assert sum(learned, []) == sum(replies, [])
+    # The last round alone is too long: its reply is cut at its end (and gets no EOS: it did not end).
+    found, stats = examples(rounds(2, reply_words=20), 12)
+    (ids, labels) = found[-1]
+    assert len(ids) == 12 and stats["replies_cut"] == 2 and stats["replies_with_rounds_dropped"] == 1
     assert ids[:7] == sys_ids + [195] + ids_of(fmt.tokenizer, "w11 w11 w11") + [196]
-    assert labels[7:] == ids[7:]
-    # Not even the prompt of the last reply fits: nothing to learn, the conversation is dropped.
-    assert fit_conversation(fmt, rounds(2), block_size=7) is None
+    assert labels[7:] == ids[7:] and fmt.eos_id not in ids
+    # Not even the context of a reply fits: nothing to learn from it.
+    found, stats = examples(rounds(2), 7)
+    assert found == [] and stats["replies_dropped_context_too_long"] == 2
     # --train-on-turns last: only the last reply and its EOS are targets.
-    ids, labels, _, _ = fit_conversation(fmt, rounds(2), block_size=100, last_only=True)
+    (ids, labels), = examples(rounds(2), 100, last_only=True)[0]
     assert [token for token in labels if token != -100] == ids_of(fmt.tokenizer, "w51 w51 w51") + [fmt.eos_id]
-    ids, labels, _, _ = fit_conversation(fmt, rounds(2), block_size=100)
+    (ids, labels), = examples(rounds(2), 100)[0]
     assert [token for token in labels if token != -100] == \
         ids_of(fmt.tokenizer, "w50 w50 w50") + [fmt.eos_id] + ids_of(fmt.tokenizer, "w51 w51 w51") + [fmt.eos_id]
     # User turns after the last reply have nothing to learn and are left out.
-    ids, _, _, _ = fit_conversation(fmt, rounds(1) + [{"role": "user", "content": "w99"}], block_size=100)
-    assert ids == fmt.encode(rounds(1))[0]
+    (ids, _), = examples(rounds(1) + [{"role": "user", "content": "w99"}], 100)[0]
+    assert ids == one_row(fmt, rounds(1))[0]
 
 
 def write_jsonl(path, rows):
@@ -315,12 +358,24 @@ def test_prepare_dataset_mixes_recipe_sources(tmp_path):
     assert report["splits"]["train"]["examples"] == 8
 
 
-def test_bad_chat_rows_and_weights_are_one_error_line(tmp_path):
+def test_bad_chat_rows_are_dropped_and_counted_or_under_strict_one_error_line(tmp_path):
     data = write_jsonl(tmp_path / "bad.jsonl", [{"messages": rounds(1)}, {"messages": [
-        {"role": "user", "content": "w1"}, {"role": "robot", "content": "w2"}]}])
+        {"role": "user", "content": "w1"}, {"role": "robot", "content": "w2"}]}] + [{"messages": rounds(1)}] * 3)
     result = run_script(PYTHON, "prepare_dataset.py", "chat", "--demo", "--dataset-name-or-path", data,
+                        "--validation-fraction", "0", "--save-path", str(tmp_path / "kept"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((tmp_path / "kept" / "prepare_report.json").read_text())["splits"]["train"]
+    assert (report["examples"], report["dropped_by_reason"], report["dropped_rows"]) == (
+        4, {"unknown_role": 1}, {"unknown_role": [1]})
+    assert "dropped 1 conversations: unknown_role (rows 1)" in result.stdout
+    result = run_script(PYTHON, "prepare_dataset.py", "chat", "--demo", "--dataset-name-or-path", data, "--strict",
                         "--save-path", str(tmp_path / "out"))
     assert "row 1 of split 'train', message 1: unknown role 'robot'" in assert_one_line_error(result)
+    only_bad = write_jsonl(tmp_path / "only_bad.jsonl", [{"messages": [{"role": "user", "content": "w1"}]}] * 3)
+    result = run_script(PYTHON, "prepare_dataset.py", "chat", "--demo", "--dataset-name-or-path", only_bad,
+                        "--save-path", str(tmp_path / "out"))
+    assert "no conversation of split 'train' could be laid out for training (3 no_assistant_turn)" in \
+        assert_one_line_error(result)
     result = run_script(PYTHON, "prepare_dataset.py", "chat", "--demo", "--dataset-name-or-path", data, data,
                         "--dataset-weights", "1", "--save-path", str(tmp_path / "out"))
     assert "--dataset-weights has 1 values for 2 sources" in assert_one_line_error(result)
@@ -339,14 +394,14 @@ def parity_tokenizers():
 
 def test_inference_prompt_is_the_prefix_of_the_training_row():
     import inference
-    from finetune.data.chat import chat_format, conversation_of
+    from finetune.data.chat import chat_format
 
     row = json.loads((REPO_ROOT / "data" / "chat_sample.jsonl").read_text().splitlines()[1])
-    messages = conversation_of(row)
+    messages = messages_of(row)
     for name, tokenizer in parity_tokenizers().items():
         fmt = chat_format(tokenizer, "auto")
         assert fmt.name == name
-        ids, labels, _ = fmt.encode(messages)
+        ids, labels = one_row(fmt, messages)
         replies = [index for index, message in enumerate(messages) if message["role"] == "assistant"]
         for reply in replies:
             example = {"messages": messages[:reply + 1]}  # inference prompts up to the last user turn
