@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import prepare_dataset
+from finetune.data import recipes
 from finetune import demo as demo_assets
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -64,8 +64,8 @@ def test_demo_model_reloads_with_identical_weights(recipe):
 def test_demo_dataset_is_cached_per_block_size():
     from datasets import load_from_disk
 
-    folder = prepare_dataset.demo_dataset("baichuan2", block_size=512)
-    assert prepare_dataset.demo_dataset("baichuan2", block_size=512) == folder
+    folder = recipes.demo_dataset("baichuan2", block_size=512)
+    assert recipes.demo_dataset("baichuan2", block_size=512) == folder
     dataset = load_from_disk(folder)
     assert set(dataset) == {"train", "validation"} and dataset["train"].column_names == ["input_ids", "labels"]
     assert max(len(ids) for ids in dataset["train"]["input_ids"]) <= 512
@@ -78,6 +78,7 @@ def test_cache_key_changes_with_version(monkeypatch):
     assert demo_assets._fingerprint("x") != before
 
 
+@pytest.mark.slow
 def test_two_processes_building_at_once_agree(tmp_path):
     """Both callers succeed and see one complete folder; the build happens once (lock + rename)."""
     env = {**os.environ, "FINETUNE_DEMO_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}

@@ -121,6 +121,7 @@ def reference(tiny_run, tmp_path_factory):
     return save_dir
 
 
+@pytest.mark.slow
 def test_save_every_writes_complete_checkpoints_and_keeps_the_last_k(reference):
     import torch.distributed.checkpoint as dcp
 
@@ -143,6 +144,7 @@ def test_save_every_writes_complete_checkpoints_and_keeps_the_last_k(reference):
     assert all(torch.equal(restored["model"][name], final[name]) for name in final)
 
 
+@pytest.mark.slow
 def test_kill_during_save_keeps_previous_checkpoints_and_resume_matches(tiny_run, reference, tmp_path):
     """SIGKILL in the middle of the third save: the two earlier checkpoints (keep-last 2) survive, the
     half-written folder is ignored, and --resume ends exactly where the uninterrupted run did."""
@@ -177,6 +179,7 @@ def test_kill_during_save_keeps_previous_checkpoints_and_resume_matches(tiny_run
     assert not (save_dir / "checkpoints" / (third + ".partial")).exists()
 
 
+@pytest.mark.slow
 def test_sigterm_then_sigint_stop_cleanly_and_resume_matches(tiny_run, reference, tmp_path):
     save_dir = tmp_path / "run"
     args = train_args(tiny_run, save_dir)
@@ -199,6 +202,7 @@ def test_sigterm_then_sigint_stop_cleanly_and_resume_matches(tiny_run, reference
     assert_same_run(save_dir, reference)
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_naming_the_step_after_skipping_the_allowed_ones(tiny_run, tmp_path):
     """NaN losses on the 3rd and 6th forward passes (one per step) with --skip-nonfinite 1: step 3's update is
     skipped (the step still counts, so data and step numbers stay aligned), step 6 stops the run, and the
@@ -230,6 +234,7 @@ def test_nonfinite_loss_stops_naming_the_step_after_skipping_the_allowed_ones(ti
     assert not (save_dir / "model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_overwrite_starts_over_and_keeps_files_we_did_not_write(tiny_run, reference, tmp_path):
     save_dir = tmp_path / "run"
     shutil.copytree(reference, save_dir)
@@ -252,6 +257,7 @@ def torchrun_popen(*args):
                  start_new_session=True)
 
 
+@pytest.mark.distributed
 def test_two_processes_sigterm_checkpoint_on_every_rank_and_resume_matches(tiny_run, tmp_path):
     reference_dir = tmp_path / "reference"
     save_dir = tmp_path / "run"

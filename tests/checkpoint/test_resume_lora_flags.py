@@ -21,12 +21,14 @@ def lora_checkpoint(tiny_run, tmp_path_factory):
     return argv
 
 
+@pytest.mark.slow
 def test_resume_with_another_lora_dropout_is_refused_naming_the_flag(lora_checkpoint):
     result = run_script(PYTHON, *lora_checkpoint, "--resume", "--lora-dropout", "0.1", env={"OMP_NUM_THREADS": "1"})
     line = assert_one_line_error(result)
     assert line.startswith("error: --lora-dropout differs from the run being resumed") and "dropout 0 " in line, line
 
 
+@pytest.mark.slow
 def test_resume_with_the_same_targets_in_another_order_is_accepted(lora_checkpoint):
     reordered = ",".join(reversed(LORA_TARGETS.split(",")))
     result = run_script(PYTHON, *lora_checkpoint[:-1], reordered, "--resume", env={"OMP_NUM_THREADS": "1"})

@@ -79,6 +79,7 @@ def test_tensors_load_through_the_safe_reader(checkpoint):
 
 # ---- payloads ------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_metadata_file_that_runs_code_is_refused(checkpoint, tmp_path):
     path, state = checkpoint
     marker = tmp_path / "ran"

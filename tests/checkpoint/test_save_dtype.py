@@ -29,6 +29,7 @@ def _weights(folder):
     return load_file(f"{folder}/model.safetensors"), json.loads((folder / "config.json").read_text())
 
 
+@pytest.mark.distributed
 def test_bf16_training_saves_bf16_unless_fp32_is_asked(tiny_run, tmp_path):
     """Two processes with CPU offload (shards gathered from the host) save bf16; one process with
     --save-dtype fp32 saves the fp32 master weights of the same run."""

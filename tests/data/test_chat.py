@@ -358,6 +358,7 @@ def test_prepare_dataset_mixes_recipe_sources(tmp_path):
     assert report["splits"]["train"]["examples"] == 8
 
 
+@pytest.mark.slow
 def test_bad_chat_rows_are_dropped_and_counted_or_under_strict_one_error_line(tmp_path):
     data = write_jsonl(tmp_path / "bad.jsonl", [{"messages": rounds(1)}, {"messages": [
         {"role": "user", "content": "w1"}, {"role": "robot", "content": "w2"}]}] + [{"messages": rounds(1)}] * 3)

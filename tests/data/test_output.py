@@ -181,6 +181,7 @@ def test_a_second_run_into_the_same_path_leaves_the_first_alone(tiny_source, tmp
     assert sorted(os.listdir(tmp_path)) == ["articles.jsonl", "out", "signals"]
 
 
+@pytest.mark.slow
 def test_the_real_script_killed_between_its_renames_loses_nothing(tiny_source, tmp_path):
     """prepare_dataset.py itself, on a system without an atomic swap, killed right after moving the previous
     output aside. The next run restores it even though that run fails; the one after replaces it."""

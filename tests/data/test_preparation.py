@@ -10,6 +10,7 @@ from datasets import Dataset, DatasetDict, load_from_disk
 
 import finetune.data.preparation as prep
 import prepare_dataset as pd
+from finetune.data import recipes
 from finetune.data.output import REPORT_FILE
 from finetune.data.preparation import IGNORE_INDEX
 from finetune.errors import FinetuneError
@@ -44,8 +45,8 @@ SUPPORT = {"instruction": "Where is my order #123456?", "category": "ORDER", "in
 
 
 def test_prompt_formats_are_the_tutorials():
-    assert prep.full_text(pd.build_llama2_prompt(NEWS)) == f"[SUMMARIZE] {NEWS['article']} [/SUMMARIZE]\n{NEWS['highlights']}"
-    assert prep.full_text(pd.build_baichuan2_prompt(SUPPORT)) == (
+    assert prep.full_text(recipes.build_llama2_prompt(NEWS)) == f"[SUMMARIZE] {NEWS['article']} [/SUMMARIZE]\n{NEWS['highlights']}"
+    assert prep.full_text(recipes.build_baichuan2_prompt(SUPPORT)) == (
         f"[INST] {SUPPORT['instruction']} \n Category is ORDER \n Intent is track_order [/INST]\n{SUPPORT['response']}")
 
 
@@ -55,7 +56,7 @@ def test_llama2_ids_and_label_mask(llama_tokenizer):
     assert ids[0] == llama_tokenizer.bos_token_id == 1
     assert ids[-1] == llama_tokenizer.eos_token_id == 2 and labels[-1] == 2
     # Exactly the intended text, with the real EOS id rather than the string "</s>".
-    assert llama_tokenizer.decode(ids[1:-1]) == prep.full_text(pd.build_llama2_prompt(NEWS))
+    assert llama_tokenizer.decode(ids[1:-1]) == prep.full_text(recipes.build_llama2_prompt(NEWS))
     prompt_ids = llama_tokenizer(f"[SUMMARIZE] {NEWS['article']} [/SUMMARIZE]\n")["input_ids"]
     assert ids[:len(prompt_ids)] == prompt_ids
     assert labels[:len(prompt_ids)] == [IGNORE_INDEX] * len(prompt_ids)
@@ -67,11 +68,11 @@ def test_llama2_ids_and_label_mask(llama_tokenizer):
 def test_baichuan2_ids_and_label_mask(baichuan_tokenizer):
     row = tokenize_one("baichuan2", baichuan_tokenizer, SUPPORT)
     ids, labels = row["input_ids"], row["labels"]
-    prompt_ids = baichuan_tokenizer(prep.full_text(pd.build_baichuan2_prompt({**SUPPORT, "response": ""})))["input_ids"]
+    prompt_ids = baichuan_tokenizer(prep.full_text(recipes.build_baichuan2_prompt({**SUPPORT, "response": ""})))["input_ids"]
     assert ids[0] != baichuan_tokenizer.bos_token_id  # Baichuan adds no BOS
     assert ids[:len(prompt_ids)] == prompt_ids and ids[-1] == baichuan_tokenizer.eos_token_id
     assert labels == [IGNORE_INDEX] * len(prompt_ids) + ids[len(prompt_ids):]
-    assert baichuan_tokenizer.decode(ids[:-1]) == prep.full_text(pd.build_baichuan2_prompt(SUPPORT))
+    assert baichuan_tokenizer.decode(ids[:-1]) == prep.full_text(recipes.build_baichuan2_prompt(SUPPORT))
 
 
 def test_parts_tokenized_separately_match_whole_text_on_sample_data(llama_tokenizer, baichuan_tokenizer):
@@ -99,7 +100,7 @@ def test_real_baichuan2_tokenizer_boundaries_align():
     tokenizer = BaichuanTokenizer(vocab_file=str(reference))
     row = tokenize_one("baichuan2", tokenizer, SUPPORT)
     assert not row["stat_misaligned"]
-    assert tokenizer.decode(row["input_ids"][:-1]) == prep.full_text(pd.build_baichuan2_prompt(SUPPORT))
+    assert tokenizer.decode(row["input_ids"][:-1]) == prep.full_text(recipes.build_baichuan2_prompt(SUPPORT))
     assert tokenizer.decode([t for t in row["labels"] if t != IGNORE_INDEX][:-1]) == SUPPORT["response"]
 
 
@@ -218,6 +219,7 @@ def test_bad_input_gives_one_error_line(case, tmp_path):
         assert "highlights" in message
 
 
+@pytest.mark.slow
 def test_error_line_and_exit_code_in_a_real_process(tmp_path):
     """The same errors from a separate process: exit status 1, one `error:` line, no traceback, quickly."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}

@@ -53,13 +53,12 @@ def test_a_line_past_the_limit_is_refused_before_reading(tiny_run, tmp_path, mon
 def test_cutting_a_long_text_before_tokenizing_changes_no_kept_token(tiny_run):
     from transformers import AutoTokenizer
 
-    import prepare_dataset
-    from finetune.data import preparation
+    from finetune.data import preparation, recipes
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_run["llama"])
     long_text = " ".join(f"w{5 + i % 100}" for i in range(20_000))
     batch = {"article": [long_text, "w5 w6"], "highlights": ["w21 w22", " ".join(["w23"] * 5000)]}
-    build = prepare_dataset.RECIPES["llama2"]["build_prompt"]
+    build = recipes.RECIPES["llama2"]["build_prompt"]
     assert preparation.text_budget(tokenizer, 128) < len(long_text)
     cut = preparation.tokenize_examples(batch, build, tokenizer, 128)
     whole = preparation.tokenize_examples(batch, build, tokenizer, 128, char_budget=10 ** 9)
@@ -71,6 +70,7 @@ PEAK_RSS = ("import resource, subprocess, sys; code = subprocess.run(sys.argv[1:
             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(code)")
 
 
+@pytest.mark.slow
 def test_a_64_mb_line_is_prepared_within_bounded_memory(tiny_run, tmp_path):
     """The article used to be tokenized whole (16M tokens) before being cut to the block: 10.6 GB at the peak.
     Now about 0.9 GB, most of it the JSON reader's (a cold datasets cache: the conversion is measured too)."""

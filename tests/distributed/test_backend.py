@@ -1,5 +1,6 @@
 """finetune/distributed/backend.py: the process group has a CPU backend beside NCCL, and the other ranks wait for rank 0's
 download behind a long-timeout barrier (torchrun on gloo reproduces both mechanisms on a CPU)."""
+import pytest
 import textwrap
 
 from conftest import REPO_ROOT, torchrun
@@ -34,6 +35,7 @@ OFFLOAD_CLIP = """
 """
 
 
+@pytest.mark.distributed
 def test_offloaded_gradients_clip_with_the_process_group_backends(tmp_path):
     worker = _worker(tmp_path, "clip.py", OFFLOAD_CLIP)
     ours = torchrun(2, worker, "ours", timeout=180)
@@ -71,6 +73,7 @@ SLOW_DOWNLOAD = """
 """
 
 
+@pytest.mark.distributed
 def test_ranks_wait_for_the_download_past_the_group_timeout(tiny_run, tmp_path):
     worker = _worker(tmp_path, "download.py", SLOW_DOWNLOAD)
     waited = torchrun(2, worker, tiny_run["llama"], "barrier", timeout=180)

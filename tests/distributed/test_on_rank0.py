@@ -49,6 +49,7 @@ backend.shutdown()
 """
 
 
+@pytest.mark.distributed
 @pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo")
 def test_under_torchrun_every_rank_gets_rank0s_result_and_its_error(tmp_path):
     script = tmp_path / "on_rank0.py"

@@ -166,6 +166,7 @@ def outcomes(tiny_run, earlier_run_folder, bigger_llama, tmp_path_factory):
         return dict(zip([case[0] for case in CASES], pool.map(run_case, CASES)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=[case[0] for case in CASES])
 def test_bad_input_gives_one_error_line_and_loses_nothing(case, outcomes):
     name, _, _, _, words = case
@@ -177,6 +178,7 @@ def test_bad_input_gives_one_error_line_and_loses_nothing(case, outcomes):
 
 # ---- cases that need a run of their own ----------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_custom_model_code_never_runs_without_trust_remote_code(tiny_run, tmp_path):
     """A model folder that asks for its own code: without --trust-remote-code the code must not run."""
     model = tmp_path / "custom_model"
@@ -203,6 +205,7 @@ def test_custom_model_code_never_runs_without_trust_remote_code(tiny_run, tmp_pa
 
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key, value", [("norm_head", "false"), ("num_attention_heads", 0), ("model_type", None)],
                          ids=["norm_head-string", "heads-0", "config-is-an-array"])
 def test_bad_baichuan_config_gives_one_error_line_naming_the_key(tiny_run, tmp_path, key, value):
@@ -215,6 +218,7 @@ def test_bad_baichuan_config_gives_one_error_line_naming_the_key(tiny_run, tmp_p
     line = assert_one_line_error(result)
     assert key in line, line
 
+@pytest.mark.slow
 @pytest.mark.parametrize("failure, expected", [
     ('RuntimeError("injected failure on rank 1")', "injected failure on rank 1"),
     # One of our error lines met by rank 1 alone (its own disk, say): rank 1 says it, naming itself, once.

@@ -18,6 +18,7 @@ def run_quick(tmp_path, *flags, timeout=900):
     return last, result.stdout
 
 
+@pytest.mark.slow
 def test_benchmark_quick_prints_both_models_and_a_json_line(tmp_path):
     last, _ = run_quick(tmp_path, "--only", "tutorial,packed,hf_trainer,prepare")
     assert set(last["models"]) == {"llama2", "baichuan2"}
@@ -46,6 +47,7 @@ def test_benchmark_trl_rows_and_busy_factor(tmp_path):
     assert "TRL SFTTrainer, packing=True" in stdout
 
 
+@pytest.mark.slow
 def test_benchmark_refuses_unknown_runs_and_models(tmp_path):
     for flags in (("--only", "packed,nonsense"), ("--models", "gpt2")):
         result = run_script(sys.executable, str(REPO_ROOT / "benchmarks" / "bench_throughput.py"), "--quick",
@@ -54,6 +56,7 @@ def test_benchmark_refuses_unknown_runs_and_models(tmp_path):
         assert result.stderr.strip().splitlines()[-1].startswith("error: "), result.stderr[-500:]
 
 
+@pytest.mark.slow
 def test_gpu_check_runs_the_real_script_and_prints_one_json_line():
     """On this CPU: real steps of the demo through torchrun, measured peak memory, no simulated figure."""
     result = run_script(sys.executable, str(REPO_ROOT / "benchmarks" / "gpu_check.py"), "--steps", "2", "--",

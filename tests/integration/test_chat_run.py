@@ -1,5 +1,6 @@
 """Conversations end to end: inference.py --chat (an example, and an interactive terminal), training on chat rows
 with both scripts, and the chat quick start of docs/chat.md."""
+import pytest
 import json
 import os
 import pty
@@ -36,6 +37,7 @@ def read_until(fd, pattern, timeout=120):
     return seen
 
 
+@pytest.mark.slow
 def test_inference_chat_on_a_terminal_keeps_the_history_until_reset(tiny_run):
     controller, terminal = pty.openpty()
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
@@ -64,6 +66,7 @@ def test_inference_chat_on_a_terminal_keeps_the_history_until_reset(tiny_run):
     assert after_reset == first  # /reset: the same question is prompted as at the start
 
 
+@pytest.mark.slow
 def test_both_training_scripts_learn_from_chat_rows(tmp_path):
     """Chat rows train like any prepared rows: packed (never split), LoRA, checkpoints and resume."""
     from datasets import load_from_disk
@@ -112,6 +115,7 @@ def docs_chat_commands():
     return [line for line in block.splitlines() if line.strip()]
 
 
+@pytest.mark.slow
 def test_docs_chat_quick_start_runs_as_written(tmp_path):
     """The chat lines of docs/chat.md, run in a copy of the repository; training stops after 3 steps (--max-steps 3 is
     added to its line: the full demo run takes minutes, see benchmarks/demo_chat_recall.py for what it learns)."""

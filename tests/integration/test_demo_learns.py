@@ -3,6 +3,7 @@
 The slow test runs the README's quick-start commands literally (train_llama2.py --demo, then the inference line)
 and scores greedy summaries of the held-out articles with benchmarks/demo_rouge.py.
 """
+import pytest
 import importlib.util
 import json
 import re
@@ -53,12 +54,13 @@ def test_quick_start_inference_example_is_held_out():
     from datasets import load_from_disk
     from transformers import AutoTokenizer
 
-    import prepare_dataset
+
+    from finetune.data import recipes
     from finetune import demo
 
     index = int(shlex.split(readme_command("python inference.py"))[-1])
     rows = [json.loads(line) for line in open(demo.DEMO_SAMPLE_FILES["llama2"], encoding="utf-8")]
-    prepared = load_from_disk(prepare_dataset.demo_dataset("llama2", block_size=1024))
+    prepared = load_from_disk(recipes.demo_dataset("llama2", block_size=1024))
     tokenizer = AutoTokenizer.from_pretrained(demo.ensure_demo_tokenizer("llama2"))
     seen = {split: [tokenizer.decode(ids) for ids in prepared[split]["input_ids"]] for split in ("train", "validation")}
     assert len(seen["validation"]) == 100
@@ -70,6 +72,7 @@ def greedy_text(stdout):
     return stdout.split("--- greedy ---\n", 1)[1].split("--- sampled ---", 1)[0].strip()
 
 
+@pytest.mark.slow
 def test_quick_start_demo_learns_to_summarise_held_out_articles(tmp_path):
     """Literally the README: `python train_llama2.py --demo`, then its inference line, in a fresh folder."""
     train = shlex.split(readme_command("pip install"))[-3:]

@@ -1,4 +1,5 @@
 """docs/recipes.md, "Adding a recipe": its steps followed literally in a copy of the repository."""
+import pytest
 import json
 import re
 import shlex
@@ -55,6 +56,7 @@ def test_adding_a_recipe_works_as_the_docs_say(tmp_path):
     assert "Where is the station?" in outputs[-1] and "--- greedy ---" in outputs[-1]
 
 
+@pytest.mark.slow
 def test_demo_without_bundled_data_for_a_recipe_says_what_to_pass(tmp_path):
     result = run_script(PYTHON, "-c", "import sys, prepare_dataset as p; "
                         "p.RECIPES['qa'] = dict(p.RECIPES['llama2']); sys.argv = ['prepare_dataset.py', 'qa', "

@@ -665,6 +665,7 @@ def test_a_billion_epochs_are_counted_without_building_them():
 # 12 and 2. torchrun: one error line, every rank refused
 # ----------------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_torchrun_bad_flag_and_locked_folder_print_one_error_line(tiny_run, tmp_path):
     lab = Lab(tiny_run, tmp_path)
     locked = tmp_path / "locked"
@@ -705,6 +706,7 @@ def test_torchrun_bad_flag_and_locked_folder_print_one_error_line(tiny_run, tmp_
 # The tests: one per scenario
 # ----------------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_fault(name, verdicts):
     found, logs = verdicts

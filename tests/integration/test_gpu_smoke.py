@@ -14,6 +14,7 @@ COMMON = ["--block-size", "128", "--batch-size", "8", "--max-steps", "2", "--lr"
 
 # ---- the first GPU run: one command; its dry run here -----------------------------------------------------------
 
+@pytest.mark.slow
 def test_gpu_smoke_dry_run_lists_every_check_and_runs_the_process_group_one(tmp_path):
     result = run_script(PYTHON, str(REPO_ROOT / "benchmarks" / "gpu_smoke.py"), "--dry-run", "--work-dir",
                         str(tmp_path), timeout=300)
@@ -76,6 +77,7 @@ def test_attention_choice_resolves_for_device_and_model(monkeypatch):
         attention_name("packed_spans", "varlen", gpu, "no")
 
 
+@pytest.mark.slow
 def test_one_kernel_attention_is_refused_on_a_cpu_with_one_line(tiny_run, tmp_path):
     run = run_script(PYTHON, str(TRAIN["llama"]), "--model-name-or-path", tiny_run["llama"], "--dataset-name-or-path",
                      tiny_run["data"], "--save-model-dir", str(tmp_path / "out"), *COMMON, "--attn-implementation",

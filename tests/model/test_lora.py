@@ -145,6 +145,7 @@ def test_planned_adapter_size_matches_peft(tiny_run, kind, targets):
     assert lora.count_trainable(model) > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["train_llama2", "train_baichuan2_13b"])
 def test_plan_only_fits_13b_on_one_gpu(script, capsys):
     import importlib
@@ -183,6 +184,7 @@ def lora_run(tiny_run):
     return out
 
 
+@pytest.mark.slow
 def test_lora_two_processes_match_one_process(tiny_run, lora_run):
     double = tiny_run["root"] / "lora_double"
     train("llama", tiny_run, double, "--lora", nproc=2)
@@ -195,6 +197,7 @@ def test_lora_two_processes_match_one_process(tiny_run, lora_run):
                         atol=1e-5)
 
 
+@pytest.mark.slow
 def test_lora_outputs_merged_model_and_adapter_and_small_checkpoints(tiny_run, lora_run):
     from transformers import AutoModelForCausalLM
 
@@ -245,12 +248,14 @@ def resume_from_step_2(script, reference, resumed, *args, other_adapters=None):
     assert strip(metric_rows(resumed)) == strip(metric_rows(reference))
 
 
+@pytest.mark.slow
 def test_llama_lora_resumes_bit_for_bit(tiny_run, lora_run, tmp_path):
     resume_from_step_2(TRAIN["llama"], lora_run, tmp_path / "resumed", "--model-name-or-path", tiny_run["llama"],
                        "--dataset-name-or-path", tiny_run["data"], *COMMON, "--lora",
                        other_adapters=["--lora-rank", "8"])
 
 
+@pytest.mark.slow
 def test_baichuan_demo_lora_resumes_bit_for_bit(tmp_path, capsys):
     # The same demo rows as test_training's demo run, so the prepared demo data is shared.
     args = ["--demo", "--lora", "--max-steps", "4", "--save-every", "2", "--batch-size", "2", "--block-size", "512",
@@ -301,6 +306,7 @@ def test_qlora_validation_pass_leaves_the_training_gradients_alone(tiny_run):
     assert_same_tensors(before, gradients())
 
 
+@pytest.mark.slow
 def test_qlora_trains_and_saves_adapter_and_bf16_merge(tiny_run):
     out = tiny_run["root"] / "qlora"
     train("baichuan", tiny_run, out, "--qlora", "--lr", "1e-2")

@@ -104,6 +104,7 @@ def alone(reference, rows):
     return torch.cat(logits), loss_sum
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_packed_logits_and_loss_equal_each_example_alone(family):
     torch.manual_seed(0)
@@ -149,6 +150,7 @@ def lora_settings(base="unused", targets=("auto",), rank=4):
     return LoraSettings(rank=rank, alpha=8.0, dropout=0.0, targets=tuple(targets), quantize_4bit=False, base=base)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_lora_with_default_targets_trains_the_models_own_linear_layers(family):
     torch.manual_seed(0)
@@ -235,6 +237,7 @@ def phi3_folder(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_phi3_trains_with_lora_and_plans_its_exact_size_through_the_script(phi3_folder):
     data = make_random_dataset(phi3_folder / "data", num_train=8, num_valid=2, max_len=20)
     model_dir = str(phi3_folder / "model")
@@ -255,6 +258,7 @@ def test_phi3_trains_with_lora_and_plans_its_exact_size_through_the_script(phi3_
     assert int(lines["trainable_parameters"]) == lora.count_trainable(adapters)
 
 
+@pytest.mark.slow
 def test_a_bad_target_next_to_auto_is_one_line(phi3_folder):
     result = run_script(PYTHON, str(REPO_ROOT / "train_llama2.py"), "--model-name-or-path",
                         str(phi3_folder / "model"), "--plan-only", "--lora", "--lora-target-modules", "auto,q_proj")

@@ -74,6 +74,7 @@ def fix_checksums(checkpoint):
         "".join(f"{hashlib.sha256((checkpoint / name).read_bytes()).hexdigest()}  {name}\n" for name in names))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flag", ["--resume", "--resume-if-possible"])  # the second: a requeued SLURM job
 def test_a_metadata_file_that_runs_code_is_refused(tiny_run, finished_run, tmp_path, flag):
     run_dir, newest = copy_of(finished_run, tmp_path / "run")
@@ -106,6 +107,7 @@ def resave_with(checkpoint, marker, key):
     fix_checksums(checkpoint)
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 @pytest.mark.parametrize("key", ["optimizer.param_groups", "model.lm_head.weight"])
 def test_a_pickled_entry_in_a_checkpoint_never_runs(tiny_run, finished_run, tmp_path, key):
@@ -123,6 +125,7 @@ def test_a_pickled_entry_in_a_checkpoint_never_runs(tiny_run, finished_run, tmp_
     assert snapshot(run_dir / "checkpoints") == checkpoints_before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("content", [b"{}", b"\x80\x02}q\x00garbage\xff"])
 def test_a_damaged_rng_file_is_one_error_line_naming_it(tiny_run, finished_run, tmp_path, content):
     run_dir, newest = copy_of(finished_run, tmp_path / "run")
@@ -134,6 +137,7 @@ def test_a_damaged_rng_file_is_one_error_line_naming_it(tiny_run, finished_run, 
     assert snapshot(run_dir) == before
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_the_pickling_format_is_refused_before_loading(tiny_run, finished_run, tmp_path):
     """Checkpoints of earlier versions kept the optimiser's settings as pickles inside DCP: never loaded."""
     run_dir, newest = copy_of(finished_run, tmp_path / "run")
@@ -159,6 +163,7 @@ def outside_folder(tmp_path, name="outside"):
     return folder
 
 
+@pytest.mark.slow
 def test_overwrite_never_follows_a_linked_checkpoints_folder(tiny_run, finished_run, tmp_path):
     """The old run's checkpoints live behind a link: --overwrite must not start writing among them (its
     --keep-last would then delete the new run's checkpoints and keep the old ones for --resume)."""
@@ -172,6 +177,7 @@ def test_overwrite_never_follows_a_linked_checkpoints_folder(tiny_run, finished_
     assert snapshot(run_dir) == before and (run_dir / "checkpoints").is_symlink()
 
 
+@pytest.mark.slow
 def test_a_linked_final_model_staging_folder_is_removed_not_followed(tiny_run, finished_run, tmp_path):
     """The final model is written to .final_model.partial and moved into place: a link there must not send the
     model into another folder, nor move that folder's files into the run folder."""
@@ -186,6 +192,7 @@ def test_a_linked_final_model_staging_folder_is_removed_not_followed(tiny_run, f
     assert not (run_dir / "notes.txt").exists() and not (run_dir / "results.json").exists()
 
 
+@pytest.mark.slow
 def test_a_linked_adapter_folder_is_named_when_resuming(tiny_run, tmp_path):
     """A LoRA run folder whose adapter/ is a link: the error names adapter/, not the run folder."""
     run_dir = tmp_path / "lora_run"
@@ -267,6 +274,7 @@ def refused_code(result, folder):
     one_error_line(result, str(folder), "ships its own code", "--trust-remote-code")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stdin", list(STDIN))
 @pytest.mark.parametrize("kind", ["config", "tokenizer"])
 def test_inference_never_runs_a_folders_code(code_folders, kind, stdin):
@@ -277,6 +285,7 @@ def test_inference_never_runs_a_folders_code(code_folders, kind, stdin):
     assert snapshot(folder) == before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stdin", list(STDIN))
 def test_prepare_dataset_never_runs_a_tokenizers_code(code_folders, tmp_path, stdin):
     folder, marker = code_folders["tokenizer"]
@@ -285,6 +294,7 @@ def test_prepare_dataset_never_runs_a_tokenizers_code(code_folders, tmp_path, st
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["config", "tokenizer"])
 def test_training_never_runs_a_folders_code_even_when_stdin_says_yes(tiny_run, code_folders, tmp_path, kind):
     folder, marker = code_folders[kind]
@@ -293,6 +303,7 @@ def test_training_never_runs_a_folders_code_even_when_stdin_says_yes(tiny_run, c
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["model", "baichuan"])
 def test_folders_that_need_no_code_of_their_own_load_without_running_it(code_folders, kind):
     folder, marker = code_folders[kind]
@@ -300,6 +311,7 @@ def test_folders_that_need_no_code_of_their_own_load_without_running_it(code_fol
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_prepare_dataset_loads_a_tokenizer_beside_a_model_with_code(code_folders, tmp_path):
     """The tokenizer of the "config" folder is an ordinary one: preparing data needs none of the model's code."""
     folder, marker = code_folders["config"]
@@ -307,6 +319,7 @@ def test_prepare_dataset_loads_a_tokenizer_beside_a_model_with_code(code_folders
     assert not marker.exists() and (tmp_path / "out" / "dataset_dict.json").is_file()
 
 
+@pytest.mark.slow
 def test_trust_remote_code_runs_it(tiny_run, tmp_path):
     """The payload is real: with the flag, the folder's code runs (and loads)."""
     folder, marker = folder_with_code(tiny_run["llama"], tmp_path / "trusted", tmp_path / "code_ran",

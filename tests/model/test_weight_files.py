@@ -44,6 +44,7 @@ def test_a_damaged_bin_model_file_is_named_by_inference(tiny_run, tmp_path, caps
     assert f"{weights} is damaged or truncated" in line, line
 
 
+@pytest.mark.slow
 def test_a_damaged_bin_model_file_is_named_by_training(tiny_run, tmp_path):
     weights = with_bin_weights(tiny_run["llama"], tmp_path / "model", BIN_DAMAGE["garbage-in-front"])
     result = run_script(PYTHON, str(REPO_ROOT / "train_llama2.py"), "--model-name-or-path", str(tmp_path / "model"),

@@ -24,6 +24,7 @@ def logits_with(model, implementation, ids=None, **kwargs):
         return model(use_cache=False, **kwargs).logits
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_backends_agree_in_float32(variant):
     model = tiny_model(variant).eval()
@@ -39,6 +40,7 @@ def test_backends_agree_in_float32(variant):
             assert err < TOLERANCE, (implementation, mask_name, err)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_flex_attention_cached_decoding(variant):
     model = tiny_model(variant).eval()
@@ -62,6 +64,7 @@ def counting_attention(calls):
     return attend
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("implementation", ["eager", "sdpa", "flex_attention", "baichuan_test_counting"])
 def test_attn_implementation_is_chosen_at_load(variant, implementation, tmp_path):
@@ -287,6 +290,7 @@ def test_cpu_sdpa_upcasts_half_precision_only(monkeypatch, dtype, upcast):
         assert seen["query"] is query and seen["mask"] is mask
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("as_layout", [False, True])
 def test_training_spans_on_flex_attention_are_one_kernel_a_layer_and_equal_the_span_path(variant, as_layout):

@@ -880,6 +880,7 @@ def test_saved_code_file_is_self_contained():
     assert roots <= allowed, roots - allowed
 
 
+@pytest.mark.slow
 def test_saved_folder_loads_with_remote_code_in_fresh_process(tiny_sp_model, tmp_path):
     import subprocess
     import sys

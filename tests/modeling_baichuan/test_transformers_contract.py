@@ -144,6 +144,7 @@ def same_greedy_output(first, second, atol=1e-4):
     return all(torch.allclose(a, b, atol=atol) for a, b in zip(first.scores[:last + 1], second.scores[:last + 1]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_generate_with_static_cache_compiles_forward_as_one_graph(variant):
     torch.manual_seed(0)

@@ -57,6 +57,7 @@ def tracked_run(tmp_path_factory):
     return {"out": out, "root": root, "before": before, "after": read_rows(out)}
 
 
+@pytest.mark.slow
 def test_the_resumed_run_relogs_steps_3_and_4_in_metrics_jsonl(tracked_run):
     assert [row["step"] for row in tracked_run["before"]["rows"]] == [1, 2, 3, 4]
     assert [row["step"] for row in tracked_run["after"]] == [1, 2, 3, 4]
@@ -67,6 +68,7 @@ def test_the_resumed_run_relogs_steps_3_and_4_in_metrics_jsonl(tracked_run):
     assert state == tracked_run["before"]["state"]  # the same tracked runs, continued
 
 
+@pytest.mark.slow
 def test_tensorboard_event_files_hold_each_step_once_after_the_resume(tracked_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -117,6 +119,7 @@ def wandb_records(path):
             pieces = b""
 
 
+@pytest.mark.slow
 def test_wandb_offline_runs_continue_one_run_without_repeating_steps(tracked_run):
     from pathlib import Path
 
@@ -145,6 +148,7 @@ def test_wandb_offline_runs_continue_one_run_without_repeating_steps(tracked_run
     assert configs[0]["library_versions"]["torch"] == tracked_run["before"]["config"]["library_versions"]["torch"]
 
 
+@pytest.mark.slow
 def test_mlflow_file_store_holds_one_run_with_every_step_once(tracked_run):
     from mlflow.tracking import MlflowClient
 
@@ -166,9 +170,13 @@ def test_mlflow_file_store_holds_one_run_with_every_step_once(tracked_run):
     assert params["logging.report_to"] == json.dumps(ALL.split(","))
 
 
-def test_trackio_local_store_holds_one_run_with_every_step_once(tracked_run):
+@pytest.mark.slow
+def test_trackio_local_store_holds_one_run_with_every_step_once(tracked_run, monkeypatch):
+    import trackio.sqlite_storage as storage
     from trackio.sqlite_storage import SQLiteStorage
 
+    # trackio reads TRACKIO_DIR when imported: another test may have imported it before the run set the variable
+    monkeypatch.setattr(storage, "TRACKIO_DIR", tracked_run["root"] / "trackio")
     state = tracked_run["before"]["state"]["trackio"]
     assert str(SQLiteStorage.get_project_db_path(state["project"])).startswith(str(tracked_run["root"]))
     assert SQLiteStorage.get_runs(state["project"]) == [state["name"]]
@@ -182,6 +190,7 @@ def test_trackio_local_store_holds_one_run_with_every_step_once(tracked_run):
     assert config["optimizer"] == tracked_run["before"]["config"]["optimizer"]
 
 
+@pytest.mark.slow
 def test_run_config_holds_every_resolved_flag_the_plan_versions_data_and_commit(tracked_run):
     import torch
 
@@ -198,6 +207,7 @@ def test_run_config_holds_every_resolved_flag_the_plan_versions_data_and_commit(
         assert config["git"]["commit"] == head.stdout.strip()
 
 
+@pytest.mark.slow
 def test_training_curves_png_is_a_picture_of_metrics_jsonl(tracked_run, tmp_path):
     from PIL import Image
 
@@ -231,10 +241,12 @@ def test_training_curves_png_is_a_picture_of_metrics_jsonl(tracked_run, tmp_path
         assert image.size == (800, 520) and image.convert("RGB").tobytes() != drawn
 
 
+@pytest.mark.slow
 def test_plot_of_a_folder_without_metrics_is_one_error_line(tmp_path):
     assert_one_line_error(run_script(PYTHON, "-m", "finetune.observe.plot", str(tmp_path)))
 
 
+@pytest.mark.slow
 def test_progress_bar_shows_loss_speed_and_time_left(tracked_run):
     bar = tracked_run["before"]["stderr"]
     last = tracked_run["before"]["rows"][-1]
@@ -255,6 +267,7 @@ def test_a_missing_tracker_library_names_its_package(monkeypatch, name, package)
                                 f"pip install -r requirements-trackers.txt (or pip install {package})")
 
 
+@pytest.mark.slow
 def test_a_missing_tracker_library_is_one_line_before_any_work(tmp_path):
     out = tmp_path / "run"
     blocked = ("import sys, runpy; sys.modules['wandb'] = None; "  # `import wandb` now fails
@@ -288,6 +301,7 @@ def test_a_tracker_that_cannot_start_is_one_line(tmp_path, monkeypatch):
     assert not (tmp_path / "trackers.json").exists()
 
 
+@pytest.mark.slow
 def test_prepare_dataset_shows_progress_while_tokenising(tmp_path):
     result = run_script(PYTHON, str(REPO_ROOT / "prepare_dataset.py"), "llama2", "--demo", "--block-size", "256",
                         "--save-path", str(tmp_path / "data"))

@@ -169,6 +169,7 @@ def test_holds_far_less_memory_than_full_logits():
     assert chunked < plain - 2 * one_logits_copy, (plain, chunked)
 
 
+@pytest.mark.distributed
 def test_matches_under_fsdp2_two_processes():
     result = torchrun(2, Path(__file__).resolve(), timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

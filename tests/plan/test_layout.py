@@ -1,6 +1,7 @@
 """finetune/plan/layout.py: QLoRA is never offered CPU offload; offload gives the host optimiser the process's share
 of the node's cores."""
 
+import pytest
 from conftest import PYTHON, REPO_ROOT, run_script
 
 TRAIN = {"llama": REPO_ROOT / "train_llama2.py", "baichuan": REPO_ROOT / "train_baichuan2_13b.py"}
@@ -8,6 +9,7 @@ TRAIN = {"llama": REPO_ROOT / "train_llama2.py", "baichuan": REPO_ROOT / "train_
 
 # ---- QLoRA is never offered offload; offload gives the host optimiser the node's cores -------------
 
+@pytest.mark.slow
 def test_qlora_plan_never_offers_cpu_offload(tiny_run):
     plan = ["--model-name-or-path", tiny_run["llama"], "--plan-only", "--num-devices", "1",
             "--device-memory-gb", "0.0005", "--block-size", "128", "--batch-size", "8"]

@@ -30,6 +30,7 @@ def test_plan_only_names_a_broken_config_json(tmp_path, text, expected):
     assert str(config) in str(raised.value) and expected in str(raised.value), raised.value
 
 
+@pytest.mark.slow
 def test_plan_only_with_a_broken_config_json_exits_with_one_line(tmp_path):
     (tmp_path / "config.json").write_text("[]")
     result = run_script(PYTHON, "train_llama2.py", "--plan-only", "--model-name-or-path", str(tmp_path))

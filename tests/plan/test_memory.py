@@ -50,6 +50,7 @@ def real_single_process_readings(config, setup, passes=1):
     return memory_step.readings_from_segments(segments, names)
 
 
+@pytest.mark.slow
 def test_the_memory_command_ends_a_bad_config_with_one_error_line(tmp_path):
     result = run_script(PYTHON, "-m", "finetune.plan.memory", "--config", str(tmp_path / "missing.json"))
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
@@ -62,6 +63,7 @@ def assert_close_peaks(simulated, real):
     assert abs(simulated - real) <= SIM_VS_REAL * real, (simulated, real, simulated / real - 1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind,precision,layers,accumulation", [("llama", "fp32", 4, 1), ("llama", "bf16", 6, 2),
                                                                 ("baichuan", "fp32", 4, 1)])
 def test_simulation_matches_a_real_step_one_process(kind, precision, layers, accumulation):
@@ -73,6 +75,7 @@ def test_simulation_matches_a_real_step_one_process(kind, precision, layers, acc
     assert_close_peaks(simulated.device_peak, real["device_peak"])
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("kind,precision,checkpointing,accumulation", [
     ("llama", "fp32", False, 1), ("baichuan", "fp32", True, 2), ("llama", "bf16", False, 2)])
 def test_simulation_matches_real_fsdp2_two_processes(kind, precision, checkpointing, accumulation, tmp_path):
@@ -88,6 +91,7 @@ def test_simulation_matches_real_fsdp2_two_processes(kind, precision, checkpoint
     assert_close_peaks(simulated.device_peak, real["device_peak"])
 
 
+@pytest.mark.slow
 def test_depth_carried_from_three_and_four_layers_equals_full_depth(tmp_path):
     config = dict(DEMO["llama"], num_hidden_layers=7, vocab_size=8000)
     (tmp_path / "config.json").write_text(json.dumps(config))
@@ -143,6 +147,7 @@ def test_plan_simulates_only_what_the_choice_needs_unless_exhaustive(monkeypatch
     assert everything.chosen == plan.chosen
 
 
+@pytest.mark.slow
 def test_bad_requests_raise_clear_errors():
     with pytest.raises(ValueError, match="multiple of the 8 devices"):
         memory.plan_candidates(DEMO["llama"], 8, 12, BLOCK, 80)
@@ -156,6 +161,7 @@ def test_bad_requests_raise_clear_errors():
         memory.simulate_step_memory(DEMO["llama"], 1, 1, 4096)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", [LLAMA_13B, BAICHUAN_13B], ids=["llama2-13b", "baichuan2-13b"])
 def test_13b_plans_fit_the_target_machines(config):
     """Micro-batch 1 only, to keep the test short; the report has the full candidate tables."""
@@ -170,6 +176,7 @@ def test_13b_plans_fit_the_target_machines(config):
     assert qlora.chosen is not None, qlora.lines()
 
 
+@pytest.mark.slow
 def test_cached_plan_is_fast_and_equal():
     import time
 
@@ -233,6 +240,7 @@ if __name__ == "__main__":
         depth_cases(*sys.argv[2:])
 
 
+@pytest.mark.slow
 def test_probe_reserves_this_process_share_of_the_optimizer_state(tmp_path):
     """Under FSDP2 a DTensor's numel() is the whole tensor's; the on-device probe must hold aside only the AdamW
     state of this process's shards (an eighth on 8 processes), or 13B would reserve 8x what it needs."""

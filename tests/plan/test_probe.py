@@ -1,5 +1,6 @@
 """finetune/plan/probe.py: the micro-batch probe measures the real training step, leaves no state behind, and ranks
 agree (an out-of-memory rank ends the job instead of hanging the others)."""
+import pytest
 import textwrap
 import types
 
@@ -56,6 +57,7 @@ def _training_forward(memory, seen):
     return forward
 
 
+@pytest.mark.slow
 def test_probe_takes_the_largest_fitting_micro_batch_and_leaves_no_state():
     from finetune.plan.probe import probe_micro_batch
 
@@ -80,6 +82,7 @@ def test_probe_takes_the_largest_fitting_micro_batch_and_leaves_no_state():
 
 
 
+@pytest.mark.slow
 def test_the_probe_measures_in_training_mode_and_restores_the_mode():
     """from_pretrained leaves a model in eval mode, where checkpointed layers keep every activation: the probe
     must measure the training step in training mode, then leave the mode as it found it."""
@@ -141,6 +144,7 @@ PROBE_RANKS = """
 """
 
 
+@pytest.mark.distributed
 def test_probe_ranks_agree_and_an_out_of_memory_rank_ends_the_job(tmp_path):
     worker = _worker(tmp_path, "probe.py", PROBE_RANKS.format(tests=[str(REPO_ROOT / "tests" / "plan"), str(REPO_ROOT / "tests")]))
     agreed = torchrun(2, worker, "fit", timeout=180)
