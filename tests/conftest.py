@@ -1,5 +1,6 @@
 """Test setup: import the top-level scripts from the repo root and never touch the network."""
 import hashlib
+import json
 import os
 import sys
 from pathlib import Path
@@ -45,6 +46,46 @@ def assert_one_line_error(result):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: "), result.stderr
     return last
+
+
+def error_of(main, argv):
+    """The one `error: ...` line a script's main() stops with: its SystemExit's message, or the line it printed
+    before exiting with status 1."""
+    import contextlib
+    import io
+
+    printed = io.StringIO()
+    with pytest.raises(SystemExit) as stopped, contextlib.redirect_stderr(printed):
+        main(argv)
+    code = stopped.value.code
+    message = code if isinstance(code, str) else (printed.getvalue().strip().splitlines() or [""])[-1]
+    assert code and message.startswith("error: ") and "\n" not in message, message
+    return message
+
+
+def inference_error(argv, capsys):
+    """The one `error:` line inference.py's main() ends with (printed, exit 1; or a SystemExit message)."""
+    import inference
+
+    with pytest.raises(SystemExit) as raised:
+        inference.main(argv)
+    printed = capsys.readouterr().err.strip().splitlines()
+    message = raised.value.code if isinstance(raised.value.code, str) else printed[-1]
+    assert raised.value.code and message.startswith("error: ") and "\n" not in message, message
+    assert "Traceback" not in "\n".join(printed)
+    return message
+
+
+class RecordingChild:
+    """Stands in for the memory simulation's child: every micro-batch fits, and the sizes asked for are recorded."""
+
+    def __init__(self):
+        self.asked = []
+
+    def simulate(self, config, job):
+        part = {"device_peak": 1, "host_peak": 0, "categories": {"Parameter": 1}}
+        self.asked += [micro for micro, _ in job["runs"]]
+        return {micro: {"on_device": part, "offloaded": part} for micro, _ in job["runs"]}
 
 
 def snapshot(*folders):
@@ -95,6 +136,15 @@ def make_random_dataset(folder, num_train=96, num_valid=12, vocab_size=128, min_
 
     DatasetDict(train=examples(num_train), validation=examples(num_valid)).save_to_disk(str(folder))
     return str(folder)
+
+
+@pytest.fixture
+def tiny_source(tiny_run, tmp_path):
+    """prepare_dataset.py arguments for a fast run: the tiny word-level tokenizer and a five-example jsonl file."""
+    data = tmp_path / "articles.jsonl"
+    data.write_text("".join(json.dumps({"article": f"w{5 + i} w9 w10", "highlights": f"w{20 + i} w21"}) + "\n"
+                            for i in range(5)))
+    return ["llama2", "--model-name-or-path", tiny_run["llama"], "--dataset-name-or-path", str(data)]
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -3,6 +3,7 @@ huge global batch plans only micro-batches of bounded size."""
 import contextlib
 
 import pytest
+from conftest import RecordingChild
 
 import train_llama2
 from finetune.args import parse_training_args
@@ -29,18 +30,6 @@ def parse_error(*argv):
 ])
 def test_absurd_sizes_give_one_line_naming_the_flag_and_its_range(argv, expected):
     assert expected in parse_error(*argv)
-
-
-class RecordingChild:
-    """Stands in for the simulation child: every micro-batch fits, and the sizes asked for are recorded."""
-
-    def __init__(self):
-        self.asked = []
-
-    def simulate(self, config, job):
-        part = {"device_peak": 1, "host_peak": 0, "categories": {"Parameter": 1}}
-        self.asked += [micro for micro, _ in job["runs"]]
-        return {micro: {"on_device": part, "offloaded": part} for micro, _ in job["runs"]}
 
 
 def test_a_huge_global_batch_plans_only_micro_batches_of_bounded_size(tmp_path, monkeypatch):

@@ -1,7 +1,5 @@
 """finetune/data/output.py: a kill at any step of writing --save-path keeps an output and the next run recovers;
 two runs into the same path leave each other alone."""
-import contextlib
-import io
 import json
 import os
 import subprocess
@@ -9,31 +7,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import PYTHON, REPO_ROOT
+from conftest import error_of, PYTHON, REPO_ROOT
 
 import prepare_dataset as pd
 from finetune.data import output
-
-
-def error_of(main, argv):
-    """The one `error: ...` line a script's main() stops with: its SystemExit's message, or the line it printed
-    before exiting with status 1."""
-    printed = io.StringIO()
-    with pytest.raises(SystemExit) as stopped, contextlib.redirect_stderr(printed):
-        main(argv)
-    code = stopped.value.code
-    message = code if isinstance(code, str) else (printed.getvalue().strip().splitlines() or [""])[-1]
-    assert code and message.startswith("error: ") and "\n" not in message, message
-    return message
-
-
-@pytest.fixture
-def tiny_source(tiny_run, tmp_path):
-    """prepare_dataset.py arguments for a fast run: the tiny word-level tokenizer and a five-example jsonl file."""
-    data = tmp_path / "articles.jsonl"
-    data.write_text("".join(json.dumps({"article": f"w{5 + i} w9 w10", "highlights": f"w{20 + i} w21"}) + "\n"
-                            for i in range(5)))
-    return ["llama2", "--model-name-or-path", tiny_run["llama"], "--dataset-name-or-path", str(data)]
 
 
 def snapshot(folder):

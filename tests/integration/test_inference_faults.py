@@ -1,24 +1,11 @@
 """inference.py under bad input: nonsense flags, bad examples and unloadable folders are one error line each;
 generation is capped at the model's length with one note."""
-import contextlib
-import io
 import json
 import shutil
 from pathlib import Path
 
 import pytest
-
-
-def error_of(main, argv):
-    """The one `error: ...` line a script's main() stops with: its SystemExit's message, or the line it printed
-    before exiting with status 1."""
-    printed = io.StringIO()
-    with pytest.raises(SystemExit) as stopped, contextlib.redirect_stderr(printed):
-        main(argv)
-    code = stopped.value.code
-    message = code if isinstance(code, str) else (printed.getvalue().strip().splitlines() or [""])[-1]
-    assert code and message.startswith("error: ") and "\n" not in message, message
-    return message
+from conftest import error_of
 
 
 # ---- inference.py -------------------------------------------------------------------------------------------------

@@ -5,20 +5,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import inference_error
 import torch
 
 
-def inference_error(argv, capsys):
-    """The one `error:` line inference.py's main() ends with (printed, exit 1; or a SystemExit message)."""
-    import inference
-
-    with pytest.raises(SystemExit) as raised:
-        inference.main(argv)
-    printed = capsys.readouterr().err.strip().splitlines()
-    message = raised.value.code if isinstance(raised.value.code, str) else printed[-1]
-    assert raised.value.code and message.startswith("error: ") and "\n" not in message, message
-    assert "Traceback" not in "\n".join(printed)
-    return message
 EXAMPLE = ["--example", '{"article": "w5 w6"}', "--max-new-tokens", "2"]
 
 

@@ -4,22 +4,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PYTHON, REPO_ROOT, assert_one_line_error, run_script
+from conftest import assert_one_line_error, inference_error, PYTHON, REPO_ROOT, run_script
 
 # ---- damaged weight files: a model folder in training and inference, an adapter folder --------------------------
-
-def inference_error(argv, capsys):
-    """The one `error:` line inference.py's main() ends with (printed, exit 1; or a SystemExit message)."""
-    import inference
-
-    with pytest.raises(SystemExit) as raised:
-        inference.main(argv)
-    printed = capsys.readouterr().err.strip().splitlines()
-    message = raised.value.code if isinstance(raised.value.code, str) else printed[-1]
-    assert raised.value.code and message.startswith("error: ") and "\n" not in message, message
-    assert "Traceback" not in "\n".join(printed)
-    return message
-
 
 def with_bin_weights(source, folder, damage):
     """A copy of the model folder `source` with its weights as a pytorch_model.bin, damaged by `damage`."""

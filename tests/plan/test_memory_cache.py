@@ -4,20 +4,9 @@ import contextlib
 import subprocess
 
 import pytest
+from conftest import RecordingChild
 
 from finetune.plan import memory, memory_cache, memory_process
-
-
-class RecordingChild:
-    """Stands in for the simulation child: every micro-batch fits, and the sizes asked for are recorded."""
-
-    def __init__(self):
-        self.asked = []
-
-    def simulate(self, config, job):
-        part = {"device_peak": 1, "host_peak": 0, "categories": {"Parameter": 1}}
-        self.asked += [micro for micro, _ in job["runs"]]
-        return {micro: {"on_device": part, "offloaded": part} for micro, _ in job["runs"]}
 
 
 # ---- the memory-plan cache (FINETUNE_MEMORY_CACHE) ----------------------------------------------------------
