@@ -37,14 +37,15 @@ def tracked_run(tmp_path_factory):
     """A run to step 4 that reported to every tracker; its step-4 checkpoint is then removed (as if it died
     after logging steps 3 and 4 but before saving them), and `--resume` redoes steps 3 and 4 from step 2.
     Skipped without the optional trackers (pip install -r requirements-trackers.txt)."""
-    for module in ("tensorboard", "wandb", "mlflow", "trackio"):
-        pytest.importorskip(module, reason="the optional trackers are not installed (requirements-trackers.txt)")
     root = tmp_path_factory.mktemp("tracked")
     out = root / "run"
     # One thread: the tiny model gains nothing from more, and on a busy machine they only wait for each other.
     env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "TRACKIO_DIR": str(root / "trackio"),
            "MLFLOW_TRACKING_URI": "", "OMP_NUM_THREADS": "1"}
-    os.environ["TRACKIO_DIR"] = env["TRACKIO_DIR"]  # this process reads trackio's store back
+    # This process reads trackio's store back: trackio reads TRACKIO_DIR once, when it is imported.
+    os.environ["TRACKIO_DIR"] = env["TRACKIO_DIR"]
+    for module in ("tensorboard", "wandb", "mlflow", "trackio"):
+        pytest.importorskip(module, reason="the optional trackers are not installed (requirements-trackers.txt)")
     first = run_script(PYTHON, str(TRAIN), *RUN_ARGS, "--save-model-dir", str(out), env=env, timeout=600)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     before = {"rows": read_rows(out), "state": json.loads((out / "trackers.json").read_text()),
