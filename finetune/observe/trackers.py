@@ -189,7 +189,13 @@ class WandbTracker:
     def __init__(self, save_dir: str, state: dict, start_step: int, config: dict) -> None:
         import wandb
 
-        settings = wandb.setup().settings  # the mode and server from the environment and wandb's settings files
+        # The mode and server from the environment and wandb's settings files, read without wandb.setup(), which
+        # would also start wandb's service (and its logs) for a run that may be refused.
+        try:
+            from wandb.sdk.wandb_setup import singleton
+            settings = singleton().settings
+        except (ImportError, AttributeError):
+            settings = wandb.setup().settings
         if settings.mode not in ("offline", "dryrun", "disabled"):
             check_reachable("wandb", settings.base_url)
         run_id = state.get("wandb", {}).get("id") if start_step else None
