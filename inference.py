@@ -11,7 +11,10 @@ left empty, so the model sees exactly what it was trained to continue. `--chat` 
 `prepare_dataset.py chat` instead (finetune/data/chat.py, --chat-format): the example is a conversation (`messages` or
 `conversations`; a recipe row's first prompt column is taken as one user turn), prompted up to its last user turn,
 and generation stops at the format's end-of-turn token. With no example on a terminal, --chat is an interactive
-chat that keeps the history (/reset starts over, /quit or Ctrl-D ends).
+chat that keeps the history (/reset starts over, /quit, Ctrl-D or Ctrl-C at the prompt ends, Ctrl-C during a reply
+drops that exchange); with no example and standard input not a terminal, each line read from it is a message
+(`echo "Hi" | python inference.py --model-dir DIR --chat`). A conversation past the model's positions drops its
+oldest exchanges, with a note; a message that cannot fit alone is refused and the chat goes on.
 """
 import argparse
 import json
@@ -31,7 +34,7 @@ from finetune.errors import FinetuneError, entry_point
 from finetune.model.adapter import check_targets_fit, read_adapter
 from finetune.model.hub import looks_like_path, require_local_or_reachable, root_cause_message
 from finetune.model.remote_code import asks_for_remote_code, remote_code_error
-from finetune.model.weight_files import damaged_weight_file
+from finetune.model.weight_files import WEIGHT_SUFFIXES, damaged_weight_file
 from prepare_dataset import RECIPES
 
 
@@ -44,10 +47,11 @@ def parse_args(argv=None):
     p.add_argument("--recipe", choices=sorted(RECIPES), default="llama2", help="prompt format (default llama2)")
     p.add_argument("--example", help="the example as JSON, with the recipe's prompt columns")
     p.add_argument("--example-file", help="a .jsonl file of examples (default: the bundled sample data)")
-    p.add_argument("--index", type=int, default=0, help="which line of --example-file (default 0)")
+    p.add_argument("--index", type=int, help="which line of --example-file (default 0; with --chat and no "
+                                              "--example-file, asks for the bundled sample's line)")
     p.add_argument("--chat", action="store_true",
                    help="a conversation in the model's chat format (see --chat-format) instead of the recipe prompt; "
-                        "interactive on a terminal when no example is given")
+                        "with no example: interactive on a terminal, else one message per line of standard input")
     p.add_argument("--chat-format", choices=CHAT_FORMATS, default="auto",
                    help="--chat layout, as in prepare_dataset.py chat (default auto: baichuan2 for Baichuan "
                         "tokenizers, else the tokenizer's chat template if it has one, else llama2)")
@@ -60,7 +64,7 @@ def parse_args(argv=None):
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow model and tokenizer code shipped in --model-dir (its auto_map) to run")
     args = p.parse_args(argv)
-    require(args.index >= 0, f"--index must be a non-negative integer, got {args.index}")
+    require(args.index is None or args.index >= 0, f"--index must be a non-negative integer, got {args.index}")
     require(args.max_new_tokens >= 1, f"--max-new-tokens must be a positive integer, got {args.max_new_tokens}")
     # Below ~1e-4 logits / temperature overflows float32 and sampling fails; that close to 0 it is greedy anyway.
     require(1e-4 <= args.temperature < math.inf, f"--temperature must be a number >= 1e-4, got {args.temperature}")
@@ -73,11 +77,9 @@ def parse_args(argv=None):
 def load_example(args):
     """The example to prompt with, as a dict of the recipe's columns."""
     require(args.example is None or args.example_file is None, "pass --example or --example-file, not both")
+    index = args.index or 0
     if args.example is not None:
-        try:
-            example = json.loads(args.example)
-        except ValueError as exc:
-            raise FinetuneError(f"--example is not valid JSON ({exc})") from None
+        example = parse_json(args.example, "--example")
     else:
         path = args.example_file or (DEMO_CHAT_FILE if args.chat else DEMO_SAMPLE_FILES.get(args.recipe))
         if path is None:
@@ -88,13 +90,33 @@ def load_example(args):
         except (OSError, ValueError) as exc:
             reason = getattr(exc, "strerror", None) or exc
             raise FinetuneError(f"cannot read --example-file {path!r} ({reason})") from None
-        require(args.index < len(lines), f"--index {args.index} is past the end of {path!r} ({len(lines)} examples)")
-        try:
-            example = json.loads(lines[args.index])
-        except ValueError as exc:
-            raise FinetuneError(f"example {args.index} of {path!r} is not valid JSON ({exc})") from None
+        require(index < len(lines), f"--index {index} is past the end of {path!r} ({len(lines)} examples)")
+        example = parse_json(lines[index], f"example {index} of {path!r}")
     require(isinstance(example, dict), "the example must be a JSON object")
     return example
+
+
+def parse_json(text, what):
+    """The JSON value of `text`; one error line for text that is not JSON, is nested past the parser's depth, or
+    holds a lone surrogate (a \\ud800 escape, or bytes that were not UTF-8: no tokenizer takes it as text)."""
+    try:
+        value = json.loads(text)
+        surrogate = lone_surrogate(json.dumps(value, ensure_ascii=False))
+    except ValueError as exc:
+        raise FinetuneError(f"{what} is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise FinetuneError(f"{what} is not valid JSON (nested too deep)") from None
+    require(surrogate is None, f"{what} holds a lone surrogate ({surrogate!r}), which is not text")
+    return value
+
+
+def lone_surrogate(text):
+    """The first character of `text` that cannot be encoded (a lone surrogate such as '\\ud800'), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return text[exc.start]
+    return None
 
 
 def chat_messages(example, recipe):
@@ -148,6 +170,8 @@ def load_model(model_dir, trust_remote_code=False):
     path = Path(model_dir).expanduser()
     require(path.exists() or not looks_like_path(model_dir), f"no such model folder: {model_dir}")
     require(path.is_dir() or not path.exists(), f"--model-dir {model_dir} is not a folder")
+    if path.is_dir():
+        check_has_weights(path)
     require_local_or_reachable(model_dir)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
@@ -159,6 +183,21 @@ def load_model(model_dir, trust_remote_code=False):
         reason = damaged_weight_file(model_dir) or root_cause_message(exc)
         raise FinetuneError(f"cannot load a model from {model_dir!r}: {reason}") from None
     return tokenizer, model
+
+
+def check_has_weights(folder):
+    """A local model folder must hold weights; a run saved with --save-dtype none wrote only its tokenizer and
+    plan, and is named as such rather than blamed for the config.json it also lacks."""
+    if any(found.is_file() for suffix in WEIGHT_SUFFIXES for found in folder.glob(f"*{suffix}")):
+        return
+    try:
+        saved = json.loads((folder / "parallel_plan.json").read_text()).get("saved_dtype")
+    except (OSError, ValueError, AttributeError):  # absent, unreadable, or not an object: not one of our runs
+        saved = None
+    if saved == "none":
+        raise FinetuneError(f"{folder} holds no model weights: its run was saved with --save-dtype none (timing "
+                            f"runs); train with --save-dtype compute or fp32 to load it here")
+    raise FinetuneError(f"{folder} holds no model weights (no *.safetensors or *.bin file)")
 
 
 def generation_budget(model, prompt_length, max_new_tokens):
@@ -195,39 +234,110 @@ def generate(model, tokenizer, ids, args, eos_ids, sample, max_new_tokens):
     return tokenizer.decode(output[0, len(ids):], skip_special_tokens=True)
 
 
-def interactive_chat(model, tokenizer, args):
-    """A multi-turn chat on the terminal: every turn is prompted with the whole conversation so far."""
+CHAT_COMMANDS = "/reset starts over, /quit or Ctrl-D ends (a message that starts with / : type //)"
+# A token is rarely more than a few characters, never a hundred: a line longer than this many characters per
+# position cannot fit the model, and is refused before it is tokenised (a 1 MB paste takes no time).
+MAX_CHARS_PER_POSITION = 100
+
+
+def read_line(terminal):
+    """The next line typed or piped, stripped; None at the end of input. A line that is not UTF-8 is ''
+    (after saying so): nothing is sent for it."""
+    try:
+        line = input("you> " if terminal else "")
+        readable = lone_surrogate(line) is None  # undecodable bytes, where stdin escapes them (a C locale)
+    except EOFError:
+        if terminal:
+            print()
+        return None
+    except UnicodeDecodeError:  # where stdin decodes strictly
+        readable = False
+    if not readable:
+        print("(that line is not UTF-8 text; nothing was sent)", flush=True)
+        return ""
+    return line.strip()
+
+
+def fit_history(fmt, history, positions, max_new_tokens):
+    """The prompt ids of `history` (ending with the new user message), dropping the oldest exchanges while the
+    prompt and --max-new-tokens do not fit the model's `positions`; None when the message cannot fit alone.
+    `history` is cut in place, and a note says what was dropped."""
+    if positions is not None and len(fmt.prompt(history[-1:])) >= positions:
+        return None  # the earlier turns are kept: only this message is refused
+    ids = fmt.prompt(history)
+    dropped = 0
+    while positions is not None and len(ids) + max_new_tokens > positions and len(history) > 1:
+        del history[:2]  # the oldest user message and its reply
+        dropped += 2
+        ids = fmt.prompt(history)
+    if dropped:
+        print(f"(dropped the {dropped} oldest turns: the conversation passed the model's {positions} positions)",
+              flush=True)
+    return ids
+
+
+def interactive_chat(model, tokenizer, args, terminal=True):
+    """A multi-turn chat on the terminal (or one message per line of piped input): every turn is prompted with
+    the whole conversation so far, or as much of it as the model's positions hold. Ctrl-C at the prompt ends
+    the chat; during a reply it drops that exchange and the chat goes on. Returns the exit status."""
     fmt = chat_format(tokenizer, args.chat_format)
-    print(f"chat format {fmt.name}; /reset starts over, /quit or Ctrl-D ends", flush=True)
-    history = []
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if terminal:
+        print(f"chat format {fmt.name}; {CHAT_COMMANDS}; Ctrl-C stops a reply", flush=True)
+    history, messages = [], 0
     while True:
         try:
-            line = input("you> ").strip()
-        except EOFError:
-            print()
+            line = read_line(terminal)
+        except KeyboardInterrupt:
+            print("\n(chat ended)", flush=True)
             return 0
-        if line == "/quit":
-            return 0
+        if line is None or line == "/quit":
+            break
         if line == "/reset":
             history = []
             print("(conversation cleared)", flush=True)
             continue
+        if line.startswith("/") and not line.startswith("//"):
+            print(f"(unknown command {line.split()[0]}; nothing was sent. {CHAT_COMMANDS})", flush=True)
+            continue
+        line = line[1:] if line.startswith("//") else line
         if not line:
             continue
-        history.append({"role": "user", "content": line})
-        ids = fmt.prompt(history)
-        torch.manual_seed(args.seed + len(history))
-        reply = generate(model, tokenizer, ids, args, fmt.end_of_turn_ids(), True, check_prompt(model, ids, args))
-        reply = reply.strip()
+        messages += 1
+        if positions is not None and len(line) > MAX_CHARS_PER_POSITION * positions:
+            print(f"(that message has {len(line)} characters, more than the model's {positions} positions can "
+                  f"hold; nothing was sent)", flush=True)
+            continue
+        try:
+            history.append({"role": "user", "content": line})
+            ids = fit_history(fmt, history, positions, args.max_new_tokens)
+            if ids is None:
+                history.pop()
+                print(f"(that message alone takes more than the model's {positions} positions; nothing was sent)",
+                      flush=True)
+                continue
+            torch.manual_seed(args.seed + len(history))
+            reply = generate(model, tokenizer, ids, args, fmt.end_of_turn_ids(), True,
+                             check_prompt(model, ids, args)).strip()
+        except KeyboardInterrupt:
+            if history and history[-1]["role"] == "user":
+                history.pop()
+            print("\n(reply stopped; that message and its reply are left out of the conversation)", flush=True)
+            continue
         print(f"model> {reply}   ({len(ids)} prompt tokens)", flush=True)
         history.append({"role": "assistant", "content": reply or "..."})
+    require(terminal or messages, "--chat read no message from standard input; pipe the messages in (one a line), "
+                                  "run it on a terminal, or pass --example or --example-file")
+    return 0
 
 
 @entry_point
 def main(argv=None):
     args = parse_args(argv)
-    interactive = args.chat and args.example is None and args.example_file is None and sys.stdin.isatty()
-    example = None if interactive else load_example(args)
+    # --chat with no example: a chat on the terminal, or the messages piped in (--index asks for the bundled sample).
+    chatting = args.chat and args.example is None and args.example_file is None and (
+        sys.stdin.isatty() or args.index is None)
+    example = None if chatting else load_example(args)
     if example is not None:
         check_example(example, args.recipe, args.chat)
     adapter = read_adapter(args.adapter, args.model_dir) if args.adapter else None
@@ -241,8 +351,8 @@ def main(argv=None):
             raise FinetuneError(f"cannot apply the adapter {args.adapter!r}: {str(exc).splitlines()[0]}") from None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
-    if interactive:
-        return interactive_chat(model, tokenizer, args)
+    if chatting:
+        return interactive_chat(model, tokenizer, args, terminal=sys.stdin.isatty())
 
     ids = prompt_ids(tokenizer, args.recipe, example, args.chat and args.chat_format)
     eos_ids = chat_format(tokenizer, args.chat_format).end_of_turn_ids() if args.chat else tokenizer.eos_token_id

@@ -115,8 +115,6 @@ def recipe_columns(recipe_name, split, split_name):
 def load_sources(args, recipe, dataset_names, config_name):
     """The raw data: one source as it is, several mixed by --dataset-weights. Returns (DatasetDict, mixing report)."""
     weights = check_weights(dataset_names, args.dataset_weights)
-    if len(set(dataset_names)) < len(dataset_names):
-        raise FinetuneError("a source is named twice in --dataset-name-or-path; give it a larger weight instead")
     if len(dataset_names) == 1:
         return load_raw_dataset(dataset_names[0], config_name), None
     sources = {}

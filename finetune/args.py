@@ -10,7 +10,7 @@ from finetune.config import RunConfig, from_flags
 from finetune.data.batches import BATCHING_MODES
 from finetune.errors import FinetuneError
 from finetune.model.gguf import refuse_gguf
-from finetune.observe.trackers import BACKENDS, parse_report_to
+from finetune.observe.trackers import BACKENDS, REACH_TIMEOUT, parse_report_to
 from finetune.ops.varlen_attention import ATTENTION_CHOICES
 
 LORA_LR = 2e-4  # the default --lr with --lora / --qlora
@@ -94,7 +94,9 @@ def parse_training_args(description: str, defaults: dict, demo_defaults: dict,
     p.add_argument("--peak-tflops", type=float, help="device peak TFLOP/s for MFU (default: table for GPUs, measured on CPU)")
     p.add_argument("--report-to", default="none",
                    help=f"also send metrics.jsonl's rows and run_config.json to these trackers: "
-                        f"{', '.join(BACKENDS)} (comma-separated) or none (default none)")
+                        f"{', '.join(BACKENDS)} (comma-separated) or none (default none). A tracker's server (W&B "
+                        f"online, MLflow over http) must accept a connection within {REACH_TIMEOUT} s, checked "
+                        f"before the run starts")
     p.add_argument("--plan-only", action="store_true", help="print the parallel plan for --num-devices and exit "
                                                              "without loading weights")
     p.add_argument("--num-devices", type=int, help="devices for --plan-only (default: this job's world size)")

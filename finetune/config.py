@@ -11,6 +11,7 @@ import json
 import os
 from dataclasses import dataclass
 
+from finetune.checkpoint.run_folder import open_new
 from finetune.model.lora import LoraSettings
 from finetune.observe import provenance
 
@@ -156,7 +157,7 @@ def write_run_config(config: RunConfig, extra: dict | None = None) -> str:
     """Write run_config.json into the save folder (atomically: a reader never sees half a file)."""
     path = os.path.join(config.checkpoint.save_model_dir, RUN_CONFIG_FILE)
     staging = path + ".partial"
-    with open(staging, "w") as f:
-        f.write(run_config_json(config, extra))
+    with open_new(staging) as f:  # a link at the staging name is removed, never written through
+        f.write(run_config_json(config, extra).encode())
     os.replace(staging, path)
     return path

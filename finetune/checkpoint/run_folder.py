@@ -7,7 +7,9 @@ one-line wording of a failed write.
   .final_model.partial/         the final model while it is written (finetune/checkpoint/export.py)
 
 The folder is locked (flock) for the life of a run, so two runs never write into it at once. No path the run
-writes or deletes may be a symbolic link (`check_no_links`), so a run never changes anything outside its folder.
+writes or deletes may be a symbolic link (`check_no_links`), so a run never changes anything outside its folder;
+a file staged under a name of its own (`NAME.partial`, `NAME.tmp`) is written with `open_new`, which removes a
+link there instead of following it.
 """
 import atexit
 import contextlib
@@ -17,6 +19,7 @@ import os
 import re
 import shutil
 from collections.abc import Iterator
+from typing import BinaryIO
 
 from safetensors import SafetensorError
 from torch.distributed.checkpoint.api import CheckpointException
@@ -149,9 +152,19 @@ def remove_path(path: str) -> None:
         pass
 
 
-# What a run keeps in its folder and writes into or deletes from. A symbolic link at one of these paths would
-# send those writes and deletions to wherever it points (another run's checkpoints, say).
-KEPT_IN_RUN_DIR = (RUN_MARKER, "metrics.jsonl", "checkpoints", lora.ADAPTER_DIR)
+def open_new(path: str) -> BinaryIO:
+    """`path` opened to write a new file (binary): whatever is there (a file an interrupted write left, a
+    symbolic link) is removed first, and the file is created only if nothing took its place, so no write ever
+    goes through a link."""
+    remove_path(path)
+    nofollow = getattr(os, "O_NOFOLLOW", 0)
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | nofollow, 0o666), "wb")
+
+
+# What a run keeps in its folder and writes into or deletes from (the trackers' folders with --report-to). A
+# symbolic link at one of these paths would send those writes and deletions to wherever it points (another run's
+# checkpoints, say).
+KEPT_IN_RUN_DIR = (RUN_MARKER, "metrics.jsonl", "checkpoints", lora.ADAPTER_DIR, "tensorboard", "wandb", "mlruns")
 
 
 def check_no_links(save_dir: str) -> None:
@@ -212,20 +225,22 @@ def start_run_dir(save_dir: str, script_name: str) -> None:
 
 def _logged_step(line):
     try:
-        return json.loads(line)["step"]
-    except (ValueError, KeyError, TypeError):  # a row cut short by a kill, or a blank line
+        step = json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError, IndexError, RecursionError):  # a row cut short by a kill, a blank line
         return float("inf")
+    return step if isinstance(step, int) and not isinstance(step, bool) else float("inf")  # not a row we wrote
 
 
 def truncate_metrics(save_dir: str, last_step: int) -> None:
-    """Drop metric rows logged after `last_step` (by a run that died before its next checkpoint)."""
+    """Drop metric rows logged after `last_step` (by a run that died before its next checkpoint), and rows that
+    are not a run's rows at all."""
     path = os.path.join(save_dir, "metrics.jsonl")
     if not os.path.isfile(path):
         return
-    with open(path) as f:
+    with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is dropped like any other damaged row
         rows = [line for line in f if _logged_step(line) <= last_step]
     with writing(path, save_dir):
-        with open(path + ".tmp", "w") as f:
+        with open_new(path + ".tmp") as f:
             f.writelines(rows)
         os.replace(path + ".tmp", path)
 

@@ -6,6 +6,8 @@ source i gets weight_i / sum(weights) of them: whole copies of its rows plus a s
 that is more than it has (over-sampling), a seeded sample when less (under-sampling). The mixture is shuffled
 with the same seed. What each source gave is reported (prepare_report.json, "sources").
 """
+import math
+import os
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -17,15 +19,44 @@ if TYPE_CHECKING:
     from datasets import DatasetDict
 
 
+def source_identity(name: str) -> tuple:
+    """What makes two --dataset-name-or-path entries the same source: the file or folder itself for a local path
+    (however it is spelled: `./a.jsonl`, a link to it, a hard link), the name for a hub data set."""
+    try:
+        found = os.stat(name)
+    except (OSError, ValueError):  # not a local path: a hub name (ValueError: a NUL byte in it)
+        return ("name", name)
+    return ("file", found.st_dev, found.st_ino)
+
+
+def check_sources(sources: list[str]) -> None:
+    """Refuse a source given twice, by any spelling: it would be counted (and weighted) as two."""
+    seen = {}
+    for name in sources:
+        identity = source_identity(name)
+        if identity in seen:
+            first = seen[identity]
+            same = f"{first!r} twice" if first == name else f"{first!r} and {name!r}, which are the same file"
+            raise FinetuneError(f"--dataset-name-or-path names {same}; give the source once, with a larger "
+                                f"weight in --dataset-weights")
+        seen[identity] = name
+
+
 def check_weights(sources: list[str], weights: list[float] | None) -> list[float]:
-    """The weights of `sources` (all 1 when none are given)."""
+    """The weights of `sources` (all 1 when none are given); a source named twice, by any spelling, is refused."""
     if weights is None:
+        check_sources(sources)
         return [1.0] * len(sources)
     if len(weights) != len(sources):
         raise FinetuneError(f"--dataset-weights has {len(weights)} values for {len(sources)} sources in "
                             "--dataset-name-or-path; give one weight per source")
     if not all(np.isfinite(weight) and weight > 0 for weight in weights):
         raise FinetuneError(f"--dataset-weights must be positive numbers, got {' '.join(map(str, weights))}")
+    # Each share is weight / sum: a sum past the largest float would make every share 0.
+    if not math.isfinite(sum(weights)):
+        raise FinetuneError(f"--dataset-weights {' '.join(map(str, weights))} add up past the largest number "
+                            f"this can hold; give relative sizes, such as 3 1")
+    check_sources(sources)
     return [float(weight) for weight in weights]
 
 

@@ -18,7 +18,8 @@ from tqdm import tqdm
 from finetune.checkpoint.run_folder import writing
 from finetune.model import lora
 from finetune.model.size import attention_width, matmul_parameters
-from finetune.observe.plot import write_training_curves
+from finetune.errors import FinetuneError
+from finetune.observe.plot import CURVES_FILE, write_training_curves
 from finetune.observe.trackers import Trackers
 
 if TYPE_CHECKING:
@@ -178,4 +179,7 @@ class MetricsLog:
             if self.trackers:
                 self.trackers.finish()
             if os.path.getsize(self.path):
-                write_training_curves(self.save_dir)
+                try:
+                    write_training_curves(self.save_dir)
+                except FinetuneError as exc:  # the model is saved: a picture that cannot be drawn is no failure
+                    print(f"warning: {CURVES_FILE} was not drawn: {exc}", flush=True)

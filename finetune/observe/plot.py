@@ -6,11 +6,13 @@ gradient norm against the step). Drawn at the end of every run; for a run in pro
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 from typing import TYPE_CHECKING
 
+from finetune.checkpoint.run_folder import open_new
 from finetune.errors import FinetuneError, entry_point
 
 if TYPE_CHECKING:
@@ -24,21 +26,43 @@ PANELS = [("loss", [("loss", "training"), ("val_loss", "validation")]),
           ("gradient norm", [("grad_norm", None)])]
 
 
+def row_problem(row: object) -> str | None:
+    """What keeps a metrics.jsonl row from being drawn, in a few words (None: nothing)."""
+    if not isinstance(row, dict):
+        return f"is a JSON {type(row).__name__}, not a row object"
+    if isinstance(row.get("step"), bool) or not isinstance(row.get("step"), int):
+        return "has no whole-number step" if "step" not in row else f"has step {row['step']!r}, not a whole number"
+    for _, fields in PANELS:
+        for field, _ in fields:
+            value = row.get(field)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                return f"has {field} {json.dumps(value)[:40]}, not a number"
+    return None
+
+
 def read_metrics(save_dir: str) -> list[dict]:
     """The rows of SAVE_DIR/metrics.jsonl; a last row cut short by a running or killed writer is left out."""
     path = os.path.join(save_dir, "metrics.jsonl")
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is named, not a decoding traceback
             lines = f.read().splitlines()
     except OSError as exc:
         raise FinetuneError(f"cannot read {path}: {exc.strerror or exc}") from None
     rows = []
     for number, line in enumerate(lines, 1):
         try:
-            rows.append(json.loads(line))
-        except ValueError:
-            if number < len(lines):  # only the last line may be unfinished
-                raise FinetuneError(f"{path} line {number} is not JSON") from None
+            row = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError:
+            problem = "is not UTF-8 text"
+        except (ValueError, RecursionError):
+            problem = "is not JSON"
+        else:
+            problem = row_problem(row)
+            if problem is None:
+                rows.append(row)
+                continue
+        if number < len(lines) or problem != "is not JSON":  # only the last line may be unfinished
+            raise FinetuneError(f"{path} line {number} {problem}")
     return rows
 
 
@@ -72,11 +96,17 @@ def write_training_curves(save_dir: str, output: str | None = None) -> str:
     if not rows:
         raise FinetuneError(f"{os.path.join(save_dir, 'metrics.jsonl')} has no logged step yet")
     output = output or os.path.join(save_dir, CURVES_FILE)
+    if os.path.isdir(output):
+        raise FinetuneError(f"cannot write {output}: it is a folder; name a file, e.g. "
+                            f"{os.path.join(output, CURVES_FILE)}")
     staging = output + ".partial.png"
     try:
-        curves_figure(rows).savefig(staging)
+        with open_new(staging) as f:  # a link at the staging name is removed, never written through
+            curves_figure(rows).savefig(f, format="png")
         os.replace(staging, output)  # a viewer never sees half a picture
     except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.remove(staging)
         raise FinetuneError(f"cannot write {output}: {exc.strerror or exc}") from None
     return output
 

@@ -9,15 +9,21 @@ A resumed run continues the same tracked runs: their ids are kept in SAVE_DIR/tr
 cut back to the checkpoint's step on resume; TensorBoard drops its events past that step too (purge_step),
 while the other trackers cannot drop values, so they skip the steps they already hold (`logged_through`): the
 step axis has neither gaps nor repeats.
+
+A tracker that talks to a server (W&B online, MLflow over http) has the server checked first: a server that does not
+accept a connection within REACH_TIMEOUT seconds is one error line then, not after its client's own retries.
 """
 from __future__ import annotations
 
 import importlib
 import json
 import os
+import socket
+import threading
 import time
+import urllib.parse
 
-from finetune.checkpoint.run_folder import remove_path, writing
+from finetune.checkpoint.run_folder import describe_error, open_new, remove_path, writing
 from finetune.config import RUN_CONFIG_FILE
 from finetune.errors import FinetuneError
 
@@ -27,6 +33,10 @@ BACKENDS = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "w
 STATE_FILE = "trackers.json"
 TENSORBOARD_DIR = "tensorboard"
 PROJECT = "finetune"  # W&B project, MLflow experiment, trackio project (WANDB_PROJECT, MLFLOW_EXPERIMENT_NAME win)
+REACH_TIMEOUT = 10  # seconds a tracker's server has to accept a connection before the run starts
+# What trackers.json keeps of each tracker's run: the fields a resumed run reads back.
+STATE_FIELDS = {"tensorboard": ("log_dir",), "wandb": ("id", "project"), "mlflow": ("tracking_uri", "run_id"),
+                "trackio": ("project", "name")}
 
 
 def parse_report_to(text: str) -> tuple[str, ...]:
@@ -34,6 +44,9 @@ def parse_report_to(text: str) -> tuple[str, ...]:
     names = tuple(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
     if names in ((), ("none",)):
         return ()
+    if "none" in names:
+        raise FinetuneError(f"--report-to {text}: none means no tracker, so it cannot be listed with trackers; "
+                            f"give none alone, or only tracker names")
     unknown = [name for name in names if name not in BACKENDS]
     if unknown:
         raise FinetuneError(f"--report-to: unknown tracker {unknown[0]!r}; choose from "
@@ -60,20 +73,78 @@ def flat_config(config: dict, prefix: str = "") -> dict:
     return flat
 
 
+def state_problem(state: object) -> str | None:
+    """What is wrong with the content of trackers.json, in a few words (None: nothing)."""
+    if not isinstance(state, dict):
+        return f"it holds a JSON {type(state).__name__}, not an object"
+    through = state.get("logged_through", 0)
+    if isinstance(through, bool) or not isinstance(through, int) or through < 0:
+        return f"logged_through is {through!r}, not a step number"
+    for name, fields in STATE_FIELDS.items():
+        if name not in state:
+            continue
+        entry = state[name]
+        if not isinstance(entry, dict) or not all(isinstance(entry.get(field), str) for field in fields):
+            return f"its {name} entry is not an object of {', '.join(fields)} as text"
+    return None
+
+
 def read_state(save_dir: str) -> dict:
+    """trackers.json of a resumed run: the ids of its tracked runs and the last step they hold ({} if absent)."""
     path = os.path.join(save_dir, STATE_FILE)
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         return {}
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, "rb") as f:
+            state = json.loads(f.read())  # bytes: JSON or not, never a decoding traceback
+        problem = state_problem(state)
+    except ValueError as exc:  # not JSON, not UTF-8, or nested past the parser's depth
+        problem = f"it is not JSON: {str(exc).splitlines()[0]}"
+    except OSError as exc:
+        problem = describe_error(exc)
+    except RecursionError:
+        problem = "it is not JSON: nested too deep"
+    if problem:
+        raise FinetuneError(f"{path} is damaged ({problem}), so the tracked runs cannot be continued; restore it, "
+                            f"or delete it to continue in new tracked runs")
+    return state
 
 
 def write_state(save_dir: str, state: dict) -> None:
-    """trackers.json, replaced atomically so a kill never leaves half of it."""
+    """trackers.json, replaced atomically so a kill never leaves half of it (never written through a link)."""
     path = os.path.join(save_dir, STATE_FILE)
-    with open(path + ".partial", "w") as f:
-        json.dump(state, f, indent=2)
+    with open_new(path + ".partial") as f:
+        f.write(json.dumps(state, indent=2).encode())
     os.replace(path + ".partial", path)
+
+
+def check_reachable(name: str, url: str) -> None:
+    """Refuse a tracker whose http(s) server does not accept a connection within REACH_TIMEOUT seconds (name
+    lookup included), before its client spends minutes on retries."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return  # a malformed port: the library's own message says so
+    outcome = []
+
+    def connect():
+        try:
+            socket.create_connection((parts.hostname, port), timeout=REACH_TIMEOUT).close()
+            outcome.append(None)
+        except OSError as exc:
+            outcome.append(describe_error(exc))
+
+    # A thread: a name lookup has no timeout of its own, and an unanswered one must not hold the run.
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(REACH_TIMEOUT)
+    reason = outcome[0] if outcome else f"no answer within {REACH_TIMEOUT} s"
+    if reason:
+        raise FinetuneError(f"--report-to {name}: cannot reach its server {parts.scheme}://{parts.netloc} "
+                            f"({reason}); check the network and the address, or use the tracker offline")
 
 
 class TensorBoardTracker:
@@ -81,8 +152,17 @@ class TensorBoardTracker:
         from torch.utils.tensorboard import SummaryWriter
 
         log_dir = os.path.join(save_dir, TENSORBOARD_DIR)
-        if not start_step:
-            remove_path(log_dir)  # an earlier run's events in this folder (--overwrite)
+        if os.path.islink(log_dir):  # the run folder's rule: never write through a link
+            raise FinetuneError(f"{log_dir} is a symbolic link: a run never writes through links out of "
+                                f"--save-model-dir; replace it with a real folder")
+        # The writer's own thread would print a traceback for a folder it cannot write: try a file first.
+        with writing(log_dir):
+            if not start_step:
+                remove_path(log_dir)  # an earlier run's events in this folder (--overwrite)
+            os.makedirs(log_dir, exist_ok=True)
+            probe = os.path.join(log_dir, ".write_check")
+            open_new(probe).close()
+            os.remove(probe)
         # Resumed: TensorBoard's readers drop the earlier events from this step on, as metrics.jsonl did.
         self.writer = SummaryWriter(log_dir, purge_step=start_step + 1 if start_step else None)
         if "tensorboard" not in state:  # a new log folder (a resumed one has the settings already)
@@ -109,6 +189,15 @@ class WandbTracker:
     def __init__(self, save_dir: str, state: dict, start_step: int, config: dict) -> None:
         import wandb
 
+        # The mode and server from the environment and wandb's settings files, read without wandb.setup(), which
+        # would also start wandb's service (and its logs) for a run that may be refused.
+        try:
+            from wandb.sdk.wandb_setup import singleton
+            settings = singleton().settings
+        except (ImportError, AttributeError):
+            settings = wandb.setup().settings
+        if settings.mode not in ("offline", "dryrun", "disabled"):
+            check_reachable("wandb", settings.base_url)
         run_id = state.get("wandb", {}).get("id") if start_step else None
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", PROJECT), dir=save_dir, config=config,
                               id=run_id, resume="allow",
@@ -132,6 +221,7 @@ class MlflowTracker:
         uri = uri or "file://" + os.path.abspath(os.path.join(save_dir, "mlruns"))
         if uri.startswith("file:"):  # a local file store: MLflow 3 asks for this opt-in (its default is a database)
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        check_reachable("mlflow", uri)
         self.client = MlflowClient(tracking_uri=uri)
         if previous.get("run_id"):
             self.run_id = previous["run_id"]
@@ -187,6 +277,8 @@ def start_tracker(name: str, save_dir: str, state: dict, start_step: int,
     unreachable server) gives one line, whatever it raised."""
     try:
         return TRACKERS[name](save_dir, state, start_step, config)
+    except FinetuneError:
+        raise
     except Exception as exc:  # each library has its own exception types; the user needs its message only
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise FinetuneError(f"--report-to {name}: could not start the run: {first_line}") from None
@@ -216,7 +308,11 @@ class Trackers:
         values = {key: value for key, value in row.items() if key != "step" and value is not None}
         for name, tracker in self.trackers.items():
             if name == "tensorboard" or step > self.skip_through:
-                tracker.log(step, values)
+                try:
+                    tracker.log(step, values)
+                except Exception as exc:  # a full disk under TensorBoard's writer, a server gone: one line
+                    raise FinetuneError(f"--report-to {name}: could not log step {step}: "
+                                        f"{describe_error(exc)}") from None
         self._save_state(step)
 
     def finish(self) -> None:

@@ -1,6 +1,6 @@
 """Conversations end to end: inference.py --chat (an example, and an interactive terminal), training on chat rows
 with both scripts, and the chat quick start of docs/chat.md."""
-import pytest
+import contextlib
 import json
 import os
 import pty
@@ -8,10 +8,13 @@ import re
 import select
 import shlex
 import shutil
+import signal
 import subprocess
 import time
+from pathlib import Path
 
-from conftest import PYTHON, REPO_ROOT, run_script
+import pytest
+from conftest import PYTHON, REPO_ROOT, assert_one_line_error, run_script
 
 
 def test_inference_chat_prompts_an_example_conversation_up_to_its_last_question(tiny_run, capsys):
@@ -64,6 +67,140 @@ def test_inference_chat_on_a_terminal_keeps_the_history_until_reset(tiny_run):
     first, second, after_reset = prompt_sizes
     assert second > first + 2  # the second turn is prompted with the first exchange too
     assert after_reset == first  # /reset: the same question is prompted as at the start
+
+
+def chat_on_a_terminal(model_dir, *flags):
+    """inference.py --chat on a pseudo-terminal: (process, the controller's fd)."""
+    controller, terminal = pty.openpty()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    process = subprocess.Popen([PYTHON, "inference.py", "--model-dir", str(model_dir), "--chat", *flags],
+                               cwd=REPO_ROOT, env=env, stdin=terminal, stdout=terminal, stderr=terminal,
+                               close_fds=True)
+    os.close(terminal)
+    return process, controller
+
+
+def rest_of_output(fd):
+    """What the terminal still shows after the process ended."""
+    seen = ""
+    with contextlib.suppress(OSError):  # EIO once the other end is closed
+        while select.select([fd], [], [], 1)[0]:
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                break
+            seen += chunk.decode(errors="replace")
+    return seen
+
+
+@pytest.mark.slow
+def test_ctrl_c_at_the_chat_prompt_ends_the_chat_cleanly(tiny_run):
+    process, controller = chat_on_a_terminal(tiny_run["llama"], "--max-new-tokens", "2")
+    try:
+        seen = read_until(controller, r"you> ")
+        process.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        assert process.wait(timeout=60) == 0
+        seen += rest_of_output(controller)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        os.close(controller)
+    assert "(chat ended)" in seen and "Traceback" not in seen and "KeyboardInterrupt" not in seen, seen
+
+
+@pytest.mark.slow
+def test_the_chat_prompt_survives_ctrl_c_in_a_reply_bad_bytes_and_unknown_commands(tiny_run, tmp_path):
+    """Ctrl-C during a reply drops that exchange and prompts again; a line that is not UTF-8 and an unknown
+    /command are not sent to the model. The model never ends its turn (its end-of-turn token is suppressed) and
+    holds 8192 positions, so a reply of 2000 tokens takes long enough to be interrupted."""
+    model_dir = Path(shutil.copytree(tiny_run["llama"], tmp_path / "endless"))
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps(dict(config, max_position_embeddings=8192)))
+    generation = json.loads((model_dir / "generation_config.json").read_text())
+    (model_dir / "generation_config.json").write_text(json.dumps(dict(generation, suppress_tokens=[2])))
+    process, controller = chat_on_a_terminal(model_dir, "--max-new-tokens", "2000")
+    transcript = ""
+    try:
+        transcript += read_until(controller, r"you> ")
+        os.write(controller, b"w5 \xff\xfe w6\n")
+        seen = read_until(controller, r"you> ")
+        assert "(that line is not UTF-8 text; nothing was sent)" in seen and "model>" not in seen, seen
+        os.write(controller, b"/summarise w5\n")
+        seen = read_until(controller, r"you> ")
+        assert "(unknown command /summarise; nothing was sent." in seen and "model>" not in seen, seen
+        transcript += seen
+        os.write(controller, b"w5 w6\n")
+        time.sleep(3)  # the reply is being generated
+        process.send_signal(signal.SIGINT)
+        seen = read_until(controller, r"you> ")
+        assert "(reply stopped; that message and its reply are left out of the conversation)" in seen, seen
+        assert "model>" not in seen, seen
+        transcript += seen
+        os.write(controller, b"/reset\n")
+        transcript += read_until(controller, r"\(conversation cleared\)")
+        os.write(controller, b"/quit\n")
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        os.close(controller)
+    assert "Traceback" not in transcript and "error:" not in transcript, transcript
+
+
+def piped_chat(model_dir, text, *flags):
+    """`... | inference.py --chat`: standard input is a pipe, not a terminal."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    return subprocess.run([PYTHON, "inference.py", "--model-dir", str(model_dir), "--chat", *flags], cwd=REPO_ROOT,
+                          env=env, input=text, capture_output=True, timeout=120)
+
+
+@pytest.mark.slow
+def test_piped_text_is_the_message_not_the_bundled_sample(tiny_run):
+    from transformers import AutoTokenizer
+
+    from finetune.data.chat import chat_format
+
+    fmt = chat_format(AutoTokenizer.from_pretrained(tiny_run["llama"]), "auto")
+    result = piped_chat(tiny_run["llama"], b"w5 w6 w7\n", "--max-new-tokens", "2")
+    assert result.returncode == 0, result.stderr.decode()[-3000:]
+    replies = [line for line in result.stdout.decode().splitlines() if line.startswith("model> ")]
+    expected = len(fmt.prompt([{"role": "user", "content": "w5 w6 w7"}]))
+    assert len(replies) == 1 and replies[0].endswith(f"({expected} prompt tokens)"), result.stdout
+    nothing = piped_chat(tiny_run["llama"], b"")
+    assert assert_one_line_error(subprocess.CompletedProcess(nothing.args, nothing.returncode, nothing.stdout.decode(),
+                                                             nothing.stderr.decode())).startswith(
+        "error: --chat read no message from standard input")
+
+
+@pytest.mark.slow
+def test_a_conversation_past_the_models_positions_or_a_huge_line_keeps_the_session(tiny_run, tmp_path):
+    """The oldest exchanges are dropped (with a note) when the conversation passes the model's positions; a 1 MB
+    line, and a message that cannot fit alone, are refused, and the conversation before them is kept."""
+    from transformers import AutoTokenizer
+
+    from finetune.data.chat import chat_format
+
+    short = Path(shutil.copytree(tiny_run["llama"], tmp_path / "short"))
+    config = json.loads((short / "config.json").read_text())
+    (short / "config.json").write_text(json.dumps(dict(config, max_position_embeddings=40)))
+    fmt = chat_format(AutoTokenizer.from_pretrained(str(short)), "auto")
+    lines = [b"w5 " * 350_000, b"w5 w6 w7 w8", b"w9 w10", b"w11 w12", b"w13 " * 45, b"w14"]
+    started = time.monotonic()
+    result = piped_chat(short, b"\n".join(lines) + b"\n", "--max-new-tokens", "4")
+    assert time.monotonic() - started < 60
+    assert result.returncode == 0, result.stderr.decode()[-3000:]
+    out = [line for line in result.stdout.decode().splitlines() if line.startswith(("model>", "("))]
+    dropped = "(dropped the 2 oldest turns: the conversation passed the model's 40 positions)"
+    assert [line if line.startswith("(") else "model>" for line in out] == [
+        "(that message has 1049999 characters, more than the model's 40 positions can hold; nothing was sent)",
+        "model>", "model>", dropped, "model>",
+        "(that message alone takes more than the model's 40 positions; nothing was sent)",
+        dropped, "model>"], out
+    # The last message is prompted with the newest exchange from before the refused message.
+    kept_reply = out[4].removeprefix("model> ").rsplit("   (", 1)[0]
+    prompt = fmt.prompt([{"role": "user", "content": "w11 w12"}, {"role": "assistant", "content": kept_reply},
+                         {"role": "user", "content": "w14"}])
+    assert out[7].endswith(f"({len(prompt)} prompt tokens)"), out
+    assert "Traceback" not in result.stderr.decode()
 
 
 @pytest.mark.slow

@@ -95,3 +95,74 @@ def test_inference_caps_generation_at_the_models_length_with_one_note(tiny_run, 
         assert 0 < len(generated) <= 24 - prompt_tokens, printed
     long_article = json.dumps({"article": " ".join(["w7"] * 40)})
     assert "shorten the example" in error_of(inference.main, ["--model-dir", str(short), "--example", long_article])
+
+
+def test_inference_rejects_deeply_nested_or_surrogate_examples_with_one_line(tiny_run, tmp_path):
+    import inference
+
+    nested = "[" * 100_000 + "]" * 100_000
+    surrogate = '{"article": "w5 \\ud800 w6"}'
+    chat_surrogate = json.dumps({"messages": [{"role": "user", "content": "w5 \ud800"}]})
+    (tmp_path / "nested.jsonl").write_text(nested + "\n")
+    (tmp_path / "surrogate.jsonl").write_text(surrogate + "\n")
+    for argv, expected in [(["--example", nested], "error: --example is not valid JSON (nested too deep)"),
+                           (["--example", surrogate], "error: --example holds a lone surrogate ('\\ud800'), which "
+                                                      "is not text"),
+                           (["--chat", "--example", chat_surrogate], "error: --example holds a lone surrogate"),
+                           (["--example-file", str(tmp_path / "nested.jsonl")],
+                            f"error: example 0 of {str(tmp_path / 'nested.jsonl')!r} is not valid JSON (nested too "
+                            f"deep)"),
+                           (["--example-file", str(tmp_path / "surrogate.jsonl")],
+                            f"error: example 0 of {str(tmp_path / 'surrogate.jsonl')!r} holds a lone surrogate")]:
+        assert error_of(inference.main, ["--model-dir", tiny_run["llama"]] + argv).startswith(expected)
+
+
+def test_a_folder_saved_without_weights_is_named_for_it(tiny_run, tmp_path):
+    """--save-dtype none writes the tokenizer and parallel_plan.json only (finetune/checkpoint/export.py)."""
+    import inference
+
+    timing = Path(shutil.copytree(tiny_run["llama"], tmp_path / "timing_run"))
+    for name in ("model.safetensors", "config.json", "generation_config.json"):
+        (timing / name).unlink()
+    (timing / "parallel_plan.json").write_text(json.dumps({"saved_dtype": "none", "world_size": 1}))
+    assert error_of(inference.main, ["--model-dir", str(timing), "--example", '{"article": "w5"}']) == (
+        f"error: {timing} holds no model weights: its run was saved with --save-dtype none (timing runs); train "
+        f"with --save-dtype compute or fp32 to load it here")
+    (timing / "parallel_plan.json").unlink()
+    assert error_of(inference.main, ["--model-dir", str(timing), "--example", '{"article": "w5"}']) == (
+        f"error: {timing} holds no model weights (no *.safetensors or *.bin file)")
+
+
+def test_ctrl_c_during_a_reply_drops_that_exchange_and_the_chat_goes_on(tiny_run, monkeypatch, capsys):
+    """The message whose reply was interrupted is not part of the conversation the next message is prompted
+    with. (The same on a terminal: tests/integration/test_chat_run.py.)"""
+    import argparse
+
+    import inference
+    from finetune.data.chat import chat_format
+
+    tokenizer, model = inference.load_model(tiny_run["llama"])
+    typed = iter(["w5", "w6", "w7"])
+
+    def fake_input(prompt=""):
+        try:
+            return next(typed)
+        except StopIteration:
+            raise EOFError from None
+
+    prompts = []
+
+    def fake_generate(model, tokenizer, ids, *rest):
+        prompts.append(ids)
+        if len(prompts) == 2:
+            raise KeyboardInterrupt
+        return "w9"
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    monkeypatch.setattr(inference, "generate", fake_generate)
+    args = argparse.Namespace(chat_format="auto", max_new_tokens=2, seed=0, chat=True)
+    assert inference.interactive_chat(model, tokenizer, args, terminal=True) == 0
+    fmt = chat_format(tokenizer, "auto")
+    assert prompts[2] == fmt.prompt([{"role": "user", "content": "w5"}, {"role": "assistant", "content": "w9"},
+                                     {"role": "user", "content": "w7"}])
+    assert "(reply stopped; that message and its reply are left out of the conversation)" in capsys.readouterr().out

@@ -206,6 +206,36 @@ def test_a_linked_adapter_folder_is_named_when_resuming(tiny_run, tmp_path):
     assert snapshot(outside) == kept and snapshot(run_dir) == before
 
 
+STAGED = ["trackers.json.partial", "run_config.json.partial", "metrics.jsonl.tmp", "training_curves.png.partial.png"]
+
+
+def test_links_at_the_staging_names_are_removed_not_followed(tiny_run, finished_run, tmp_path):
+    """trackers.json, run_config.json, metrics.jsonl and the picture are each written under a staging name and
+    moved into place: a link at that name must not send the write to the file it points to."""
+    pytest.importorskip("tensorboard", reason="the optional trackers are not installed (requirements-trackers.txt)")
+    run_dir, _ = copy_of(finished_run, tmp_path / "run")
+    outside = outside_folder(tmp_path)
+    kept = snapshot(outside)
+    for name in STAGED:
+        (run_dir / name).symlink_to(outside / "notes.txt")
+    assert "nothing to train" in ok(train(tiny_run, run_dir, "--resume", "--report-to", "tensorboard")).stdout
+    assert snapshot(outside) == kept
+    assert not [name for name in STAGED if os.path.lexists(run_dir / name)]
+    for name in ("trackers.json", "run_config.json", "metrics.jsonl", "training_curves.png"):
+        assert (run_dir / name).is_file() and not (run_dir / name).is_symlink(), name
+
+
+def test_a_linked_tensorboard_folder_is_refused(tiny_run, finished_run, tmp_path):
+    pytest.importorskip("tensorboard", reason="the optional trackers are not installed (requirements-trackers.txt)")
+    run_dir, _ = copy_of(finished_run, tmp_path / "run")
+    outside = outside_folder(tmp_path)
+    (run_dir / "tensorboard").symlink_to(outside)
+    before, kept = snapshot(run_dir), snapshot(outside)
+    one_error_line(train(tiny_run, run_dir, "--resume", "--report-to", "tensorboard"),
+                   f"{run_dir / 'tensorboard'} is a symbolic link")
+    assert snapshot(outside) == kept and snapshot(run_dir) == before
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Model and tokenizer folders: their own code runs only with --trust-remote-code
 # ----------------------------------------------------------------------------------------------------------

@@ -37,14 +37,15 @@ def tracked_run(tmp_path_factory):
     """A run to step 4 that reported to every tracker; its step-4 checkpoint is then removed (as if it died
     after logging steps 3 and 4 but before saving them), and `--resume` redoes steps 3 and 4 from step 2.
     Skipped without the optional trackers (pip install -r requirements-trackers.txt)."""
-    for module in ("tensorboard", "wandb", "mlflow", "trackio"):
-        pytest.importorskip(module, reason="the optional trackers are not installed (requirements-trackers.txt)")
     root = tmp_path_factory.mktemp("tracked")
     out = root / "run"
     # One thread: the tiny model gains nothing from more, and on a busy machine they only wait for each other.
     env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "TRACKIO_DIR": str(root / "trackio"),
            "MLFLOW_TRACKING_URI": "", "OMP_NUM_THREADS": "1"}
-    os.environ["TRACKIO_DIR"] = env["TRACKIO_DIR"]  # this process reads trackio's store back
+    # This process reads trackio's store back: trackio reads TRACKIO_DIR once, when it is imported.
+    os.environ["TRACKIO_DIR"] = env["TRACKIO_DIR"]
+    for module in ("tensorboard", "wandb", "mlflow", "trackio"):
+        pytest.importorskip(module, reason="the optional trackers are not installed (requirements-trackers.txt)")
     first = run_script(PYTHON, str(TRAIN), *RUN_ARGS, "--save-model-dir", str(out), env=env, timeout=600)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     before = {"rows": read_rows(out), "state": json.loads((out / "trackers.json").read_text()),
@@ -307,3 +308,137 @@ def test_prepare_dataset_shows_progress_while_tokenising(tmp_path):
                         "--save-path", str(tmp_path / "data"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "tokenizing (llama2)" in result.stderr and "100%" in result.stderr
+
+
+# ---- bad input around the trackers: one line each, nothing followed, no wait on an unreachable server -------------
+
+def test_report_to_none_with_trackers_says_none_stands_alone():
+    from finetune.errors import FinetuneError
+    from finetune.observe.trackers import parse_report_to
+
+    with pytest.raises(FinetuneError) as error:
+        parse_report_to("none,tensorboard")
+    assert str(error.value) == ("--report-to none,tensorboard: none means no tracker, so it cannot be listed with "
+                                "trackers; give none alone, or only tracker names")
+
+
+@pytest.mark.parametrize("content, problem", [
+    (b'{"logged_through": 3, "tensorboa', "it is not JSON"),
+    (b"[1, 2]", "it holds a JSON list, not an object"),
+    (b'{"logged_through": "3"}', "logged_through is '3', not a step number"),
+    (b'{"logged_through": 3, "wandb": {"id": 5}}', "its wandb entry is not an object of id, project as text"),
+    (b"\xff\xfe\x00\x81binary", "it is not JSON"),
+    (b"[" * 100_000, "it is not JSON"),
+])
+def test_a_damaged_trackers_json_on_resume_is_one_line_and_changes_nothing(tmp_path, content, problem):
+    from finetune.errors import FinetuneError
+    from finetune.observe.trackers import Trackers
+
+    (tmp_path / "run_config.json").write_text("{}")
+    (tmp_path / "trackers.json").write_bytes(content)
+    with pytest.raises(FinetuneError) as error:
+        Trackers(str(tmp_path), ("tensorboard",), 2)
+    message = str(error.value)
+    assert message.startswith(f"{tmp_path / 'trackers.json'} is damaged ({problem}") and "\n" not in message
+    assert message.endswith("restore it, or delete it to continue in new tracked runs")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run_config.json", "trackers.json"]
+    assert (tmp_path / "trackers.json").read_bytes() == content
+
+
+def test_a_read_only_tensorboard_folder_is_one_line_without_a_thread_traceback(tmp_path, capsys):
+    """TensorBoard's writer thread prints its own traceback for a folder it cannot write; the folder is tried
+    first, so the run stops with one line."""
+    pytest.importorskip("tensorboard")
+    import threading
+
+    from finetune.errors import FinetuneError
+    from finetune.observe.trackers import Trackers
+
+    (tmp_path / "run_config.json").write_text("{}")
+    (tmp_path / "trackers.json").write_text('{"tensorboard": {"log_dir": "x"}, "logged_through": 2}')
+    log_dir = tmp_path / "tensorboard"
+    log_dir.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(log_dir)], capture_output=True)
+    if mounted.returncode:
+        pytest.skip("cannot mount a read-only file system here")
+    try:
+        with pytest.raises(FinetuneError) as error:
+            Trackers(str(tmp_path), ("tensorboard",), 2)
+        for thread in threading.enumerate():  # a writer thread that failed has said so by now
+            if thread is not threading.current_thread() and not thread.daemon:
+                thread.join(5)
+    finally:
+        subprocess.run(["umount", str(log_dir)], check=True)
+    assert str(error.value).startswith(f"could not write '{log_dir / '.write_check'}' (read-only file system)")
+    printed = capsys.readouterr()
+    assert "Traceback" not in printed.err + printed.out and "Exception in thread" not in printed.err
+
+
+def test_a_link_at_the_trackers_json_staging_name_is_not_followed(tmp_path):
+    pytest.importorskip("tensorboard")
+    from finetune.observe.trackers import Trackers
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run_config.json").write_text("{}")
+    outside = tmp_path / "notes.txt"
+    outside.write_text("someone else's work")
+    (run / "trackers.json.partial").symlink_to(outside)
+    Trackers(str(run), ("tensorboard",), 0).finish()
+    assert outside.read_text() == "someone else's work"
+    assert json.loads((run / "trackers.json").read_text())["logged_through"] == 0
+    assert not os.path.lexists(run / "trackers.json.partial")
+
+
+def closed_loopback_port():
+    """A port on 127.0.0.1 that nothing listens on (bound, then released)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.parametrize("name", ["wandb", "mlflow"])
+def test_a_tracker_server_that_cannot_be_reached_is_refused_in_seconds(tmp_path, monkeypatch, name):
+    """W&B online and MLflow over http retry for minutes on their own (105 s and 250 s measured); the server is
+    tried first. Only a closed port on the loopback address is used."""
+    pytest.importorskip(name)
+    import time
+
+    from finetune.errors import FinetuneError
+    from finetune.observe.trackers import Trackers
+
+    url = f"http://127.0.0.1:{closed_loopback_port()}"
+    (tmp_path / "run_config.json").write_text("{}")
+    if name == "wandb":
+        import wandb
+
+        wandb.teardown()  # wandb keeps the settings it read first; read this test's
+        monkeypatch.setenv("WANDB_MODE", "online")
+        monkeypatch.setenv("WANDB_BASE_URL", url)
+        monkeypatch.setenv("WANDB_API_KEY", "a" * 40)
+    else:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    started = time.monotonic()
+    try:
+        with pytest.raises(FinetuneError) as error:
+            Trackers(str(tmp_path), (name,), 0)
+    finally:
+        if name == "wandb":
+            wandb.teardown()
+    assert time.monotonic() - started < 30
+    assert str(error.value) == (f"--report-to {name}: cannot reach its server {url} (connection refused); check the "
+                                f"network and the address, or use the tracker offline")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run_config.json"]
+
+
+def test_report_to_help_says_how_long_a_server_has(capsys):
+    import train_llama2
+    from finetune.args import parse_training_args
+    from finetune.observe.trackers import REACH_TIMEOUT
+
+    with pytest.raises(SystemExit):
+        parse_training_args("a training script", train_llama2.DEFAULTS, train_llama2.DEMO_DEFAULTS, ["--help"])
+    assert REACH_TIMEOUT <= 30
+    assert f"within {REACH_TIMEOUT} s, checked before the run starts" in " ".join(capsys.readouterr().out.split())
