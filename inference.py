@@ -32,10 +32,11 @@ from finetune.data.preparation import leading_special_ids, require
 from finetune.demo import DEMO_CHAT_FILE, DEMO_SAMPLE_FILES
 from finetune.errors import FinetuneError, entry_point
 from finetune.model.adapter import check_targets_fit, read_adapter
+from finetune.model.gguf import refuse_gguf
 from finetune.model.hub import looks_like_path, require_local_or_reachable, root_cause_message
 from finetune.model.remote_code import asks_for_remote_code, remote_code_error
 from finetune.model.weight_files import WEIGHT_SUFFIXES, damaged_weight_file
-from prepare_dataset import RECIPES
+from finetune.data.recipes import RECIPES
 
 
 def parse_args(argv=None):
@@ -167,6 +168,7 @@ def inference_dtype() -> torch.dtype:
 def load_model(model_dir, trust_remote_code=False):
     """Tokenizer and model of a saved folder; anything unreadable in it is one error line, and so is code the
     folder ships unless `trust_remote_code`."""
+    refuse_gguf(model_dir, "--model-dir")
     path = Path(model_dir).expanduser()
     require(path.exists() or not looks_like_path(model_dir), f"no such model folder: {model_dir}")
     require(path.is_dir() or not path.exists(), f"--model-dir {model_dir} is not a folder")

@@ -25,6 +25,9 @@ def test_the_scripts_given_a_gguf_file_say_the_conversion_in_one_line(tmp_path):
     line = assert_one_line_error(run_script(PYTHON, str(REPO_ROOT / "prepare_dataset.py"), "chat", "--demo",
                                             "--model-name-or-path", "x.gguf", "--save-path", str(tmp_path / "d")))
     assert "python -m finetune.model.gguf x.gguf ./x" in line and not (tmp_path / "d").exists()
+    line = assert_one_line_error(run_script(PYTHON, str(REPO_ROOT / "inference.py"), "--model-dir", "x.gguf",
+                                            "--example", '{"article": "w"}'))
+    assert "--model-dir x.gguf is a GGUF file" in line
 
 
 def test_converting_refuses_a_missing_file_and_an_existing_folder(tmp_path):
