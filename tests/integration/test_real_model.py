@@ -74,3 +74,35 @@ def test_inference_chat_answers_as_transformers_greedy_generation(smollm2, capsy
         out = model.generate(**prompt, max_new_tokens=24, do_sample=False, eos_token_id=tokenizer.eos_token_id)
     expected = tokenizer.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
     assert greedy == expected and "Paris" in greedy
+
+
+def test_the_docs_lines_run_as_written(smollm2, tmp_path):
+    """docs/real-model.md's commands in a copy of the repository (the pip line aside), training 2 steps instead of
+    12; the conversion line is run for real, and its folder loads like the fixture's."""
+    import re
+    import shlex
+    import shutil
+
+    from conftest import PYTHON, run_script
+
+    text = (REPO_ROOT / "docs" / "real-model.md").read_text()
+    block = re.search(r"```bash\n(.*?)```", text, flags=re.S).group(1)
+    commands = [line for line in block.splitlines() if line.strip() and not line.startswith("pip ")]
+    assert len(commands) == 4 and "--max-steps 12" in commands[2]
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for name in ("prepare_dataset.py", "train_llama2.py", "inference.py", "modeling_baichuan.py"):
+        shutil.copy(REPO_ROOT / name, repo / name)
+    for folder in ("finetune", "data"):
+        shutil.copytree(REPO_ROOT / folder, repo / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    outputs = []
+    for command in commands:
+        argv = shlex.split(command.replace("--max-steps 12", "--max-steps 2"))
+        assert argv[0] == "python"
+        result = run_script(PYTHON, *argv[1:], cwd=repo, timeout=900)
+        assert result.returncode == 0, f"{command}\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
+        outputs.append(result.stdout)
+    assert json.loads((repo / "smollm2" / "config.json").read_text()) == json.loads(
+        (REPO_ROOT / smollm2 / "config.json").read_text())
+    assert (repo / "smollm2_chat_lora" / "adapter" / "adapter_config.json").exists()
+    assert "--- greedy ---" in outputs[-1] and "Oakridge" in outputs[-1].split("--- greedy ---")[1]
