@@ -83,7 +83,7 @@ def load_average():
 
 # ---- scoring -----------------------------------------------------------------------------------------------
 
-def greedy(model, tokenizer, fmt, messages, max_new_tokens=24):
+def greedy(model, tokenizer, fmt, messages, max_new_tokens=16):
     ids = fmt.prompt(messages)
     with torch.no_grad():
         out = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False,
