@@ -141,23 +141,29 @@ def score(name, model, tokenizer, conversations, data_dir):
 # ---- TRL -----------------------------------------------------------------------------------------------------
 
 def train_trl(model_dir, data_dir, out_dir, args):
-    """SFTTrainer on the same prepared rows, LoRA on every linear layer of the decoder, the same schedule."""
+    """SFTTrainer on the same prepared rows, LoRA on every linear layer of the decoder; the optimiser and schedule
+    are given to it, built as the training scripts build theirs (torch AdamW, linear warmup over 10% of the steps
+    from the first step on, cosine to 0), so the two runs differ only in the trainer around them."""
     from datasets import load_from_disk
-    from peft import LoraConfig
+    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
+    from finetune.training import warmup_cosine_schedule
+
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    torch.manual_seed(0)
+    model = get_peft_model(model, LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=0.0,
+                                             target_modules="all-linear", task_type="CAUSAL_LM"))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
+    schedule = warmup_cosine_schedule(optimizer, args.steps, 0.1, 0.0)
     config = SFTConfig(output_dir=str(out_dir), per_device_train_batch_size=args.batch_size, max_steps=args.steps,
-                       learning_rate=args.lr, lr_scheduler_type="cosine", warmup_ratio=0.1, weight_decay=0.0,
-                       max_grad_norm=1.0, optim="adamw_torch", packing=True, max_length=args.block_size,
+                       learning_rate=args.lr, max_grad_norm=1.0, packing=True, max_length=args.block_size,
                        gradient_checkpointing=False, use_cpu=True, bf16=False, fp16=False, report_to="none",
                        save_strategy="no", eval_strategy="no", logging_steps=1, dataloader_num_workers=0, seed=0)
-    lora = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=0.0, target_modules="all-linear",
-                      task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=config, train_dataset=load_from_disk(str(data_dir))["train"],
-                         processing_class=tokenizer, peft_config=lora)
+                         processing_class=tokenizer, optimizers=(optimizer, schedule))
     started = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - started
