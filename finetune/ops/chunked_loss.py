@@ -199,10 +199,10 @@ def use_token_loss(model: torch.nn.Module, chunk_tokens: int | None = DEFAULT_CH
     """
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
+    if getattr(model.config, "z_loss_weight", 0):  # Baichuan's config may add one inside the model's own loss
+        raise ValueError("the model's config adds a z-loss (z_loss_weight > 0), which the script's token_loss would "
+                         "leave out; set z_loss_weight to 0 and add the z-loss in token_loss (its commented example)")
     if chunk_tokens is not None:
-        if getattr(model.config, "z_loss_weight", 0):
-            raise ValueError("the chunked loss has no z-loss term of its own; keep it off for models with "
-                             "z_loss_weight > 0, or add a z-loss in the script's token_loss")
         for name in ("logit_scale", "logits_scaling"):  # Cohere, Granite: the head's logits are rescaled
             if getattr(model.config, name, 1) not in (None, 1):
                 raise ValueError(f"the chunked loss does not apply {name}; keep it off (--chunked-loss off)")
