@@ -99,11 +99,16 @@ def describe(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler
 
 
 def summary(record: dict) -> dict:
-    """The record for run_config.json: the trainable parameters as a count and a hash, not every name."""
-    trainable = record["trainable"]
-    return {**{k: v for k, v in record.items() if k != "trainable"},
+    """The record for run_config.json: the trainable parameters as a count and a hash, not every name; groups and
+    sampled factors keyed by group and step, so that a tracker flattening the config gets short values."""
+    trainable, schedule = record["trainable"], record["scheduler"]
+    return {"optimizer": {"class": record["optimizer"]["class"],
+                          "param_groups": dict(enumerate(record["optimizer"]["param_groups"]))},
+            "scheduler": {**schedule, **({"factors": {str(step): factors for step, factors in schedule["factors"]}}
+                                        if "factors" in schedule else {})},
             "trainable": {"tensors": len(trainable), "elements": sum(math.prod(shape) for _, shape in trainable),
-                          "names_and_shapes_sha256": hashlib.sha256(json.dumps(trainable).encode()).hexdigest()}}
+                          "names_and_shapes_sha256": hashlib.sha256(json.dumps(trainable).encode()).hexdigest()},
+            "token_loss": record["token_loss"]}
 
 
 def _short(class_name: str) -> str:

@@ -85,7 +85,11 @@ def test_the_record_holds_the_optimiser_groups_schedule_trainables_and_loss_as_j
     assert [step for step, _ in described["scheduler"]["factors"]] == [0, 1, 2, 5, 10, 15, 19]
     assert ["model.embed_tokens.weight", [64, 16]] in described["trainable"]
     assert described["token_loss"]["name"] == "token_loss"
-    assert run_record.summary(described)["trainable"]["tensors"] == 21  # run_config.json: a count, not the names
+    summary = run_record.summary(described)  # run_config.json: a count, not the names; flat for the trackers
+    assert summary["trainable"]["tensors"] == 21 and summary["optimizer"]["param_groups"][0]["tensors"] == 21
+    assert summary["scheduler"]["factors"]["19"] == described["scheduler"]["factors"][-1][1]
+    from finetune.observe.trackers import flat_config
+    assert all(len(str(value)) < 200 for value in flat_config(json.loads(json.dumps(summary))).values())
 
 
 def test_the_same_run_has_no_difference_and_comments_or_docstrings_do_not_count():

@@ -143,7 +143,8 @@ def test_a_group_for_the_embeddings_trains_at_its_own_rate(tiny_run, original, t
     for row in rows(out):
         assert row["lr_group1"] == pytest.approx(row["lr"] / 10)
     groups = json.loads((out / "run_config.json").read_text())["what_ran"]["optimizer"]["param_groups"]
-    assert [g["tensors"] for g in groups] == [20, 1] and groups[1]["settings"]["initial_lr"] == pytest.approx(1e-3)
+    assert [groups[g]["tensors"] for g in ("0", "1")] == [20, 1]
+    assert groups["1"]["settings"]["initial_lr"] == pytest.approx(1e-3)
     resume_matches(script, tiny_run, out)
     assert refused(original["script"], tiny_run, out).startswith(
         "error: the optimiser's parameter groups: 1 now, 2 then")
