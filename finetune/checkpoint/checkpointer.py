@@ -3,11 +3,11 @@
 Inside `--save-model-dir` (the run folder: finetune/checkpoint/run_folder.py):
   checkpoints/step-00000040/    complete checkpoints only:
       .metadata, __<r>_0.distcp     PyTorch distributed checkpoint (DCP) of tensors only: each rank writes its
-                                    shard of model and optimiser state (with LoRA only the adapters and their
-                                    optimiser state)
+                                    shard of model (frozen weights too) and optimiser state (with LoRA only the
+                                    adapters and their optimiser state)
       trainer_state.json            step, epoch, the run's fixed flags, the model's fingerprint, the LR schedule,
-                                    and `non_tensor_state`: every non-tensor part of the model and optimiser state
-                                    (the optimiser's param_groups), as JSON
+                                    `what_ran` (finetune/checkpoint/run_record.py) and `non_tensor_state`: every
+                                    non-tensor part of the model and optimiser state (the param_groups), as JSON
       rng_rank<r>.json              each rank's Python, NumPy, torch and CUDA RNG states, as JSON
       checksums.sha256              SHA-256 of every file of the checkpoint (finetune/checkpoint/checksums.py)
   checkpoints/step-00000050.partial/   a checkpoint being written; ignored on resume
@@ -23,14 +23,12 @@ is resumed. `Checkpointer` is what the training scripts use: it locks and checks
 the run, and saves when due or when a stop signal (finetune/checkpoint/signals.py) came.
 """
 import contextlib
-import hashlib
 import json
 import logging
 import os
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 
-import numpy as np
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.optim.lr_scheduler import LRScheduler
@@ -87,14 +85,6 @@ def merge_state(tensors: dict, rest: dict) -> dict:
     return merged
 
 
-def model_fingerprint(model: torch.nn.Module) -> dict:
-    """Parameter names and full shapes: enough to tell a checkpoint of another model apart."""
-    config = model.config
-    return {"model_type": config.model_type, "vocab_size": config.vocab_size,
-            "hidden_size": config.hidden_size, "num_hidden_layers": config.num_hidden_layers,
-            "num_parameters": sum(int(np.prod(p.shape)) for p in model.parameters())}
-
-
 def save_checkpoint(save_dir: str, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: LRScheduler, trainer_state: dict, backend: Backend, keep_last: int) -> str:
     """Write a resumable checkpoint for `step` (every rank calls this), then prune old ones."""
@@ -117,7 +107,7 @@ def save_checkpoint(save_dir: str, step: int, model: torch.nn.Module, optimizer:
             json.dump(rng_state(), f)
         backend.barrier()
         if backend.is_main:
-            state = dict(trainer_state, step=step, world_size=backend.world_size, model=model_fingerprint(model),
+            state = dict(trainer_state, step=step, world_size=backend.world_size, model=run_record.model_fingerprint(model),
                          scheduler=scheduler.state_dict(), non_tensor_state=rest, checksums=CHECKSUMS)
             with open(os.path.join(partial, "trainer_state.json"), "w") as f:
                 json.dump(state, f)
@@ -252,7 +242,7 @@ def load_checkpoint(path: str, model: torch.nn.Module, optimizer: torch.optim.Op
 
     state = read_trainer_state(path)
     changes = check_same_run(path, state, expected_state or {}, accept_changes)
-    if state.get("model") != model_fingerprint(model):
+    if state.get("model") != run_record.model_fingerprint(model):
         raise FinetuneError(f"checkpoint {path!r} was written for another model "
                             f"({state.get('model')}); nothing was deleted")
     if record is not None:
@@ -266,10 +256,12 @@ def load_checkpoint(path: str, model: torch.nn.Module, optimizer: torch.optim.Op
         changes += found
     if not os.path.isfile(os.path.join(path, ".metadata")):  # DCP would print tracebacks while looking for it
         raise FinetuneError(f"checkpoint {path!r} is corrupt or incomplete (no .metadata); nothing was deleted")
-    keep_optimizer = not changes or run_record.same_optimizer_layout(state["what_ran"], record)
+    keep_optimizer = not changes or record is None or run_record.same_optimizer_layout(state["what_ran"], record)
     settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-    tensors = _split_trained_state(model, optimizer)[0] if keep_optimizer else {"model": _saved_model_state(model,
-                                                                                                            path)}
+    if keep_optimizer:
+        tensors = _split_trained_state(model, optimizer)[0]
+    else:
+        tensors = {"model": _saved_model_state(model, path)}
     _load_tensors(path, tensors)
     try:
         restored = merge_state(tensors, state["non_tensor_state"])
@@ -319,12 +311,6 @@ def _load_tensors(path, tensors):
 # ----------------------------------------------------------------------------------------------------------
 # What the training scripts call
 # ----------------------------------------------------------------------------------------------------------
-
-def dataset_fingerprint(lengths: Sequence[int] | np.ndarray) -> dict:
-    """The training split as far as the data order sees it: how many examples, and their lengths."""
-    return {"examples": int(len(lengths)),
-            "lengths_sha256": hashlib.sha256(np.ascontiguousarray(lengths, dtype=np.int64).tobytes()).hexdigest()}
-
 
 class Checkpointer:
     """The run folder's checkpoints for one training run: resume, save every `--save-every` steps or on a stop
@@ -380,7 +366,7 @@ class Checkpointer:
         --resume-changed. Writes run_config.json: the configuration, what the run is, the parallel plan and the
         data set's fingerprint (a resume keeps the one before it as run_config.N.json)."""
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
-        self.run_settings["dataset"] = dataset_fingerprint(steps.lengths)
+        self.run_settings["dataset"] = run_record.dataset_fingerprint(steps.lengths)
         self.record = run_record.describe(model, optimizer, scheduler, steps.total_steps, token_loss)
         if self.resume_from:
             state = load_checkpoint(self.resume_from, model, optimizer, scheduler, self.backend,

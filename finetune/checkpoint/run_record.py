@@ -1,6 +1,7 @@
-"""What a run is beyond its flags, so that a resumed run is compared with the run it continues: the optimiser's
-class and parameter groups (their sizes and hyperparameters), the learning-rate schedule (its type, settings and
-factors sampled over the run), the trainable parameters (names and shapes) and the script's token loss (its code).
+"""What a run is beyond its flags, so that a resumed run is compared with the run it continues: the model and the
+training split by their fingerprints, the optimiser's class and parameter groups (their sizes and hyperparameters),
+the learning-rate schedule (its type, settings and factors sampled over the run), the trainable parameters (names
+and shapes) and the script's token loss (its code).
 
 Every checkpoint's trainer_state.json holds the record (`describe`); run_config.json holds it summarised
 (`summary`). On resume each difference is a phrase (`differences`): the first one refuses the resume in one line
@@ -15,8 +16,9 @@ import math
 import textwrap
 import types
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
@@ -69,6 +71,20 @@ def code_fingerprint(function: Callable | None) -> str | None:
                                                                    if not isinstance(c, types.CodeType)])
                 if code else type(function).__qualname__)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def model_fingerprint(model: torch.nn.Module) -> dict:
+    """Parameter names and full shapes: enough to tell a checkpoint of another model apart."""
+    config = model.config
+    return {"model_type": config.model_type, "vocab_size": config.vocab_size,
+            "hidden_size": config.hidden_size, "num_hidden_layers": config.num_hidden_layers,
+            "num_parameters": sum(int(np.prod(p.shape)) for p in model.parameters())}
+
+
+def dataset_fingerprint(lengths: Sequence[int] | np.ndarray) -> dict:
+    """The training split as far as the data order sees it: how many examples, and their lengths."""
+    return {"examples": int(len(lengths)),
+            "lengths_sha256": hashlib.sha256(np.ascontiguousarray(lengths, dtype=np.int64).tobytes()).hexdigest()}
 
 
 def schedule_steps(total_steps: int) -> list[int]:
