@@ -17,8 +17,10 @@ model is loaded, `enable_advanced_parallelization()`, decides how the job runs, 
 """
 import os
 import sys
+from functools import partial
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
@@ -42,16 +44,40 @@ DEFAULTS = dict(model="meta-llama/Llama-2-13b-hf", dataset="./llama2_dataset", s
 DEMO_DEFAULTS = dict(save_dir="./llama2_demo_output", epochs=5, batch_size=1, lr=3e-3, log_interval=50, eval_every=100)
 
 
-def forward(model, batch, num_items_in_batch):
-    """The loss of one micro-batch: the sum of its token losses divided by `num_items_in_batch`.
+def token_loss(logits, targets, batch, positions):
+    """The training loss of each token of one chunk: `logits` (tokens x vocab, fp32), `targets` (tokens,), -100
+    where no loss is taken (such tokens are left out of the sum whatever this returns); `positions` picks the
+    chunk's tokens out of the flattened micro-batch (batch["input_ids"].flatten()[positions]). The model calls it
+    a chunk of tokens at a time (--chunked-loss), so whole logits never exist. Edit the loss here.
+    """
+    loss = F.cross_entropy(logits, targets, ignore_index=-100, reduction="none")
+    # loss = F.cross_entropy(logits, targets, ignore_index=-100, reduction="none", label_smoothing=0.1)  # smoothing
+    # loss = loss + 1e-4 * torch.logsumexp(logits, dim=-1).square()  # z-loss: keeps the logits from drifting
+    return loss
+
+
+def forward(model, batch, num_items_in_batch, token_loss=token_loss):
+    """The loss of one micro-batch: `token_loss` summed over its target tokens, divided by `num_items_in_batch`.
+    Validation passes a token_loss of its own (plain cross-entropy and `validation_metrics`).
 
     Packed rows: each example attends only to itself (the "packed_spans" attention runs per example span) and
     its rotary positions restart at 0, as if it were alone in the row.
     """
     outputs = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                     example_spans=batch["example_spans"], labels=batch["labels"],
-                    num_items_in_batch=num_items_in_batch, use_cache=False)
+                    num_items_in_batch=num_items_in_batch, token_loss=partial(token_loss, batch=batch),
+                    use_cache=False)
     return outputs.loss
+
+
+def validation_metrics(logits, targets, batch, positions):
+    """Figures validation adds to val_loss and val_accuracy, from the same chunks token_loss sees: {name: (sum,
+    count)}; each is reported as val_<name>, the split's sum over its count (metrics.jsonl, the log line, the
+    trackers, training_curves.png)."""
+    figures = {}
+    # counted = targets != -100; top5 = (logits.topk(5, dim=-1).indices == targets[:, None]).any(dim=-1)
+    # figures["top5_accuracy"] = (top5 & counted).sum(), counted.sum()
+    return figures
 
 
 def demo_assets(block_size):
@@ -83,6 +109,8 @@ def main(argv=None):
     # ---- model and optimiser ------------------------------------------------------------------------------
     model = load_model(backend, AutoModelForCausalLM, config.model, layout, attn_implementation="packed_spans",
                        adapters=config.lora)  # --lora / --qlora: frozen base plus adapters
+    # Freezing: requires_grad_(False) here, before the plan and the optimiser (docs/customising.md), e.g.
+    # for layer in model.get_decoder().layers[:model.config.num_hidden_layers // 2]: layer.requires_grad_(False)
     batches.check_block_size(model.config, config.data.block_size)
     batches.check_token_ids(model.config, train_table, eval_table)  # data prepared with another tokenizer
     layout = confirm_on_device(model, backend, config, layout, forward)  # final: the probe may lower it
@@ -93,14 +121,15 @@ def main(argv=None):
     optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],  # with LoRA: the adapters
                               lr=opt.lr, weight_decay=opt.weight_decay, fused=device.type == "cuda")
     scheduler = warmup_cosine_schedule(optim, total_steps, opt.warmup_ratio, opt.min_lr_ratio)
-    # Registers model, optimiser and scheduler once; 0, or the step of the checkpoint resumed from.
-    step = checkpoints.start(model, optim, scheduler, steps, parallel_plan)
+    # Registers model, optimiser, scheduler and loss once; 0, or the step of the checkpoint resumed from (which
+    # must have run with the same optimiser, groups, schedule, trainable parameters and loss: --resume-changed).
+    step = checkpoints.start(model, optim, scheduler, steps, parallel_plan, token_loss)
 
     save_dir = config.checkpoint.save_model_dir
     guard = NonFiniteGuard(config.training.skip_nonfinite, save_dir, backend)
     metrics = MetricsLog(save_dir, backend, model, config.logging, total_steps, step)  # + --report-to trackers
     validation = Validation(eval_table, batches.validation_rows(eval_table, config.data, config.training.seed),
-                            forward, backend, batch_format, config.logging.eval_every)
+                            forward, backend, batch_format, config.logging.eval_every, validation_metrics)
 
     # ---- training loop ------------------------------------------------------------------------------------
     model.train()
@@ -132,8 +161,8 @@ def main(argv=None):
                 metrics.add_step(info["step_tokens"], attended_pairs)
                 epoch_end = info["last_in_epoch"] or step == total_steps
                 if metrics.due(step, epoch_end) or validation.due(step, epoch_end):
-                    val_loss = validation.loss(model) if validation.due(step, epoch_end) else None
-                    metrics.log(step, epoch, step_loss, grad_norm, scheduler.get_last_lr()[0], val_loss, progress=bar)
+                    figures = validation.run(model) if validation.due(step, epoch_end) else None  # val_loss, ...
+                    metrics.log(step, epoch, step_loss, grad_norm, scheduler.get_last_lr(), figures, progress=bar)
                 if checkpoints.after_step(step, epoch):
                     metrics.close()
                     backend.shutdown()  # stopped by a signal: the checkpoint is written, resume with --resume

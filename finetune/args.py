@@ -64,6 +64,10 @@ def parse_training_args(description: str, defaults: dict, demo_defaults: dict,
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --save-model-dir")
     p.add_argument("--resume-if-possible", action="store_true",
                    help="like --resume, but start fresh when there is no checkpoint yet (for requeued jobs)")
+    p.add_argument("--resume-changed", action="store_true",
+                   help="--resume although the optimiser, its groups, the schedule, the trainable parameters or "
+                        "the loss differ from the checkpoint's (code edits or their flags); this run's code applies "
+                        "from the resumed step (docs/customising.md)")
     p.add_argument("--overwrite", action="store_true", help="start over in a --save-model-dir that holds an earlier "
                                                              "run's checkpoints (deletes only files this script wrote)")
     p.add_argument("--save-dtype", choices=SAVE_DTYPES, default="compute",
@@ -142,6 +146,8 @@ def parse_training_args(description: str, defaults: dict, demo_defaults: dict,
         refuse_gguf(args.model_name_or_path)  # a .gguf file: the one-line conversion to a folder
     if args.pad_to_block_size:
         args.batching = "block"
+    if args.resume_changed and not args.resume_if_possible:
+        args.resume = True  # it is a resume that accepts changes
     check_numbers(args)
     _check_lora_args(args, lr_given)
     args.report_to = parse_report_to(args.report_to)  # a tracker that is not installed: one line, now

@@ -83,6 +83,7 @@ class CheckpointConfig:
     resume_if_possible: bool = False
     overwrite: bool = False
     save_dtype: str = "compute"   # compute (bf16 after bf16 training) | fp32 (the master weights)
+    resume_changed: bool = False  # resume although the optimiser, schedule, trainables or loss changed
 
 
 @dataclass(frozen=True)
@@ -137,7 +138,8 @@ def from_flags(args: argparse.Namespace) -> RunConfig:
                                 args.cpu_offload, args.chunked_loss, args.attn_implementation),
         plan_only=PlanOnlyConfig(args.plan_only, args.num_devices, args.device_memory_gb, args.host_memory_gb),
         checkpoint=CheckpointConfig(args.save_model_dir, args.save_every, args.keep_last, args.resume,
-                                    args.resume_if_possible, args.overwrite, args.save_dtype),
+                                    args.resume_if_possible, args.overwrite, args.save_dtype,
+                                    args.resume_changed),
         logging=LoggingConfig(args.log_interval, args.eval_every, args.peak_tflops, tuple(args.report_to)),
         lora=lora,
         demo=args.demo,

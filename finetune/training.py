@@ -1,17 +1,20 @@
 """Pieces of the training loop that are the same for every model: the schedule, clipping, the non-finite
 guard and the validation pass. The loop itself stays in the training scripts."""
+import inspect
 import math
 import random
 from collections.abc import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from finetune.checkpoint.run_folder import list_checkpoints
 from finetune.data.batches import BatchFormat, TokenTable, collate_rows, move_to
 from finetune.distributed.backend import Backend
 from finetune.errors import FinetuneError
+from finetune.ops.chunked_loss import IGNORE_INDEX
 
 
 def set_seed(seed: int) -> None:
@@ -63,31 +66,70 @@ class NonFiniteGuard:
 
 
 class Validation:
-    """Token-weighted loss over the whole validation split; every rank takes its share of the rows."""
+    """One pass over the whole validation split, every rank taking its share of the rows, measuring with its own
+    plain cross-entropy whatever the training loss is: `val_loss` (token-weighted), `val_accuracy` (share of
+    target tokens whose most likely next token is the target) and `val_<name>` for each figure `metrics` adds.
+
+    `forward` is the script's: validation passes it a `token_loss` of its own, which sees each chunk's logits.
+    `metrics(logits, targets, batch, positions)` returns {name: (sum, count)} for one chunk; the figure is the
+    split's total sum over its total count.
+    """
 
     def __init__(self, table: TokenTable | None, rows: list, forward: Callable, backend: Backend,
-                 batch_format: BatchFormat, every: int | None = None) -> None:
+                 batch_format: BatchFormat, every: int | None = None, metrics: Callable | None = None) -> None:
+        if "token_loss" not in inspect.signature(forward).parameters:
+            raise FinetuneError("forward() must take a token_loss argument and pass it on to the model: validation "
+                                "measures through it (docs/customising.md)")
         self.table, self.rows, self.forward, self.backend = table, rows, forward, backend
-        self.format, self.every = batch_format, every
+        self.format, self.every, self.metrics = batch_format, every, metrics
 
     def due(self, step: int, epoch_end: bool) -> bool:
         return bool(self.rows) and (epoch_end or bool(self.every and step % self.every == 0))
 
-    def loss(self, model: torch.nn.Module) -> float:
+    def run(self, model: torch.nn.Module) -> dict[str, float]:
+        """{"val_loss": ..., "val_accuracy": ..., "val_<name>": ...} over the split (every rank calls this)."""
         backend, device, micro = self.backend, self.backend.device, self.format.micro_batch_size
+        sums: dict[str, torch.Tensor] = {}  # name: (sum, count) as a 2-vector, in the order first met
+        weight, calls = 1.0, [0]
+
+        def add(name, total, count):
+            pair = torch.stack([torch.as_tensor(total, device=device).float().sum(),
+                                torch.as_tensor(count, device=device).float().sum()])
+            sums[name] = sums[name] + weight * pair if name in sums else weight * pair
+
+        def measure(logits, targets, batch, positions):
+            calls[0] += 1
+            counted = targets != IGNORE_INDEX
+            losses = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="none")
+            add("loss", losses.sum(), counted.sum())
+            add("accuracy", ((logits.argmax(dim=-1) == targets) & counted).sum(), counted.sum())
+            for name, (total, count) in (self.metrics(logits, targets, batch, positions) if self.metrics
+                                         else {}).items():
+                if name in ("loss", "accuracy"):
+                    raise FinetuneError(f"validation_metrics: {name!r} is built in; give the figure another name")
+                add(name, total, count)
+            return losses
+
         model.eval()
-        loss_sum = torch.zeros((), device=device)
-        targets = torch.zeros((), device=device)
         chunk = backend.world_size * micro
         with torch.no_grad():
             for start in range(0, len(self.rows), chunk):
                 mine = self.rows[start:start + chunk][backend.rank * micro:(backend.rank + 1) * micro]
                 weight = 1.0 if mine else 0.0  # a rank with no rows left still joins the sharded forward
-                rows = mine or self.rows[:1]
-                batch = move_to(collate_rows(self.table, rows, self.format.pad_id, self.format.pad_to), device)
+                batch = move_to(collate_rows(self.table, mine or self.rows[:1], self.format.pad_id,
+                                             self.format.pad_to), device)
+                before = calls[0]
                 with backend.autocast():
-                    loss_sum += weight * self.forward(model, batch, num_items_in_batch=1).float()
-                targets += weight * batch["num_targets"]
+                    self.forward(model, batch, num_items_in_batch=1, token_loss=measure)
+                if calls[0] == before:
+                    raise FinetuneError("forward() did not pass token_loss on to the model (model(..., labels=..., "
+                                        "token_loss=...)), so validation could not measure; see "
+                                        "docs/customising.md")
         model.train()
-        totals = backend.all_reduce_sum(torch.stack([loss_sum, targets]))
-        return (totals[0] / totals[1].clamp(min=1)).item()
+        names = list(sums)
+        totals = backend.all_reduce_sum(torch.stack([sums[name] for name in names]))
+        return {f"val_{name}": (totals[i, 0] / totals[i, 1].clamp(min=1)).item() for i, name in enumerate(names)}
+
+    def loss(self, model: torch.nn.Module) -> float:
+        """The validation loss alone (the same pass as `run`)."""
+        return self.run(model)["val_loss"]

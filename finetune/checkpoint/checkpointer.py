@@ -3,11 +3,11 @@
 Inside `--save-model-dir` (the run folder: finetune/checkpoint/run_folder.py):
   checkpoints/step-00000040/    complete checkpoints only:
       .metadata, __<r>_0.distcp     PyTorch distributed checkpoint (DCP) of tensors only: each rank writes its
-                                    shard of model and optimiser state (with LoRA only the adapters and their
-                                    optimiser state)
+                                    shard of model (frozen weights too) and optimiser state (with LoRA only the
+                                    adapters and their optimiser state)
       trainer_state.json            step, epoch, the run's fixed flags, the model's fingerprint, the LR schedule,
-                                    and `non_tensor_state`: every non-tensor part of the model and optimiser state
-                                    (the optimiser's param_groups), as JSON
+                                    `what_ran` (finetune/checkpoint/run_record.py) and `non_tensor_state`: every
+                                    non-tensor part of the model and optimiser state (the param_groups), as JSON
       rng_rank<r>.json              each rank's Python, NumPy, torch and CUDA RNG states, as JSON
       checksums.sha256              SHA-256 of every file of the checkpoint (finetune/checkpoint/checksums.py)
   checkpoints/step-00000050.partial/   a checkpoint being written; ignored on resume
@@ -23,27 +23,26 @@ is resumed. `Checkpointer` is what the training scripts use: it locks and checks
 the run, and saves when due or when a stop signal (finetune/checkpoint/signals.py) came.
 """
 import contextlib
-import hashlib
 import json
 import logging
 import os
-import random
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator
 
-import numpy as np
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.optim.lr_scheduler import LRScheduler
 from tqdm import tqdm
 
-from finetune.checkpoint import safe_reader
+from finetune.checkpoint import run_record, safe_reader
 from finetune.checkpoint.checksums import CHECKSUMS, verify_checkpoint, write_checksums
+from finetune.checkpoint.rng_state import restore_rng, rng_file, rng_state
 from finetune.checkpoint.run_folder import (
     check_save_dir,
     claim_run_dir,
     describe_error,
     fsync_dir,
+    keep_run_config,
     list_checkpoints,
     newest_checkpoint_note,
     remove_path,
@@ -57,53 +56,6 @@ from finetune.data.batches import StepRows
 from finetune.distributed.backend import Backend
 from finetune.errors import FinetuneError
 from finetune.model import lora
-
-# ----------------------------------------------------------------------------------------------------------
-# Every RNG state of a rank, as JSON
-# ----------------------------------------------------------------------------------------------------------
-
-def _hex(byte_tensor):
-    return byte_tensor.numpy().tobytes().hex()
-
-
-def _byte_tensor(text):
-    return torch.frombuffer(bytearray.fromhex(text), dtype=torch.uint8)
-
-
-def _rng_state():
-    """Every RNG state of this process as plain JSON values (torch's states as hex)."""
-    _, python_words, python_gauss = random.getstate()
-    _, numpy_words, numpy_pos, numpy_has_gauss, numpy_gauss = np.random.get_state()
-    return {"python": list(python_words), "python_gauss": python_gauss,
-            "numpy": numpy_words.tolist(), "numpy_pos": int(numpy_pos),
-            "numpy_gauss": [int(numpy_has_gauss), float(numpy_gauss)],
-            "torch": _hex(torch.get_rng_state()),
-            # This process's own device only: a resume with fewer GPUs per node must still find its state.
-            "cuda": [_hex(torch.cuda.get_rng_state())] if torch.cuda.is_available() else []}
-
-
-def _set_rng_state(state):
-    random.setstate((3, tuple(state["python"]), state["python_gauss"]))
-    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), state["numpy_pos"],
-                         *state["numpy_gauss"]))
-    torch.set_rng_state(_byte_tensor(state["torch"]))
-    if torch.cuda.is_available() and state["cuda"]:
-        torch.cuda.set_rng_state(_byte_tensor(state["cuda"][0]))  # this process's own device's
-
-
-def rng_file(folder: str, rank: int) -> str:
-    return os.path.join(folder, f"rng_rank{rank}.json")
-
-
-def restore_rng(path: str) -> None:
-    """Set this process's RNGs from the file `path`; anything unusable in it is one error line naming it."""
-    try:
-        with open(path) as f:
-            _set_rng_state(json.load(f))
-    except (OSError, ValueError, KeyError, TypeError, IndexError, OverflowError, RuntimeError) as exc:
-        raise FinetuneError(f"checkpoint file {path!r} is corrupt: not the RNG state it should hold "
-                            f"({exc.__class__.__name__}); nothing was deleted") from None
-
 
 # ----------------------------------------------------------------------------------------------------------
 # Tensors go to DCP, everything else to JSON: nothing of a checkpoint needs unpickling to load
@@ -133,14 +85,6 @@ def merge_state(tensors: dict, rest: dict) -> dict:
     return merged
 
 
-def model_fingerprint(model: torch.nn.Module) -> dict:
-    """Parameter names and full shapes: enough to tell a checkpoint of another model apart."""
-    config = model.config
-    return {"model_type": config.model_type, "vocab_size": config.vocab_size,
-            "hidden_size": config.hidden_size, "num_hidden_layers": config.num_hidden_layers,
-            "num_parameters": sum(int(np.prod(p.shape)) for p in model.parameters())}
-
-
 def save_checkpoint(save_dir: str, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: LRScheduler, trainer_state: dict, backend: Backend, keep_last: int) -> str:
     """Write a resumable checkpoint for `step` (every rank calls this), then prune old ones."""
@@ -160,10 +104,10 @@ def save_checkpoint(save_dir: str, step: int, model: torch.nn.Module, optimizer:
         with _quiet_checkpoint_library():
             dcp.save(tensors, checkpoint_id=partial)
         with open(rng_file(partial, backend.rank), "w") as f:
-            json.dump(_rng_state(), f)
+            json.dump(rng_state(), f)
         backend.barrier()
         if backend.is_main:
-            state = dict(trainer_state, step=step, world_size=backend.world_size, model=model_fingerprint(model),
+            state = dict(trainer_state, step=step, world_size=backend.world_size, model=run_record.model_fingerprint(model),
                          scheduler=scheduler.state_dict(), non_tensor_state=rest, checksums=CHECKSUMS)
             with open(os.path.join(partial, "trainer_state.json"), "w") as f:
                 json.dump(state, f)
@@ -190,11 +134,16 @@ def save_checkpoint(save_dir: str, step: int, model: torch.nn.Module, optimizer:
 
 
 def _trained_state(model, optimizer):
-    """(model state, optimiser state) of what trains: every weight in full fine-tuning, only the adapters with
-    LoRA (a frozen or 4-bit base, and its quantisation constants, are left to the model files)."""
+    """(model state, optimiser state). Full fine-tuning: every weight, frozen ones too, so that a resume whose
+    script froze weights that had trained restores them. LoRA: what trains (the adapters); a frozen or 4-bit base,
+    and its quantisation constants, are left to the model files."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-    model_state, optim_state = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    adapters = lora.is_lora(model)
+    model_state, optim_state = get_state_dict(model, optimizer,
+                                              options=StateDictOptions(ignore_frozen_params=adapters))
+    if not adapters:
+        return model_state, optim_state
     keep = {name for name, p in model.named_parameters() if p.requires_grad} | {n for n, _ in model.named_buffers()}
     return {k: v for k, v in model_state.items() if k in keep}, optim_state
 
@@ -238,11 +187,15 @@ def read_trainer_state(path: str) -> dict:
 
 
 MISSING = object()
+# Flags that only set the optimiser and its schedule: --resume-changed may change them, as it may the code
+CHANGEABLE = ("lr", "warmup_ratio", "min_lr_ratio", "weight_decay", "max_grad_norm")
 
 
-def check_same_run(path: str, state: dict, settings: dict) -> None:
+def check_same_run(path: str, state: dict, settings: dict, accept_changes: bool = False) -> list[str]:
     """A resumed run is the same run: refuse any flag that differs from the one the checkpoint was written with
-    (the data order, the optimiser and its schedule, the run's length)."""
+    (the data order, the optimiser and its schedule, the run's length). With `accept_changes` (--resume-changed)
+    the optimiser's and schedule's flags may differ: returns those differences."""
+    accepted = []
     for key, value in settings.items():
         if key == "epoch" or state.get(key, MISSING) == value:
             continue
@@ -257,9 +210,14 @@ def check_same_run(path: str, state: dict, settings: dict) -> None:
             continue
         then, now = ("not given" if v is None else v for v in (state[key], value))
         flag = "--" + key.replace("_", "-")
-        raise FinetuneError(f"{flag} {now} differs from the run being resumed ({flag} {then}, {path}); a "
-                            f"resumed run keeps the flags it started with (see README, Preemption and resume). "
-                            f"Nothing was deleted")
+        if key in CHANGEABLE and accept_changes:
+            accepted.append(f"{flag} {now} now, {then} then")
+            continue
+        advice = (", or add --resume-changed to continue it with the new value" if key in CHANGEABLE else
+                  " (see docs/resume.md)")
+        raise FinetuneError(f"{flag} {now} differs from the run being resumed ({flag} {then}, {path}); a resumed "
+                            f"run keeps the flags it started with{advice}. Nothing was deleted")
+    return accepted
 
 
 def _check_same_adapters(path, saved, record):
@@ -272,21 +230,73 @@ def _check_same_adapters(path, saved, record):
 
 
 def load_checkpoint(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: LRScheduler,
-                    backend: Backend, expected_state: dict | None = None) -> dict:
-    """Restore model, optimiser, schedule and RNG from `path`; returns its trainer state.
+                    backend: Backend, expected_state: dict | None = None, record: dict | None = None,
+                    accept_changes: bool = False) -> dict:
+    """Restore model, optimiser, schedule and RNG from `path`; returns its trainer state, with `changes`: the
+    differences --resume-changed accepted.
 
-    `expected_state` holds the settings the run must share with the checkpoint (`check_same_run`).
+    `expected_state` holds the flags the run must share with the checkpoint (`check_same_run`), `record` what
+    the run is (run_record.describe): a difference refuses the resume unless `accept_changes`.
     """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_state_dict
 
     state = read_trainer_state(path)
-    check_same_run(path, state, expected_state or {})
-    if state.get("model") != model_fingerprint(model):
+    changes = check_same_run(path, state, expected_state or {}, accept_changes)
+    if state.get("model") != run_record.model_fingerprint(model):
         raise FinetuneError(f"checkpoint {path!r} was written for another model "
                             f"({state.get('model')}); nothing was deleted")
+    if record is not None:
+        if not isinstance(state.get("what_ran"), dict):
+            raise FinetuneError(f"checkpoint {path!r} does not record its optimiser, schedule and trainable "
+                                f"parameters: it was not written by this version of these scripts; start over with "
+                                f"--overwrite (nothing was deleted)")
+        found = run_record.differences(state["what_ran"], record)
+        if found and not accept_changes:
+            raise FinetuneError(run_record.refusal(path, found))
+        changes += found
     if not os.path.isfile(os.path.join(path, ".metadata")):  # DCP would print tracebacks while looking for it
         raise FinetuneError(f"checkpoint {path!r} is corrupt or incomplete (no .metadata); nothing was deleted")
-    tensors, _ = _split_trained_state(model, optimizer)
+    keep_optimizer = not changes or record is None or run_record.same_optimizer_layout(state["what_ran"], record)
+    settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    if keep_optimizer:
+        tensors = _split_trained_state(model, optimizer)[0]
+    else:
+        tensors = {"model": _saved_model_state(model, path)}
+    _load_tensors(path, tensors)
+    try:
+        restored = merge_state(tensors, state["non_tensor_state"])
+        if keep_optimizer:  # only what was saved is loaded; with LoRA the frozen base came from the model files
+            set_state_dict(model, optimizer, model_state_dict=restored["model"],
+                           optim_state_dict=restored["optimizer"],
+                           options=StateDictOptions(ignore_frozen_params=lora.is_lora(model), strict=False))
+        else:  # another optimiser layout: its state starts afresh; every saved weight is restored, frozen or not
+            set_model_state_dict(model, restored["model"],
+                                 options=StateDictOptions(ignore_frozen_params=False, strict=False))
+        if changes:  # this run's code decides the rates: its own settings, its schedule at the resumed step
+            for group, values in zip(optimizer.param_groups, settings, strict=True):
+                group.update(values)
+            run_record.fast_forward(scheduler, state["step"])
+        else:
+            scheduler.load_state_dict(state["scheduler"])
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as exc:
+        raise FinetuneError(f"checkpoint {path!r} is corrupt: its trainer_state.json does not fit this run's "
+                            f"optimiser or schedule ({exc.__class__.__name__}); nothing was deleted") from None
+    if os.path.isfile(rng_file(path, backend.rank)):  # absent when resuming on more ranks than wrote the checkpoint
+        restore_rng(rng_file(path, backend.rank))
+    return dict(state, changes=changes, optimizer_kept=keep_optimizer)
+
+
+def _saved_model_state(model, path):
+    """This model's tensors that the checkpoint holds, frozen ones included: after a change of what trains, every
+    weight the run being resumed trained is restored."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    saved = safe_reader.tensor_names(path)
+    state = get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=False))
+    return {name: tensor for name, tensor in state.items() if f"model.{name}" in saved}
+
+
+def _load_tensors(path, tensors):
     try:
         with _quiet_checkpoint_library():
             safe_reader.load_tensors(tensors, path)
@@ -296,29 +306,11 @@ def load_checkpoint(path: str, model: torch.nn.Module, optimizer: torch.optim.Op
     except (Exception, CheckpointException) as exc:
         raise FinetuneError(f"checkpoint {path!r} is corrupt or incomplete ({exc.__class__.__name__}); "
                             f"nothing was deleted") from None
-    try:
-        restored = merge_state(tensors, state["non_tensor_state"])
-        # Only what trains was saved (LoRA: the adapters); the frozen base came from the model files.
-        set_state_dict(model, optimizer, model_state_dict=restored["model"], optim_state_dict=restored["optimizer"],
-                       options=StateDictOptions(ignore_frozen_params=True, strict=False))
-        scheduler.load_state_dict(state["scheduler"])
-    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as exc:
-        raise FinetuneError(f"checkpoint {path!r} is corrupt: its trainer_state.json does not fit this run's "
-                            f"optimiser or schedule ({exc.__class__.__name__}); nothing was deleted") from None
-    if os.path.isfile(rng_file(path, backend.rank)):  # absent when resuming on more ranks than wrote the checkpoint
-        restore_rng(rng_file(path, backend.rank))
-    return state
 
 
 # ----------------------------------------------------------------------------------------------------------
 # What the training scripts call
 # ----------------------------------------------------------------------------------------------------------
-
-def dataset_fingerprint(lengths: Sequence[int] | np.ndarray) -> dict:
-    """The training split as far as the data order sees it: how many examples, and their lengths."""
-    return {"examples": int(len(lengths)),
-            "lengths_sha256": hashlib.sha256(np.ascontiguousarray(lengths, dtype=np.int64).tobytes()).hexdigest()}
-
 
 class Checkpointer:
     """The run folder's checkpoints for one training run: resume, save every `--save-every` steps or on a stop
@@ -344,8 +336,10 @@ class Checkpointer:
         backend.on_rank0(lambda: claim_run_dir(save_dir))
         newest = check_save_dir(save_dir, section.resume, section.overwrite, section.resume_if_possible)
         self.resume_from = newest and self._verified(newest, fall_back=section.resume_if_possible)
+        self.accept_changes = section.resume_changed  # --resume-changed: the code or flags changed on purpose
         if self.resume_from:
-            check_same_run(self.resume_from, read_trainer_state(self.resume_from), self.run_settings)
+            check_same_run(self.resume_from, read_trainer_state(self.resume_from), self.run_settings,
+                           self.accept_changes)
         self.stop = StopRequest(save_dir)
 
     def _verified(self, newest, fall_back):
@@ -364,19 +358,26 @@ class Checkpointer:
         raise FinetuneError(f"no checkpoint in {self.save_dir!r} matches its checksums; nothing was deleted")
 
     def start(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: LRScheduler,
-              steps: StepRows, parallel_plan: dict | None = None) -> int:
+              steps: StepRows, parallel_plan: dict | None = None, token_loss: Callable | None = None) -> int:
         """Register the states a checkpoint holds (model, optimizer, scheduler), then restore the newest
         checkpoint (when resuming) or start a fresh run folder; returns the step reached. `steps`: the run's
-        data.StepRows. Writes run_config.json: the configuration, the parallel plan and the data set's
-        fingerprint."""
+        data.StepRows; `token_loss`: the script's per-token loss. A resumed run must be the run the checkpoint
+        continues: its optimiser and groups, schedule, trainable parameters and loss (run_record), unless
+        --resume-changed. Writes run_config.json: the configuration, what the run is, the parallel plan and the
+        data set's fingerprint (a resume keeps the one before it as run_config.N.json)."""
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
-        self.run_settings["dataset"] = dataset_fingerprint(steps.lengths)
+        self.run_settings["dataset"] = run_record.dataset_fingerprint(steps.lengths)
+        self.record = run_record.describe(model, optimizer, scheduler, steps.total_steps, token_loss)
         if self.resume_from:
             state = load_checkpoint(self.resume_from, model, optimizer, scheduler, self.backend,
-                                    dict(self.run_settings, epoch=0))
+                                    dict(self.run_settings, epoch=0), self.record, self.accept_changes)
             self.step, self.epoch = state["step"], state.get("epoch", 0)
             if self.backend.is_main:
                 truncate_metrics(self.save_dir, self.step)
+                if state["changes"]:
+                    kept = "kept" if state["optimizer_kept"] else "started afresh (its layout changed)"
+                    print(f"note: --resume-changed: continuing with {'; '.join(state['changes'])}; the optimiser "
+                          f"state is {kept}, the schedule is this run's at step {self.step}", flush=True)
                 print(f"resumed from {self.resume_from} at step {self.step}", flush=True)
                 if self.step >= steps.total_steps:
                     print(f"nothing to train: the run's {steps.total_steps} steps are done; writing the final "
@@ -384,8 +385,11 @@ class Checkpointer:
         self.backend.barrier()
         if self.backend.is_main:
             with writing(os.path.join(self.save_dir, RUN_CONFIG_FILE), self.save_dir):
-                write_run_config(self.config, {"parallel_plan": parallel_plan,
-                                               "dataset": self.run_settings["dataset"]})
+                if self.resume_from:
+                    keep_run_config(self.save_dir)
+                resumed = {"checkpoint": self.resume_from, "step": self.step} if self.resume_from else None
+                write_run_config(self.config, {"parallel_plan": parallel_plan, "dataset": self.run_settings["dataset"],
+                                               "what_ran": run_record.summary(self.record), "resumed_from": resumed})
             if not self.resume_from:
                 start_run_dir(self.save_dir, self.script_name)
         self.backend.barrier()
@@ -405,7 +409,8 @@ class Checkpointer:
 
     def _save(self):
         return save_checkpoint(self.save_dir, self.step, self.model, self.optimizer, self.scheduler,
-                               dict(self.run_settings, epoch=self.epoch), self.backend, self.keep_last)
+                               dict(self.run_settings, epoch=self.epoch, what_ran=self.record), self.backend,
+                               self.keep_last)
 
     @contextlib.contextmanager
     def final_save(self) -> Iterator[None]:

@@ -3,6 +3,7 @@ one-line wording of a failed write.
 
   .finetune_run.json            marks the folder as ours (we never touch a folder without it, unless empty)
   metrics.jsonl                 one row per logged step
+  run_config.json               what the run (or its latest resumed part) ran with; run_config.N.json: earlier parts
   checkpoints/step-00000040/    complete checkpoints only (finetune/checkpoint/checkpointer.py)
   .final_model.partial/         the final model while it is written (finetune/checkpoint/export.py)
 
@@ -30,6 +31,7 @@ from finetune.model import lora
 RUN_MARKER = ".finetune_run.json"
 
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d{8})$")
+RUN_CONFIG_PART = re.compile(r"^run_config\.(\d+)\.json$")  # an earlier part of a resumed run
 
 FINAL_STAGING = ".final_model.partial"  # the final model is written here, then moved into place
 
@@ -214,6 +216,8 @@ def start_run_dir(save_dir: str, script_name: str) -> None:
         if os.path.isfile(os.path.join(save_dir, RUN_MARKER)):
             remove_path(os.path.join(save_dir, lora.ADAPTER_DIR))
             for name in os.listdir(save_dir):
+                if RUN_CONFIG_PART.match(name):  # an earlier run's parts; this run's run_config.json is new
+                    os.remove(os.path.join(save_dir, name))
                 if name.startswith("model") and (name.endswith(".safetensors") or
                                                  name.endswith(".safetensors.index.json")):
                     os.remove(os.path.join(save_dir, name))
@@ -221,6 +225,18 @@ def start_run_dir(save_dir: str, script_name: str) -> None:
         with open(os.path.join(save_dir, RUN_MARKER), "w") as f:
             json.dump({"written_by": script_name}, f)
         open(os.path.join(save_dir, "metrics.jsonl"), "w").close()
+
+
+def keep_run_config(save_dir: str) -> str | None:
+    """Before a resumed run writes its run_config.json, keep the one of the part before it as run_config.N.json
+    (1: the run's first part, 2: its first resume, ...); returns that path."""
+    path = os.path.join(save_dir, "run_config.json")
+    if not os.path.isfile(path):
+        return None
+    parts = [int(m.group(1)) for name in os.listdir(save_dir) if (m := RUN_CONFIG_PART.match(name))]
+    kept = os.path.join(save_dir, f"run_config.{max(parts, default=0) + 1}.json")
+    os.replace(path, kept)
+    return kept
 
 
 def _logged_step(line):

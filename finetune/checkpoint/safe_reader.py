@@ -109,3 +109,9 @@ def load_tensors(state_dict: dict, path: str) -> None:
         if reader.refusal:
             raise reader.refusal from None
         raise
+
+
+def tensor_names(path: str) -> set[str]:
+    """The names of the tensors the checkpoint folder `path` holds, as DCP flattened them ("model.lm_head.weight"),
+    read from its `.metadata` alone."""
+    return set(SafeFileSystemReader(path).read_metadata().state_dict_metadata)

@@ -13,7 +13,7 @@ from finetune.model import lora
 from finetune.model.remote_code import refusing_remote_code
 from finetune.model.weight_files import damaged_weight_file
 from finetune.ops import span_attention
-from finetune.ops.chunked_loss import use_chunked_loss
+from finetune.ops.chunked_loss import DEFAULT_CHUNK_TOKENS, use_token_loss
 from finetune.ops.varlen_attention import KERNEL_NAMES, attention_name
 
 if TYPE_CHECKING:
@@ -59,8 +59,9 @@ def load_model(backend: Backend, model_class: "type[AutoModelForCausalLM] | type
                                      model.trust_remote_code, adapters, cpu_offload)
         if attn_implementation in (span_attention.ATTENTION_NAME, *KERNEL_NAMES.values()):  # every packed path
             span_attention.check_model_routes_attention(loaded)
-        if chunked:  # the loss a chunk of tokens at a time, inside the model's own forward (FSDP2 gathers)
-            use_chunked_loss(loaded.get_base_model() if adapters else loaded)
+        # The script's token_loss, inside the model's own forward (where FSDP2 gathers the head): a chunk of
+        # tokens at a time, or from the whole micro-batch's logits with --chunked-loss off
+        use_token_loss(loaded.get_base_model() if adapters else loaded, DEFAULT_CHUNK_TOKENS if chunked else None)
         return loaded
     except FinetuneError:
         raise  # already the one line (a folder's own code refused, a model that cannot be sharded)

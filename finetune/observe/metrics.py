@@ -1,13 +1,16 @@
 """Honest speed figures and the training log: model FLOPs per step, device peak, MFU, peak memory, the log line,
 metrics.jsonl and, from it, the trackers of --report-to and training_curves.png.
 
-FLOPs count only useful work: 6 x (weights used in matmuls, read off the model) per real token, plus
-12 x layers x heads x head_dim per (query, key) pair that attention actually computes for real tokens
-(block-diagonal when packed). Padding counts for nothing. With LoRA a frozen weight gets no weight gradient:
-4 x per token, and 6 x per adapter weight.
+FLOPs count only useful work, read off the model's `requires_grad`: per real token, 2 x each weight used in a
+matmul (forward), 2 x more where backward passes through its decoder layer (input gradient: something in the layer
+or below it trains), 2 x more where the weight itself trains (weight gradient): 6 x in full fine-tuning, 4 x for
+LoRA's frozen base (6 x per adapter weight) and 2 x for frozen layers below every trainable one. Attention adds
+12 x heads x head_dim per (query, key) pair it computes for real tokens (block-diagonal when packed) in each layer
+backward passes through, 4 x in the others. Padding counts for nothing.
 """
 import json
 import os
+import re
 import resource
 import time
 from typing import TYPE_CHECKING
@@ -16,9 +19,8 @@ import torch
 from tqdm import tqdm
 
 from finetune.checkpoint.run_folder import writing
-from finetune.model import lora
-from finetune.model.size import attention_width, matmul_parameters
 from finetune.errors import FinetuneError
+from finetune.model.size import attention_width
 from finetune.observe.plot import CURVES_FILE, write_training_curves
 from finetune.observe.trackers import Trackers
 
@@ -46,6 +48,35 @@ def step_flops(config: "PretrainedConfig", matmul_weights: int, tokens: int, att
     if adapter_parameters:
         return (4 * matmul_weights + 6 * adapter_parameters) * tokens + attention
     return 6 * matmul_weights * tokens + attention
+
+
+# A decoder layer's own module name: model.layers.3 (Llama, Baichuan), base_model.model.model.layers.3 (peft)
+_LAYER = re.compile(r"(^|\.)layers\.\d+$")
+
+
+def trained_flops(model: torch.nn.Module) -> tuple[int, int]:
+    """(FLOPs per real token of the matmuls, FLOPs per attended (query, key) pair) of a training step, from which
+    parameters require grad. Backward runs through a decoder layer when anything in it or below it trains (the
+    embeddings, earlier layers); a frozen layer below every trainable one runs forward only. Outside the layers
+    (the output head), below means earlier in the model's module order."""
+    width = attention_width(model.config)
+    per_token = per_pair = 0
+    below = False  # a trainable parameter in a module seen earlier
+    layer, layer_backward = None, False
+    for name, module in model.named_modules():
+        if _LAYER.search(name):
+            layer = name + "."
+            layer_backward = below or any(p.requires_grad for p in module.parameters())
+            per_pair += (12 if layer_backward else 4) * width
+        if isinstance(module, torch.nn.Linear):
+            input_gradient = layer_backward if layer and name.startswith(layer) else below
+            per_token += (2 + 2 * input_gradient + 2 * module.weight.requires_grad) * module.in_features \
+                * module.out_features
+        below = below or any(p.requires_grad for p in module.parameters(recurse=False))
+    if not per_pair:  # no decoder layers found by name: every layer as backward needs it
+        trains = any(p.requires_grad for p in model.parameters())
+        per_pair = (12 if trains else 4) * model.config.num_hidden_layers * width
+    return per_token, per_pair
 
 
 def matmul_rate(m: int, k: int, n: int, seconds: float = 0.5) -> float:
@@ -114,8 +145,7 @@ class MetricsLog:
         """`logging`: the LoggingConfig section (log interval, peak TFLOP/s for MFU, trackers); `start_step`: the
         step a resumed run starts at (0: a fresh run)."""
         self.backend, self.config = backend, model.config
-        self.adapter_parameters = lora.count_trainable(model) if lora.is_lora(model) else None
-        self.matmul_weights = matmul_parameters(model)
+        self.token_flops, self.pair_flops = trained_flops(model)  # read now: after any freezing in the script
         self.log_interval, self.total_steps = logging.log_interval, total_steps
         # Only rank 0 writes MFU; on a CPU the peak is measured, and ranks measuring at once would slow each other.
         self.peak_flops, self.peak_source = (device_peak_flops(backend.device, logging.peak_tflops)
@@ -138,30 +168,35 @@ class MetricsLog:
         self.tokens += step_tokens
         self.last_step_tokens = step_tokens
         self.steps += 1
-        self.flops += step_flops(self.config, self.matmul_weights, step_tokens,
-                                 attended_pairs * self.backend.world_size, self.adapter_parameters)
+        self.flops += self.token_flops * step_tokens + self.pair_flops * attended_pairs * self.backend.world_size
 
     def due(self, step: int, epoch_end: bool) -> bool:
         return step % self.log_interval == 0 or step == self.total_steps or epoch_end
 
-    def log(self, step: int, epoch: int, step_loss: torch.Tensor, grad_norm: torch.Tensor | float, lr: float,
-            val_loss: float | None = None, progress: tqdm | None = None) -> None:
+    def log(self, step: int, epoch: int, step_loss: torch.Tensor, grad_norm: torch.Tensor | float,
+            lr: float | list[float], validation: dict[str, float] | float | None = None,
+            progress: tqdm | None = None) -> None:
         """Write the row and the line for `step` (every rank calls this: the loss is summed across ranks), send
-        the row to the trackers and show its loss and speed on the `progress` bar."""
+        the row to the trackers and show its loss and speed on the `progress` bar. `lr`: each parameter group's
+        learning rate (group 0's is `lr`, the others `lr_group1`, ...); `validation`: Validation.run's figures
+        (val_loss, val_accuracy, ...) when it ran, or a validation loss alone."""
         loss = self.backend.all_reduce_sum(step_loss.clone()).item()
         elapsed = time.perf_counter() - self.started
         world_peak = self.peak_flops * self.backend.world_size if self.peak_flops else None
-        row = {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "tokens": self.last_step_tokens,
+        lrs = [lr] if isinstance(lr, (int, float)) else list(lr)
+        row = {"step": step, "epoch": epoch, "loss": loss, "lr": lrs[0], "tokens": self.last_step_tokens,
                "step_time": elapsed / self.steps, "tokens_per_sec": self.tokens / elapsed,
                "grad_norm": float(grad_norm), "mfu": self.flops / elapsed / world_peak if world_peak else None,
                "peak_memory_gib": peak_memory_gib(self.backend.device),
-               "peak_reserved_gib": peak_reserved_gib(self.backend.device)}
-        if val_loss is not None:
-            row["val_loss"] = val_loss
+               "peak_reserved_gib": peak_reserved_gib(self.backend.device),
+               **{f"lr_group{group}": value for group, value in enumerate(lrs[1:], start=1)}}
+        figures = {"val_loss": validation} if isinstance(validation, (int, float)) else validation or {}
+        row.update(figures)
         if self.file:
+            shown = "".join(f" | Val {name.removeprefix('val_').replace('_', ' ')}: {value:.4f}"
+                            for name, value in figures.items())
             tqdm.write(f"[Step {step}/{self.total_steps}] | Loss: {loss:.4f} | Duration: {elapsed:.2f} | "
-                       f"Throughput: {row['tokens_per_sec']:.2f} tokens/sec"
-                       + (f" | Val loss: {val_loss:.4f}" if val_loss is not None else ""))
+                       f"Throughput: {row['tokens_per_sec']:.2f} tokens/sec" + shown)
             with writing(self.path, self.save_dir):  # a full disk: one line, and which checkpoint is there
                 line = memoryview((json.dumps(row) + "\n").encode())
                 while line:

@@ -1,5 +1,6 @@
-"""training_curves.png: a run's metrics.jsonl as a picture (loss and validation loss, learning rate, tokens/s,
-gradient norm against the step). Drawn at the end of every run; for a run in progress:
+"""training_curves.png: a run's metrics.jsonl as a picture (loss and validation loss, learning rate of each
+parameter group, tokens/s, gradient norm and the other validation figures against the step). Drawn at the end
+of every run; for a run in progress:
 
     python -m finetune.observe.plot SAVE_DIR [--output PATH]
 """
@@ -66,16 +67,33 @@ def read_metrics(save_dir: str) -> list[dict]:
     return rows
 
 
+def panels(rows: list[dict]) -> list[tuple[str, list[tuple[str, str | None]]]]:
+    """PANELS, with every parameter group's learning rate (lr_group1, ...) beside `lr`, and a panel of the
+    validation figures besides val_loss (val_accuracy and those the script's validation_metrics adds)."""
+    fields = list(dict.fromkeys(key for row in rows for key in row))
+    groups = [(name, name.removeprefix("lr_")) for name in fields if name.startswith("lr_group")]
+    figures = [(name, name.removeprefix("val_")) for name in fields if name.startswith("val_") and name != "val_loss"]
+    result = [(title, [("lr", "group0" if groups else None)] + groups if title == "learning rate" else entries)
+              for title, entries in PANELS]
+    return result + ([("validation", figures)] if figures else [])
+
+
 def curves_figure(rows: list[dict]) -> matplotlib.figure.Figure:
-    """A matplotlib Figure of PANELS, each field plotted at the steps where it was logged."""
+    """A matplotlib Figure of `panels(rows)`, each field plotted at the steps where it was logged."""
     import matplotlib
     matplotlib.use("Agg")  # files only, no display
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(10, 6.5), dpi=80)
+    shown = panels(rows)
+    grid_rows = (len(shown) + 1) // 2
+    figure = Figure(figsize=(10, 3.25 * grid_rows), dpi=80)
     # Fixed margins: an automatic layout engine would double the time to draw, paid at the end of every run.
-    figure.subplots_adjust(left=0.08, right=0.98, bottom=0.08, top=0.95, hspace=0.35, wspace=0.2)
-    for axes, (title, fields) in zip(figure.subplots(2, 2).flat, PANELS, strict=True):
+    figure.subplots_adjust(left=0.08, right=0.98, bottom=0.08 / grid_rows * 2, top=1 - 0.05 / grid_rows * 2,
+                           hspace=0.35, wspace=0.2)
+    grid = list(figure.subplots(grid_rows, 2).flat)
+    for unused in grid[len(shown):]:
+        unused.remove()
+    for axes, (title, fields) in zip(grid, shown, strict=False):
         for field, label in fields:
             points = [(row["step"], row[field]) for row in rows if row.get(field) is not None]
             if points:

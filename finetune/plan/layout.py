@@ -21,6 +21,7 @@ from finetune.config import RunConfig
 from finetune.distributed.backend import Backend
 from finetune.errors import FinetuneError
 from finetune.model import lora, size
+from finetune.ops.chunked_loss import loss_description
 from finetune.plan import memory, step_time
 from finetune.plan.probe import probe_micro_batch
 
@@ -319,11 +320,17 @@ def confirm_on_device(model: torch.nn.Module, backend: Backend, config: RunConfi
                                memory_gib_per_device=None)
 
 
+def _base(model):
+    """The model under a peft wrapper (the one the loss is patched into)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def describe_parallel_plan(model: torch.nn.Module, backend: Backend, config: RunConfig, layout: Layout) -> dict:
     """Print the parallel plan the job runs with (rank 0) and return it as a dict (saved with the model as
     parallel_plan.json)."""
     adapters = lora.is_lora(model)
     parameters = sum(p.numel() for p in model.parameters())  # the whole model's: a DTensor counts its full shape
+    trainable = lora.count_trainable(model)  # what requires grad, after any freezing in the script
     plan = {"engine": backend.engine, "world_size": backend.world_size, "device": str(backend.device),
             "sharding": "FSDP2 per decoder layer" if backend.engine == "fsdp2" else "none (one device)",
             "global_batch_rows": config.training.batch_size, "block_size": config.data.block_size,
@@ -336,7 +343,9 @@ def describe_parallel_plan(model: torch.nn.Module, backend: Backend, config: Run
             # and a log-sum-exp per query, as varlen and flex do); the probe measures the real kernel on GPUs.
             **({"memory_simulated_with": "sdpa per row"} if backend.device.type == "cuda" else {}),
             "training": "lora" if adapters else "full",
-            "trainable_parameters": lora.count_trainable(model) if adapters else parameters}
+            "trainable_parameters": trainable, "frozen_parameters": parameters - trainable,
+            "loss": loss_description(_base(model).token_loss_chunk) if hasattr(_base(model), "token_loss_chunk")
+            else "the model's own"}
     if backend.is_main:
         shown = {k: str(v).lower() if isinstance(v, bool) else v for k, v in plan.items()}
         print("\n".join(["[parallel plan]"] + [f"  {k}: {v}" for k, v in shown.items()]), flush=True)

@@ -1,12 +1,12 @@
 """finetune/checkpoint/run_folder.py: staged files never go through a link, a resumed run's metrics.jsonl keeps
 only the rows it can read, and the trackers' folders are refused as links like the run's own. Also the marker, the lock, a fresh start and write errors."""
+import json
+from finetune.checkpoint import run_folder
 import errno
 import fcntl
-import json
 import os
 import pytest
 from conftest import snapshot
-from finetune.checkpoint import run_folder
 from finetune.errors import FinetuneError
 
 
@@ -258,3 +258,18 @@ def test_describe_error_gives_the_cause_in_a_few_words():
     assert run_folder.describe_error(wrapped) == "no space left on device"
     assert run_folder.describe_error(ValueError("first line\nsecond line")) == "first line"
     assert run_folder.describe_error(ValueError("")) == "ValueError"
+
+
+def test_each_resume_keeps_the_run_config_before_it_and_a_fresh_run_clears_them(tmp_path):
+    assert run_folder.keep_run_config(str(tmp_path)) is None  # nothing to keep yet
+    for part in range(3):
+        kept = run_folder.keep_run_config(str(tmp_path))
+        assert kept is None or kept.endswith(f"run_config.{part}.json")
+        (tmp_path / "run_config.json").write_text(json.dumps({"part": part}))
+    assert json.loads((tmp_path / "run_config.1.json").read_text()) == {"part": 0}
+    assert json.loads((tmp_path / "run_config.2.json").read_text()) == {"part": 1}
+    assert json.loads((tmp_path / "run_config.json").read_text()) == {"part": 2}
+    (tmp_path / run_folder.RUN_MARKER).write_text("{}")
+    (tmp_path / "run_config.notes.json").write_text("{}")  # not a part: not ours to remove
+    run_folder.start_run_dir(str(tmp_path), "train_llama2.py")
+    assert sorted(p.name for p in tmp_path.glob("run_config*")) == ["run_config.json", "run_config.notes.json"]

@@ -72,7 +72,7 @@ def greedy_text(stdout):
     return stdout.split("--- greedy ---\n", 1)[1].split("--- sampled ---", 1)[0].strip()
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # minutes; and it measures the shipped script: an edited loss or schedule learns otherwise
 def test_quick_start_demo_learns_to_summarise_held_out_articles(tmp_path):
     """Literally the README: `python train_llama2.py --demo`, then its inference line, in a fresh folder."""
     train = shlex.split(readme_command("pip install"))[-3:]

@@ -202,6 +202,7 @@ def test_lora_outputs_merged_model_and_adapter_and_small_checkpoints(tiny_run, l
     from transformers import AutoModelForCausalLM
 
     import train_llama2
+    from finetune.ops.chunked_loss import use_token_loss
     from finetune.training import Validation
 
     adapter_config = json.loads((lora_run / "adapter" / "adapter_config.json").read_text())
@@ -216,6 +217,7 @@ def test_lora_outputs_merged_model_and_adapter_and_small_checkpoints(tiny_run, l
     # The merged model is the model that trained: its validation loss is the run's last one.
     model = AutoModelForCausalLM.from_pretrained(str(lora_run), dtype=torch.float32)
     assert type(model).__name__ == "LlamaForCausalLM"
+    use_token_loss(model, None)  # as load_model does: the script's forward passes its token_loss to the model
     data_config = DataConfig(tiny_run["data"], block_size=128)
     _, table = batches.load_token_tables(data_config)
     rows = batches.validation_rows(table, data_config, 0)

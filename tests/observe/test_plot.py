@@ -1,6 +1,7 @@
 """finetune/observe/plot.py under bad input: a metrics.jsonl row it cannot draw is one line naming the line, a
 folder named as --output is refused before anything is written, and a link at the staging name is not followed.
 (The picture of a real run is checked in test_trackers.py.)"""
+from finetune.observe.plot import curves_figure, panels
 import json
 import pytest
 from finetune.errors import FinetuneError
@@ -158,3 +159,22 @@ def test_the_command_prints_the_path_or_one_error_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as raised:
         plot.main([str(tmp_path / "no_run_here")])
     assert raised.value.code.startswith("error: cannot read ") and "\n" not in raised.value.code
+
+
+def test_group_rates_and_added_validation_figures_get_drawn():
+    titles = [title for title, _ in panels(ROWS)]
+    assert titles == ["loss", "learning rate", "tokens/s", "gradient norm", "validation"]
+    assert dict(panels(ROWS))["learning rate"] == [("lr", "group0"), ("lr_group1", "group1")]
+    assert dict(panels(ROWS))["validation"] == [("val_accuracy", "accuracy"), ("val_top5_accuracy", "top5_accuracy")]
+    figure = curves_figure(ROWS)
+    assert len(figure.axes) == 5
+    lr_axes, validation_axes = figure.axes[1], figure.axes[4]
+    assert [list(line.get_ydata()) for line in lr_axes.lines] == [[1e-3, 9e-4], [1e-4, 9e-5]]
+    assert [list(line.get_ydata()) for line in validation_axes.lines] == [[0.3], [0.6]]
+
+
+def test_a_run_without_validation_figures_keeps_four_panels():
+    rows = [{k: v for k, v in row.items() if not k.startswith(("val_", "lr_"))} for row in ROWS]
+    assert [title for title, _ in panels(rows)] == ["loss", "learning rate", "tokens/s", "gradient norm"]
+    assert dict(panels(rows))["learning rate"] == [("lr", None)]
+    assert len(curves_figure(rows).axes) == 4

@@ -216,11 +216,11 @@ def test_training_curves_png_is_a_picture_of_metrics_jsonl(tracked_run, tmp_path
 
     png = tracked_run["out"] / "training_curves.png"
     with Image.open(png) as image:
-        assert image.format == "PNG" and image.size == (800, 520)
+        assert image.format == "PNG" and image.size == (800, 780)  # three rows: validation figures last
         drawn = image.convert("RGB").tobytes()
     # The panels plot metrics.jsonl's own steps and values.
     rows = read_metrics(str(tracked_run["out"]))
-    loss_axes, lr_axes, speed_axes, norm_axes = curves_figure(rows).axes
+    loss_axes, lr_axes, speed_axes, norm_axes, validation_axes = curves_figure(rows).axes
     train_line, val_line = loss_axes.lines
     assert list(train_line.get_xdata()) == [1, 2, 3, 4]
     assert list(train_line.get_ydata()) == [row["loss"] for row in rows]
@@ -228,6 +228,7 @@ def test_training_curves_png_is_a_picture_of_metrics_jsonl(tracked_run, tmp_path
     assert list(lr_axes.lines[0].get_ydata()) == [row["lr"] for row in rows]
     assert list(speed_axes.lines[0].get_ydata()) == [row["tokens_per_sec"] for row in rows]
     assert list(norm_axes.lines[0].get_ydata()) == [row["grad_norm"] for row in rows]
+    assert list(validation_axes.lines[0].get_ydata()) == [row["val_accuracy"] for row in rows if "val_loss" in row]
     # The file is the resumed run's metrics.jsonl drawn again; a changed loss draws another picture.
     again = run_script(PYTHON, "-m", "finetune.observe.plot", str(tracked_run["out"]), "--output", str(tmp_path / "a.png"))
     assert again.returncode == 0, again.stderr
@@ -239,7 +240,7 @@ def test_training_curves_png_is_a_picture_of_metrics_jsonl(tracked_run, tmp_path
                                            + '{"step": 5, "lo')  # and a row still being written
     assert run_script(PYTHON, "-m", "finetune.observe.plot", str(changed)).returncode == 0
     with Image.open(changed / "training_curves.png") as image:
-        assert image.size == (800, 520) and image.convert("RGB").tobytes() != drawn
+        assert image.size == (800, 780) and image.convert("RGB").tobytes() != drawn
 
 
 @pytest.mark.slow

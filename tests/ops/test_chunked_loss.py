@@ -129,9 +129,11 @@ def test_bf16_autocast_follows_the_model():
 
 
 def test_generation_calls_keep_the_model_forward():
-    model = use_chunked_loss(tiny_model("llama"))
+    model = use_chunked_loss(tiny_model("llama")).eval()
     ids = torch.randint(3, 300, (1, 6))
     assert model(input_ids=ids).logits.shape == (1, 6, 300)
+    with torch.no_grad():
+        assert model.train()(input_ids=ids).logits.shape == (1, 6, 300)
 
 
 def test_refuses_a_z_loss():
@@ -283,3 +285,79 @@ def test_the_bf16_head_gradient_is_summed_in_fp32_and_rounded_once():
     rounding = (exact_weight.grad.bfloat16().double() - exact_weight.grad).abs().max()
     error = (half_weight.grad.double() - exact_weight.grad).abs().max()
     assert error <= 2 * rounding, (error, rounding)
+
+
+# ---- the script's own token loss, chunk by chunk ---------------------------------------------------------------
+
+def smoothed_with_z_loss(logits, targets, positions=None):
+    """The customising doc's loss edit: label smoothing plus a z-loss."""
+    loss = torch.nn.functional.cross_entropy(logits, targets, ignore_index=-100, reduction="none",
+                                             label_smoothing=0.1)
+    return loss + 1e-4 * torch.logsumexp(logits, dim=-1).square()
+
+
+@pytest.mark.parametrize("chunk_tokens", [5, None])
+def test_a_token_loss_of_the_script_gives_the_loss_and_gradients_of_full_logits(chunk_tokens):
+    from finetune.ops.chunked_loss import use_token_loss
+
+    plain = tiny_model("llama")
+    model = use_token_loss(copy.deepcopy(plain), chunk_tokens)
+    batch = packed_batch(plain.config.vocab_size)
+    loss, grads = loss_and_grads(model, batch, num_items_in_batch=50, token_loss=smoothed_with_z_loss)
+
+    plain.zero_grad(set_to_none=True)
+    logits = plain(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    targets = torch.nn.functional.pad(batch["labels"][:, 1:], (0, 1), value=-100).reshape(-1)
+    per_token = smoothed_with_z_loss(logits.reshape(-1, logits.shape[-1]).float(), targets)
+    expected = (per_token * (targets != -100)).sum() / 50
+    expected.backward()
+    torch.testing.assert_close(loss, expected.detach(), **TOLERANCE)
+    for name, p in plain.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, **TOLERANCE, msg=name)
+    assert loss > model(**batch, num_items_in_batch=50).loss  # the edit changes the loss: not cross-entropy
+
+
+def test_each_chunk_sees_its_own_positions_and_the_ignored_tokens_never_count():
+    seen = []
+
+    def nan_where_ignored(logits, targets, positions=None):
+        seen.append((positions.start, positions.stop, logits.shape[0]))
+        loss = torch.nn.functional.cross_entropy(logits, targets, ignore_index=-100, reduction="none")
+        return loss.masked_fill(targets == -100, float("nan"))
+
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 6, 8, generator=generator, requires_grad=True)
+    weight = torch.randn(16, 8, generator=generator, requires_grad=True)
+    labels = torch.randint(0, 16, (2, 6), generator=generator)
+    labels[0, :3] = -100
+    loss = chunked_causal_lm_loss(hidden, weight, labels, 9, chunk_tokens=5, token_loss=nan_where_ignored)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(hidden.grad).all() and torch.isfinite(weight.grad).all()
+    assert seen[:3] == [(0, 5, 5), (5, 10, 5), (10, 15, 2)]  # forward; backward walks them again
+    torch.testing.assert_close(loss, chunked_causal_lm_loss(hidden, weight, labels, 9, chunk_tokens=5))
+
+
+def test_misuse_under_the_chunked_loss_is_one_error_line():
+    from finetune.errors import FinetuneError
+
+    model = use_chunked_loss(tiny_model("llama"), chunk_tokens=5)
+    batch = packed_batch(model.config.vocab_size)
+    outputs = model(**batch)
+    with pytest.raises(FinetuneError, match=r"outputs.logits: the chunked loss is on .*token_loss\(\)"):
+        _ = outputs.logits
+    without_labels = {k: v for k, v in batch.items() if k != "labels"}
+    with pytest.raises(FinetuneError, match="without labels=, while the chunked loss is on"):
+        model(**without_labels)  # a training call: it would silently make the whole logits
+    with pytest.raises(FinetuneError, match=r"token_loss must return one loss per token of its chunk, shape \(5,\)"):
+        model(**batch, token_loss=lambda logits, targets, positions: logits.sum())
+
+
+def test_without_chunks_the_output_keeps_its_logits():
+    from finetune.ops.chunked_loss import use_token_loss
+
+    plain = tiny_model("baichuan-rope")
+    model = use_token_loss(copy.deepcopy(plain), None)
+    batch = packed_batch(plain.config.vocab_size)
+    outputs = model(**batch)
+    torch.testing.assert_close(outputs.loss, plain(**batch).loss, **TOLERANCE)
+    assert outputs.logits.shape == (2, 24, plain.config.vocab_size)
