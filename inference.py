@@ -165,7 +165,7 @@ def inference_dtype() -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
 
 
-def load_model(model_dir, trust_remote_code=False):
+def load_saved_model(model_dir, trust_remote_code=False):
     """Tokenizer and model of a saved folder; anything unreadable in it is one error line, and so is code the
     folder ships unless `trust_remote_code`."""
     refuse_gguf(model_dir, "--model-dir")
@@ -343,7 +343,7 @@ def main(argv=None):
     if example is not None:
         check_example(example, args.recipe, args.chat)
     adapter = read_adapter(args.adapter, args.model_dir) if args.adapter else None
-    tokenizer, model = load_model(args.model_dir, args.trust_remote_code)
+    tokenizer, model = load_saved_model(args.model_dir, args.trust_remote_code)
     if args.adapter:
         from peft import PeftModel
         check_targets_fit(*adapter, model, args.adapter, args.model_dir)

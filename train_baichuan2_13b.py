@@ -99,7 +99,7 @@ def main(argv=None):
     checkpoints = Checkpointer(config, backend, os.path.basename(__file__))  # refuses an unsafe folder early
 
     # ---- data ---------------------------------------------------------------------------------------------
-    tokenizer, pad_id = batches.load_tokenizer(config.model)
+    tokenizer, pad_id = batches.tokenizer_and_pad_id(config.model)
     train_table, eval_table = batches.load_token_tables(config.data)
     # Every epoch's order of rows, fixed by the seed and built when the epoch is reached: the schedule knows the
     # total, a resumed run its place.

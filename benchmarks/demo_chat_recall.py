@@ -83,7 +83,7 @@ def without_introduction(messages):
 
 def recall(model_dir, conversations, max_new_tokens, drop_history=False):
     """Share of conversations whose greedy reply holds the fact asked, and one example reply."""
-    tokenizer, model = inference.load_model(model_dir)
+    tokenizer, model = inference.load_saved_model(model_dir)
     model.eval()
     fmt = chat_format(tokenizer, "auto")
     stop = fmt.end_of_turn_ids()

@@ -100,7 +100,7 @@ def held_out_examples(limit=None):
 
 @torch.no_grad()
 def greedy_summaries(folder, examples, max_new_tokens):
-    tokenizer, model = inference.load_model(folder)
+    tokenizer, model = inference.load_saved_model(folder)
     model.eval()
     summaries = []
     for example in examples:

@@ -53,7 +53,7 @@ def load_prepared_dataset(path: str) -> DatasetDict:
     return dataset
 
 
-def load_tokenizer(model: ModelConfig) -> tuple[PreTrainedTokenizerBase, int]:
+def tokenizer_and_pad_id(model: ModelConfig) -> tuple[PreTrainedTokenizerBase, int]:
     """(tokenizer, pad id) of the ModelConfig `model`: the model's tokenizer, with EOS standing in as padding
     where it has no pad token (Llama 2). Padding is masked by true lengths, never by this id."""
     from transformers import AutoTokenizer

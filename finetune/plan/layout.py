@@ -166,7 +166,7 @@ def offload_choice(config: RunConfig) -> bool | None:
 
 
 def simulated_plan(config: RunConfig, model_shape_dict: dict, world_size: int, device_memory_gb: float,
-                   host_memory_gb: float) -> memory.Plan:
+                   host_memory_gb: float) -> memory.Choice:
     """memory.plan_candidates for this RunConfig: every candidate layout with its simulated memory, and the
     choice. When only offloaded layouts fit, the offloaded ones with activation checkpointing are simulated too and
     the fitting layout with the least estimated step time wins (step_time: offload pays host traffic per
@@ -193,11 +193,11 @@ def simulated_plan(config: RunConfig, model_shape_dict: dict, world_size: int, d
         raise FinetuneError(str(exc)) from None
     candidates = [c for c in result.candidates if not (c.cpu_offload and c.checkpointing)] + with_checkpointing
     chosen = step_time.fastest(candidates, count_parameters(model_shape_dict), world_size, config.data.block_size)
-    return memory.Plan(chosen, candidates, rule=result.rule + "; among offloaded layouts that fit, the least "
+    return memory.Choice(chosen, candidates, rule=result.rule + "; among offloaded layouts that fit, the least "
                        "estimated step time (compute + host-device traffic)")
 
 
-def estimate_facts(result: memory.Plan, model_shape_dict: dict, world_size: int,
+def estimate_facts(result: memory.Choice, model_shape_dict: dict, world_size: int,
                    block_size: int) -> list[tuple[str, object]]:
     """The chosen layout's estimated step time as plan lines (a ranking figure, not a measurement)."""
     if result.chosen is None:
@@ -211,7 +211,7 @@ def estimate_facts(result: memory.Plan, model_shape_dict: dict, world_size: int,
                                          f"{traffic:.1f} s at {step_time.HOST_LINK_BYTES_PER_S / 1e9:g} GB/s")]
 
 
-def plan_lines(result: memory.Plan, header: str, facts: Iterable[tuple[str, object]] = ()) -> list[str]:
+def plan_lines(result: memory.Choice, header: str, facts: Iterable[tuple[str, object]] = ()) -> list[str]:
     """The candidates (the chosen one marked *), then `facts` and the chosen plan as `key: value` lines."""
     chosen = result.chosen or next((c for c in result.candidates if c.memory is not None), result.candidates[-1])
     simulated = sum(c.memory is not None for c in result.candidates)

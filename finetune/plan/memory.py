@@ -78,7 +78,8 @@ class Candidate:
 
 
 @dataclasses.dataclass(frozen=True)
-class Plan:
+class Choice:
+    """The candidate layouts with their simulated memory, and the one chosen by `rule` (the printed plan)."""
     chosen: Candidate | None  # None when no candidate fits
     candidates: list
     rule: str = PREFERENCE_RULE
@@ -127,7 +128,7 @@ def plan_candidates(model_config: PretrainedConfig | dict, world_size: int, batc
                     precision: str = "bf16", adapter: str = "none", lora: dict | None = None,
                     chunked_loss: bool = True, micro_batch_size: int | None = None,
                     checkpointing: bool | None = None, cpu_offload: bool | None = None,
-                    exhaustive: bool = False) -> Plan:
+                    exhaustive: bool = False) -> Choice:
     """Candidate layouts of a global batch of `batch_size` rows with their simulated memory, and the chosen one
     (PREFERENCE_RULE).
 
@@ -185,7 +186,7 @@ def plan_candidates(model_config: PretrainedConfig | dict, world_size: int, batc
                                         memory is not None and fits(memory, offload), note))
         reached_fit = reached_fit or any(c.fits for c in candidates)
     chosen = next((c for c in candidates if c.fits), None)
-    return Plan(chosen, candidates)
+    return Choice(chosen, candidates)
 
 
 def _passes(accumulation_steps):

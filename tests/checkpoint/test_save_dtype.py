@@ -52,9 +52,9 @@ def test_bf16_training_saves_bf16_unless_fp32_is_asked(tiny_run, tmp_path):
 def test_inference_loads_bf16_on_a_gpu_and_fp32_on_a_cpu(tiny_run, monkeypatch):
     import inference
 
-    _, model = inference.load_model(tiny_run["llama"])
+    _, model = inference.load_saved_model(tiny_run["llama"])
     assert model.dtype == torch.float32
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
-    _, model = inference.load_model(tiny_run["llama"])
+    _, model = inference.load_saved_model(tiny_run["llama"])
     assert model.dtype == torch.bfloat16

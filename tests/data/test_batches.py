@@ -118,7 +118,7 @@ def test_prepared_data_is_checked_against_the_block_size(tmp_path):
 
 def test_a_hub_tokenizer_while_offline_is_one_line():
     with pytest.raises(FinetuneError) as raised:
-        batches.load_tokenizer(ModelConfig("no-such-org/no-such-model"))
+        batches.tokenizer_and_pad_id(ModelConfig("no-such-org/no-such-model"))
     assert str(raised.value).startswith("cannot load the tokenizer of 'no-such-org/no-such-model'")
     assert "\n" not in str(raised.value)
 

@@ -141,7 +141,7 @@ def test_ctrl_c_during_a_reply_drops_that_exchange_and_the_chat_goes_on(tiny_run
     import inference
     from finetune.data.chat import chat_format
 
-    tokenizer, model = inference.load_model(tiny_run["llama"])
+    tokenizer, model = inference.load_saved_model(tiny_run["llama"])
     typed = iter(["w5", "w6", "w7"])
 
     def fake_input(prompt=""):

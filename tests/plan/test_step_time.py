@@ -27,9 +27,9 @@ def test_plan_with_offload_takes_the_fastest_fitting_layout(monkeypatch):
         calls.append((checkpointing, cpu_offload))
         if checkpointing:  # offload with checkpointing: large micro-batches fit
             found = [candidate(m, True, True, m <= 32) for m in (64, 32, 4)]
-            return memory.Plan(next(c for c in found if c.fits), found)
+            return memory.Choice(next(c for c in found if c.fits), found)
         found = [candidate(4, False, False, False), candidate(4, False, True, True)]
-        return memory.Plan(found[1], found)
+        return memory.Choice(found[1], found)
     monkeypatch.setattr(memory, "plan_candidates", fake_plan_candidates)
     defaults = dict(model="m", dataset="d", save_dir="s", epochs=1, batch_size=256, lr=1e-5, log_interval=1)
     config = from_flags(parse_training_args("", defaults, {}, []))
