@@ -5,12 +5,10 @@ import random
 import numpy as np
 import pytest
 import torch
-from datasets import Dataset
 
-from finetune.data.batches import BatchFormat, TokenTable
 from finetune.distributed.backend import Backend
 from finetune.errors import FinetuneError
-from finetune.training import NonFiniteGuard, Validation, clip_grad_norm, set_seed, warmup_cosine_schedule
+from finetune.training import NonFiniteGuard, clip_grad_norm, set_seed, warmup_cosine_schedule
 
 CPU = Backend(engine="single", device=torch.device("cpu"))
 
@@ -89,29 +87,3 @@ def test_set_seed_repeats_python_numpy_and_torch_draws():
     assert draws() == first
     set_seed(12)
     assert draws() != first
-
-
-def test_validation_loss_is_token_weighted_over_every_row_once():
-    """The forward below returns the sum of its target labels: the validation loss is then the mean target label
-    over the whole split, whatever the micro-batch size and however the last chunk falls short."""
-    rng = np.random.default_rng(0)
-    ids, labels = [], []
-    for length in (5, 9, 3, 7, 4):
-        tokens = rng.integers(3, 50, length).tolist()
-        ids.append(tokens)
-        labels.append([-100] + tokens[1:length - 1] + [-100] if length > 3 else tokens)
-    table = TokenTable(Dataset.from_dict({"input_ids": ids, "labels": labels}))
-    targets = [t for row in labels for t in row[1:] if t != -100]  # an example's first label is never predicted
-
-    def forward(model, batch, num_items_in_batch):
-        assert num_items_in_batch == 1  # a sum, weighted by the validation pass itself
-        shifted = batch["labels"][:, 1:]
-        return shifted[shifted != -100].sum().float()
-
-    model = torch.nn.Linear(1, 1)
-    validation = Validation(table, [[i] for i in range(5)], forward, CPU, BatchFormat(2, 0, None), every=4)
-    assert validation.loss(model) == pytest.approx(sum(targets) / len(targets))
-    assert model.training  # put back in training mode
-    assert validation.due(8, epoch_end=False) and not validation.due(6, epoch_end=False)
-    assert validation.due(6, epoch_end=True)
-    assert not Validation(table, [], forward, CPU, BatchFormat(2, 0, None), every=1).due(1, epoch_end=True)

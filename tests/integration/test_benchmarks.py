@@ -35,6 +35,7 @@ def test_benchmark_quick_prints_both_models_and_a_json_line(tmp_path):
     assert last["busy_factor"] is None
 
 
+@pytest.mark.slow
 def test_benchmark_trl_rows_and_busy_factor(tmp_path):
     pytest.importorskip("trl")
     last, stdout = run_quick(tmp_path, "--models", "baichuan2", "--only", "packed,trl_packed,trl_unpacked", "--busy")

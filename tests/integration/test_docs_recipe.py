@@ -19,6 +19,7 @@ def code_blocks(section, language):
     return re.findall(rf"```{language}\n(.*?)```", section, flags=re.S)
 
 
+@pytest.mark.slow
 def test_adding_a_recipe_works_as_the_docs_say(tmp_path):
     section = docs_section("Adding a recipe")
     recipe_code = code_blocks(section, "python")[0]

@@ -209,6 +209,7 @@ def test_a_linked_adapter_folder_is_named_when_resuming(tiny_run, tmp_path):
 STAGED = ["trackers.json.partial", "run_config.json.partial", "metrics.jsonl.tmp", "training_curves.png.partial.png"]
 
 
+@pytest.mark.slow
 def test_links_at_the_staging_names_are_removed_not_followed(tiny_run, finished_run, tmp_path):
     """trackers.json, run_config.json, metrics.jsonl and the picture are each written under a staging name and
     moved into place: a link at that name must not send the write to the file it points to."""
@@ -225,6 +226,7 @@ def test_links_at_the_staging_names_are_removed_not_followed(tiny_run, finished_
         assert (run_dir / name).is_file() and not (run_dir / name).is_symlink(), name
 
 
+@pytest.mark.slow
 def test_a_linked_tensorboard_folder_is_refused(tiny_run, finished_run, tmp_path):
     pytest.importorskip("tensorboard", reason="the optional trackers are not installed (requirements-trackers.txt)")
     run_dir, _ = copy_of(finished_run, tmp_path / "run")
