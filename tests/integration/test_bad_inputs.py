@@ -123,8 +123,18 @@ def earlier_run_folder(tiny_run, tmp_path_factory):
     optim = torch.optim.AdamW(model.parameters(), lr=1e-3)
     scheduler = training.warmup_cosine_schedule(optim, 10, 0.03, 0.1)
     run_folder.start_run_dir(str(folder), "train_llama2.py")
-    # The settings that fix the data order, as args_for() passes them.
-    settings = {"epoch": 0, "seed": 0, "batch_size": 4, "batching": "packed", "block_size": 128}
+    # The settings a run of args_for()'s flags records, as the scripts' Checkpointer records them.
+    import train_llama2
+    from finetune.args import parse_run_config
+
+    config = parse_run_config("", train_llama2.DEFAULTS, train_llama2.DEMO_DEFAULTS, None,
+                              args_for(tiny_run, folder.parent))
+    from finetune.checkpoint import run_record
+    from finetune.data.batches import load_token_tables
+
+    train_table, _ = load_token_tables(config.data)
+    settings = dict(config.fixed_on_resume(), adapters=None, epoch=0,
+                    dataset=run_record.dataset_fingerprint(train_table.lengths))
     checkpointer.save_checkpoint(str(folder), 2, model, optim, scheduler, settings,
                                   Backend(engine="single", device=torch.device("cpu")), 2)
     return folder
