@@ -190,16 +190,22 @@ def test_a_conversation_past_the_models_positions_or_a_huge_line_keeps_the_sessi
     assert result.returncode == 0, result.stderr.decode()[-3000:]
     out = [line for line in result.stdout.decode().splitlines() if line.startswith(("model>", "("))]
     dropped = "(dropped the 2 oldest turns: the conversation passed the model's 40 positions)"
-    assert [line if line.startswith("(") else "model>" for line in out] == [
+    assert [line if line.startswith("(") else "model>" for line in out[:6]] == [
         "(that message has 1049999 characters, more than the model's 40 positions can hold; nothing was sent)",
         "model>", "model>", dropped, "model>",
-        "(that message alone takes more than the model's 40 positions; nothing was sent)",
-        dropped, "model>"], out
-    # The last message is prompted with the newest exchange from before the refused message.
-    kept_reply = out[4].removeprefix("model> ").rsplit("   (", 1)[0]
-    prompt = fmt.prompt([{"role": "user", "content": "w11 w12"}, {"role": "assistant", "content": kept_reply},
-                         {"role": "user", "content": "w14"}])
-    assert out[7].endswith(f"({len(prompt)} prompt tokens)"), out
+        "(that message alone takes more than the model's 40 positions; nothing was sent)"], out
+    # The last message is prompted with the exchanges kept from before the refused message, less the oldest ones
+    # while the prompt and the 4 new tokens pass the 40 positions.
+    replies = [line.removeprefix("model> ").rsplit("   (", 1)[0] for line in out if line.startswith("model>")]
+    history = [{"role": "user", "content": "w9 w10"}, {"role": "assistant", "content": replies[1]},
+               {"role": "user", "content": "w11 w12"}, {"role": "assistant", "content": replies[2]},
+               {"role": "user", "content": "w14"}]
+    expected_tail = []
+    while len(fmt.prompt(history)) + 4 > 40:
+        history = history[2:]
+        expected_tail = [dropped]
+    assert [line if line.startswith("(") else "model>" for line in out[6:]] == expected_tail + ["model>"], out
+    assert out[-1].endswith(f"({len(fmt.prompt(history))} prompt tokens)"), out
     assert "Traceback" not in result.stderr.decode()
 
 
