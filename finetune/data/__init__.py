@@ -3,6 +3,7 @@
     recipes           one prompt-building function per recipe (edit these to change a prompt)
     raw_data          loading the inputs: data files, folders, hub data sets, tokenizers
     preparation       tokenising a recipe's examples, the train/validation split, the report
+    conversations     rows of conversations checked and put in one form (content parts, reasoning, tool calls)
     chat              conversations in a model's own chat format, with the loss on the assistant replies
     chat_preparation  the chat recipe: conversations to training rows, its report
     mixing            several sources in given proportions (--dataset-weights)
