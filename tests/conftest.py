@@ -88,6 +88,19 @@ class RecordingChild:
         return {micro: {"on_device": part, "offloaded": part} for micro, _ in job["runs"]}
 
 
+def repository_copy(repo):
+    """A copy of the scripts, the package and the sample data at `repo`, to run documented commands in as written
+    (they write their outputs beside the scripts)."""
+    import shutil
+
+    repo.mkdir()
+    for name in ("prepare_dataset.py", "train_llama2.py", "inference.py", "modeling_baichuan.py"):
+        shutil.copy(REPO_ROOT / name, repo / name)
+    for folder in ("finetune", "data"):
+        shutil.copytree(REPO_ROOT / folder, repo / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    return repo
+
+
 def snapshot(*folders):
     """Every file under `folders` with a hash of its bytes (folders themselves included, empty or not)."""
     found = {}

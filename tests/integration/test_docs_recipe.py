@@ -3,9 +3,8 @@ import pytest
 import json
 import re
 import shlex
-import shutil
 
-from conftest import PYTHON, REPO_ROOT, run_script
+from conftest import PYTHON, REPO_ROOT, repository_copy, run_script
 
 
 def docs_section(title):
@@ -25,12 +24,7 @@ def test_adding_a_recipe_works_as_the_docs_say(tmp_path):
     recipe_code = code_blocks(section, "python")[0]
     commands = [line for line in code_blocks(section, "bash")[0].splitlines() if line.strip()]
 
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    for name in ("prepare_dataset.py", "train_llama2.py", "inference.py", "modeling_baichuan.py"):
-        shutil.copy(REPO_ROOT / name, repo / name)
-    for folder in ("finetune", "data"):
-        shutil.copytree(REPO_ROOT / folder, repo / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    repo = repository_copy(tmp_path / "repo")
 
     # "both in `finetune/data/recipes.py` ... Add them at the end of that file"
     assert "`finetune/data/recipes.py`" in section and "Add\nthem at the end of that file" in section

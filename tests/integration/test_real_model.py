@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, repository_copy
 
 pytestmark = pytest.mark.slow
 
@@ -81,7 +81,6 @@ def test_the_docs_lines_run_as_written(smollm2, tmp_path):
     12; the conversion line is run for real, and its folder loads like the fixture's."""
     import re
     import shlex
-    import shutil
 
     from conftest import PYTHON, run_script
 
@@ -89,12 +88,7 @@ def test_the_docs_lines_run_as_written(smollm2, tmp_path):
     block = re.search(r"```bash\n(.*?)```", text, flags=re.S).group(1)
     commands = [line for line in block.splitlines() if line.strip() and not line.startswith("pip ")]
     assert len(commands) == 4 and "--max-steps 12" in commands[2]
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    for name in ("prepare_dataset.py", "train_llama2.py", "inference.py", "modeling_baichuan.py"):
-        shutil.copy(REPO_ROOT / name, repo / name)
-    for folder in ("finetune", "data"):
-        shutil.copytree(REPO_ROOT / folder, repo / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    repo = repository_copy(tmp_path / "repo")
     outputs = []
     for command in commands:
         argv = shlex.split(command.replace("--max-steps 12", "--max-steps 2"))
