@@ -139,14 +139,15 @@ def test_a_damaged_rng_file_is_one_error_line_naming_it(tiny_run, finished_run, 
 
 @pytest.mark.slow
 def test_a_checkpoint_of_the_pickling_format_is_refused_before_loading(tiny_run, finished_run, tmp_path):
-    """Checkpoints of earlier versions kept the optimiser's settings as pickles inside DCP: never loaded."""
+    """A checkpoint without the plain-JSON state this version writes (earlier layouts pickled the optimiser's settings
+    inside DCP) is refused before anything in it is loaded."""
     run_dir, newest = copy_of(finished_run, tmp_path / "run")
     state = json.loads((newest / "trainer_state.json").read_text())
     del state["non_tensor_state"]
     (newest / "trainer_state.json").write_text(json.dumps(state))
     fix_checksums(newest)
     before = snapshot(run_dir)
-    one_error_line(train(tiny_run, run_dir, "--resume"), str(newest), "earlier version", "--overwrite")
+    one_error_line(train(tiny_run, run_dir, "--resume"), str(newest), "not written by this version", "--overwrite")
     assert snapshot(run_dir) == before
 
 

@@ -305,8 +305,9 @@ def test_a_tracker_that_cannot_start_is_one_line(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_prepare_dataset_shows_progress_while_tokenising(tmp_path):
+    # A data set cache of its own: a tokenising step datasets has cached shows no progress to see
     result = run_script(PYTHON, str(REPO_ROOT / "prepare_dataset.py"), "llama2", "--demo", "--block-size", "256",
-                        "--save-path", str(tmp_path / "data"))
+                        "--save-path", str(tmp_path / "data"), env={"HF_DATASETS_CACHE": str(tmp_path / "cache")})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "tokenizing (llama2)" in result.stderr and "100%" in result.stderr
 
