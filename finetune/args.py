@@ -129,8 +129,10 @@ def parse_training_args(description: str, defaults: dict, demo_defaults: dict,
     lora.add_argument("--lora-dropout", type=float, help="dropout on the adapter input, 0 <= p < 1 (default 0: "
                                                          "runs on any number of processes then agree)")
     lora.add_argument("--lora-target-modules",
-                      help="comma-separated names of the decoder-block linear layers that get adapters, or auto: "
-                           "every linear layer inside the model's decoder blocks, found from the model (default auto)")
+                      help="comma-separated names of the decoder-block linear layers (q_proj) or expert tensors "
+                           "(experts.down_proj) that get adapters, or auto: every linear layer inside the model's "
+                           "decoder blocks and a mixture of experts' expert tensors, found from the model (default "
+                           "auto)")
     args = p.parse_args(argv)
 
     lr_given = args.lr is not None
@@ -223,9 +225,9 @@ def _check_lora_args(args, lr_given):
     if not 0 <= args.lora_dropout < 1:
         raise FinetuneError(f"--lora-dropout must be at least 0 and below 1 (got {args.lora_dropout})")
     names = [name.strip() for name in args.lora_target_modules.split(",")]
-    if not all(name.isidentifier() for name in names) or len(set(names)) != len(names):
+    if not all(part.isidentifier() for name in names for part in name.split(".")) or len(set(names)) != len(names):
         raise FinetuneError(f"--lora-target-modules must be distinct layer names separated by commas, like "
-                            f"q_proj,v_proj (got {args.lora_target_modules!r})")
+                            f"q_proj,v_proj or experts.down_proj (got {args.lora_target_modules!r})")
     if "auto" in names and len(names) > 1:
         raise FinetuneError(f"--lora-target-modules auto stands alone (got {args.lora_target_modules!r})")
     args.lora_target_modules = ",".join(names)

@@ -113,10 +113,38 @@ def decoder_linear_names(model: torch.nn.Module) -> list[str]:
                    for name, module in layer.named_modules() if isinstance(module, torch.nn.Linear)})
 
 
+def expert_tensors(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """A mixture of experts' weight tensors, (experts, in, out), one per projection, by target name: the module
+    and the parameter, `experts.gate_up_proj` (one per decoder block; an example of each)."""
+    found = {}
+    for layer in decoder_layers(model):
+        for name, module in layer.named_modules():
+            for key, p in module.named_parameters(recurse=False):
+                if p.dim() == 3 and p.shape[0] == getattr(module, "num_experts", None):
+                    found.setdefault(f"{name.rsplit('.', 1)[-1]}.{key}", p)
+    return found
+
+
 def resolve_targets(model: torch.nn.Module, targets: tuple) -> tuple:
-    """The layer names adapters go on: `auto` is every linear layer inside the decoder blocks, found from the
-    model (Llama's seven projections, Phi-3's fused qkv_proj and gate_up_proj, Baichuan's W_pack)."""
-    return tuple(decoder_linear_names(model)) if tuple(targets) == (AUTO_TARGETS,) else tuple(targets)
+    """What adapters go on: `auto` is every linear layer inside the decoder blocks, found from the model (Llama's
+    seven projections, Phi-3's fused qkv_proj and gate_up_proj, Baichuan's W_pack), and a mixture of experts'
+    expert tensors (`experts.gate_up_proj`, `experts.down_proj`); the routers stay as trained."""
+    available = decoder_linear_names(model) + sorted(expert_tensors(model))
+    if tuple(targets) == (AUTO_TARGETS,):
+        return tuple(available)
+    missing = [name for name in targets if name not in available]
+    if missing:
+        raise FinetuneError(f"--lora-target-modules names {missing}, not linear layers or expert tensors of this "
+                            f"model's decoder blocks (they are: {','.join(available)})")
+    return tuple(targets)
+
+
+def peft_targets(targets: tuple) -> dict[str, list[str] | None]:
+    """LoraConfig's two target lists: linear layers by name, and expert tensors (a dotted `module.parameter`),
+    which peft adapts as whole tensors (target_parameters)."""
+    modules = [name for name in targets if "." not in name]
+    tensors = [name for name in targets if "." in name]
+    return {"target_modules": modules or None, **({"target_parameters": tensors} if tensors else {})}
 
 
 def add_adapters(model: torch.nn.Module, settings: LoraSettings) -> torch.nn.Module:
@@ -127,14 +155,14 @@ def add_adapters(model: torch.nn.Module, settings: LoraSettings) -> torch.nn.Mod
     """
     from peft import LoraConfig, get_peft_model
 
-    available = decoder_linear_names(model)
     settings = dataclasses.replace(settings, targets=resolve_targets(model, settings.targets))
-    missing = [name for name in settings.targets if name not in available]
-    if missing:
-        raise FinetuneError(f"--lora-target-modules names {missing}, not linear layers of this model's "
-                            f"decoder blocks (they are: {','.join(available)})")
+    tensors = [name for name in settings.targets if "." in name]
+    if tensors and settings.dropout:
+        raise FinetuneError(f"LoRA on the expert tensors ({','.join(tensors)}) takes no dropout: peft adds the "
+                            f"adapter to the whole tensor, not to each token's input; use --lora-dropout 0, or "
+                            f"--lora-target-modules without them")
     config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                        target_modules=list(settings.targets), bias="none", task_type="CAUSAL_LM",
+                        **peft_targets(settings.targets), bias="none", task_type="CAUSAL_LM",
                         base_model_name_or_path=settings.base)
     with warnings.catch_warnings():  # peft still calls a transformers method deprecated in v5
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -187,9 +215,17 @@ def save_adapter_and_merged(model: torch.nn.Module, adapter_state: dict[str, tor
 # ----------------------------------------------------------------------------------------------------------
 
 def adapter_parameters(model: torch.nn.Module, rank: int, targets: tuple[str, ...]) -> int:
-    """Adapter parameters: rank x (in + out) per targeted linear layer of every decoder block, read off the
-    model (a meta-device copy will do); `targets` may be `auto`."""
+    """Adapter parameters: rank x (in + out) per targeted linear layer of every decoder block, and rank x experts
+    x (in + out) per targeted expert tensor, read off the model (a meta-device copy will do); `targets` may be
+    `auto`."""
     names = set(resolve_targets(model, targets))
-    return sum(rank * (module.in_features + module.out_features) for layer in decoder_layers(model)
-               for name, module in layer.named_modules()
-               if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in names)
+    total = 0
+    for layer in decoder_layers(model):
+        for name, module in layer.named_modules():
+            last = name.rsplit(".", 1)[-1]
+            if isinstance(module, torch.nn.Linear) and last in names:
+                total += rank * (module.in_features + module.out_features)
+            for key, p in module.named_parameters(recurse=False):
+                if f"{last}.{key}" in names and p.dim() == 3:
+                    total += rank * p.shape[0] * (p.shape[1] + p.shape[2])
+    return total

@@ -1,7 +1,12 @@
 """Sizes read off the model itself, not a formula over `hidden_size`: parameter counts for the plan, the weights
 that take part in matmuls for FLOPs and MFU. Without weights (`--plan-only`) the model is built on the meta
 device from its config, so grouped-query attention, a head_dim that is not hidden_size / heads (Qwen3), fused
-projections (Phi-3, Baichuan) and tied embeddings all count as they are."""
+projections (Phi-3, Baichuan) and tied embeddings all count as they are.
+
+Mixture-of-experts layers (Mixtral, Qwen3-MoE, gpt-oss) hold their experts as one tensor per projection, (experts,
+..., ...), in a module with `num_experts`, beside a router whose (experts, hidden) weight scores every token. Each
+token runs `num_experts_per_tok` of the experts: memory counts every parameter, FLOPs and MFU the active ones
+(the router in full, each expert tensor at top_k / experts)."""
 from typing import TYPE_CHECKING
 
 import torch
@@ -37,12 +42,49 @@ def parameter_count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def active_share(model: torch.nn.Module) -> float:
+    """The share of each expert's weights a token uses: num_experts_per_tok / the number of experts (1 for a
+    dense model)."""
+    config = getattr(model, "config", None)
+    experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
+    top_k = getattr(config, "num_experts_per_tok", None)
+    return min(1.0, top_k / experts) if experts and top_k else 1.0
+
+
+def expert_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The experts' own parameters by name: those of a module with `num_experts` that hold one slice per expert
+    (weights (experts, in, out) and biases (experts, out)); a router's (experts, hidden) weight is not one."""
+    found = {}
+    for name, module in model.named_modules():
+        if not getattr(module, "num_experts", None) or isinstance(module, torch.nn.Linear):
+            continue
+        for key, p in module.named_parameters(recurse=False):
+            if p.dim() >= 2 and p.shape[0] == module.num_experts and not (p.dim() == 2 and key == "weight"):
+                found[f"{name}.{key}"] = p
+    return found
+
+
+def router_weights(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """Routers' (experts, hidden) weights by name: a matmul every token runs in full."""
+    return {f"{name}.weight": module.weight for name, module in model.named_modules()
+            if getattr(module, "num_experts", None) and not isinstance(module, torch.nn.Linear)
+            and isinstance(getattr(module, "weight", None), torch.nn.Parameter) and module.weight.dim() == 2}
+
+
+def active_parameter_count(model: torch.nn.Module) -> int:
+    """Parameters a token uses: all but the experts it is not routed to (parameter_count for a dense model)."""
+    idle = (1 - active_share(model)) * sum(p.numel() for p in expert_parameters(model).values())
+    return parameter_count(model) - round(idle)
+
+
 def matmul_parameters(model: torch.nn.Module) -> int:
     """Weights used in a matmul for every token: every linear layer of the model, the output head included
-    (once per use even when tied to the embedding); LoRA adapters are left out (counted apart), and a 4-bit
-    layer counts its full in x out shape."""
-    return sum(module.in_features * module.out_features for name, module in model.named_modules()
-               if isinstance(module, torch.nn.Linear) and ".lora_" not in f".{name}")
+    (once per use even when tied to the embedding), routers, and the experts' weight tensors at the share a token
+    runs; LoRA adapters are left out (counted apart), and a 4-bit layer counts its full in x out shape."""
+    linear = sum(module.in_features * module.out_features for name, module in model.named_modules()
+                 if isinstance(module, torch.nn.Linear) and ".lora_" not in f".{name}")
+    experts = sum(p.numel() for p in expert_parameters(model).values() if p.dim() == 3)
+    return linear + sum(p.numel() for p in router_weights(model).values()) + round(active_share(model) * experts)
 
 
 def attention_width(config: "PretrainedConfig") -> int:

@@ -6,7 +6,8 @@ matmul (forward), 2 x more where backward passes through its decoder layer (inpu
 or below it trains), 2 x more where the weight itself trains (weight gradient): 6 x in full fine-tuning, 4 x for
 LoRA's frozen base (6 x per adapter weight) and 2 x for frozen layers below every trainable one. Attention adds
 12 x heads x head_dim per (query, key) pair it computes for real tokens (block-diagonal when packed) in each layer
-backward passes through, 4 x in the others. Padding counts for nothing.
+backward passes through, 4 x in the others. Padding counts for nothing. A mixture-of-experts layer counts its router in full and
+each expert tensor at the share a token runs (num_experts_per_tok / experts; model/size.py).
 """
 import json
 import os
@@ -20,8 +21,9 @@ from tqdm import tqdm
 
 from finetune.checkpoint.run_folder import writing
 from finetune.errors import FinetuneError
-from finetune.model.size import attention_width
+from finetune.model.size import active_share, attention_width
 from finetune.observe.plot import CURVES_FILE, write_training_curves
+from finetune.ops.router_loss import find_router_aux
 from finetune.observe.trackers import Trackers
 
 if TYPE_CHECKING:
@@ -59,7 +61,16 @@ def trained_flops(model: torch.nn.Module) -> tuple[int, int]:
     parameters require grad. Backward runs through a decoder layer when anything in it or below it trains (the
     embeddings, earlier layers); a frozen layer below every trainable one runs forward only. Outside the layers
     (the output head), below means earlier in the model's module order."""
-    width = attention_width(model.config)
+    width, share = attention_width(model.config), active_share(model)
+    # LoRA on an expert tensor (peft's ParamWrapper) adds B @ A to the whole tensor once per forward, not per
+    # token: its adapters are no per-token matmul, and the tensor's own gradient is computed for them.
+    wrappers = {name: module for name, module in model.named_modules() if type(module).__name__ == "ParamWrapper"}
+    wrapped, adapted = tuple(name + "." for name in wrappers), set()
+    for name, module in wrappers.items():
+        inner = name
+        while type(module).__name__ == "ParamWrapper":
+            inner, module = inner + ".base_layer", module.base_layer
+        adapted.add(f"{inner}.{wrappers[name].parameter_name}")
     per_token = per_pair = 0
     below = False  # a trainable parameter in a module seen earlier
     layer, layer_backward = None, False
@@ -68,10 +79,18 @@ def trained_flops(model: torch.nn.Module) -> tuple[int, int]:
             layer = name + "."
             layer_backward = below or any(p.requires_grad for p in module.parameters())
             per_pair += (12 if layer_backward else 4) * width
+        input_gradient = layer_backward if layer and name.startswith(layer) else below
         if isinstance(module, torch.nn.Linear):
-            input_gradient = layer_backward if layer and name.startswith(layer) else below
-            per_token += (2 + 2 * input_gradient + 2 * module.weight.requires_grad) * module.in_features \
-                * module.out_features
+            if not (name.startswith(wrapped) and ".lora_" in name):
+                per_token += (2 + 2 * input_gradient + 2 * module.weight.requires_grad) * module.in_features \
+                    * module.out_features
+        elif getattr(module, "num_experts", None):  # a router (every token) or the experts (top_k of them)
+            for key, p in module.named_parameters(recurse=False):
+                if p.dim() == 2 and key == "weight":
+                    per_token += (2 + 2 * input_gradient + 2 * p.requires_grad) * p.numel()
+                elif p.dim() == 3 and p.shape[0] == module.num_experts:
+                    trains = p.requires_grad or f"{name}.{key}" in adapted
+                    per_token += round((2 + 2 * input_gradient + 2 * trains) * share * p.numel())
         below = below or any(p.requires_grad for p in module.parameters(recurse=False))
     if not per_pair:  # no decoder layers found by name: every layer as backward needs it
         trains = any(p.requires_grad for p in model.parameters())
@@ -146,6 +165,10 @@ class MetricsLog:
         step a resumed run starts at (0: a fresh run)."""
         self.backend, self.config = backend, model.config
         self.token_flops, self.pair_flops = trained_flops(model)  # read now: after any freezing in the script
+        # A mixture-of-experts model's load-balancing loss, logged apart (what the probe's calls kept is dropped)
+        self.router_aux, self.last_aux = find_router_aux(model), None
+        if self.router_aux:
+            self.router_aux.take()
         self.log_interval, self.total_steps = logging.log_interval, total_steps
         # Only rank 0 writes MFU; on a CPU the peak is measured, and ranks measuring at once would slow each other.
         self.peak_flops, self.peak_source = (device_peak_flops(backend.device, logging.peak_tflops)
@@ -167,6 +190,7 @@ class MetricsLog:
         """Count a finished step: its real tokens (all ranks) and this rank's attended (query, key) pairs."""
         self.tokens += step_tokens
         self.last_step_tokens = step_tokens
+        self.last_aux = self.router_aux.take() if self.router_aux else None
         self.steps += 1
         self.flops += self.token_flops * step_tokens + self.pair_flops * attended_pairs * self.backend.world_size
 
@@ -181,6 +205,11 @@ class MetricsLog:
         learning rate (group 0's is `lr`, the others `lr_group1`, ...); `validation`: Validation.run's figures
         (val_loss, val_accuracy, ...) when it ran, or a validation loss alone."""
         loss = self.backend.all_reduce_sum(step_loss.clone()).item()
+        aux = {}
+        if self.router_aux:  # the step's loss holds coefficient x aux; logged apart, so loss stays the token loss
+            aux["aux_loss"] = self.backend.all_reduce_sum(
+                torch.zeros((), device=step_loss.device) if self.last_aux is None else self.last_aux).item()
+            loss -= self.router_aux.coefficient * aux["aux_loss"]
         elapsed = time.perf_counter() - self.started
         world_peak = self.peak_flops * self.backend.world_size if self.peak_flops else None
         lrs = [lr] if isinstance(lr, (int, float)) else list(lr)
@@ -188,7 +217,7 @@ class MetricsLog:
                "step_time": elapsed / self.steps, "tokens_per_sec": self.tokens / elapsed,
                "grad_norm": float(grad_norm), "mfu": self.flops / elapsed / world_peak if world_peak else None,
                "peak_memory_gib": peak_memory_gib(self.backend.device),
-               "peak_reserved_gib": peak_reserved_gib(self.backend.device),
+               "peak_reserved_gib": peak_reserved_gib(self.backend.device), **aux,
                **{f"lr_group{group}": value for group, value in enumerate(lrs[1:], start=1)}}
         figures = {"val_loss": validation} if isinstance(validation, (int, float)) else validation or {}
         row.update(figures)
@@ -196,7 +225,8 @@ class MetricsLog:
             shown = "".join(f" | Val {name.removeprefix('val_').replace('_', ' ')}: {value:.4f}"
                             for name, value in figures.items())
             tqdm.write(f"[Step {step}/{self.total_steps}] | Loss: {loss:.4f} | Duration: {elapsed:.2f} | "
-                       f"Throughput: {row['tokens_per_sec']:.2f} tokens/sec" + shown)
+                       f"Throughput: {row['tokens_per_sec']:.2f} tokens/sec"
+                       + "".join(f" | Aux loss: {value:.4f}" for value in aux.values()) + shown)
             with writing(self.path, self.save_dir):  # a full disk: one line, and which checkpoint is there
                 line = memoryview((json.dumps(row) + "\n").encode())
                 while line:

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from finetune.errors import FinetuneError
+from finetune.ops.router_loss import router_aux_loss
 
 IGNORE_INDEX = -100
 DEFAULT_CHUNK_TOKENS = 1024  # fp32 logits of one chunk: 1024 x 125,696 x 4 B = 0.5 GiB for Baichuan2
@@ -209,6 +210,20 @@ def use_token_loss(model: torch.nn.Module, chunk_tokens: int | None = DEFAULT_CH
     softcap = getattr(model.config, "final_logit_softcapping", None)
     decoder = model.get_decoder()
     plain_forward = model.forward
+    # A mixture-of-experts config may ask for the router's load-balancing loss: added here over real tokens only
+    # (finetune/ops/router_loss.py), weighted like the micro-batch's cross-entropy.
+    model.router_aux = router_aux = router_aux_loss(model)
+
+    def with_router_aux(loss, outputs, labels, num_items_in_batch, example_spans):
+        rows, length = labels.shape
+        share = 1.0  # this call's share of the step's targets (all of them when no step total is given)
+        if num_items_in_batch is not None:
+            targets = (shifted_targets(labels.to(loss.device)) != IGNORE_INDEX).sum()
+            share = targets * _scale(num_items_in_batch, None, loss.device)
+        weighted = router_aux(outputs.router_logits, example_spans, rows, length).to(loss.device) * share
+        if model.training and torch.is_grad_enabled():  # training calls only: not validation, not the probe's
+            router_aux.keep(weighted)
+        return loss + router_aux.coefficient * weighted
 
     def forward(input_ids=None, labels=None, num_items_in_batch=None, token_loss=None, logits_to_keep=0, **kwargs):
         if labels is None:
@@ -218,13 +233,20 @@ def use_token_loss(model: torch.nn.Module, chunk_tokens: int | None = DEFAULT_CH
                                     "chunk by chunk; keep labels= and edit token_loss() in the script, or run with "
                                     "--chunked-loss off to compute a loss from outputs.logits")
             return plain_forward(input_ids=input_ids, logits_to_keep=logits_to_keep, **kwargs)
+        if router_aux is not None:
+            kwargs["output_router_logits"] = True
         if chunk_tokens is None:
             outputs = plain_forward(input_ids=input_ids, **kwargs)
             loss = whole_logits_loss(outputs.logits, labels, num_items_in_batch, token_loss)
+        else:
+            outputs = decoder(input_ids=input_ids, **kwargs)
+            loss = chunked_causal_lm_loss(outputs.last_hidden_state, _head_weight(model), labels,
+                                          num_items_in_batch, chunk_tokens, softcap, token_loss)
+        if router_aux is not None:
+            loss = with_router_aux(loss, outputs, labels, num_items_in_batch, kwargs.get("example_spans"))
+        if chunk_tokens is None:
             return CausalLMOutputWithPast(loss=loss, logits=outputs.logits)  # training runs without a cache
-        outputs = decoder(input_ids=input_ids, **kwargs)
-        return ChunkedLossOutput(chunked_causal_lm_loss(outputs.last_hidden_state, _head_weight(model), labels,
-                                                        num_items_in_batch, chunk_tokens, softcap, token_loss))
+        return ChunkedLossOutput(loss)
 
     model.forward = forward
     model.token_loss_chunk = chunk_tokens  # what describe_parallel_plan reports

@@ -8,6 +8,9 @@ small kernel launches. Here the same spans become one call per layer:
                   lengths of the whole micro-batch flattened into one sequence. CUDA only.
   "flex_spans"    FlexAttention with an example mask (same example and causal), compiled on GPUs.
 
+A layer with attention sinks (gpt-oss) goes to the span loop on both, as a soft-capped layer does on varlen: the
+kernels have no step for them, and the span loop computes them exactly.
+
 Both take the forward's `example_spans`, the collator's ExampleSpans (finetune/ops/example_spans.py): the span
 lists with the cumulative lengths and example ids already built as tensors on the host, so no layer builds a
 layout and the training scripts pass the same keywords whatever the attention. Importing
@@ -61,7 +64,9 @@ def varlen_spans(module: torch.nn.Module | None, query: torch.Tensor, key: torch
     from torch.nn.attention.varlen import varlen_attn
 
     sliding_window, softcap = kwargs.pop("sliding_window", None), kwargs.pop("softcap", None)
-    if softcap:  # FlashAttention's varlen kernel has no logit soft-cap: the span loop computes it exactly
+    if softcap or kwargs.get("s_aux") is not None:
+        # FlashAttention's varlen kernel has no logit soft-cap and no attention sinks: the span loop computes
+        # them exactly
         return packed_spans(module, query, key, value, attention_mask, scaling, dropout, example_spans,
                             softcap=softcap, sliding_window=sliding_window, **kwargs)
     check_attention_kwargs(module, kwargs)
@@ -115,6 +120,9 @@ def flex_spans(module: torch.nn.Module | None, query: torch.Tensor, key: torch.T
                example_spans: list[list[tuple[int, int]]] | None = None, **kwargs: object) -> tuple[torch.Tensor, None]:
     """query/key/value: (batch, heads, length, head_dim); returns (batch, length, heads, head_dim), None."""
     sliding_window, softcap = kwargs.pop("sliding_window", None), kwargs.pop("softcap", None)
+    if kwargs.get("s_aux") is not None:  # attention sinks have no score modifier: the span loop computes them
+        return packed_spans(module, query, key, value, attention_mask, scaling, dropout, example_spans,
+                            softcap=softcap, sliding_window=sliding_window, **kwargs)
     check_attention_kwargs(module, kwargs)
     _no_dropout("flex_spans", dropout)
     rows, heads, length, _ = query.shape

@@ -53,6 +53,11 @@ def count_parameters(cfg: dict) -> int:
     return size.parameter_count(size.meta_model(cfg))
 
 
+def count_active_parameters(cfg: dict) -> int:
+    """The parameters a token computes with (fewer than all for a mixture of experts)."""
+    return size.active_parameter_count(size.meta_model(cfg))
+
+
 def model_shape(model_name_or_path: str, trust_remote_code: bool = False) -> dict:
     """The config fields the plan needs, from a local folder or the table of known hub models (a local
     config.json is read as JSON: nothing of the folder is imported)."""
@@ -173,7 +178,7 @@ def simulated_plan(config: RunConfig, model_shape_dict: dict, world_size: int, d
     micro-batch, so fewer, larger micro-batches are faster)."""
     adapters, parallel = config.lora, config.parallel
     lora_kwargs = (dict(r=adapters.rank, lora_alpha=adapters.alpha, lora_dropout=adapters.dropout,
-                        target_modules=list(lora.resolve_targets(size.meta_model(model_shape_dict),
+                        **lora.peft_targets(lora.resolve_targets(size.meta_model(model_shape_dict),
                                                                  adapters.targets))) if adapters else None)
     adapter = {"full": "none"}.get(training_kind(adapters), training_kind(adapters))
     checkpointing = _toggle(parallel.activation_checkpointing)
@@ -192,7 +197,8 @@ def simulated_plan(config: RunConfig, model_shape_dict: dict, world_size: int, d
     except ValueError as exc:
         raise FinetuneError(str(exc)) from None
     candidates = [c for c in result.candidates if not (c.cpu_offload and c.checkpointing)] + with_checkpointing
-    chosen = step_time.fastest(candidates, count_parameters(model_shape_dict), world_size, config.data.block_size)
+    chosen = step_time.fastest(candidates, count_parameters(model_shape_dict), world_size, config.data.block_size,
+                               active_parameters=count_active_parameters(model_shape_dict))
     return memory.Choice(chosen, candidates, rule=result.rule + "; among offloaded layouts that fit, the least "
                        "estimated step time (compute + host-device traffic)")
 
@@ -204,7 +210,8 @@ def estimate_facts(result: memory.Choice, model_shape_dict: dict, world_size: in
         return []
     c = result.chosen
     compute, traffic = step_time.step_seconds(count_parameters(model_shape_dict), world_size, c.micro_batch_size,
-                                              c.accumulation_steps, block_size, c.checkpointing, c.cpu_offload)
+                                              c.accumulation_steps, block_size, c.checkpointing, c.cpu_offload,
+                                              active_parameters=count_active_parameters(model_shape_dict))
     return [("estimated_step_seconds", round(compute + traffic, 1)),
             ("estimated_step_breakdown", f"compute {compute:.1f} s at {step_time.ASSUMED_MFU:.0%} of "
                                          f"{step_time.DEFAULT_PEAK_FLOPS / 1e12:g} TFLOP/s + host-device traffic "
@@ -232,6 +239,20 @@ def plan_lines(result: memory.Choice, header: str, facts: Iterable[tuple[str, ob
     return lines
 
 
+def moe_facts(model: torch.nn.Module) -> list[tuple[str, object]]:
+    """A mixture-of-experts model's plan lines: the parameters a token uses, and how the experts are run and
+    sharded; none for a dense model."""
+    if not size.expert_parameters(model):
+        return []
+    config = model.config
+    experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
+    return [("active_parameters", size.active_parameter_count(model)),
+            ("experts", f"{config.num_experts_per_tok} of {experts} per token; FLOPs and MFU count the active "
+                        f"parameters, memory all of them; under FSDP2 each expert tensor is sharded along the "
+                        f"expert dimension with its decoder layer and gathered whole for the layer's compute (no "
+                        f"expert parallelism)")]
+
+
 def plan_only(config: RunConfig, backend: Backend) -> int:
     """`--plan-only`: print the simulated plan for `--num-devices` x `--device-memory-gb` and load nothing."""
     shape = model_shape(config.model.name_or_path, config.model.trust_remote_code)
@@ -244,12 +265,13 @@ def plan_only(config: RunConfig, backend: Backend) -> int:
     model = size.meta_model(shape)
     parameters = size.parameter_count(model)
     trainable = lora.adapter_parameters(model, adapters.rank, adapters.targets) if adapters else parameters
+    experts = moe_facts(model)
     header = (f"{config.model.name_or_path}, {training} fine-tuning, {world} x {target.device_memory_gb:g} GB "
               f"devices, {target.host_memory_gb:g} GB host, global batch {config.training.batch_size} x "
               f"{config.data.block_size} tokens")
     facts = [("world_size", world), ("device_memory_gb", target.device_memory_gb),
              ("host_memory_gb", target.host_memory_gb), ("training", training), ("parameters", parameters),
-             ("trainable_parameters", trainable),
+             ("trainable_parameters", trainable), *experts,
              *estimate_facts(result, shape, world, config.data.block_size)]
     if backend.is_main:
         print("\n".join(plan_lines(result, header, facts)), flush=True)
@@ -344,6 +366,7 @@ def describe_parallel_plan(model: torch.nn.Module, backend: Backend, config: Run
             **({"memory_simulated_with": "sdpa per row"} if backend.device.type == "cuda" else {}),
             "training": "lora" if adapters else "full",
             "trainable_parameters": trainable, "frozen_parameters": parameters - trainable,
+            **dict(moe_facts(_base(model))),
             "loss": loss_description(_base(model).token_loss_chunk) if hasattr(_base(model), "token_loss_chunk")
             else "the model's own"}
     if backend.is_main:

@@ -101,7 +101,7 @@ def _with_adapters(model, setup):
         if hasattr(module, "lora_A") and hasattr(module, "base_layer"):
             for adapter in (*module.lora_A.values(), *module.lora_B.values()):
                 adapter.float()  # trainable adapters keep fp32 master weights
-            if setup["adapter"] == "qlora":
+            if setup["adapter"] == "qlora" and isinstance(module.base_layer, torch.nn.Linear):  # not experts
                 base = module.base_layer
                 module.base_layer = FourBitLinearStandIn(base.in_features, base.out_features, base_dtype)
     return peft_model

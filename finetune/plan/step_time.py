@@ -21,11 +21,14 @@ OFFLOAD_BYTES_PER_PARAMETER = 4 + 4 + 4  # fp32 shard in for forward, in again f
 
 def step_seconds(parameters: int, world_size: int, micro_batch_size: int, accumulation_steps: int,
                  block_size: int, checkpointing: bool, cpu_offload: bool,
-                 peak_flops: float = DEFAULT_PEAK_FLOPS) -> tuple[float, float]:
-    """(compute seconds, host-device traffic seconds) of one optimiser step on each device."""
+                 peak_flops: float = DEFAULT_PEAK_FLOPS, active_parameters: int | None = None
+                 ) -> tuple[float, float]:
+    """(compute seconds, host-device traffic seconds) of one optimiser step on each device. `active_parameters`:
+    what a token computes with when that is fewer than all (a mixture of experts); traffic moves all of them."""
     tokens = micro_batch_size * accumulation_steps * block_size
     # 6 FLOPs per parameter and token (forward 2, backward 4); checkpointing runs the forward again (+2).
-    compute = (8 if checkpointing else 6) * parameters * tokens / (peak_flops * ASSUMED_MFU)
+    computed = active_parameters or parameters
+    compute = (8 if checkpointing else 6) * computed * tokens / (peak_flops * ASSUMED_MFU)
     traffic = 0.0
     if cpu_offload:
         traffic = accumulation_steps * OFFLOAD_BYTES_PER_PARAMETER * parameters / world_size / HOST_LINK_BYTES_PER_S
@@ -33,11 +36,11 @@ def step_seconds(parameters: int, world_size: int, micro_batch_size: int, accumu
 
 
 def fastest(candidates: list["Candidate"], parameters: int, world_size: int, block_size: int,
-            peak_flops: float = DEFAULT_PEAK_FLOPS) -> "Candidate | None":
+            peak_flops: float = DEFAULT_PEAK_FLOPS, active_parameters: int | None = None) -> "Candidate | None":
     """The fitting candidate with the least estimated step time (None if none fits); ties keep the list's order."""
     fitting = [c for c in candidates if c.fits]
     if not fitting:
         return None
     return min(fitting, key=lambda c: sum(step_seconds(parameters, world_size, c.micro_batch_size,
                                                        c.accumulation_steps, block_size, c.checkpointing,
-                                                       c.cpu_offload, peak_flops)))
+                                                       c.cpu_offload, peak_flops, active_parameters)))

@@ -163,17 +163,25 @@ def test_lora_with_default_targets_trains_the_models_own_linear_layers(family):
     assert sum(1 for name, _ in model.named_modules() if name.endswith("lora_A.default")) == layers * len(wanted)
     assert lora.count_trainable(model) == lora.adapter_parameters(size.meta_model(config.to_dict()), 4,
                                                                   ("auto",))
+    losses = train_steps(model)
+    assert losses[-1] < losses[0]
+
+
+def train_steps(model, steps=3):
+    """A few AdamW steps on one packed batch; the losses. Every trainable parameter must get a gradient."""
     model.train()
     batch = packed_batch(examples(2))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     losses = []
-    for _ in range(3):
+    for _ in range(steps):
         loss = packed_forward(model, batch, labels=batch["labels"], num_items_in_batch=batch["num_targets"]).loss
         loss.backward()
+        idle = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
+        assert not idle, f"no gradient reaches {idle}"
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss.item())
-    assert losses[-1] < losses[0]
+    return losses
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -116,7 +116,41 @@ def test_keywords_that_change_nothing_are_ignored():
 
 def test_attention_the_packed_path_cannot_honour_is_refused():
     query = torch.randn(1, 2, 5, 8)
-    with pytest.raises(FinetuneError, match="cannot honour s_aux of Linear"):
-        span_attention.packed_spans(torch.nn.Linear(1, 1), query, query, query, None, s_aux=torch.zeros(2))
+    with pytest.raises(FinetuneError, match="cannot honour head_mask of Linear"):
+        span_attention.packed_spans(torch.nn.Linear(1, 1), query, query, query, None, head_mask=torch.zeros(2))
     with pytest.raises(FinetuneError, match="does not run its attention through transformers' attention interface"):
         span_attention.check_model_routes_attention(torch.nn.Linear(1, 1))
+
+
+def test_attention_sinks_join_each_querys_softmax_as_gpt_oss_computes_them():
+    from transformers.models.gpt_oss.modeling_gpt_oss import eager_attention_forward
+
+    torch.manual_seed(0)
+    query, key, value = torch.randn(1, 4, 12, 8), torch.randn(1, 2, 12, 8), torch.randn(1, 2, 12, 8)
+    module = torch.nn.Module()
+    module.sinks, module.num_key_value_groups = torch.nn.Parameter(torch.tensor([1.5, -0.5, 0.0, 2.0])), 2
+    spans = [[(0, 5), (5, 12)]]
+    got, _ = span_attention.packed_spans(module, query, key, value, None, scaling=0.3, example_spans=spans,
+                                         s_aux=module.sinks, sliding_window=3)
+    for start, end in spans[0]:
+        length = end - start
+        allowed = span_attention.window_mask(length, 3, query.device)
+        mask = torch.zeros(length, length).masked_fill(~allowed, torch.finfo(torch.float32).min)
+        want, _ = eager_attention_forward(module, query[:, :, start:end], key[:, :, start:end],
+                                          value[:, :, start:end], mask, scaling=0.3)
+        assert torch.allclose(got[:, start:end], want, atol=1e-6)
+    without, _ = span_attention.packed_spans(module, query, key, value, None, scaling=0.3, example_spans=spans,
+                                             sliding_window=3)
+    assert (without - got).abs().max() > 0.1  # the sinks change the output: the test can fail
+
+
+def test_the_one_kernel_paths_leave_attention_sinks_to_the_span_loop():
+    from finetune.ops import varlen_attention
+
+    torch.manual_seed(0)
+    query = torch.randn(1, 2, 9, 8)
+    sinks, spans = torch.tensor([1.0, -1.0]), [[(0, 4), (4, 9)]]
+    want, _ = span_attention.packed_spans(None, query, query, query, None, example_spans=spans, s_aux=sinks)
+    for path in (varlen_attention.varlen_spans, varlen_attention.flex_spans):
+        got, _ = path(None, query, query, query, None, example_spans=spans, s_aux=sinks)
+        assert torch.equal(got, want)
