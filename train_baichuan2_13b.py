@@ -162,7 +162,8 @@ def main(argv=None):
                 metrics.add_step(info["step_tokens"], attended_pairs)
                 epoch_end = info["last_in_epoch"] or step == total_steps
                 if metrics.due(step, epoch_end) or validation.due(step, epoch_end):
-                    figures = validation.run(model) if validation.due(step, epoch_end) else None  # val_loss, ...
+                    with metrics.paused():  # validation is no training step: its time stays out of tokens/s
+                        figures = validation.run(model) if validation.due(step, epoch_end) else None  # val_loss, ...
                     metrics.log(step, epoch, step_loss, grad_norm, scheduler.get_last_lr(), figures, progress=bar)
                 if checkpoints.after_step(step, epoch):
                     metrics.close()

@@ -8,5 +8,6 @@
     chat_preparation  the chat recipe: conversations to training rows, its report
     mixing            several sources in given proportions (--dataset-weights)
     output            the output folder (--save-path): one writer at a time, the old one kept until the new is whole
-    batches           training side: load a prepared data set, pack rows, masks, labels, example spans, loaders
+    packing           examples into rows of the block size, each example whole, little padding
+    batches           training side: load a prepared data set, plan the rows of each step, masks, labels, example spans, loaders
 """

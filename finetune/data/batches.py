@@ -5,21 +5,21 @@ with -100 where no loss is taken. Everything here works from each example's true
 id, so a real token that happens to share the pad id is never masked.
 
 Batching modes (one optimiser step = `batch_size` rows of at most `block_size` tokens):
-  packed       several examples per row (best-fit bin packing); attention never crosses examples.
+  packed       several examples per row, each whole (finetune/data/packing.py); attention never crosses examples.
   longest      one example per row, each micro-batch padded to its longest row.
   block        one example per row, padded to `block_size` (the tutorial's batching).
 """
 from __future__ import annotations
 
-import bisect
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from finetune.data.packing import pack_examples
 from finetune.errors import FinetuneError
 from finetune.ops.example_spans import ExampleSpans
 
@@ -145,29 +145,6 @@ class TokenTable:
     def example(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         start, end = self.offsets[index], self.offsets[index + 1]
         return self.input_ids[start:end], self.labels[start:end]
-
-
-def pack_examples(lengths: np.ndarray, block_size: int, order: Sequence[int]) -> list[list[int]]:
-    """Best-fit packing of examples (taken in `order`) into rows of at most `block_size` tokens.
-
-    Returns a list of rows, each a list of example indices. Deterministic for a given order.
-    """
-    rows = []
-    open_rows = []  # sorted (space_left, row_index): the tightest row that still fits is a bisect away
-    smallest = int(lengths.min())
-    for index in order:
-        length = int(lengths[index])
-        at = bisect.bisect_left(open_rows, (length, -1))
-        if at < len(open_rows):
-            space, row = open_rows.pop(at)
-        else:
-            space, row = block_size, len(rows)
-            rows.append([])
-        rows[row].append(int(index))
-        space -= length
-        if space >= smallest:  # rows that can take nothing more are closed for good
-            bisect.insort(open_rows, (space, row))
-    return rows
 
 
 def plan_epoch(lengths: np.ndarray, batch_size: int, block_size: int, batching: str, seed: int,

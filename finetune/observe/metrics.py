@@ -9,11 +9,13 @@ LoRA's frozen base (6 x per adapter weight) and 2 x for frozen layers below ever
 backward passes through, 4 x in the others. Padding counts for nothing. A mixture-of-experts layer counts its router in full and
 each expert tensor at the share a token runs (num_experts_per_tok / experts; model/size.py).
 """
+import contextlib
 import json
 import os
 import re
 import resource
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -155,6 +157,12 @@ def reset_peak_memory(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on a GPU (nothing to wait for on a CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class MetricsLog:
     """The tutorial-shaped log line and one metrics.jsonl row per logged step, sent on to the trackers (rank 0
     writes; all ranks call)."""
@@ -193,6 +201,19 @@ class MetricsLog:
         self.last_aux = self.router_aux.take() if self.router_aux else None
         self.steps += 1
         self.flops += self.token_flops * step_tokens + self.pair_flops * attended_pairs * self.backend.world_size
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Keep what runs inside (validation) out of the interval's time: `step_time` and `tokens_per_sec` are
+        those of the training steps alone. The device is synchronised on entry and exit (rare, so cheap), so no
+        queued work of a step is counted as validation, nor the other way round."""
+        synchronize(self.backend.device)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            synchronize(self.backend.device)
+            self.started += time.perf_counter() - start
 
     def due(self, step: int, epoch_end: bool) -> bool:
         return step % self.log_interval == 0 or step == self.total_steps or epoch_end

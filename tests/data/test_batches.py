@@ -23,10 +23,10 @@ EXAMPLES = [([1, 10, 11, 12, 2], [-100, -100, 11, 12, 2]),   # 3 targets
 
 # ---- packing and plans ------------------------------------------------------------------------------------------
 
-def test_best_fit_puts_each_example_in_the_tightest_row_that_holds_it():
-    # 6 opens a row (4 left); 5 fits nowhere: a new row (5 left); 4 fits both, the tighter first row takes it
-    # (0 left, closed); 3 and 2 go to the second row (2, then 0 left).
-    assert batches.pack_examples(np.array([6, 5, 4, 3, 2]), 10, range(5)) == [[0, 2], [1, 3, 4]]
+def test_packing_closes_each_row_with_what_fills_it_most():
+    # 6 opens a row (4 left, room for at most two more): the 4 fills it. 5 opens the next (5 left): the pair
+    # 2 + 3 fills it, where the longest single (3) would leave 2 empty.
+    assert batches.pack_examples(np.array([6, 5, 4, 3, 2]), 10, range(5)) == [[0, 2], [1, 4, 3]]
 
 
 def test_packing_places_every_example_once_within_the_block():

@@ -32,7 +32,7 @@ def test_packing_fills_rows_without_losing_or_repeating_examples():
     flat = sorted(i for row in rows for i in row)
     assert flat == list(range(500))
     assert all(sum(lengths[i] for i in row) <= 512 for row in rows)
-    # Best-fit keeps rows nearly full: within 10% of the ideal row count.
+    # Packing keeps rows nearly full: within 10% of the ideal row count.
     assert len(rows) <= 1.1 * lengths.sum() / 512 + 1
     again = fu.pack_examples(lengths, 512, np.random.default_rng(1).permutation(500))
     assert again == rows

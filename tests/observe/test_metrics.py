@@ -1,4 +1,5 @@
-"""finetune/observe/metrics.py: peak memory is measured from the first step on, reserved memory reported."""
+"""finetune/observe/metrics.py: peak memory is measured from the first step on, reserved memory reported, FLOPs
+follow what trains, and time spent paused (validation) stays out of the step time."""
 import types
 
 import torch
@@ -66,3 +67,23 @@ def test_lora_flops_are_the_frozen_base_with_input_gradients_and_the_adapters_in
     per_token, per_pair = trained_flops(model)
     assert per_token * 10 + per_pair * 7 == step_flops(model.config, matmul_parameters(model), 10, 7,
                                                        adapter_parameters=lora.count_trainable(model))
+
+
+# ---- validation stays out of the step's time ----------------------------------------------------------------------
+
+def test_time_spent_paused_stays_out_of_step_time_and_tokens_per_sec(tmp_path):
+    import json
+    import time
+
+    from finetune.observe.metrics import MetricsLog
+
+    backend = types.SimpleNamespace(device=torch.device("cpu"), is_main=True, world_size=1,
+                                    all_reduce_sum=lambda tensor: tensor)
+    logging = types.SimpleNamespace(log_interval=1, peak_tflops=1.0, report_to=())
+    log = MetricsLog(str(tmp_path), backend, tiny_llama(), logging, total_steps=1)
+    log.add_step(1000, 0)
+    with log.paused():  # what validation takes
+        time.sleep(0.5)
+    log.log(1, 0, torch.tensor(2.0), 1.0, 1e-3, {"val_loss": 2.5})
+    row = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert row["step_time"] < 0.25 and row["tokens_per_sec"] > 4000 and row["val_loss"] == 2.5, row
