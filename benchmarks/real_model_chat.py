@@ -57,7 +57,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=12, help="optimiser steps for ours and TRL (default 12)")
     p.add_argument("--batch-size", type=int, default=4, help="rows of --block-size tokens per step (default 4)")
     p.add_argument("--block-size", type=int, default=512, help="tokens per row (default 512)")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
+    p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (default 3e-4)")
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--lora-alpha", type=float, default=32)
     p.add_argument("--limit", type=int, default=45, help="held-out conversations scored for recall (default 45)")
