@@ -75,6 +75,21 @@ def chat_on_a_terminal(model_dir, *flags):
     return process, controller
 
 
+def cpu_seconds(pid):
+    """The CPU time a process has used (user + system), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_for_cpu(pid, seconds, timeout=120):
+    """Wait until the process has used `seconds` of CPU time: reading a line costs next to none, so it is then
+    computing (a loaded machine may take a while to get there; a fixed sleep could send a signal too early)."""
+    deadline = time.monotonic() + timeout
+    while cpu_seconds(pid) < seconds:
+        assert time.monotonic() < deadline, "the process did not start computing"
+        time.sleep(0.05)
+
+
 def rest_of_output(fd):
     """What the terminal still shows after the process ended."""
     seen = ""
@@ -124,8 +139,9 @@ def test_the_chat_prompt_survives_ctrl_c_in_a_reply_bad_bytes_and_unknown_comman
         seen = read_until(controller, r"you> ")
         assert "(unknown command /summarise; nothing was sent." in seen and "model>" not in seen, seen
         transcript += seen
+        busy = cpu_seconds(process.pid)
         os.write(controller, b"w5 w6\n")
-        time.sleep(1)  # the reply is being generated
+        wait_for_cpu(process.pid, busy + 0.5)  # the reply is being generated, however busy the machine is
         process.send_signal(signal.SIGINT)
         seen = read_until(controller, r"you> ")
         assert "(reply stopped; that message and its reply are left out of the conversation)" in seen, seen
