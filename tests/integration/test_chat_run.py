@@ -90,6 +90,19 @@ def wait_for_cpu(pid, seconds, timeout=120):
         time.sleep(0.05)
 
 
+def wait_until_reading(pid, timeout=120):
+    """Wait until the process sleeps without using CPU time (waiting for a line), as a user's Ctrl-C finds it."""
+    deadline, last = time.monotonic() + timeout, None
+    while True:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        used = cpu_seconds(pid)
+        if state == "S" and used == last:
+            return
+        assert time.monotonic() < deadline, "the process did not wait for input"
+        last = used
+        time.sleep(0.3)
+
+
 def rest_of_output(fd):
     """What the terminal still shows after the process ended."""
     seen = ""
@@ -107,6 +120,7 @@ def test_ctrl_c_at_the_chat_prompt_ends_the_chat_cleanly(tiny_run):
     process, controller = chat_on_a_terminal(tiny_run["llama"], "--max-new-tokens", "2")
     try:
         seen = read_until(controller, r"you> ")
+        wait_until_reading(process.pid)  # the prompt is printed just before input() starts waiting
         process.send_signal(signal.SIGINT)  # what Ctrl-C sends
         assert process.wait(timeout=60) == 0
         seen += rest_of_output(controller)
