@@ -20,6 +20,7 @@ import torch
 
 from finetune.distributed.sharding import decoder_layers
 from finetune.errors import FinetuneError
+from finetune.model import size
 
 ADAPTER_DIR = "adapter"
 AUTO_TARGETS = "auto"  # --lora-target-modules default: the model's own decoder linear layers
@@ -117,11 +118,9 @@ def expert_tensors(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     """A mixture of experts' weight tensors, (experts, in, out), one per projection, by target name: the module
     and the parameter, `experts.gate_up_proj` (one per decoder block; an example of each)."""
     found = {}
-    for layer in decoder_layers(model):
-        for name, module in layer.named_modules():
-            for key, p in module.named_parameters(recurse=False):
-                if p.dim() == 3 and p.shape[0] == getattr(module, "num_experts", None):
-                    found.setdefault(f"{name.rsplit('.', 1)[-1]}.{key}", p)
+    for name, p in size.expert_parameters(model).items():  # biases, (experts, out), are not adapted
+        if p.dim() == 3:
+            found.setdefault(".".join(name.rsplit(".", 2)[-2:]), p)
     return found
 
 

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from finetune.checkpoint.run_folder import writing
 from finetune.errors import FinetuneError
-from finetune.model.size import active_share, attention_width
+from finetune.model.size import active_share, attention_width, expert_parameters
 from finetune.observe.plot import CURVES_FILE, write_training_curves
 from finetune.ops.router_loss import find_router_aux
 from finetune.observe.trackers import Trackers
@@ -64,6 +64,7 @@ def trained_flops(model: torch.nn.Module) -> tuple[int, int]:
     embeddings, earlier layers); a frozen layer below every trainable one runs forward only. Outside the layers
     (the output head), below means earlier in the model's module order."""
     width, share = attention_width(model.config), active_share(model)
+    experts = {id(p) for p in expert_parameters(model).values() if p.dim() == 3}
     # LoRA on an expert tensor (peft's ParamWrapper) adds B @ A to the whole tensor once per forward, not per
     # token: its adapters are no per-token matmul, and the tensor's own gradient is computed for them.
     wrappers = {name: module for name, module in model.named_modules() if type(module).__name__ == "ParamWrapper"}
@@ -90,7 +91,7 @@ def trained_flops(model: torch.nn.Module) -> tuple[int, int]:
             for key, p in module.named_parameters(recurse=False):
                 if p.dim() == 2 and key == "weight":
                     per_token += (2 + 2 * input_gradient + 2 * p.requires_grad) * p.numel()
-                elif p.dim() == 3 and p.shape[0] == module.num_experts:
+                elif id(p) in experts:
                     trains = p.requires_grad or f"{name}.{key}" in adapted
                     per_token += round((2 + 2 * input_gradient + 2 * trains) * share * p.numel())
         below = below or any(p.requires_grad for p in module.parameters(recurse=False))
